@@ -1,0 +1,371 @@
+//! Typed configuration for every Headroom service.
+//!
+//! One struct, layered: built-in defaults, then a TOML file, then
+//! `HEADROOM_<SECTION>__<KEY>` environment variables (for example
+//! `HEADROOM_NATS__URL=nats://nats:4222`). Unknown keys are refused, so a
+//! typo is an error instead of a silently ignored setting; every error names
+//! the key. `HEADROOM_CONFIG` names the file and is not itself a setting.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Environment variable naming the configuration file.
+pub const CONFIG_FILE_ENV: &str = "HEADROOM_CONFIG";
+/// Prefix of the environment overrides.
+pub const ENV_PREFIX: &str = "HEADROOM";
+
+/// Exit code for a configuration error (EX_USAGE in sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub nats: NatsConfig,
+    pub telemetry: TelemetryConfig,
+    pub allocator: AllocatorConfig,
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs, comma-separated (all nodes of a cluster).
+    pub url: String,
+    /// A `.creds` file (JWT and NKey seed) to authenticate with.
+    pub credentials_file: Option<PathBuf>,
+    /// User and password, for servers configured with plain users.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// PEM file of CA certificates to trust.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Refuse to talk to a server without TLS.
+    pub tls_required: bool,
+    /// How long one connection attempt may take.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long to keep trying at start-up before giving up.
+    #[serde(with = "humantime_serde")]
+    pub startup_deadline: Duration,
+    /// Most time between two reconnect attempts (backoff is exponential).
+    #[serde(with = "humantime_serde")]
+    pub max_reconnect_delay: Duration,
+    /// Replicas for the KV buckets and streams this service creates
+    /// (3 on a three-node cluster).
+    pub replicas: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".to_owned(),
+            credentials_file: None,
+            user: None,
+            password: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_required: false,
+            connect_timeout: Duration::from_secs(5),
+            startup_deadline: Duration::from_secs(60),
+            max_reconnect_delay: Duration::from_secs(5),
+            replicas: 1,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// The server URLs, trimmed.
+    pub fn urls(&self) -> Vec<String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable lines, for a terminal.
+    #[default]
+    Human,
+    /// One JSON object per line, for containers and log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `headroom_allocator=debug,info`;
+    /// `RUST_LOG`, when set, takes precedence.
+    pub filter: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+/// The allocator's settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllocatorConfig {
+    /// This instance's name in logs and audit events; defaults to the host
+    /// name.
+    pub instance: String,
+    /// How long a delivered request may go unacknowledged before JetStream
+    /// gives it to another allocator.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// How often to look for state a crash left half-written, and for
+    /// drains that are due.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// A half-done allocation younger than this is left to the instance
+    /// doing it; older ones are repaired.
+    #[serde(with = "humantime_serde")]
+    pub repair_after: Duration,
+    /// Requests applied at the same time by this instance.
+    pub max_in_flight: usize,
+    /// Grace period for in-flight work at shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for AllocatorConfig {
+    fn default() -> Self {
+        Self {
+            instance: default_instance(),
+            ack_wait: Duration::from_secs(30),
+            reconcile_interval: Duration::from_secs(5),
+            repair_after: Duration::from_secs(10),
+            max_in_flight: 16,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn default_instance() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("pid-{}", std::process::id()))
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: ::config::ConfigError,
+    },
+    #[error("configuration: {0}")]
+    Parse(#[source] ::config::ConfigError),
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then the file (when given), then
+    /// `HEADROOM_*` variables from `env`.
+    ///
+    /// # Errors
+    /// When the file cannot be read or parsed, a key is unknown or of the
+    /// wrong type, or a value is out of range.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = ::config::Config::builder();
+        if let Some(path) = file {
+            // Read it ourselves so a missing file is reported as such.
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                source: ::config::ConfigError::Foreign(Box::new(e)),
+            })?;
+            builder = builder.add_source(::config::File::from_str(
+                &text,
+                ::config::FileFormat::Toml,
+            ));
+        }
+        let overrides: ::config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("HEADROOM_") && k != CONFIG_FILE_ENV)
+            .collect();
+        builder = builder.add_source(
+            ::config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        );
+        let config: Config = builder
+            .build()
+            .and_then(::config::Config::try_deserialize)
+            .map_err(ConfigError::Parse)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Loads from the file named by `HEADROOM_CONFIG` (if any) and the
+    /// process environment.
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn from_env() -> Result<Self, ConfigError> {
+        let file = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        Self::load(file.as_deref(), std::env::vars())
+    }
+
+    /// Parses a TOML document over the defaults (tests, embedded configs).
+    ///
+    /// # Errors
+    /// See [`Config::load`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = ::config::Config::builder()
+            .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
+            .build()
+            .and_then(::config::Config::try_deserialize)
+            .map_err(ConfigError::Parse)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// # Errors
+    /// The first out-of-range value, by key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, reason: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                reason: reason.to_owned(),
+            })
+        };
+        let urls = self.nats.urls();
+        if urls.is_empty() {
+            return invalid("nats.url", "no server URL given");
+        }
+        if let Some(bad) = urls
+            .iter()
+            .find(|u| u.contains(char::is_whitespace) || u.ends_with(':'))
+        {
+            return Err(ConfigError::Invalid {
+                key: "nats.url",
+                reason: format!("{bad:?} is not a server URL"),
+            });
+        }
+        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+            return invalid(
+                "nats.tls_cert_file",
+                "tls_cert_file and tls_key_file go together",
+            );
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return invalid("nats.user", "user and password go together");
+        }
+        if self.nats.connect_timeout.is_zero() {
+            return invalid("nats.connect_timeout", "must be above zero");
+        }
+        if !(1..=5).contains(&self.nats.replicas) {
+            return invalid("nats.replicas", "must be between 1 and 5");
+        }
+        if self.allocator.instance.is_empty() {
+            return invalid("allocator.instance", "must not be empty");
+        }
+        if self.allocator.ack_wait < Duration::from_secs(1) {
+            return invalid("allocator.ack_wait", "must be at least 1s");
+        }
+        if self.allocator.reconcile_interval.is_zero() {
+            return invalid("allocator.reconcile_interval", "must be above zero");
+        }
+        if self.allocator.max_in_flight == 0 {
+            return invalid("allocator.max_in_flight", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_from_a_literal() {
+        let config = Config::from_toml(
+            r#"
+            [nats]
+            url = "nats://a:4222, nats://b:4222"
+            replicas = 3
+            [telemetry]
+            format = "json"
+            [allocator]
+            ack_wait = "45s"
+            instance = "alloc-1"
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(config.nats.urls(), vec!["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(config.nats.replicas, 3);
+        assert_eq!(config.telemetry.format, LogFormat::Json);
+        assert_eq!(config.allocator.ack_wait, Duration::from_secs(45));
+        assert_eq!(config.allocator.max_in_flight, 16, "default kept");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = Config::from_toml("[nats]\nurll = \"x\"").expect_err("typo");
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let err = Config::from_toml("[allocator]\nmax_in_flight = 0").expect_err("zero");
+        assert!(err.to_string().contains("allocator.max_in_flight"), "{err}");
+        let err = Config::from_toml("[allocator]\nack_wait = \"soon\"").expect_err("duration");
+        assert!(err.to_string().contains("ack_wait"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = tempfile_dir();
+        let path = dir.join("headroom.toml");
+        std::fs::write(&path, "[nats]\nurl = \"nats://file:4222\"\n").expect("write");
+        let env = [
+            ("HEADROOM_NATS__URL".to_owned(), "nats://env:4222".to_owned()),
+            ("HEADROOM_ALLOCATOR__MAX_IN_FLIGHT".to_owned(), "4".to_owned()),
+            (CONFIG_FILE_ENV.to_owned(), "ignored".to_owned()),
+            ("PATH".to_owned(), "/bin".to_owned()),
+        ];
+        let config = Config::load(Some(&path), env).expect("valid");
+        assert_eq!(config.nats.url, "nats://env:4222");
+        assert_eq!(config.allocator.max_in_flight, 4);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let err = Config::load(Some(Path::new("/nonexistent/headroom.toml")), [])
+            .expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/headroom.toml"), "{err}");
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("headroom-config-{}", nuid::next()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+}

@@ -1,0 +1,517 @@
+//! The JetStream KV schema: buckets, keys and the records stored in them.
+//!
+//! JetStream KV is Headroom's only store. Three buckets:
+//! - `headroom-servers`, key = server id: where each server is. This record
+//!   is the authority on a server's placement, so a server can be in at most
+//!   one cluster by construction.
+//! - `headroom-clusters`, key = cluster id: the cluster's policy and its
+//!   member list, the routing view front-ends follow.
+//! - `headroom-requests`, key = request id: the outcome of every
+//!   reconfiguration request, so a redelivered request is applied at most
+//!   once.
+//!
+//! Every write is compare-and-set on the revision read. A server listed in a
+//! cluster's members always has a server record naming that cluster; the
+//! reverse may lag after a crash until the allocator's reconciler repairs it.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{Message, SCHEMA_VERSION};
+use crate::ids::{ClusterId, RequestId, ServerId};
+use crate::wire::{BusError, ReconfigAction};
+
+pub const SERVERS_BUCKET: &str = "headroom-servers";
+pub const CLUSTERS_BUCKET: &str = "headroom-clusters";
+pub const REQUESTS_BUCKET: &str = "headroom-requests";
+
+/// How the buckets are made. One definition, used by whoever creates them.
+pub fn bucket_config(bucket: &str, replicas: usize) -> async_nats::jetstream::kv::Config {
+    let (description, history, max_age) = match bucket {
+        SERVERS_BUCKET => ("Headroom: every server and where it is", 16, Duration::ZERO),
+        CLUSTERS_BUCKET => ("Headroom: cluster policy and membership", 32, Duration::ZERO),
+        // Outcomes outlive JetStream's de-duplication window by far; a day
+        // bounds the bucket while covering any redelivery.
+        _ => (
+            "Headroom: outcome of each reconfiguration request",
+            1,
+            Duration::from_secs(24 * 3600),
+        ),
+    };
+    async_nats::jetstream::kv::Config {
+        bucket: bucket.to_owned(),
+        description: description.to_owned(),
+        history,
+        max_age,
+        num_replicas: replicas.max(1),
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+fn schema_version() -> u16 {
+    SCHEMA_VERSION
+}
+
+/// Where a server is. Exactly one of these at any time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    /// In the free pool, ready to be allocated.
+    Free,
+    /// Serving a cluster (or about to: see the cluster's member entry).
+    Allocated { cluster: ClusterId },
+    /// Leaving a cluster: no new requests; back to the pool by the deadline.
+    Draining { cluster: ClusterId, deadline_ms: u64 },
+    /// Unhealthy; kept out of the pool until an operator returns it.
+    OutOfService { reason: String },
+}
+
+impl ServerState {
+    /// The cluster this state ties the server to, if any.
+    pub fn cluster(&self) -> Option<&ClusterId> {
+        match self {
+            ServerState::Allocated { cluster } | ServerState::Draining { cluster, .. } => {
+                Some(cluster)
+            }
+            ServerState::Free | ServerState::OutOfService { .. } => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServerState::Free => "free",
+            ServerState::Allocated { .. } => "allocated",
+            ServerState::Draining { .. } => "draining",
+            ServerState::OutOfService { .. } => "out_of_service",
+        }
+    }
+}
+
+/// A server, in `headroom-servers`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerRecord {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: ServerId,
+    /// Host name or IP the front-ends connect to.
+    pub address: String,
+    pub port: u16,
+    /// The request types this server can serve.
+    #[serde(default)]
+    pub request_types: Vec<String>,
+    pub state: ServerState,
+    /// The request whose step last changed this record, so a retried
+    /// request recognises its own write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request: Option<RequestId>,
+    /// The cluster it served last: allocating it there again finds a warm
+    /// cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cluster: Option<ClusterId>,
+    pub updated_ms: u64,
+}
+impl Message for ServerRecord {
+    const KIND: &'static str = "server_record";
+    fn schema_version(&self) -> u16 {
+        self.v
+    }
+}
+
+impl ServerRecord {
+    /// Whether this server can serve any of `types` (any server fits a
+    /// cluster that names no request types).
+    pub fn serves_any(&self, types: &[String]) -> bool {
+        types.is_empty() || types.iter().any(|t| self.request_types.contains(t))
+    }
+
+    /// How many of `types` it serves.
+    pub fn coverage(&self, types: &[String]) -> usize {
+        types
+            .iter()
+            .filter(|t| self.request_types.contains(t))
+            .count()
+    }
+}
+
+/// A member's place in the routing view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberState {
+    /// Reserved for an allocation in progress: no traffic yet.
+    Joining,
+    /// Takes traffic.
+    Active,
+    /// Takes no new requests; in-flight ones finish.
+    Draining,
+}
+
+/// One member of a cluster, as front-ends route to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Member {
+    pub server: ServerId,
+    pub address: String,
+    pub port: u16,
+    #[serde(default)]
+    pub request_types: Vec<String>,
+    pub state: MemberState,
+    /// Relative share of traffic; 1.0 is normal.
+    pub weight: f64,
+    /// The request that added it.
+    pub request: RequestId,
+    pub since_ms: u64,
+}
+
+/// Which requests a cluster's front-ends send to members serving
+/// `request_type`. Rules are matched in order; empty fields match anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub request_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// When the monitor scales a cluster. Utilisation is 0.0 to 1.0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ScalingPolicy {
+    /// Scale up once utilisation has stayed above this for `sustain_ms`.
+    pub upper: f64,
+    /// A member may go once it has stayed below this for `release_sustain_ms`.
+    pub lower: f64,
+    /// The utilisation a scale-up aims for: desired = ceil(load / target).
+    pub target: f64,
+    pub sustain_ms: u64,
+    pub release_sustain_ms: u64,
+    pub cooldown_up_ms: u64,
+    pub cooldown_down_ms: u64,
+    /// Most servers one scale-up may ask for.
+    pub max_step: u32,
+}
+
+impl Default for ScalingPolicy {
+    fn default() -> Self {
+        Self {
+            upper: 0.75,
+            lower: 0.30,
+            target: 0.60,
+            sustain_ms: 2_000,
+            release_sustain_ms: 30_000,
+            cooldown_up_ms: 10_000,
+            cooldown_down_ms: 60_000,
+            max_step: 4,
+        }
+    }
+}
+
+/// A cluster's policy, set by operators through the admin API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterPolicy {
+    pub min_size: u32,
+    pub max_size: u32,
+    /// Request-type routing; the request types it names are the ones a
+    /// server must serve (at least one of) to be allocated here.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    #[serde(default)]
+    pub scaling: ScalingPolicy,
+    /// Longest a release waits for a member to drain.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for ClusterPolicy {
+    fn default() -> Self {
+        Self {
+            min_size: 1,
+            max_size: 10,
+            routes: Vec::new(),
+            scaling: ScalingPolicy::default(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+        }
+    }
+}
+
+/// Why a policy is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("policy.{field}: {reason}")]
+pub struct PolicyError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl ClusterPolicy {
+    /// The distinct request types the routes name, in order.
+    pub fn request_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = Vec::new();
+        for route in &self.routes {
+            if !types.contains(&route.request_type) {
+                types.push(route.request_type.clone());
+            }
+        }
+        types
+    }
+
+    /// # Errors
+    /// The first field that is out of range, by name.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        let err = |field, reason: String| Err(PolicyError { field, reason });
+        if self.max_size == 0 {
+            return err("max_size", "must be at least 1".into());
+        }
+        if self.min_size > self.max_size {
+            return err(
+                "min_size",
+                format!("{} is above max_size {}", self.min_size, self.max_size),
+            );
+        }
+        let s = &self.scaling;
+        for (field, value) in [
+            ("scaling.upper", s.upper),
+            ("scaling.lower", s.lower),
+            ("scaling.target", s.target),
+        ] {
+            if !(value.is_finite() && (0.0..=1.0).contains(&value)) {
+                return err(field, format!("{value} is not between 0 and 1"));
+            }
+        }
+        if s.lower >= s.upper {
+            return err(
+                "scaling.lower",
+                format!("{} must be below scaling.upper {}", s.lower, s.upper),
+            );
+        }
+        if s.target <= 0.0 || s.target > s.upper {
+            return err(
+                "scaling.target",
+                format!("{} must be above 0 and at most scaling.upper", s.target),
+            );
+        }
+        if s.max_step == 0 {
+            return err("scaling.max_step", "must be at least 1".into());
+        }
+        if self.drain_timeout_ms == 0 {
+            return err("drain_timeout_ms", "must be above 0".into());
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.request_type.is_empty() {
+                return err("routes", format!("route {i} has an empty request_type"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cluster, in `headroom-clusters`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterRecord {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: ClusterId,
+    pub policy: ClusterPolicy,
+    #[serde(default)]
+    pub members: Vec<Member>,
+    /// Grows by one on every change of this record; membership messages
+    /// carry it so a receiver can see that it missed one.
+    pub generation: u64,
+    pub updated_ms: u64,
+}
+impl Message for ClusterRecord {
+    const KIND: &'static str = "cluster_record";
+    fn schema_version(&self) -> u16 {
+        self.v
+    }
+}
+
+impl ClusterRecord {
+    pub fn new(id: ClusterId, policy: ClusterPolicy, now_ms: u64) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            id,
+            policy,
+            members: Vec::new(),
+            generation: 0,
+            updated_ms: now_ms,
+        }
+    }
+
+    pub fn member(&self, server: &ServerId) -> Option<&Member> {
+        self.members.iter().find(|m| &m.server == server)
+    }
+
+    pub fn member_mut(&mut self, server: &ServerId) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| &m.server == server)
+    }
+
+    /// Members that count towards the size limits: every one not draining.
+    pub fn size(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.state != MemberState::Draining)
+            .count()
+    }
+
+    pub fn active(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+            .count()
+    }
+}
+
+/// The outcome of a reconfiguration request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Applied; `servers` are the ones it touched. A partial allocation is
+    /// applied with the shortfall named in `error`.
+    Applied {
+        #[serde(default)]
+        servers: Vec<ServerId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<BusError>,
+    },
+    Rejected {
+        error: BusError,
+    },
+}
+
+/// A request's outcome, in `headroom-requests`. Written once (create), so
+/// a request has one outcome whoever applies it and however often it is
+/// delivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: RequestId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<ReconfigAction>,
+    pub outcome: Outcome,
+    /// The allocator instance that applied it.
+    pub by: String,
+    pub at_ms: u64,
+}
+impl Message for RequestRecord {
+    const KIND: &'static str = "request_record";
+    fn schema_version(&self) -> u16 {
+        self.v
+    }
+}
+
+/// JetStream's "wrong last sequence" code, and the code an R3 stream under
+/// contention answers with for the same condition.
+const WRONG_LAST_SEQUENCE: u64 = 10071;
+const R3_CAS_CONFLICT: u64 = 10164;
+
+/// Whether a failed compare-and-set lost a race (re-read and try again), as
+/// opposed to failing for another reason.
+pub fn is_revision_conflict(err: &async_nats::jetstream::kv::UpdateError) -> bool {
+    use async_nats::jetstream::kv::UpdateErrorKind;
+    match err.kind() {
+        UpdateErrorKind::WrongLastRevision => true,
+        UpdateErrorKind::Other => jetstream_code(err)
+            .is_some_and(|code| code == R3_CAS_CONFLICT || code == WRONG_LAST_SEQUENCE),
+        UpdateErrorKind::InvalidKey | UpdateErrorKind::TimedOut => false,
+    }
+}
+
+/// Same as [`is_revision_conflict`], for `create` (revision 0).
+pub fn is_create_conflict(err: &async_nats::jetstream::kv::CreateError) -> bool {
+    use async_nats::jetstream::kv::CreateErrorKind;
+    match err.kind() {
+        CreateErrorKind::AlreadyExists => true,
+        CreateErrorKind::Other => jetstream_code(err)
+            .is_some_and(|code| code == R3_CAS_CONFLICT || code == WRONG_LAST_SEQUENCE),
+        _ => false,
+    }
+}
+
+/// The JetStream API error code somewhere in an error's source chain.
+fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(js) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            return Some(js.error_code().0);
+        }
+        next = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_is_valid() {
+        assert_eq!(ClusterPolicy::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn policy_errors_name_the_field() {
+        let mut policy = ClusterPolicy {
+            min_size: 5,
+            max_size: 2,
+            ..ClusterPolicy::default()
+        };
+        assert_eq!(policy.validate().map_err(|e| e.field), Err("min_size"));
+        policy.min_size = 1;
+        policy.scaling.lower = 0.9;
+        assert_eq!(policy.validate().map_err(|e| e.field), Err("scaling.lower"));
+        policy.scaling.lower = 0.1;
+        policy.scaling.upper = f64::NAN;
+        assert_eq!(policy.validate().map_err(|e| e.field), Err("scaling.upper"));
+    }
+
+    #[test]
+    fn request_types_come_from_routes_once_each() {
+        let route = |t: &str| Route {
+            request_type: t.into(),
+            path_prefix: None,
+            host: None,
+            methods: vec![],
+        };
+        let policy = ClusterPolicy {
+            routes: vec![route("static"), route("api"), route("static")],
+            ..ClusterPolicy::default()
+        };
+        assert_eq!(policy.request_types(), vec!["static", "api"]);
+    }
+
+    #[test]
+    fn draining_members_do_not_count_towards_size() {
+        let mut cluster = ClusterRecord::new(
+            ClusterId::new("c").expect("id"),
+            ClusterPolicy::default(),
+            0,
+        );
+        for (i, state) in [MemberState::Active, MemberState::Joining, MemberState::Draining]
+            .into_iter()
+            .enumerate()
+        {
+            cluster.members.push(Member {
+                server: ServerId::new(format!("s{i}")).expect("id"),
+                address: "127.0.0.1".into(),
+                port: 80,
+                request_types: vec![],
+                state,
+                weight: 1.0,
+                request: RequestId::random(),
+                since_ms: 0,
+            });
+        }
+        assert_eq!(cluster.size(), 2);
+        assert_eq!(cluster.active(), 1);
+    }
+}

@@ -1,0 +1,29 @@
+//! Headroom's shared crate: what every service agrees on.
+//!
+//! # Layout
+//! - [`ids`]: validated server, cluster and request ids (safe as subject
+//!   tokens and KV keys).
+//! - [`codec`]: MessagePack / JSON / XML bodies chosen by `content-type`,
+//!   with a schema version check.
+//! - [`wire`]: the messages on the bus.
+//! - [`xml`]: the XML form of any message, following its JSON form.
+//! - [`subjects`]: the subject tree and the JetStream streams.
+//! - [`kv`]: the KV buckets, their records and compare-and-set helpers.
+//! - [`config`]: the one configuration struct, file plus `HEADROOM_*` env.
+//! - [`telemetry`]: tracing set-up.
+//! - [`nats`]: connecting, with credentials, TLS and backoff.
+//! - [`shutdown`]: SIGINT / SIGTERM as a cancellation token.
+
+pub mod codec;
+pub mod config;
+pub mod ids;
+pub mod kv;
+pub mod nats;
+pub mod shutdown;
+pub mod subjects;
+pub mod telemetry;
+pub mod wire;
+pub mod xml;
+
+pub use codec::{Codec, Message, WireError};
+pub use ids::{ClusterId, IdError, RequestId, ServerId};

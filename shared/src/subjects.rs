@@ -1,0 +1,125 @@
+//! The subject tree and the JetStream streams over it.
+//!
+//! One root, `headroom`, so permissions can be written per service:
+//!
+//! | subject | carries | transport |
+//! | --- | --- | --- |
+//! | `headroom.metrics.<cluster>.<server>` | [`PerformanceReport`](crate::wire::PerformanceReport) | core NATS, high rate, loss tolerated; `<cluster>` is `_pool` for a free server |
+//! | `headroom.reconfig.<cluster>` | [`ReconfigRequest`](crate::wire::ReconfigRequest) | JetStream `HEADROOM_RECONFIG`, work queue, de-duplicated by `Nats-Msg-Id` |
+//! | `headroom.membership.<cluster>` | [`MembershipChange`](crate::wire::MembershipChange) | core NATS; the KV cluster record is the snapshot |
+//! | `headroom.assign.<server>` | [`AssignmentNotice`](crate::wire::AssignmentNotice) | core NATS |
+//! | `headroom.status.<server>` | [`ServerStatus`](crate::wire::ServerStatus) | core NATS |
+//! | `headroom.events.<cluster>.<kind>` | [`AuditEvent`](crate::wire::AuditEvent) | JetStream `HEADROOM_EVENTS`, the audit log; `<cluster>` is `_none` when no cluster applies |
+//! | `headroom.admin.>` | the allocator's admin endpoints | NATS services API |
+
+use std::time::Duration;
+
+use async_nats::jetstream::stream;
+
+use crate::ids::{ClusterId, ServerId};
+
+pub const ROOT: &str = "headroom";
+/// The cluster token for a server that sits in the free pool.
+pub const POOL_TOKEN: &str = "_pool";
+/// The cluster token for events that concern no cluster.
+pub const NO_CLUSTER_TOKEN: &str = "_none";
+
+pub const RECONFIG_STREAM: &str = "HEADROOM_RECONFIG";
+pub const EVENTS_STREAM: &str = "HEADROOM_EVENTS";
+/// The durable consumer the allocators share on the reconfig stream.
+pub const ALLOCATOR_CONSUMER: &str = "allocator";
+
+/// The admin endpoints' group; each verb is a subject below it.
+pub const ADMIN_GROUP: &str = "headroom.admin";
+pub mod admin {
+    pub const POOL_LIST: &str = "pool.list";
+    pub const POOL_REGISTER: &str = "pool.register";
+    pub const POOL_DEREGISTER: &str = "pool.deregister";
+    pub const CLUSTER_LIST: &str = "cluster.list";
+    pub const CLUSTER_GET: &str = "cluster.get";
+    pub const CLUSTER_PUT: &str = "cluster.put";
+    pub const MEMBER_DRAIN: &str = "member.drain";
+}
+
+pub fn metrics(cluster: Option<&ClusterId>, server: &ServerId) -> String {
+    let cluster = cluster.map_or(POOL_TOKEN, ClusterId::as_str);
+    format!("{ROOT}.metrics.{cluster}.{server}")
+}
+pub const METRICS_ALL: &str = "headroom.metrics.>";
+
+pub fn reconfig(cluster: &ClusterId) -> String {
+    format!("{ROOT}.reconfig.{cluster}")
+}
+pub const RECONFIG_ALL: &str = "headroom.reconfig.>";
+/// The cluster token of a reconfig subject.
+pub fn reconfig_cluster(subject: &str) -> Option<&str> {
+    subject.strip_prefix("headroom.reconfig.")
+}
+
+pub fn membership(cluster: &ClusterId) -> String {
+    format!("{ROOT}.membership.{cluster}")
+}
+pub const MEMBERSHIP_ALL: &str = "headroom.membership.*";
+
+pub fn assign(server: &ServerId) -> String {
+    format!("{ROOT}.assign.{server}")
+}
+
+pub fn status(server: &ServerId) -> String {
+    format!("{ROOT}.status.{server}")
+}
+pub const STATUS_ALL: &str = "headroom.status.*";
+
+pub fn events(cluster: Option<&ClusterId>, kind: &str) -> String {
+    let cluster = cluster.map_or(NO_CLUSTER_TOKEN, ClusterId::as_str);
+    format!("{ROOT}.events.{cluster}.{kind}")
+}
+pub const EVENTS_ALL: &str = "headroom.events.>";
+
+/// The reconfiguration stream: a work queue shared by every allocator, with
+/// a de-duplication window so a request published twice is stored once.
+pub fn reconfig_stream(replicas: usize) -> stream::Config {
+    stream::Config {
+        name: RECONFIG_STREAM.to_owned(),
+        description: Some("Headroom: reconfiguration requests for the allocator".to_owned()),
+        subjects: vec![RECONFIG_ALL.to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(24 * 3600),
+        ..Default::default()
+    }
+}
+
+/// The audit log.
+pub fn events_stream(replicas: usize) -> stream::Config {
+    stream::Config {
+        name: EVENTS_STREAM.to_owned(),
+        description: Some("Headroom: audit log of every decision and change".to_owned()),
+        subjects: vec![EVENTS_ALL.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        duplicate_window: Duration::from_secs(120),
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        max_bytes: 1 << 30,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_share_one_root() {
+        let c = ClusterId::new("web").expect("id");
+        let s = ServerId::new("s1").expect("id");
+        assert_eq!(metrics(Some(&c), &s), "headroom.metrics.web.s1");
+        assert_eq!(metrics(None, &s), "headroom.metrics._pool.s1");
+        assert_eq!(reconfig(&c), "headroom.reconfig.web");
+        assert_eq!(reconfig_cluster("headroom.reconfig.web"), Some("web"));
+        assert_eq!(events(None, "registered"), "headroom.events._none.registered");
+    }
+}

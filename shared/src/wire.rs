@@ -1,0 +1,707 @@
+//! The messages Headroom services exchange on NATS.
+//!
+//! Field names are the contract: they are written out by name (never by
+//! position), new fields are optional with a default, and `v` changes only
+//! when a change would be misread by an older reader. Times are Unix
+//! milliseconds, so the JSON and XML forms stay readable.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{Message, SCHEMA_VERSION};
+use crate::ids::{ClusterId, RequestId, ServerId};
+use crate::kv::{ClusterPolicy, ClusterRecord, Member, ServerRecord};
+
+/// Stable error codes carried on the bus (events, admin replies, ledger).
+/// Codes are strings, not an enum, so an older reader still shows a code it
+/// does not know.
+pub mod codes {
+    pub const MALFORMED: &str = "malformed";
+    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
+    pub const INVALID: &str = "invalid";
+    pub const SUBJECT_MISMATCH: &str = "subject_mismatch";
+    pub const UNKNOWN_CLUSTER: &str = "unknown_cluster";
+    pub const UNKNOWN_SERVER: &str = "unknown_server";
+    pub const NOT_A_MEMBER: &str = "not_a_member";
+    pub const POOL_EXHAUSTED: &str = "pool_exhausted";
+    pub const AT_MAX_SIZE: &str = "at_max_size";
+    pub const AT_MIN_SIZE: &str = "at_min_size";
+    pub const SERVER_IN_USE: &str = "server_in_use";
+    pub const CONFLICT: &str = "conflict";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
+}
+
+fn schema_version() -> u16 {
+    SCHEMA_VERSION
+}
+
+macro_rules! message {
+    ($name:ident, $kind:literal) => {
+        impl Message for $name {
+            const KIND: &'static str = $kind;
+            fn schema_version(&self) -> u16 {
+                self.v
+            }
+        }
+    };
+}
+
+/// An error as it travels: a stable code and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusError {
+    pub code: String,
+    pub message: String,
+}
+
+impl BusError {
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for BusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Who measured a performance report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReportSource {
+    /// The agent on the server itself.
+    Agent,
+    /// A front-end, observing the server from outside.
+    Frontend { frontend: String },
+}
+
+/// A server's performance over the last interval. Every measure is
+/// optional: a measure that is missing is unknown, never zero.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PerformanceReport {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub server: ServerId,
+    /// The cluster the server serves; none while it waits in the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterId>,
+    pub source: ReportSource,
+    pub at_ms: u64,
+    pub interval_ms: u32,
+    /// CPU busy, 0.0 to 1.0 across all cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<f64>,
+    /// Memory in use, 0.0 to 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_rx_bytes_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_tx_bytes_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p50_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errors_per_s: Option<f64>,
+}
+message!(PerformanceReport, "performance_report");
+
+/// What a reconfiguration request asks of the allocator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconfigAction {
+    /// Add `count` servers from the pool; with `request_type`, only servers
+    /// that can serve it.
+    Allocate {
+        count: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        request_type: Option<String>,
+    },
+    /// Drain a member and return it to the pool.
+    Release { server: ServerId },
+    /// Take an unhealthy member out of service and allocate a replacement.
+    Replace { server: ServerId },
+    /// Change the share of traffic front-ends send to a member
+    /// (1.0 is normal, 0.0 is none).
+    Reweight { server: ServerId, weight: f64 },
+}
+
+impl ReconfigAction {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReconfigAction::Allocate { .. } => "allocate",
+            ReconfigAction::Release { .. } => "release",
+            ReconfigAction::Replace { .. } => "replace",
+            ReconfigAction::Reweight { .. } => "reweight",
+        }
+    }
+}
+
+/// A request to change a cluster, sent through JetStream on
+/// `headroom.reconfig.<cluster>` with `Nats-Msg-Id` set to `id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReconfigRequest {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: RequestId,
+    pub cluster: ClusterId,
+    pub action: ReconfigAction,
+    /// Why it was asked, for the audit log.
+    #[serde(default)]
+    pub reason: String,
+    /// Who asked (a monitor instance, an operator).
+    #[serde(default)]
+    pub origin: String,
+    pub issued_ms: u64,
+}
+message!(ReconfigRequest, "reconfig_request");
+
+impl ReconfigRequest {
+    pub fn new(cluster: ClusterId, action: ReconfigAction, origin: impl Into<String>) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            id: RequestId::random(),
+            cluster,
+            action,
+            reason: String::new(),
+            origin: origin.into(),
+            issued_ms: now_ms(),
+        }
+    }
+}
+
+/// The full membership of a cluster after a change, published on
+/// `headroom.membership.<cluster>`. `generation` grows by exactly one per
+/// change, so a receiver that sees a jump knows it missed one and reloads
+/// the cluster record from KV.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub cluster: ClusterId,
+    pub generation: u64,
+    /// KV revision of the cluster record that holds this membership.
+    pub revision: u64,
+    #[serde(default)]
+    pub members: Vec<Member>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<RequestId>,
+    pub at_ms: u64,
+}
+message!(MembershipChange, "membership_change");
+
+impl MembershipChange {
+    pub fn of(record: &ClusterRecord, revision: u64, cause: Option<RequestId>) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            cluster: record.id.clone(),
+            generation: record.generation,
+            revision,
+            members: record.members.clone(),
+            cause,
+            at_ms: now_ms(),
+        }
+    }
+}
+
+/// What happened to a server, told to it on `headroom.assign.<server>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Assignment {
+    /// It now serves the cluster: warm up and report ready.
+    Allocated,
+    /// Front-ends stop sending it new requests; finish in-flight work and
+    /// report drained before the deadline.
+    Draining { deadline_ms: u64 },
+    /// It is back in the free pool.
+    Released,
+    /// It was taken out of service (stopped reporting, failed a hook).
+    OutOfService { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssignmentNotice {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub server: ServerId,
+    pub cluster: ClusterId,
+    pub assignment: Assignment,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestId>,
+    pub at_ms: u64,
+}
+message!(AssignmentNotice, "assignment_notice");
+
+/// A server's answer to an assignment, on `headroom.status.<server>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerStatusKind {
+    /// The allocate hook succeeded; the server can take traffic.
+    Ready,
+    /// No request in flight any more; the release can complete.
+    Drained,
+    /// A hook failed.
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerStatus {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub server: ServerId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterId>,
+    pub status: ServerStatusKind,
+    pub at_ms: u64,
+}
+message!(ServerStatus, "server_status");
+
+/// What an audit event records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Registered,
+    Deregistered,
+    PolicyUpdated,
+    Allocated,
+    DrainStarted,
+    Released,
+    OutOfService,
+    Reweighted,
+    /// State that a crash left half-written was completed or undone.
+    Repaired,
+    /// A request could not be applied (in whole or in part).
+    Rejected { error: BusError },
+}
+
+impl EventKind {
+    /// The last subject token of the event: `headroom.events.<cluster>.<this>`.
+    pub fn token(&self) -> &'static str {
+        match self {
+            EventKind::Registered => "registered",
+            EventKind::Deregistered => "deregistered",
+            EventKind::PolicyUpdated => "policy_updated",
+            EventKind::Allocated => "allocated",
+            EventKind::DrainStarted => "drain_started",
+            EventKind::Released => "released",
+            EventKind::OutOfService => "out_of_service",
+            EventKind::Reweighted => "reweighted",
+            EventKind::Repaired => "repaired",
+            EventKind::Rejected { .. } => "rejected",
+        }
+    }
+}
+
+/// One entry of the audit log, kept in the `HEADROOM_EVENTS` stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub kind: EventKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestId>,
+    #[serde(default)]
+    pub detail: String,
+    /// The service instance that wrote it.
+    #[serde(default)]
+    pub origin: String,
+    pub at_ms: u64,
+}
+message!(AuditEvent, "audit_event");
+
+// ---- the allocator's admin endpoints (NATS services API) ----
+
+/// `headroom.admin.pool.register`: add a server to the free pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegisterServer {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: ServerId,
+    pub address: String,
+    pub port: u16,
+    #[serde(default)]
+    pub request_types: Vec<String>,
+}
+message!(RegisterServer, "register_server");
+
+/// `headroom.admin.pool.deregister`: remove a free or out-of-service server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeregisterServer {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: ServerId,
+}
+message!(DeregisterServer, "deregister_server");
+
+/// `headroom.admin.cluster.put`: create a cluster or change its policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PutCluster {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: ClusterId,
+    pub policy: ClusterPolicy,
+}
+message!(PutCluster, "put_cluster");
+
+/// `headroom.admin.cluster.get`: one cluster's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GetCluster {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: ClusterId,
+}
+message!(GetCluster, "get_cluster");
+
+/// `headroom.admin.member.drain`: release a member by hand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainMember {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub cluster: ClusterId,
+    pub server: ServerId,
+}
+message!(DrainMember, "drain_member");
+
+/// The answer to `member.drain`: the release request it queued.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainQueued {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub request: RequestId,
+}
+message!(DrainQueued, "drain_queued");
+
+/// The answer to `pool.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerList {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    #[serde(default)]
+    pub servers: Vec<ServerRecord>,
+}
+message!(ServerList, "server_list");
+
+/// The answer to `cluster.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterList {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    #[serde(default)]
+    pub clusters: Vec<ClusterRecord>,
+}
+message!(ClusterList, "cluster_list");
+
+/// An empty request or answer, for endpoints that need no body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Empty {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+}
+message!(Empty, "empty");
+
+impl Empty {
+    pub fn new() -> Self {
+        Self { v: SCHEMA_VERSION }
+    }
+}
+
+/// Header of an admin error reply: the stable code (the services API puts
+/// its own numeric code and description beside it).
+pub const ERROR_CODE_HEADER: &str = "Headroom-Error-Code";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{Codec, WireError};
+    use crate::kv::{MemberState, Route, ServerState};
+
+    fn cluster() -> ClusterId {
+        ClusterId::new("web").expect("id")
+    }
+    fn server(n: u32) -> ServerId {
+        ServerId::new(format!("s{n}")).expect("id")
+    }
+    fn member(n: u32, state: MemberState) -> Member {
+        Member {
+            server: server(n),
+            address: "10.0.0.1".into(),
+            port: 8080,
+            request_types: vec!["static".into(), "api".into()],
+            state,
+            weight: 0.5,
+            request: RequestId::new("r1").expect("id"),
+            since_ms: 1_700_000_000_000,
+        }
+    }
+    fn record() -> ClusterRecord {
+        let mut record = ClusterRecord::new(
+            cluster(),
+            ClusterPolicy {
+                routes: vec![Route {
+                    request_type: "static".into(),
+                    path_prefix: Some("/static".into()),
+                    host: None,
+                    methods: vec!["GET".into(), "HEAD".into()],
+                }],
+                ..ClusterPolicy::default()
+            },
+            5,
+        );
+        record.members = vec![member(1, MemberState::Active), member(2, MemberState::Draining)];
+        record.generation = 7;
+        record
+    }
+
+    fn round_trip<T: Message + std::fmt::Debug + PartialEq>(message: &T) {
+        for codec in Codec::ALL {
+            let bytes = codec.encode(message).expect("encode");
+            let back: T = codec
+                .decode(&bytes)
+                .unwrap_or_else(|e| panic!("{codec:?}: {e}\n{}", String::from_utf8_lossy(&bytes)));
+            assert_eq!(&back, message, "{codec:?}");
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips_in_every_codec() {
+        let report = PerformanceReport {
+            v: 1,
+            server: server(1),
+            cluster: Some(cluster()),
+            source: ReportSource::Frontend {
+                frontend: "fe-1".into(),
+            },
+            at_ms: 12,
+            interval_ms: 1000,
+            cpu: Some(0.5),
+            memory: None,
+            load1: Some(1.25),
+            net_rx_bytes_per_s: None,
+            net_tx_bytes_per_s: None,
+            in_flight: Some(3),
+            requests_per_s: Some(120.0),
+            latency_p50_ms: Some(2.0),
+            latency_p99_ms: Some(9.5),
+            errors_per_s: None,
+        };
+        round_trip(&report);
+        round_trip(&PerformanceReport {
+            source: ReportSource::Agent,
+            cluster: None,
+            ..report
+        });
+        for action in [
+            ReconfigAction::Allocate {
+                count: 2,
+                request_type: Some("api".into()),
+            },
+            ReconfigAction::Allocate {
+                count: 1,
+                request_type: None,
+            },
+            ReconfigAction::Release { server: server(3) },
+            ReconfigAction::Replace { server: server(3) },
+            ReconfigAction::Reweight {
+                server: server(3),
+                weight: 0.25,
+            },
+        ] {
+            round_trip(&ReconfigRequest::new(cluster(), action, "monitor-1"));
+        }
+        round_trip(&MembershipChange::of(&record(), 42, Some(RequestId::random())));
+        round_trip(&MembershipChange::of(
+            &ClusterRecord::new(cluster(), ClusterPolicy::default(), 0),
+            1,
+            None,
+        ));
+        for assignment in [
+            Assignment::Allocated,
+            Assignment::Draining { deadline_ms: 9 },
+            Assignment::Released,
+            Assignment::OutOfService {
+                reason: "silent".into(),
+            },
+        ] {
+            round_trip(&AssignmentNotice {
+                v: 1,
+                server: server(1),
+                cluster: cluster(),
+                assignment,
+                request: None,
+                at_ms: 3,
+            });
+        }
+        for status in [
+            ServerStatusKind::Ready,
+            ServerStatusKind::Drained,
+            ServerStatusKind::Failed {
+                reason: "hook exited 1".into(),
+            },
+        ] {
+            round_trip(&ServerStatus {
+                v: 1,
+                server: server(1),
+                cluster: Some(cluster()),
+                status,
+                at_ms: 3,
+            });
+        }
+        for kind in [
+            EventKind::Allocated,
+            EventKind::Rejected {
+                error: BusError::new(codes::POOL_EXHAUSTED, "no free server serves api"),
+            },
+        ] {
+            round_trip(&AuditEvent {
+                v: 1,
+                kind,
+                cluster: Some(cluster()),
+                server: None,
+                request: Some(RequestId::random()),
+                detail: "x".into(),
+                origin: "alloc-1".into(),
+                at_ms: 1,
+            });
+        }
+        round_trip(&record());
+        round_trip(&ServerList {
+            v: 1,
+            servers: vec![
+                ServerRecord {
+                    v: 1,
+                    id: server(1),
+                    address: "h".into(),
+                    port: 1,
+                    request_types: vec![],
+                    state: ServerState::Draining {
+                        cluster: cluster(),
+                        deadline_ms: 4,
+                    },
+                    last_request: None,
+                    last_cluster: Some(cluster()),
+                    updated_ms: 2,
+                },
+                ServerRecord {
+                    v: 1,
+                    id: server(2),
+                    address: "h".into(),
+                    port: 1,
+                    request_types: vec!["api".into()],
+                    state: ServerState::Free,
+                    last_request: Some(RequestId::random()),
+                    last_cluster: None,
+                    updated_ms: 2,
+                },
+            ],
+        });
+        round_trip(&ClusterList {
+            v: 1,
+            clusters: vec![record(), record()],
+        });
+        round_trip(&PutCluster {
+            v: 1,
+            id: cluster(),
+            policy: ClusterPolicy::default(),
+        });
+        round_trip(&Empty::new());
+    }
+
+    #[test]
+    fn json_and_xml_are_readable_by_people() {
+        let req = ReconfigRequest::new(
+            cluster(),
+            ReconfigAction::Release { server: server(4) },
+            "op",
+        );
+        let xml = String::from_utf8(Codec::Xml.encode(&req).expect("xml").to_vec()).expect("utf8");
+        assert!(xml.starts_with("<reconfig_request>"), "{xml}");
+        assert!(xml.contains("<server>s4</server>"), "{xml}");
+        let json = String::from_utf8(Codec::Json.encode(&req).expect("json").to_vec()).expect("utf8");
+        assert!(json.contains(r#""release":{"server":"s4"}"#), "{json}");
+    }
+
+    #[test]
+    fn msgpack_uses_field_names() {
+        let bytes = crate::codec::encode(&Empty::new()).expect("encode");
+        assert_eq!(bytes.as_ref(), &[0x81, 0xa1, b'v', 0x01]);
+    }
+
+    #[test]
+    fn the_header_picks_the_codec() {
+        let req = ReconfigRequest::new(
+            cluster(),
+            ReconfigAction::Allocate {
+                count: 1,
+                request_type: None,
+            },
+            "op",
+        );
+        let json = Codec::Json.encode(&req).expect("json");
+        let headers = Codec::Json.headers();
+        assert_eq!(crate::codec::decode::<ReconfigRequest>(Some(&headers), &json), Ok(req.clone()));
+        // Without a header, the body is read as MessagePack and JSON fails.
+        assert!(matches!(
+            crate::codec::decode::<ReconfigRequest>(None, &json),
+            Err(WireError::Malformed { .. })
+        ));
+        let mut odd = async_nats::HeaderMap::new();
+        odd.insert(crate::codec::CONTENT_TYPE, "text/plain");
+        assert!(matches!(
+            crate::codec::decode::<ReconfigRequest>(Some(&odd), &json),
+            Err(WireError::UnknownContentType(_))
+        ));
+        let mut charset = async_nats::HeaderMap::new();
+        charset.insert(crate::codec::CONTENT_TYPE, "application/json; charset=utf-8");
+        assert!(crate::codec::decode::<ReconfigRequest>(Some(&charset), &json).is_ok());
+    }
+
+    #[test]
+    fn garbage_and_future_versions_are_clear_errors() {
+        for body in [&b""[..], b"\xc1\xff\x00", b"{", b"<reconfig_request>"] {
+            for codec in Codec::ALL {
+                let err = codec.decode::<ReconfigRequest>(body).expect_err("garbage");
+                assert_eq!(err.code(), codes::MALFORMED, "{codec:?} {err}");
+            }
+        }
+        let mut req = ReconfigRequest::new(
+            cluster(),
+            ReconfigAction::Release { server: server(1) },
+            "op",
+        );
+        req.v = 2;
+        let bytes = crate::codec::encode(&req).expect("encode");
+        let err = Codec::MsgPack
+            .decode::<ReconfigRequest>(&bytes)
+            .expect_err("version 2");
+        assert_eq!(err.code(), codes::UNSUPPORTED_VERSION);
+        assert!(err.to_string().contains("version 2"), "{err}");
+    }
+
+    #[test]
+    fn ids_in_bodies_are_validated() {
+        let json = br#"{"v":1,"id":"r1","cluster":"a.>","action":{"release":{"server":"s1"}},"issued_ms":1}"#;
+        let err = Codec::Json.decode::<ReconfigRequest>(json).expect_err("wildcard id");
+        assert!(err.to_string().contains("cluster id"), "{err}");
+    }
+}
