@@ -80,8 +80,9 @@ impl Codec {
     /// [`WireError::Encode`] when the value cannot be written in this codec.
     pub fn encode<T: Message>(self, message: &T) -> Result<Bytes, WireError> {
         let bytes = match self {
-            Codec::MsgPack => rmp_serde::to_vec_named(message)
-                .map_err(|e| WireError::Encode(e.to_string()))?,
+            Codec::MsgPack => {
+                rmp_serde::to_vec_named(message).map_err(|e| WireError::Encode(e.to_string()))?
+            }
             Codec::Json => {
                 serde_json::to_vec(message).map_err(|e| WireError::Encode(e.to_string()))?
             }
@@ -149,7 +150,9 @@ pub trait Message: Serialize + DeserializeOwned {
 /// Why a body could not be read or written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WireError {
-    #[error("unknown content-type {0:?}; use application/msgpack, application/json or application/xml")]
+    #[error(
+        "unknown content-type {0:?}; use application/msgpack, application/json or application/xml"
+    )]
     UnknownContentType(String),
     #[error("malformed {kind} ({codec}): {reason}")]
     Malformed {

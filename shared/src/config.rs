@@ -198,10 +198,8 @@ impl Config {
                 path: path.to_owned(),
                 source: ::config::ConfigError::Foreign(Box::new(e)),
             })?;
-            builder = builder.add_source(::config::File::from_str(
-                &text,
-                ::config::FileFormat::Toml,
-            ));
+            builder =
+                builder.add_source(::config::File::from_str(&text, ::config::FileFormat::Toml));
         }
         let overrides: ::config::Map<String, String> = env
             .into_iter()
@@ -345,8 +343,14 @@ mod tests {
         let path = dir.join("headroom.toml");
         std::fs::write(&path, "[nats]\nurl = \"nats://file:4222\"\n").expect("write");
         let env = [
-            ("HEADROOM_NATS__URL".to_owned(), "nats://env:4222".to_owned()),
-            ("HEADROOM_ALLOCATOR__MAX_IN_FLIGHT".to_owned(), "4".to_owned()),
+            (
+                "HEADROOM_NATS__URL".to_owned(),
+                "nats://env:4222".to_owned(),
+            ),
+            (
+                "HEADROOM_ALLOCATOR__MAX_IN_FLIGHT".to_owned(),
+                "4".to_owned(),
+            ),
             (CONFIG_FILE_ENV.to_owned(), "ignored".to_owned()),
             ("PATH".to_owned(), "/bin".to_owned()),
         ];
@@ -358,9 +362,12 @@ mod tests {
 
     #[test]
     fn a_missing_file_is_named() {
-        let err = Config::load(Some(Path::new("/nonexistent/headroom.toml")), [])
-            .expect_err("missing");
-        assert!(err.to_string().contains("/nonexistent/headroom.toml"), "{err}");
+        let err =
+            Config::load(Some(Path::new("/nonexistent/headroom.toml")), []).expect_err("missing");
+        assert!(
+            err.to_string().contains("/nonexistent/headroom.toml"),
+            "{err}"
+        );
     }
 
     fn tempfile_dir() -> PathBuf {

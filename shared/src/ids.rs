@@ -9,7 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Longest id accepted; keeps subjects and keys short and bounded.
-pub const MAX_ID_LEN: usize = 64;
+pub const MAX_ID_LEN: usize = 128;
 
 /// Why a string is not a valid id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -147,7 +147,7 @@ mod tests {
         for bad in ["a.b", "*", ">", "a b", "", "é"] {
             assert!(ClusterId::new(bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(ServerId::new("x".repeat(65)).is_err());
+        assert!(ServerId::new("x".repeat(MAX_ID_LEN + 1)).is_err());
     }
 
     #[test]

@@ -30,7 +30,11 @@ pub const REQUESTS_BUCKET: &str = "headroom-requests";
 pub fn bucket_config(bucket: &str, replicas: usize) -> async_nats::jetstream::kv::Config {
     let (description, history, max_age) = match bucket {
         SERVERS_BUCKET => ("Headroom: every server and where it is", 16, Duration::ZERO),
-        CLUSTERS_BUCKET => ("Headroom: cluster policy and membership", 32, Duration::ZERO),
+        CLUSTERS_BUCKET => (
+            "Headroom: cluster policy and membership",
+            32,
+            Duration::ZERO,
+        ),
         // Outcomes outlive JetStream's de-duplication window by far; a day
         // bounds the bucket while covering any redelivery.
         _ => (
@@ -63,7 +67,10 @@ pub enum ServerState {
     /// Serving a cluster (or about to: see the cluster's member entry).
     Allocated { cluster: ClusterId },
     /// Leaving a cluster: no new requests; back to the pool by the deadline.
-    Draining { cluster: ClusterId, deadline_ms: u64 },
+    Draining {
+        cluster: ClusterId,
+        deadline_ms: u64,
+    },
     /// Unhealthy; kept out of the pool until an operator returns it.
     OutOfService { reason: String },
 }
@@ -158,8 +165,13 @@ pub struct Member {
     pub state: MemberState,
     /// Relative share of traffic; 1.0 is normal.
     pub weight: f64,
-    /// The request that added it.
+    /// The request that added it (never changes: a redelivered allocation
+    /// counts the entries it already made by this).
     pub request: RequestId,
+    /// The release that is draining it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_request: Option<RequestId>,
+    /// When it entered its current state.
     pub since_ms: u64,
 }
 
@@ -496,9 +508,13 @@ mod tests {
             ClusterPolicy::default(),
             0,
         );
-        for (i, state) in [MemberState::Active, MemberState::Joining, MemberState::Draining]
-            .into_iter()
-            .enumerate()
+        for (i, state) in [
+            MemberState::Active,
+            MemberState::Joining,
+            MemberState::Draining,
+        ]
+        .into_iter()
+        .enumerate()
         {
             cluster.members.push(Member {
                 server: ServerId::new(format!("s{i}")).expect("id"),
@@ -508,6 +524,7 @@ mod tests {
                 state,
                 weight: 1.0,
                 request: RequestId::random(),
+                drain_request: None,
                 since_ms: 0,
             });
         }

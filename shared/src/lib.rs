@@ -1,6 +1,7 @@
 //! Headroom's shared crate: what every service agrees on.
 //!
 //! # Layout
+//! - [`bus`]: publishing durable messages (requests, audit events).
 //! - [`ids`]: validated server, cluster and request ids (safe as subject
 //!   tokens and KV keys).
 //! - [`codec`]: MessagePack / JSON / XML bodies chosen by `content-type`,
@@ -14,6 +15,7 @@
 //! - [`nats`]: connecting, with credentials, TLS and backoff.
 //! - [`shutdown`]: SIGINT / SIGTERM as a cancellation token.
 
+pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod ids;
@@ -25,5 +27,5 @@ pub mod telemetry;
 pub mod wire;
 pub mod xml;
 
-pub use codec::{Codec, Message, WireError};
+pub use codec::{Codec, Message, WireError, SCHEMA_VERSION};
 pub use ids::{ClusterId, IdError, RequestId, ServerId};

@@ -120,6 +120,9 @@ mod tests {
         assert_eq!(metrics(None, &s), "headroom.metrics._pool.s1");
         assert_eq!(reconfig(&c), "headroom.reconfig.web");
         assert_eq!(reconfig_cluster("headroom.reconfig.web"), Some("web"));
-        assert_eq!(events(None, "registered"), "headroom.events._none.registered");
+        assert_eq!(
+            events(None, "registered"),
+            "headroom.events._none.registered"
+        );
     }
 }

@@ -288,7 +288,9 @@ pub enum EventKind {
     /// State that a crash left half-written was completed or undone.
     Repaired,
     /// A request could not be applied (in whole or in part).
-    Rejected { error: BusError },
+    Rejected {
+        error: BusError,
+    },
 }
 
 impl EventKind {
@@ -451,6 +453,7 @@ mod tests {
             state,
             weight: 0.5,
             request: RequestId::new("r1").expect("id"),
+            drain_request: Some(RequestId::new("r2").expect("id")),
             since_ms: 1_700_000_000_000,
         }
     }
@@ -468,7 +471,10 @@ mod tests {
             },
             5,
         );
-        record.members = vec![member(1, MemberState::Active), member(2, MemberState::Draining)];
+        record.members = vec![
+            member(1, MemberState::Active),
+            member(2, MemberState::Draining),
+        ];
         record.generation = 7;
         record
     }
@@ -529,7 +535,11 @@ mod tests {
         ] {
             round_trip(&ReconfigRequest::new(cluster(), action, "monitor-1"));
         }
-        round_trip(&MembershipChange::of(&record(), 42, Some(RequestId::random())));
+        round_trip(&MembershipChange::of(
+            &record(),
+            42,
+            Some(RequestId::random()),
+        ));
         round_trip(&MembershipChange::of(
             &ClusterRecord::new(cluster(), ClusterPolicy::default(), 0),
             1,
@@ -637,7 +647,8 @@ mod tests {
         let xml = String::from_utf8(Codec::Xml.encode(&req).expect("xml").to_vec()).expect("utf8");
         assert!(xml.starts_with("<reconfig_request>"), "{xml}");
         assert!(xml.contains("<server>s4</server>"), "{xml}");
-        let json = String::from_utf8(Codec::Json.encode(&req).expect("json").to_vec()).expect("utf8");
+        let json =
+            String::from_utf8(Codec::Json.encode(&req).expect("json").to_vec()).expect("utf8");
         assert!(json.contains(r#""release":{"server":"s4"}"#), "{json}");
     }
 
@@ -659,7 +670,10 @@ mod tests {
         );
         let json = Codec::Json.encode(&req).expect("json");
         let headers = Codec::Json.headers();
-        assert_eq!(crate::codec::decode::<ReconfigRequest>(Some(&headers), &json), Ok(req.clone()));
+        assert_eq!(
+            crate::codec::decode::<ReconfigRequest>(Some(&headers), &json),
+            Ok(req.clone())
+        );
         // Without a header, the body is read as MessagePack and JSON fails.
         assert!(matches!(
             crate::codec::decode::<ReconfigRequest>(None, &json),
@@ -672,7 +686,10 @@ mod tests {
             Err(WireError::UnknownContentType(_))
         ));
         let mut charset = async_nats::HeaderMap::new();
-        charset.insert(crate::codec::CONTENT_TYPE, "application/json; charset=utf-8");
+        charset.insert(
+            crate::codec::CONTENT_TYPE,
+            "application/json; charset=utf-8",
+        );
         assert!(crate::codec::decode::<ReconfigRequest>(Some(&charset), &json).is_ok());
     }
 
@@ -701,7 +718,9 @@ mod tests {
     #[test]
     fn ids_in_bodies_are_validated() {
         let json = br#"{"v":1,"id":"r1","cluster":"a.>","action":{"release":{"server":"s1"}},"issued_ms":1}"#;
-        let err = Codec::Json.decode::<ReconfigRequest>(json).expect_err("wildcard id");
+        let err = Codec::Json
+            .decode::<ReconfigRequest>(json)
+            .expect_err("wildcard id");
         assert!(err.to_string().contains("cluster id"), "{err}");
     }
 }

@@ -78,7 +78,11 @@ fn write_element(out: &mut String, name: &str, value: &Value) {
             let _ = write!(out, "</{name}>");
         }
         Value::String(s) => {
-            let _ = write!(out, "<{name}>{}</{name}>", quick_xml::escape::escape(s.as_str()));
+            let _ = write!(
+                out,
+                "<{name}>{}</{name}>",
+                quick_xml::escape::escape(s.as_str())
+            );
         }
         Value::Bool(b) => {
             let _ = write!(out, "<{name}>{b}</{name}>");
@@ -205,10 +209,12 @@ impl Node {
     where
         T::Err: fmt::Display,
     {
-        self.text
-            .trim()
-            .parse()
-            .map_err(|e| XmlError(format!("<{}>: {:?} is not {what}: {e}", self.name, self.text)))
+        self.text.trim().parse().map_err(|e| {
+            XmlError(format!(
+                "<{}>: {:?} is not {what}: {e}",
+                self.name, self.text
+            ))
+        })
     }
 
     fn is_leaf(&self) -> bool {

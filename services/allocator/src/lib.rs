@@ -1,1 +1,273 @@
-//! x
+//! Headroom's allocator: owns the free-server pool and every cluster's
+//! membership in JetStream KV, and applies reconfiguration requests.
+//!
+//! Several instances may run at once: they share the request consumer,
+//! serve the admin endpoints in one queue group, and every KV write is
+//! compare-and-set, so they cannot undo each other's work.
+//!
+//! # Layout
+//! - [`store`]: typed, revision-checked access to the KV buckets.
+//! - [`placement`]: pure decisions: which server to allocate, what needs
+//!   repair.
+//! - [`ops`]: the operations (allocate, release, replace, reweight,
+//!   register, repairs) as compare-and-set sequences.
+//! - [`requests`]: the durable request consumer and the outcome ledger.
+//! - [`admin`]: the NATS services API endpoints.
+//! - [`run`]: wires them together until shutdown.
+
+pub mod admin;
+pub mod ops;
+pub mod placement;
+pub mod requests;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use headroom_shared::codec;
+use headroom_shared::config::Config;
+use headroom_shared::kv::ServerState;
+use headroom_shared::subjects;
+use headroom_shared::wire::{
+    now_ms, ReconfigAction, ReconfigRequest, ServerStatus, ServerStatusKind,
+};
+use headroom_shared::{bus, RequestId};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use ops::Allocator;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AllocatorError {
+    #[error("cannot set up {0}: {1}")]
+    Setup(&'static str, #[source] async_nats::Error),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Runs the allocator until `shutdown` is cancelled, then stops taking
+/// work, lets in-flight requests finish within the configured grace, and
+/// drains the NATS connection.
+///
+/// Every task it starts is owned here: if this future is dropped (a crash
+/// test aborts it), they all stop with it.
+///
+/// # Errors
+/// When KV, the streams, the consumer or the admin service cannot be set
+/// up, or a task fails.
+pub async fn run(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> Result<(), AllocatorError> {
+    let replicas = config.nats.replicas;
+    let settings = config.allocator;
+    let js = jetstream::new(client.clone());
+    let store = store::Store::open(&js, replicas).await?;
+    js.get_or_create_stream(subjects::events_stream(replicas))
+        .await
+        .map_err(|e| AllocatorError::Setup("events stream", e.into()))?;
+    let consumer = requests::consumer(&js, replicas, &settings).await?;
+    let allocator = Arc::new(Allocator::new(
+        store,
+        js,
+        client.clone(),
+        settings.instance.clone(),
+    ));
+    info!(instance = %settings.instance, "allocator starting");
+
+    // Whatever a crash left half-done is repaired before new work starts.
+    reconcile_once(&allocator, Duration::ZERO).await;
+
+    let stop = shutdown.child_token();
+    let mut tasks: JoinSet<Result<&'static str, AllocatorError>> = JoinSet::new();
+    tasks.spawn(
+        requests::serve(
+            allocator.clone(),
+            consumer,
+            settings.max_in_flight,
+            stop.clone(),
+        )
+        .map_ok_named("requests"),
+    );
+    tasks
+        .spawn(admin::serve(allocator.clone(), client.clone(), stop.clone()).map_ok_named("admin"));
+    tasks.spawn(reconcile_loop(
+        allocator.clone(),
+        settings.reconcile_interval,
+        settings.repair_after,
+        stop.clone(),
+    ));
+    tasks.spawn(status_loop(allocator.clone(), client.clone(), stop.clone()));
+
+    let mut failure = None;
+    tokio::select! {
+        _ = shutdown.cancelled() => info!("allocator stopping"),
+        Some(ended) = tasks.join_next() => {
+            // A task ending on its own is a failure: stop the others.
+            failure = Some(match ended {
+                Ok(Ok(name)) => AllocatorError::Setup(name, "task ended unexpectedly".into()),
+                Ok(Err(err)) => err,
+                Err(join) => AllocatorError::Setup("task", join.into()),
+            });
+        }
+    }
+    stop.cancel();
+    let drained = tokio::time::timeout(settings.shutdown_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(grace = ?settings.shutdown_grace, "work still in flight after the grace period; abandoning it (it will be redelivered)");
+        tasks.abort_all();
+    }
+    if let Err(err) = client.drain().await {
+        warn!(%err, "could not drain the NATS connection");
+    }
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(()),
+    }
+}
+
+trait NamedTask {
+    fn map_ok_named(
+        self,
+        name: &'static str,
+    ) -> impl std::future::Future<Output = Result<&'static str, AllocatorError>> + Send;
+}
+
+impl<F> NamedTask for F
+where
+    F: std::future::Future<Output = Result<(), AllocatorError>> + Send,
+{
+    async fn map_ok_named(self, name: &'static str) -> Result<&'static str, AllocatorError> {
+        self.await.map(|()| name)
+    }
+}
+
+/// One pass of the reconciler: plan repairs from a fresh snapshot and apply
+/// each after re-checking it. Returns how many changed something.
+pub async fn reconcile_once(allocator: &Allocator, repair_after: Duration) -> usize {
+    let snapshot = async {
+        let clusters = allocator.store.clusters().await?;
+        let servers = allocator.store.servers().await?;
+        Ok::<_, store::StoreError>((clusters, servers))
+    };
+    let (clusters, servers) = match snapshot.await {
+        Ok(snapshot) => snapshot,
+        Err(err) => {
+            warn!(%err, "reconciler cannot read KV; will try again");
+            return 0;
+        }
+    };
+    let clusters: Vec<_> = clusters.into_iter().map(|c| c.value).collect();
+    let servers: Vec<_> = servers.into_iter().map(|s| s.value).collect();
+    let repair_after_ms = u64::try_from(repair_after.as_millis()).unwrap_or(u64::MAX);
+    let repairs = placement::plan_repairs(&clusters, &servers, now_ms(), repair_after_ms);
+    let mut changed = 0;
+    for repair in &repairs {
+        match allocator.repair(repair, repair_after_ms).await {
+            Ok(true) => changed += 1,
+            Ok(false) => {}
+            Err(err) => debug!(%err, ?repair, "repair not applied this pass"),
+        }
+    }
+    changed
+}
+
+async fn reconcile_loop(
+    allocator: Arc<Allocator>,
+    interval: Duration,
+    repair_after: Duration,
+    stop: CancellationToken,
+) -> Result<&'static str, AllocatorError> {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok("reconciler"),
+            _ = ticker.tick() => {
+                reconcile_once(&allocator, repair_after).await;
+            }
+        }
+    }
+}
+
+/// Listens to servers' answers to their assignments: a drained server is
+/// returned to the pool at once; a server whose allocate hook failed is
+/// replaced.
+async fn status_loop(
+    allocator: Arc<Allocator>,
+    client: async_nats::Client,
+    stop: CancellationToken,
+) -> Result<&'static str, AllocatorError> {
+    let mut statuses = client
+        .queue_subscribe(subjects::STATUS_ALL, admin::SERVICE_NAME.to_owned())
+        .await
+        .map_err(|e| AllocatorError::Setup("status subscription", e.into()))?;
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return Ok("status"),
+            next = statuses.next() => match next {
+                Some(message) => message,
+                None => return Ok("status"),
+            },
+        };
+        let status: ServerStatus = match codec::decode(message.headers.as_ref(), &message.payload) {
+            Ok(status) => status,
+            Err(err) => {
+                warn!(%err, subject = %message.subject, "ignoring a malformed server status");
+                continue;
+            }
+        };
+        if message.subject.as_str() != subjects::status(&status.server) {
+            warn!(subject = %message.subject, server = %status.server, "server status on another server's subject; ignored");
+            continue;
+        }
+        if let Err(err) = on_status(&allocator, &status).await {
+            warn!(%err, server = %status.server, "could not act on a server status");
+        }
+    }
+}
+
+async fn on_status(allocator: &Allocator, status: &ServerStatus) -> Result<(), ops::OpError> {
+    let Some(record) = allocator.store.server(&status.server).await? else {
+        return Ok(());
+    };
+    match (&status.status, &record.value.state) {
+        (ServerStatusKind::Drained, ServerState::Draining { cluster, .. }) => {
+            allocator
+                .finish_drain(cluster, &status.server, "server reported drained")
+                .await?;
+        }
+        (ServerStatusKind::Failed { reason }, ServerState::Allocated { cluster }) => {
+            warn!(server = %status.server, %reason, "allocate hook failed; replacing");
+            // One id per failure of this allocation, so repeats collapse.
+            let id = RequestId::new(format!("failed-{}-{}", status.server, record.revision))
+                .map_err(|e| {
+                    ops::OpError::Rejected(headroom_shared::wire::BusError::new(
+                        headroom_shared::wire::codes::INVALID,
+                        e.to_string(),
+                    ))
+                })?;
+            let request = ReconfigRequest {
+                id,
+                reason: format!("allocate hook failed: {reason}"),
+                ..ReconfigRequest::new(
+                    cluster.clone(),
+                    ReconfigAction::Replace {
+                        server: status.server.clone(),
+                    },
+                    allocator.instance(),
+                )
+            };
+            bus::request_reconfig(&allocator.js, &request).await?;
+        }
+        _ => debug!(server = %status.server, status = ?status.status, "server status"),
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! The allocator's admin endpoints, on the NATS services API so standard
+//! tooling can discover, ping and read stats of every instance
+//! (`$SRV.PING.headroom-allocator`). Requests and replies use the codec the
+//! request's `content-type` names; an error reply carries the services
+//! API's error headers plus `Headroom-Error-Code` with the stable code.
+
+use std::sync::Arc;
+
+use async_nats::service::{self, ServiceExt};
+use bytes::Bytes;
+use futures::StreamExt;
+use headroom_shared::codec::{Codec, Message, WireError};
+use headroom_shared::subjects::{self, admin};
+use headroom_shared::wire::{
+    codes, BusError, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, GetCluster,
+    PutCluster, ReconfigAction, ReconfigRequest, RegisterServer, ServerList, ERROR_CODE_HEADER,
+};
+use headroom_shared::{bus, SCHEMA_VERSION};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::ops::{Allocator, OpError};
+use crate::AllocatorError;
+
+pub const SERVICE_NAME: &str = "headroom-allocator";
+
+const ENDPOINTS: [(&str, &str); 7] = [
+    ("pool-list", admin::POOL_LIST),
+    ("pool-register", admin::POOL_REGISTER),
+    ("pool-deregister", admin::POOL_DEREGISTER),
+    ("cluster-list", admin::CLUSTER_LIST),
+    ("cluster-get", admin::CLUSTER_GET),
+    ("cluster-put", admin::CLUSTER_PUT),
+    ("member-drain", admin::MEMBER_DRAIN),
+];
+
+/// Starts the service and answers requests until `shutdown`.
+///
+/// # Errors
+/// When the service or an endpoint cannot be registered.
+pub async fn serve(
+    allocator: Arc<Allocator>,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> Result<(), AllocatorError> {
+    let service = client
+        .service_builder()
+        .description("Headroom allocator: free pool and cluster membership")
+        .metadata([("instance".to_owned(), allocator.instance().to_owned())].into())
+        .start(SERVICE_NAME, env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| AllocatorError::Setup("admin service", e))?;
+    let group = service.group(subjects::ADMIN_GROUP);
+    let mut tasks = JoinSet::new();
+    for (name, subject) in ENDPOINTS {
+        let mut endpoint = group
+            .endpoint_builder()
+            .name(name)
+            .add(subject)
+            .await
+            .map_err(|e| AllocatorError::Setup("admin endpoint", e))?;
+        let allocator = allocator.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    next = endpoint.next() => match next {
+                        Some(request) => request,
+                        None => break,
+                    },
+                };
+                answer(&allocator, subject, request).await;
+            }
+            let _ = endpoint.stop().await;
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    if let Err(err) = service.stop().await {
+        warn!(%err, "admin service did not stop cleanly");
+    }
+    Ok(())
+}
+
+async fn answer(allocator: &Allocator, subject: &str, request: service::Request) {
+    let codec = Codec::of(request.message.headers.as_ref());
+    let (codec, result) = match codec {
+        Ok(codec) => (
+            codec,
+            dispatch(allocator, subject, codec, &request.message.payload).await,
+        ),
+        Err(err) => (Codec::default(), Err(AdminError::Wire(err))),
+    };
+    let mut headers = codec.headers();
+    let response = result.map_err(|err| {
+        let bus = err.to_bus();
+        headers.insert(ERROR_CODE_HEADER, bus.code.as_str());
+        service::error::Error {
+            status: bus.to_string(),
+            code: status_of(&bus.code),
+        }
+    });
+    if let Err(err) = request.respond_with_headers(response, headers).await {
+        warn!(%err, subject, "could not answer an admin request");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AdminError {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Op(#[from] OpError),
+    #[error("could not queue the request: {0}")]
+    Queue(#[from] bus::PublishError),
+}
+
+impl AdminError {
+    fn to_bus(&self) -> BusError {
+        match self {
+            AdminError::Wire(e) => BusError::new(e.code(), e.to_string()),
+            AdminError::Op(OpError::Rejected(e)) => e.clone(),
+            other => BusError::new(codes::INTERNAL, other.to_string()),
+        }
+    }
+}
+
+/// HTTP-like status for the services API's numeric error code.
+fn status_of(code: &str) -> usize {
+    match code {
+        codes::MALFORMED | codes::UNSUPPORTED_VERSION | codes::INVALID => 400,
+        codes::UNKNOWN_CLUSTER | codes::UNKNOWN_SERVER | codes::NOT_A_MEMBER => 404,
+        codes::SERVER_IN_USE
+        | codes::CONFLICT
+        | codes::AT_MAX_SIZE
+        | codes::AT_MIN_SIZE
+        | codes::POOL_EXHAUSTED => 409,
+        _ => 500,
+    }
+}
+
+fn reply<T: Message>(codec: Codec, message: &T) -> Result<Bytes, AdminError> {
+    Ok(codec.encode(message)?)
+}
+
+async fn dispatch(
+    allocator: &Allocator,
+    subject: &str,
+    codec: Codec,
+    body: &[u8],
+) -> Result<Bytes, AdminError> {
+    match subject {
+        admin::POOL_LIST => {
+            let servers = allocator.store.servers().await.map_err(OpError::from)?;
+            reply(
+                codec,
+                &ServerList {
+                    v: SCHEMA_VERSION,
+                    servers: servers.into_iter().map(|s| s.value).collect(),
+                },
+            )
+        }
+        admin::POOL_REGISTER => {
+            let reg: RegisterServer = codec.decode(body)?;
+            reply(codec, &allocator.register(&reg).await?)
+        }
+        admin::POOL_DEREGISTER => {
+            let dereg: DeregisterServer = codec.decode(body)?;
+            allocator.deregister(&dereg.id).await?;
+            reply(codec, &Empty::new())
+        }
+        admin::CLUSTER_LIST => {
+            let clusters = allocator.store.clusters().await.map_err(OpError::from)?;
+            reply(
+                codec,
+                &ClusterList {
+                    v: SCHEMA_VERSION,
+                    clusters: clusters.into_iter().map(|c| c.value).collect(),
+                },
+            )
+        }
+        admin::CLUSTER_GET => {
+            let get: GetCluster = codec.decode(body)?;
+            let cluster = allocator
+                .store
+                .cluster(&get.id)
+                .await
+                .map_err(OpError::from)?
+                .ok_or_else(|| {
+                    OpError::Rejected(BusError::new(
+                        codes::UNKNOWN_CLUSTER,
+                        format!("no cluster named {}", get.id),
+                    ))
+                })?;
+            reply(codec, &cluster.value)
+        }
+        admin::CLUSTER_PUT => {
+            let put: PutCluster = codec.decode(body)?;
+            reply(codec, &allocator.put_cluster(&put.id, &put.policy).await?)
+        }
+        admin::MEMBER_DRAIN => {
+            let drain: DrainMember = codec.decode(body)?;
+            let request = ReconfigRequest {
+                reason: "drained by an operator".to_owned(),
+                ..ReconfigRequest::new(
+                    drain.cluster,
+                    ReconfigAction::Release {
+                        server: drain.server,
+                    },
+                    format!("admin@{}", allocator.instance()),
+                )
+            };
+            bus::request_reconfig(&allocator.js, &request).await?;
+            reply(
+                codec,
+                &DrainQueued {
+                    v: SCHEMA_VERSION,
+                    request: request.id,
+                },
+            )
+        }
+        other => Err(AdminError::Op(OpError::Rejected(BusError::new(
+            codes::INVALID,
+            format!("no admin endpoint {other}"),
+        )))),
+    }
+}

@@ -1,0 +1,1148 @@
+//! The allocator's operations on KV: allocate, release (drain, then return
+//! to the pool), replace, reweight, register, and the repairs the
+//! reconciler applies.
+//!
+//! Two keys change for every move and KV has no transactions, so the order
+//! of writes carries the invariants:
+//! - allocate: reserve a `joining` entry in the cluster record (validates
+//!   the size limits), claim the server record, then make the entry
+//!   `active`;
+//! - release: mark the entry `draining` (validates the minimum), mark the
+//!   server record draining; when drained, remove the entry, then free the
+//!   server record.
+//!
+//! So a server listed in a cluster always has a server record naming that
+//! cluster (or out of service), and a crash between two writes leaves state
+//! the reconciler can complete or undo. Every write is compare-and-set; a
+//! lost race re-reads and decides again. Each write carries the request id,
+//! so a redelivered request recognises what it already did.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use headroom_shared::bus;
+use headroom_shared::codec::{self, Codec};
+use headroom_shared::kv::{
+    ClusterPolicy, ClusterRecord, Member, MemberState, Outcome, ServerRecord, ServerState,
+};
+use headroom_shared::subjects;
+use headroom_shared::wire::{
+    codes, now_ms, Assignment, AssignmentNotice, AuditEvent, BusError, EventKind, MembershipChange,
+    ReconfigAction, ReconfigRequest, RegisterServer,
+};
+use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
+use rand::Rng;
+use tracing::{debug, info, instrument, warn};
+
+use crate::placement::{rank_candidates, Repair};
+use crate::store::{Store, StoreError, Versioned};
+
+/// Compare-and-set attempts before a step gives up and the request is
+/// retried later.
+const MAX_ATTEMPTS: u32 = 200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    /// The request cannot be applied as asked; retrying will not help.
+    #[error("{0}")]
+    Rejected(BusError),
+    /// KV or JetStream failed; the request should be retried.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gave up on {what} after {MAX_ATTEMPTS} conflicting writes")]
+    Contended { what: String },
+    #[error(transparent)]
+    Publish(#[from] bus::PublishError),
+}
+
+fn reject(code: &str, message: impl Into<String>) -> OpError {
+    OpError::Rejected(BusError::new(code, message))
+}
+
+/// How much to allocate.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    /// This many members carrying the request id.
+    Count(u32),
+    /// Until the cluster reaches its minimum size.
+    MinSize,
+}
+
+/// Counters the reconciler and tests read.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub applied: AtomicU64,
+    pub rejected: AtomicU64,
+    pub repairs: AtomicU64,
+    pub conflicts: AtomicU64,
+}
+
+/// The allocator's handle on KV and the bus.
+pub struct Allocator {
+    pub(crate) store: Store,
+    pub(crate) js: jetstream::Context,
+    client: async_nats::Client,
+    instance: String,
+    pub counters: Counters,
+}
+
+async fn backoff(attempt: u32) {
+    // Random, growing pause so two instances that collided do not collide
+    // again in lockstep.
+    let max_us = 200 * u64::from(attempt.min(20) + 1);
+    let pause = rand::rng().random_range(0..=max_us);
+    tokio::time::sleep(Duration::from_micros(pause)).await;
+}
+
+impl Allocator {
+    pub fn new(
+        store: Store,
+        js: jetstream::Context,
+        client: async_nats::Client,
+        instance: String,
+    ) -> Self {
+        Self {
+            store,
+            js,
+            client,
+            instance,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    fn conflict(&self, attempt: u32) -> impl std::future::Future<Output = ()> {
+        self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+        backoff(attempt)
+    }
+
+    // ---- publishing ----
+
+    /// Writes a cluster record (generation + 1) and tells front-ends.
+    async fn commit_cluster(
+        &self,
+        record: &mut ClusterRecord,
+        revision: u64,
+        cause: Option<&RequestId>,
+    ) -> Result<u64, StoreError> {
+        let new_revision = self.store.put_cluster(record, revision).await?;
+        let change = MembershipChange::of(record, new_revision, cause.cloned());
+        match codec::encode(&change) {
+            Ok(body) => {
+                if let Err(err) = self
+                    .client
+                    .publish_with_headers(
+                        subjects::membership(&record.id),
+                        Codec::MsgPack.headers(),
+                        body,
+                    )
+                    .await
+                {
+                    // Front-ends that miss it see the generation gap on the
+                    // next change and reload from KV.
+                    warn!(%err, cluster = %record.id, "could not publish membership change");
+                }
+            }
+            Err(err) => warn!(%err, "could not encode membership change"),
+        }
+        Ok(new_revision)
+    }
+
+    async fn notify(
+        &self,
+        server: &ServerId,
+        cluster: &ClusterId,
+        assignment: Assignment,
+        request: Option<&RequestId>,
+    ) {
+        let notice = AssignmentNotice {
+            v: SCHEMA_VERSION,
+            server: server.clone(),
+            cluster: cluster.clone(),
+            assignment,
+            request: request.cloned(),
+            at_ms: now_ms(),
+        };
+        let sent = match codec::encode(&notice) {
+            Ok(body) => self
+                .client
+                .publish_with_headers(subjects::assign(server), Codec::MsgPack.headers(), body)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(err) = sent {
+            warn!(%err, %server, "could not send assignment notice");
+        }
+    }
+
+    /// Appends to the audit log. `dedup` names the fact, so a step that is
+    /// redone after a crash does not log it twice.
+    pub(crate) async fn event(
+        &self,
+        kind: EventKind,
+        cluster: Option<&ClusterId>,
+        server: Option<&ServerId>,
+        request: Option<&RequestId>,
+        detail: String,
+        dedup: String,
+    ) {
+        let event = AuditEvent {
+            v: SCHEMA_VERSION,
+            kind,
+            cluster: cluster.cloned(),
+            server: server.cloned(),
+            request: request.cloned(),
+            detail,
+            origin: self.instance.clone(),
+            at_ms: now_ms(),
+        };
+        let subject = subjects::events(cluster, event.kind.token());
+        if let Err(err) =
+            bus::publish_durable(&self.js, subject, &dedup, Codec::MsgPack, &event).await
+        {
+            warn!(%err, "could not append to the audit log");
+        }
+    }
+
+    // ---- requests ----
+
+    /// Applies one reconfiguration request.
+    ///
+    /// # Errors
+    /// [`OpError::Rejected`] when it cannot be applied; other errors are
+    /// transient and the request should be retried.
+    #[instrument(skip_all, fields(cluster = %request.cluster, request = %request.id, action = request.action.name()))]
+    pub async fn apply(&self, request: &ReconfigRequest) -> Result<Outcome, OpError> {
+        let (c, id) = (&request.cluster, &request.id);
+        match &request.action {
+            ReconfigAction::Allocate {
+                count,
+                request_type,
+            } => {
+                if *count == 0 {
+                    return Err(reject(codes::INVALID, "allocate count must be at least 1"));
+                }
+                self.allocate(c, id, Goal::Count(*count), request_type.as_deref())
+                    .await
+            }
+            ReconfigAction::Release { server } => self.release(c, server, id).await,
+            ReconfigAction::Replace { server } => self.replace(c, server, id).await,
+            ReconfigAction::Reweight { server, weight } => {
+                self.reweight(c, server, *weight, id).await
+            }
+        }
+    }
+
+    async fn load_cluster(&self, c: &ClusterId) -> Result<Versioned<ClusterRecord>, OpError> {
+        self.store
+            .cluster(c)
+            .await?
+            .ok_or_else(|| reject(codes::UNKNOWN_CLUSTER, format!("no cluster named {c}")))
+    }
+
+    async fn allocate(
+        &self,
+        c: &ClusterId,
+        id: &RequestId,
+        goal: Goal,
+        request_type: Option<&str>,
+    ) -> Result<Outcome, OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let cluster = self.load_cluster(c).await?;
+            // Finish what this request began earlier (a crash, a lost race,
+            // a redelivery running beside us) before adding more.
+            if let Some(joining) = cluster
+                .value
+                .members
+                .iter()
+                .find(|m| &m.request == id && m.state == MemberState::Joining)
+            {
+                self.settle_own_joining(c, &joining.server, id).await?;
+                continue;
+            }
+            let mine: Vec<ServerId> = cluster
+                .value
+                .members
+                .iter()
+                .filter(|m| &m.request == id)
+                .map(|m| m.server.clone())
+                .collect();
+            let size = u32::try_from(cluster.value.size()).unwrap_or(u32::MAX);
+            let policy = &cluster.value.policy;
+            let reached = match goal {
+                Goal::Count(n) => mine.len() >= n as usize,
+                Goal::MinSize => size >= policy.min_size,
+            };
+            if reached {
+                return Ok(Outcome::Applied {
+                    servers: mine,
+                    error: None,
+                });
+            }
+            let wanted = match goal {
+                Goal::Count(n) => n as usize,
+                Goal::MinSize => policy.min_size.saturating_sub(size) as usize + mine.len(),
+            };
+            if size >= policy.max_size {
+                return shortfall(
+                    mine,
+                    wanted,
+                    codes::AT_MAX_SIZE,
+                    format!("cluster {c} is at its maximum size {}", policy.max_size),
+                );
+            }
+            let servers = self.store.servers().await?;
+            let candidates = rank_candidates(
+                servers.iter().map(|s| &s.value),
+                &cluster.value,
+                request_type,
+            );
+            if candidates.is_empty() {
+                let what = request_type.map_or_else(
+                    || format!("cluster {c}"),
+                    |t| format!("request type {t:?} in cluster {c}"),
+                );
+                return shortfall(
+                    mine,
+                    wanted,
+                    codes::POOL_EXHAUSTED,
+                    format!("no free server in the pool fits {what}"),
+                );
+            }
+            // Spread concurrent allocators over the best few candidates.
+            let pick = candidates[rand::rng().random_range(0..candidates.len().min(3))];
+            let mut record = cluster.value.clone();
+            record.members.push(Member {
+                server: pick.id.clone(),
+                address: pick.address.clone(),
+                port: pick.port,
+                request_types: pick.request_types.clone(),
+                state: MemberState::Joining,
+                weight: 1.0,
+                request: id.clone(),
+                drain_request: None,
+                since_ms: now_ms(),
+            });
+            match self
+                .commit_cluster(&mut record, cluster.revision, Some(id))
+                .await
+            {
+                Ok(_) => {
+                    debug!(server = %pick.id, "reserved");
+                    // Claiming and committing happen on the next turn, in
+                    // settle_own_joining, the same path a retry takes.
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("allocation to {c}"),
+        })
+    }
+
+    /// Moves one of this request's joining entries on: claim its server and
+    /// commit, or drop the entry when the server went elsewhere.
+    async fn settle_own_joining(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        id: &RequestId,
+    ) -> Result<(), OpError> {
+        let Some(current) = self.store.server(server).await? else {
+            self.drop_entry(c, server, |m| m.state == MemberState::Joining)
+                .await?;
+            return Ok(());
+        };
+        match &current.value.state {
+            ServerState::Allocated { cluster } if cluster == c => {
+                self.commit_joining(c, server, Some(id)).await
+            }
+            ServerState::Free => {
+                let mut claimed = current.value.clone();
+                claimed.state = ServerState::Allocated { cluster: c.clone() };
+                claimed.last_request = Some(id.clone());
+                claimed.updated_ms = now_ms();
+                match self.store.put_server(&claimed, current.revision).await {
+                    Ok(_) => self.commit_joining(c, server, Some(id)).await,
+                    // Someone else moved it; the caller re-reads and decides.
+                    Err(StoreError::Conflict { .. }) => Ok(()),
+                    Err(err) => Err(err.into()),
+                }
+            }
+            _ => {
+                self.drop_entry(c, server, |m| m.state == MemberState::Joining)
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Turns a joining entry whose server is claimed into an active member.
+    /// If the entry vanished meanwhile (the reconciler judged it abandoned),
+    /// the claim is undone instead.
+    async fn commit_joining(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        cause: Option<&RequestId>,
+    ) -> Result<(), OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut cluster = self.load_cluster(c).await?;
+            let Some(entry) = cluster.value.member_mut(server) else {
+                self.free_orphan(server, c).await?;
+                return Ok(());
+            };
+            if entry.state != MemberState::Joining {
+                return Ok(());
+            }
+            entry.state = MemberState::Active;
+            entry.since_ms = now_ms();
+            let request = entry.request.clone();
+            match self
+                .commit_cluster(&mut cluster.value, cluster.revision, cause)
+                .await
+            {
+                Ok(_) => {
+                    info!(%server, cluster = %c, "allocated");
+                    self.notify(server, c, Assignment::Allocated, Some(&request))
+                        .await;
+                    self.event(
+                        EventKind::Allocated,
+                        Some(c),
+                        Some(server),
+                        Some(&request),
+                        format!("{server} joined {c}"),
+                        format!("{request}.{server}.allocated"),
+                    )
+                    .await;
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("commit of {server} to {c}"),
+        })
+    }
+
+    /// Removes `server`'s entry from `c` if it still satisfies `still`.
+    /// Returns whether it removed one.
+    async fn drop_entry(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        still: impl Fn(&Member) -> bool,
+    ) -> Result<bool, OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(mut cluster) = self.store.cluster(c).await? else {
+                return Ok(false);
+            };
+            let before = cluster.value.members.len();
+            cluster
+                .value
+                .members
+                .retain(|m| !(&m.server == server && still(m)));
+            if cluster.value.members.len() == before {
+                return Ok(false);
+            }
+            match self
+                .commit_cluster(&mut cluster.value, cluster.revision, None)
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("removal of {server} from {c}"),
+        })
+    }
+
+    /// Returns a server claimed for `c` to the pool, if it is still claimed
+    /// for `c` and `c` does not list it.
+    async fn free_orphan(&self, server: &ServerId, c: &ClusterId) -> Result<bool, OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(current) = self.store.server(server).await? else {
+                return Ok(false);
+            };
+            if current.value.state != (ServerState::Allocated { cluster: c.clone() }) {
+                return Ok(false);
+            }
+            if let Some(cluster) = self.store.cluster(c).await? {
+                if cluster.value.member(server).is_some() {
+                    return Ok(false);
+                }
+            }
+            let mut freed = current.value.clone();
+            freed.state = ServerState::Free;
+            freed.updated_ms = now_ms();
+            match self.store.put_server(&freed, current.revision).await {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("return of {server} to the pool"),
+        })
+    }
+
+    async fn release(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        id: &RequestId,
+    ) -> Result<Outcome, OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut cluster = self.load_cluster(c).await?;
+            let min = cluster.value.policy.min_size;
+            let active = cluster.value.active();
+            let timeout = cluster.value.policy.drain_timeout_ms;
+            let Some(entry) = cluster.value.member_mut(server) else {
+                let done = self
+                    .store
+                    .server(server)
+                    .await?
+                    .is_some_and(|s| s.value.last_request.as_ref() == Some(id));
+                if done {
+                    return Ok(applied(server));
+                }
+                return Err(reject(
+                    codes::NOT_A_MEMBER,
+                    format!("{server} is not a member of {c}"),
+                ));
+            };
+            match entry.state {
+                MemberState::Joining => {
+                    return Err(reject(
+                        codes::NOT_A_MEMBER,
+                        format!("{server} is still joining {c}"),
+                    ))
+                }
+                MemberState::Draining => {
+                    let deadline = entry.since_ms.saturating_add(timeout);
+                    if entry.drain_request.as_ref() == Some(id) {
+                        self.drain_server(c, server, deadline, id).await?;
+                    }
+                    // Draining already, by this request or another: the
+                    // state asked for holds.
+                    return Ok(applied(server));
+                }
+                MemberState::Active => {
+                    if active <= min as usize {
+                        return Err(reject(
+                            codes::AT_MIN_SIZE,
+                            format!("{c} has {active} active members, its minimum is {min}"),
+                        ));
+                    }
+                    entry.state = MemberState::Draining;
+                    entry.drain_request = Some(id.clone());
+                    entry.since_ms = now_ms();
+                    let deadline = entry.since_ms.saturating_add(timeout);
+                    match self
+                        .commit_cluster(&mut cluster.value, cluster.revision, Some(id))
+                        .await
+                    {
+                        Ok(_) => {
+                            self.drain_server(c, server, deadline, id).await?;
+                            return Ok(applied(server));
+                        }
+                        Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("release of {server} from {c}"),
+        })
+    }
+
+    /// Marks the server record draining and tells the server and the log.
+    async fn drain_server(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        deadline_ms: u64,
+        id: &RequestId,
+    ) -> Result<(), OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(current) = self.store.server(server).await? else {
+                return Ok(());
+            };
+            match &current.value.state {
+                ServerState::Allocated { cluster } if cluster == c => {}
+                // Already draining, or no longer ours to drain.
+                _ => return Ok(()),
+            }
+            let mut draining = current.value.clone();
+            draining.state = ServerState::Draining {
+                cluster: c.clone(),
+                deadline_ms,
+            };
+            draining.last_request = Some(id.clone());
+            draining.updated_ms = now_ms();
+            match self.store.put_server(&draining, current.revision).await {
+                Ok(_) => {
+                    info!(%server, cluster = %c, deadline_ms, "draining");
+                    self.notify(server, c, Assignment::Draining { deadline_ms }, Some(id))
+                        .await;
+                    self.event(
+                        EventKind::DrainStarted,
+                        Some(c),
+                        Some(server),
+                        Some(id),
+                        format!("{server} draining from {c}"),
+                        format!("{id}.{server}.drain"),
+                    )
+                    .await;
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("drain of {server}"),
+        })
+    }
+
+    /// Completes a drain: the entry goes, then the server returns to the
+    /// pool where it can be allocated again.
+    #[instrument(skip(self), fields(cluster = %c, server = %server))]
+    pub async fn finish_drain(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        why: &str,
+    ) -> Result<bool, OpError> {
+        let Some(current) = self.store.server(server).await? else {
+            return Ok(false);
+        };
+        let ServerState::Draining { cluster, .. } = &current.value.state else {
+            return Ok(false);
+        };
+        if cluster != c {
+            return Ok(false);
+        }
+        self.drop_entry(c, server, |m| m.state == MemberState::Draining)
+            .await?;
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(current) = self.store.server(server).await? else {
+                return Ok(false);
+            };
+            if !matches!(&current.value.state, ServerState::Draining { cluster, .. } if cluster == c)
+            {
+                return Ok(false);
+            }
+            let mut freed = current.value.clone();
+            freed.state = ServerState::Free;
+            freed.last_cluster = Some(c.clone());
+            freed.updated_ms = now_ms();
+            match self.store.put_server(&freed, current.revision).await {
+                Ok(revision) => {
+                    info!(why, "released to the pool");
+                    let request = current.value.last_request.clone();
+                    self.notify(server, c, Assignment::Released, request.as_ref())
+                        .await;
+                    self.event(
+                        EventKind::Released,
+                        Some(c),
+                        Some(server),
+                        request.as_ref(),
+                        format!("{server} back in the pool ({why})"),
+                        format!("{server}.{revision}.released"),
+                    )
+                    .await;
+                    return Ok(true);
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("return of {server} to the pool"),
+        })
+    }
+
+    async fn replace(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        id: &RequestId,
+    ) -> Result<Outcome, OpError> {
+        self.load_cluster(c).await?;
+        let mut removed = false;
+        for attempt in 0..MAX_ATTEMPTS {
+            let current = self.store.server(server).await?.ok_or_else(|| {
+                reject(codes::UNKNOWN_SERVER, format!("no server named {server}"))
+            })?;
+            let ours = current.value.state.cluster() == Some(c);
+            let done = matches!(current.value.state, ServerState::OutOfService { .. })
+                && current.value.last_request.as_ref() == Some(id);
+            if done {
+                break;
+            }
+            if !ours {
+                return Err(reject(
+                    codes::NOT_A_MEMBER,
+                    format!("{server} is not a member of {c}"),
+                ));
+            }
+            // Out of service first: it can then never be allocated
+            // elsewhere while the entry still lists it.
+            let mut out = current.value.clone();
+            out.state = ServerState::OutOfService {
+                reason: format!("replaced in {c} by request {id}"),
+            };
+            out.last_request = Some(id.clone());
+            out.last_cluster = Some(c.clone());
+            out.updated_ms = now_ms();
+            match self.store.put_server(&out, current.revision).await {
+                Ok(_) => {
+                    removed = true;
+                    break;
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        self.drop_entry(c, server, |_| true).await?;
+        if removed {
+            warn!(%server, cluster = %c, "out of service");
+            self.notify(
+                server,
+                c,
+                Assignment::OutOfService {
+                    reason: "replaced".into(),
+                },
+                Some(id),
+            )
+            .await;
+        }
+        self.event(
+            EventKind::OutOfService,
+            Some(c),
+            Some(server),
+            Some(id),
+            format!("{server} taken out of service in {c}"),
+            format!("{id}.{server}.out"),
+        )
+        .await;
+        self.allocate(c, id, Goal::Count(1), None).await
+    }
+
+    async fn reweight(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        weight: f64,
+        id: &RequestId,
+    ) -> Result<Outcome, OpError> {
+        if !(weight.is_finite() && (0.0..=100.0).contains(&weight)) {
+            return Err(reject(
+                codes::INVALID,
+                format!("weight {weight} is not between 0 and 100"),
+            ));
+        }
+        for attempt in 0..MAX_ATTEMPTS {
+            let mut cluster = self.load_cluster(c).await?;
+            let Some(entry) = cluster.value.member_mut(server) else {
+                return Err(reject(
+                    codes::NOT_A_MEMBER,
+                    format!("{server} is not a member of {c}"),
+                ));
+            };
+            if entry.state == MemberState::Draining {
+                return Err(reject(
+                    codes::NOT_A_MEMBER,
+                    format!("{server} is draining from {c}"),
+                ));
+            }
+            if (entry.weight - weight).abs() < f64::EPSILON {
+                return Ok(applied(server));
+            }
+            entry.weight = weight;
+            match self
+                .commit_cluster(&mut cluster.value, cluster.revision, Some(id))
+                .await
+            {
+                Ok(_) => {
+                    self.event(
+                        EventKind::Reweighted,
+                        Some(c),
+                        Some(server),
+                        Some(id),
+                        format!("{server} weight {weight}"),
+                        format!("{id}.reweight"),
+                    )
+                    .await;
+                    return Ok(applied(server));
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("reweight of {server}"),
+        })
+    }
+
+    /// Allocates until `c` reaches its minimum size, under one request id
+    /// per cluster so concurrent fillers count each other's work.
+    ///
+    /// # Errors
+    /// As [`Allocator::apply`].
+    pub async fn fill_to_min(&self, c: &ClusterId) -> Result<Outcome, OpError> {
+        let id = RequestId::new(format!("fill-{c}"))
+            .map_err(|e| reject(codes::INVALID, e.to_string()))?;
+        self.allocate(c, &id, Goal::MinSize, None).await
+    }
+
+    // ---- admin ----
+
+    /// Adds a server to the pool, or updates a free one's connection info.
+    /// A server out of service that registers again returns to the pool.
+    ///
+    /// # Errors
+    /// [`OpError::Rejected`] when the server is in use with other
+    /// connection info.
+    pub async fn register(&self, reg: &RegisterServer) -> Result<ServerRecord, OpError> {
+        if reg.address.trim().is_empty() || reg.port == 0 {
+            return Err(reject(codes::INVALID, "address and port are required"));
+        }
+        for attempt in 0..MAX_ATTEMPTS {
+            let existing = self.store.server(&reg.id).await?;
+            let (mut record, revision) = match existing {
+                None => (
+                    ServerRecord {
+                        v: SCHEMA_VERSION,
+                        id: reg.id.clone(),
+                        address: reg.address.clone(),
+                        port: reg.port,
+                        request_types: reg.request_types.clone(),
+                        state: ServerState::Free,
+                        last_request: None,
+                        last_cluster: None,
+                        updated_ms: now_ms(),
+                    },
+                    0,
+                ),
+                Some(current) => {
+                    let same = current.value.address == reg.address
+                        && current.value.port == reg.port
+                        && current.value.request_types == reg.request_types;
+                    match current.value.state {
+                        ServerState::Free if same => return Ok(current.value),
+                        ServerState::Allocated { .. } | ServerState::Draining { .. } if same => {
+                            return Ok(current.value)
+                        }
+                        ServerState::Allocated { .. } | ServerState::Draining { .. } => {
+                            return Err(reject(
+                                codes::SERVER_IN_USE,
+                                format!(
+                                    "{} is {}; release it before changing its connection info",
+                                    reg.id,
+                                    current.value.state.name()
+                                ),
+                            ))
+                        }
+                        ServerState::Free | ServerState::OutOfService { .. } => {}
+                    }
+                    let mut record = current.value.clone();
+                    record.address = reg.address.clone();
+                    record.port = reg.port;
+                    record.request_types = reg.request_types.clone();
+                    record.state = ServerState::Free;
+                    record.updated_ms = now_ms();
+                    (record, current.revision)
+                }
+            };
+            match self.store.put_server(&record, revision).await {
+                Ok(rev) => {
+                    info!(server = %record.id, address = %record.address, port = record.port, "registered");
+                    self.event(
+                        EventKind::Registered,
+                        None,
+                        Some(&record.id),
+                        None,
+                        format!(
+                            "{}:{} serves {:?}",
+                            record.address, record.port, record.request_types
+                        ),
+                        format!("{}.{rev}.registered", record.id),
+                    )
+                    .await;
+                    record.updated_ms = now_ms();
+                    return Ok(record);
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("registration of {}", reg.id),
+        })
+    }
+
+    /// Removes a free or out-of-service server from Headroom.
+    ///
+    /// # Errors
+    /// [`OpError::Rejected`] when it is unknown or in use.
+    pub async fn deregister(&self, server: &ServerId) -> Result<(), OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let current = self.store.server(server).await?.ok_or_else(|| {
+                reject(codes::UNKNOWN_SERVER, format!("no server named {server}"))
+            })?;
+            if current.value.state.cluster().is_some() {
+                return Err(reject(
+                    codes::SERVER_IN_USE,
+                    format!(
+                        "{server} is {}; release it first",
+                        current.value.state.name()
+                    ),
+                ));
+            }
+            match self.store.delete_server(server, current.revision).await {
+                Ok(()) => {
+                    self.event(
+                        EventKind::Deregistered,
+                        None,
+                        Some(server),
+                        None,
+                        String::new(),
+                        format!("{server}.{}.deregistered", current.revision),
+                    )
+                    .await;
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("deregistration of {server}"),
+        })
+    }
+
+    /// Creates a cluster or replaces its policy, keeping its members, then
+    /// fills it to its minimum size.
+    ///
+    /// # Errors
+    /// [`OpError::Rejected`] for an invalid policy.
+    pub async fn put_cluster(
+        &self,
+        c: &ClusterId,
+        policy: &ClusterPolicy,
+    ) -> Result<ClusterRecord, OpError> {
+        policy
+            .validate()
+            .map_err(|e| reject(codes::INVALID, e.to_string()))?;
+        for attempt in 0..MAX_ATTEMPTS {
+            let (mut record, revision) = match self.store.cluster(c).await? {
+                Some(current) => (current.value, current.revision),
+                None => (ClusterRecord::new(c.clone(), policy.clone(), now_ms()), 0),
+            };
+            record.policy = policy.clone();
+            match self.commit_cluster(&mut record, revision, None).await {
+                Ok(rev) => {
+                    info!(cluster = %c, min = policy.min_size, max = policy.max_size, "policy set");
+                    self.event(
+                        EventKind::PolicyUpdated,
+                        Some(c),
+                        None,
+                        None,
+                        format!("min {} max {}", policy.min_size, policy.max_size),
+                        format!("{c}.{rev}.policy"),
+                    )
+                    .await;
+                    break;
+                }
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        if let Outcome::Applied {
+            error: Some(error), ..
+        } = self.fill_to_min(c).await?
+        {
+            warn!(cluster = %c, %error, "cluster stays below its minimum size");
+        }
+        Ok(self.load_cluster(c).await?.value)
+    }
+
+    // ---- repairs ----
+
+    /// Applies one repair after checking, on fresh state, that it is still
+    /// needed. Returns whether it changed anything.
+    ///
+    /// # Errors
+    /// As [`Allocator::apply`].
+    pub async fn repair(&self, repair: &Repair, repair_after_ms: u64) -> Result<bool, OpError> {
+        let changed = match repair {
+            Repair::CommitJoining { cluster, server } => {
+                self.commit_joining(cluster, server, None).await?;
+                true
+            }
+            Repair::DropEntry { cluster, server } => {
+                let record = self.store.server(server).await?.map(|s| s.value.state);
+                let now = now_ms();
+                self.drop_entry(cluster, server, |m| {
+                    let tied = record.as_ref().and_then(ServerState::cluster) == Some(cluster);
+                    match m.state {
+                        MemberState::Joining => {
+                            now.saturating_sub(m.since_ms) >= repair_after_ms
+                                && !matches!(&record, Some(ServerState::Allocated { .. }) if tied)
+                        }
+                        MemberState::Active | MemberState::Draining => !tied,
+                    }
+                })
+                .await?
+            }
+            Repair::MarkEntryDraining { cluster, server } => {
+                self.mark_entry_draining(cluster, server).await?
+            }
+            Repair::DrainServer {
+                cluster,
+                server,
+                deadline_ms,
+            } => {
+                let c = self.load_cluster(cluster).await?;
+                match c.value.member(server) {
+                    Some(m) if m.state == MemberState::Draining => {
+                        let id = m.drain_request.clone().unwrap_or_else(RequestId::random);
+                        self.drain_server(cluster, server, *deadline_ms, &id)
+                            .await?;
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            Repair::FinishDrain { cluster, server } => {
+                self.finish_drain(cluster, server, "drain deadline").await?
+            }
+            Repair::FreeOrphan { server } => {
+                let current = self.store.server(server).await?;
+                match current.map(|s| s.value) {
+                    Some(ServerRecord {
+                        state: ServerState::Allocated { cluster },
+                        updated_ms,
+                        ..
+                    }) if now_ms().saturating_sub(updated_ms) >= repair_after_ms => {
+                        self.free_orphan(server, &cluster).await?
+                    }
+                    _ => false,
+                }
+            }
+            Repair::FillToMin { cluster, .. } => {
+                let before = self.load_cluster(cluster).await?.value.size();
+                match self.fill_to_min(cluster).await {
+                    Ok(_) => {}
+                    Err(OpError::Rejected(_)) => {}
+                    Err(err) => return Err(err),
+                }
+                self.load_cluster(cluster).await?.value.size() != before
+            }
+        };
+        if changed
+            && !matches!(
+                repair,
+                Repair::FillToMin { .. } | Repair::FinishDrain { .. }
+            )
+        {
+            self.counters.repairs.fetch_add(1, Ordering::Relaxed);
+            warn!(?repair, "repaired half-done state");
+            let (cluster, server) = repair_subject(repair);
+            self.event(
+                EventKind::Repaired,
+                cluster,
+                server,
+                None,
+                format!("{repair:?}"),
+                format!("repair.{}", RequestId::random()),
+            )
+            .await;
+        }
+        Ok(changed)
+    }
+
+    async fn mark_entry_draining(&self, c: &ClusterId, server: &ServerId) -> Result<bool, OpError> {
+        for attempt in 0..MAX_ATTEMPTS {
+            let Some(current) = self.store.server(server).await? else {
+                return Ok(false);
+            };
+            if !matches!(&current.value.state, ServerState::Draining { cluster, .. } if cluster == c)
+            {
+                return Ok(false);
+            }
+            let mut cluster = self.load_cluster(c).await?;
+            let Some(entry) = cluster.value.member_mut(server) else {
+                return Ok(false);
+            };
+            if entry.state == MemberState::Draining {
+                return Ok(false);
+            }
+            entry.state = MemberState::Draining;
+            entry.drain_request = current.value.last_request.clone();
+            entry.since_ms = now_ms();
+            match self
+                .commit_cluster(&mut cluster.value, cluster.revision, None)
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(OpError::Contended {
+            what: format!("drain of {server}"),
+        })
+    }
+}
+
+fn repair_subject(repair: &Repair) -> (Option<&ClusterId>, Option<&ServerId>) {
+    match repair {
+        Repair::CommitJoining { cluster, server }
+        | Repair::DropEntry { cluster, server }
+        | Repair::MarkEntryDraining { cluster, server }
+        | Repair::DrainServer {
+            cluster, server, ..
+        }
+        | Repair::FinishDrain { cluster, server } => (Some(cluster), Some(server)),
+        Repair::FreeOrphan { server } => (None, Some(server)),
+        Repair::FillToMin { cluster, .. } => (Some(cluster), None),
+    }
+}
+
+fn applied(server: &ServerId) -> Outcome {
+    Outcome::Applied {
+        servers: vec![server.clone()],
+        error: None,
+    }
+}
+
+/// The outcome when fewer servers than wanted could be allocated: a partial
+/// success if some were, a rejection if none.
+fn shortfall(
+    mine: Vec<ServerId>,
+    wanted: usize,
+    code: &str,
+    message: String,
+) -> Result<Outcome, OpError> {
+    if mine.is_empty() {
+        return Err(reject(code, message));
+    }
+    let message = format!("allocated {} of {wanted}: {message}", mine.len());
+    Ok(Outcome::Applied {
+        servers: mine,
+        error: Some(BusError::new(code, message)),
+    })
+}

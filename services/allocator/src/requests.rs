@@ -1,0 +1,210 @@
+//! The reconfiguration request consumer: a durable JetStream pull consumer
+//! shared by every allocator instance.
+//!
+//! A request is applied, its outcome written once to the ledger, then
+//! acknowledged. A crash before the ack makes JetStream deliver it again;
+//! the ledger (and the request id on every KV write) make that redelivery a
+//! no-op, so each request is applied at most once and none is lost.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use futures::StreamExt;
+use headroom_shared::codec;
+use headroom_shared::config::AllocatorConfig;
+use headroom_shared::kv::{Outcome, RequestRecord};
+use headroom_shared::subjects::{self, ALLOCATOR_CONSUMER};
+use headroom_shared::wire::{codes, now_ms, BusError, EventKind, ReconfigRequest};
+use headroom_shared::{ClusterId, SCHEMA_VERSION};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::ops::{Allocator, OpError};
+use crate::AllocatorError;
+
+/// Creates (or binds to) the shared durable consumer.
+///
+/// # Errors
+/// When the stream or consumer cannot be set up.
+pub async fn consumer(
+    js: &jetstream::Context,
+    replicas: usize,
+    config: &AllocatorConfig,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, AllocatorError> {
+    let stream = js
+        .get_or_create_stream(subjects::reconfig_stream(replicas))
+        .await
+        .map_err(|e| AllocatorError::Setup("reconfig stream", e.into()))?;
+    stream
+        .get_or_create_consumer(
+            ALLOCATOR_CONSUMER,
+            pull::Config {
+                durable_name: Some(ALLOCATOR_CONSUMER.to_owned()),
+                description: Some("Headroom allocators".to_owned()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_deliver: -1,
+                max_ack_pending: 1_000,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| AllocatorError::Setup("allocator consumer", e.into()))
+}
+
+/// Pulls and applies requests until `shutdown`, `max_in_flight` at a time.
+pub async fn serve(
+    allocator: Arc<Allocator>,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    max_in_flight: usize,
+    shutdown: CancellationToken,
+) -> Result<(), AllocatorError> {
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(max_in_flight)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
+        .messages()
+        .await
+        .map_err(|e| AllocatorError::Setup("request stream", e.into()))?;
+    messages
+        .take_until(shutdown.cancelled_owned())
+        .for_each_concurrent(max_in_flight, |message| {
+            let allocator = allocator.clone();
+            async move {
+                match message {
+                    Ok(message) => handle(&allocator, message).await,
+                    // Missed heartbeats and the like: the stream carries on.
+                    Err(err) => warn!(%err, "request consumer"),
+                }
+            }
+        })
+        .await;
+    Ok(())
+}
+
+async fn handle(allocator: &Allocator, message: jetstream::Message) {
+    let subject_cluster =
+        subjects::reconfig_cluster(&message.subject).and_then(|token| ClusterId::new(token).ok());
+    let request: ReconfigRequest = match codec::decode(message.headers.as_ref(), &message.payload) {
+        Ok(request) => request,
+        Err(err) => {
+            warn!(%err, subject = %message.subject, "rejected a malformed request");
+            allocator.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            let seq = message
+                .info()
+                .map(|i| i.stream_sequence)
+                .unwrap_or_default();
+            allocator
+                .event(
+                    EventKind::Rejected {
+                        error: BusError::new(err.code(), err.to_string()),
+                    },
+                    subject_cluster.as_ref(),
+                    None,
+                    None,
+                    format!("stream sequence {seq}"),
+                    format!("malformed.{seq}"),
+                )
+                .await;
+            // Nothing to retry: tell JetStream to stop delivering it.
+            ack(&message, AckKind::Term).await;
+            return;
+        }
+    };
+    match allocator.store.outcome(&request.id).await {
+        Ok(Some(done)) => {
+            debug!(request = %request.id, outcome = ?done.outcome, "already applied");
+            ack(&message, AckKind::Ack).await;
+            return;
+        }
+        Ok(None) => {}
+        Err(err) => {
+            warn!(%err, "cannot read the outcome ledger; will retry");
+            ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return;
+        }
+    }
+
+    let result = if subject_cluster.as_ref() != Some(&request.cluster) {
+        Err(OpError::Rejected(BusError::new(
+            codes::SUBJECT_MISMATCH,
+            format!(
+                "request for cluster {} arrived on {}",
+                request.cluster, message.subject
+            ),
+        )))
+    } else {
+        allocator.apply(&request).await
+    };
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(OpError::Rejected(error)) => Outcome::Rejected { error },
+        Err(err) => {
+            error!(%err, request = %request.id, "request failed; it will be retried");
+            ack(&message, AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            return;
+        }
+    };
+    let record = RequestRecord {
+        v: SCHEMA_VERSION,
+        id: request.id.clone(),
+        cluster: Some(request.cluster.clone()),
+        action: Some(request.action.clone()),
+        outcome,
+        by: allocator.instance().to_owned(),
+        at_ms: now_ms(),
+    };
+    let stands = match allocator.store.record_outcome(&record).await {
+        Ok(stands) => stands,
+        Err(err) => {
+            warn!(%err, "cannot record the outcome; will retry");
+            ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            return;
+        }
+    };
+    let error = match &stands.outcome {
+        Outcome::Rejected { error } => {
+            allocator.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            Some(error)
+        }
+        Outcome::Applied { error, .. } => {
+            allocator.counters.applied.fetch_add(1, Ordering::Relaxed);
+            error.as_ref()
+        }
+    };
+    if let Some(error) = error {
+        warn!(request = %request.id, %error, "request not (fully) applied");
+        allocator
+            .event(
+                EventKind::Rejected {
+                    error: error.clone(),
+                },
+                Some(&request.cluster),
+                None,
+                Some(&request.id),
+                format!(
+                    "{} request from {:?}",
+                    request.action.name(),
+                    request.origin
+                ),
+                format!("{}.rejected", request.id),
+            )
+            .await;
+    }
+    ack(&message, AckKind::Ack).await;
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    // A lost ack means a redelivery, which the ledger absorbs.
+    let result = match kind {
+        AckKind::Ack => message.double_ack().await,
+        other => message.ack_with(other).await,
+    };
+    if let Err(err) = result {
+        warn!(%err, "could not acknowledge a request");
+    }
+}

@@ -1,0 +1,284 @@
+//! Typed access to Headroom's KV buckets: every read returns the revision it
+//! saw, every write is compare-and-set on a revision.
+
+use async_nats::jetstream::{self, kv};
+use futures::TryStreamExt;
+use headroom_shared::codec::{self, Message, WireError};
+use headroom_shared::kv::{
+    bucket_config, is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord,
+    ServerRecord, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
+};
+use headroom_shared::{ClusterId, RequestId, ServerId};
+
+/// A value and the KV revision it was read at.
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub revision: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer changed the key since it was read: read again.
+    #[error("{key} changed since it was read")]
+    Conflict { key: String },
+    #[error("KV {op} on {key}: {source}")]
+    Kv {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("KV record {key} does not decode: {source}")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("cannot set up bucket {bucket}: {source}")]
+    Setup {
+        bucket: &'static str,
+        #[source]
+        source: async_nats::Error,
+    },
+}
+
+impl StoreError {
+    fn kv(op: &'static str, key: &str, source: impl Into<async_nats::Error>) -> Self {
+        StoreError::Kv {
+            op,
+            key: key.to_owned(),
+            source: source.into(),
+        }
+    }
+}
+
+/// The three buckets.
+#[derive(Clone)]
+pub struct Store {
+    servers: kv::Store,
+    clusters: kv::Store,
+    requests: kv::Store,
+}
+
+async fn open_bucket(
+    js: &jetstream::Context,
+    bucket: &'static str,
+    replicas: usize,
+) -> Result<kv::Store, StoreError> {
+    match js.get_key_value(bucket).await {
+        Ok(store) => Ok(store),
+        Err(err) if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket => js
+            .create_key_value(bucket_config(bucket, replicas))
+            .await
+            .map_err(|source| StoreError::Setup {
+                bucket,
+                source: source.into(),
+            }),
+        Err(source) => Err(StoreError::Setup {
+            bucket,
+            source: source.into(),
+        }),
+    }
+}
+
+impl Store {
+    /// Opens the buckets, creating any that is missing.
+    ///
+    /// # Errors
+    /// When JetStream is not available or refuses the bucket.
+    pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, StoreError> {
+        Ok(Self {
+            servers: open_bucket(js, SERVERS_BUCKET, replicas).await?,
+            clusters: open_bucket(js, CLUSTERS_BUCKET, replicas).await?,
+            requests: open_bucket(js, REQUESTS_BUCKET, replicas).await?,
+        })
+    }
+
+    async fn get<T: Message>(
+        bucket: &kv::Store,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, StoreError> {
+        let entry = bucket
+            .entry(key)
+            .await
+            .map_err(|e| StoreError::kv("get", key, e))?;
+        match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let value = codec::Codec::MsgPack
+                    .decode::<T>(&entry.value)
+                    .map_err(|source| StoreError::Corrupt {
+                        key: key.to_owned(),
+                        source,
+                    })?;
+                Ok(Some(Versioned {
+                    value,
+                    revision: entry.revision,
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    async fn all<T: Message>(bucket: &kv::Store) -> Result<Vec<Versioned<T>>, StoreError> {
+        let keys: Vec<String> = match bucket.keys().await {
+            Ok(keys) => keys
+                .try_collect()
+                .await
+                .map_err(|e| StoreError::kv("keys", "*", e))?,
+            Err(e) => return Err(StoreError::kv("keys", "*", e)),
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            match Self::get::<T>(bucket, &key).await {
+                Ok(Some(v)) => out.push(v),
+                Ok(None) => {}
+                Err(err @ StoreError::Corrupt { .. }) => {
+                    // One bad record must not stop the allocator from
+                    // serving every other cluster.
+                    tracing::error!(%err, "skipping undecodable KV record");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `value` if the key is still at `revision` (0: if it does not
+    /// exist). Returns the new revision.
+    async fn cas<T: Message>(
+        bucket: &kv::Store,
+        key: &str,
+        value: &T,
+        revision: u64,
+    ) -> Result<u64, StoreError> {
+        let bytes = codec::encode(value).map_err(|source| StoreError::Corrupt {
+            key: key.to_owned(),
+            source,
+        })?;
+        if revision == 0 {
+            return bucket.create(key, bytes).await.map_err(|e| {
+                if is_create_conflict(&e) {
+                    StoreError::Conflict {
+                        key: key.to_owned(),
+                    }
+                } else {
+                    StoreError::kv("create", key, e)
+                }
+            });
+        }
+        bucket.update(key, bytes, revision).await.map_err(|e| {
+            if is_revision_conflict(&e) {
+                StoreError::Conflict {
+                    key: key.to_owned(),
+                }
+            } else {
+                StoreError::kv("update", key, e)
+            }
+        })
+    }
+
+    /// # Errors
+    /// On a KV failure or an undecodable record.
+    pub async fn server(
+        &self,
+        id: &ServerId,
+    ) -> Result<Option<Versioned<ServerRecord>>, StoreError> {
+        Self::get(&self.servers, id.as_str()).await
+    }
+
+    /// Every server record; undecodable ones are logged and skipped.
+    ///
+    /// # Errors
+    /// On a KV failure.
+    pub async fn servers(&self) -> Result<Vec<Versioned<ServerRecord>>, StoreError> {
+        Self::all(&self.servers).await
+    }
+
+    /// # Errors
+    /// [`StoreError::Conflict`] when the record moved past `revision`.
+    pub async fn put_server(
+        &self,
+        record: &ServerRecord,
+        revision: u64,
+    ) -> Result<u64, StoreError> {
+        Self::cas(&self.servers, record.id.as_str(), record, revision).await
+    }
+
+    /// # Errors
+    /// [`StoreError::Conflict`] when the record moved past `revision`.
+    pub async fn delete_server(&self, id: &ServerId, revision: u64) -> Result<(), StoreError> {
+        self.servers
+            .delete_expect_revision(id.as_str(), Some(revision))
+            .await
+            .map_err(|e| {
+                if e.kind() == kv::DeleteErrorKind::WrongLastRevision {
+                    StoreError::Conflict {
+                        key: id.to_string(),
+                    }
+                } else {
+                    StoreError::kv("delete", id.as_str(), e)
+                }
+            })
+    }
+
+    /// # Errors
+    /// On a KV failure or an undecodable record.
+    pub async fn cluster(
+        &self,
+        id: &ClusterId,
+    ) -> Result<Option<Versioned<ClusterRecord>>, StoreError> {
+        Self::get(&self.clusters, id.as_str()).await
+    }
+
+    /// # Errors
+    /// On a KV failure.
+    pub async fn clusters(&self) -> Result<Vec<Versioned<ClusterRecord>>, StoreError> {
+        Self::all(&self.clusters).await
+    }
+
+    /// Writes a cluster record, advancing its generation by one.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when the record moved past `revision`.
+    pub async fn put_cluster(
+        &self,
+        record: &mut ClusterRecord,
+        revision: u64,
+    ) -> Result<u64, StoreError> {
+        record.generation += 1;
+        record.updated_ms = headroom_shared::wire::now_ms();
+        let result = Self::cas(&self.clusters, record.id.as_str(), &*record, revision).await;
+        if result.is_err() {
+            record.generation -= 1;
+        }
+        result
+    }
+
+    /// # Errors
+    /// On a KV failure or an undecodable record.
+    pub async fn outcome(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
+        Ok(Self::get(&self.requests, id.as_str())
+            .await?
+            .map(|v| v.value))
+    }
+
+    /// Records a request's outcome once. Returns the outcome that stands:
+    /// this one, or the one another instance recorded first.
+    ///
+    /// # Errors
+    /// On a KV failure.
+    pub async fn record_outcome(
+        &self,
+        record: &RequestRecord,
+    ) -> Result<RequestRecord, StoreError> {
+        match Self::cas(&self.requests, record.id.as_str(), record, 0).await {
+            Ok(_) => Ok(record.clone()),
+            Err(StoreError::Conflict { .. }) => Ok(self
+                .outcome(&record.id)
+                .await?
+                .unwrap_or_else(|| record.clone())),
+            Err(err) => Err(err),
+        }
+    }
+}

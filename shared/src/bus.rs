@@ -1,0 +1,72 @@
+//! Publishing Headroom's durable messages through JetStream: headers,
+//! de-duplication id, and waiting for the stream's acknowledgement.
+
+use async_nats::jetstream;
+
+use crate::codec::{Codec, Message, WireError};
+use crate::subjects;
+use crate::wire::ReconfigRequest;
+
+/// JetStream's de-duplication header.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Encode(#[from] WireError),
+    #[error("publishing to {subject}: {source}")]
+    Publish {
+        subject: String,
+        #[source]
+        source: jetstream::context::PublishError,
+    },
+}
+
+/// Publishes `message` to a stream subject with `msg_id` as its
+/// de-duplication id, and waits until the stream has stored it. Returns
+/// whether the stream already had a message with that id.
+///
+/// # Errors
+/// When the message cannot be encoded, or the stream does not acknowledge.
+pub async fn publish_durable<T: Message>(
+    js: &jetstream::Context,
+    subject: String,
+    msg_id: &str,
+    codec: Codec,
+    message: &T,
+) -> Result<bool, PublishError> {
+    let body = codec.encode(message)?;
+    let mut headers = codec.headers();
+    headers.insert(MSG_ID, msg_id);
+    let ack = js
+        .publish_with_headers(subject.clone(), headers, body)
+        .await
+        .map_err(|source| PublishError::Publish {
+            subject: subject.clone(),
+            source,
+        })?
+        .await
+        .map_err(|source| PublishError::Publish { subject, source })?;
+    Ok(ack.duplicate)
+}
+
+/// Sends a reconfiguration request to the allocators. Publishing the same
+/// request again (same id) within the stream's de-duplication window stores
+/// it once; after that, the allocator's outcome ledger still applies it at
+/// most once.
+///
+/// # Errors
+/// See [`publish_durable`].
+pub async fn request_reconfig(
+    js: &jetstream::Context,
+    request: &ReconfigRequest,
+) -> Result<bool, PublishError> {
+    publish_durable(
+        js,
+        subjects::reconfig(&request.cluster),
+        request.id.as_str(),
+        Codec::MsgPack,
+        request,
+    )
+    .await
+}
