@@ -412,6 +412,10 @@ pub struct RequestRecord {
     pub outcome: Outcome,
     /// The allocator instance that applied it.
     pub by: String,
+    /// Which delivery of the request applied it (above 1: an allocator
+    /// stopped or crashed while it was in flight).
+    #[serde(default)]
+    pub delivery: u64,
     pub at_ms: u64,
 }
 impl Message for RequestRecord {

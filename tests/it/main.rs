@@ -1,1 +1,5 @@
-//! x
+//! Integration tests: the real services against a real nats-server with
+//! JetStream, one server per test. One test binary, one module per area.
+
+mod allocator;
+mod common;

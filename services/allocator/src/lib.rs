@@ -105,14 +105,18 @@ pub async fn run(
 
     let mut failure = None;
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => info!("allocator stopping"),
         Some(ended) = tasks.join_next() => {
-            // A task ending on its own is a failure: stop the others.
-            failure = Some(match ended {
-                Ok(Ok(name)) => AllocatorError::Setup(name, "task ended unexpectedly".into()),
-                Ok(Err(err)) => err,
-                Err(join) => AllocatorError::Setup("task", join.into()),
-            });
+            // A task ending before shutdown was asked for is a failure:
+            // stop the others.
+            if !shutdown.is_cancelled() {
+                failure = Some(match ended {
+                    Ok(Ok(name)) => AllocatorError::Setup(name, "task ended unexpectedly".into()),
+                    Ok(Err(err)) => err,
+                    Err(join) => AllocatorError::Setup("task", join.into()),
+                });
+            }
         }
     }
     stop.cancel();

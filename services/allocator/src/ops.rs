@@ -252,6 +252,7 @@ impl Allocator {
         goal: Goal,
         request_type: Option<&str>,
     ) -> Result<Outcome, OpError> {
+        let mut lost_races = 0;
         for attempt in 0..MAX_ATTEMPTS {
             let cluster = self.load_cluster(c).await?;
             // Finish what this request began earlier (a crash, a lost race,
@@ -314,8 +315,13 @@ impl Allocator {
                     format!("no free server in the pool fits {what}"),
                 );
             }
-            // Spread concurrent allocators over the best few candidates.
-            let pick = candidates[rand::rng().random_range(0..candidates.len().min(3))];
+            // The best candidate first; after a lost race, spread over the
+            // best few so racing allocators stop choosing the same server.
+            let pick = if lost_races == 0 {
+                candidates[0]
+            } else {
+                candidates[rand::rng().random_range(0..candidates.len().min(3))]
+            };
             let mut record = cluster.value.clone();
             record.members.push(Member {
                 server: pick.id.clone(),
@@ -337,7 +343,10 @@ impl Allocator {
                     // Claiming and committing happen on the next turn, in
                     // settle_own_joining, the same path a retry takes.
                 }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
+                Err(StoreError::Conflict { .. }) => {
+                    lost_races += 1;
+                    self.conflict(attempt).await;
+                }
                 Err(err) => return Err(err.into()),
             }
         }

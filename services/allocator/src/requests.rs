@@ -156,6 +156,11 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
         action: Some(request.action.clone()),
         outcome,
         by: allocator.instance().to_owned(),
+        delivery: message
+            .info()
+            .ok()
+            .and_then(|i| u64::try_from(i.delivered).ok())
+            .unwrap_or(1),
         at_ms: now_ms(),
     };
     let stands = match allocator.store.record_outcome(&record).await {

@@ -1,0 +1,659 @@
+//! The allocator against a real nats-server: allocation and release end to
+//! end, concurrency between two instances, crashes at random points, and
+//! bad input.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use headroom_shared::bus;
+use headroom_shared::codec::{self, Codec};
+use headroom_shared::kv::{MemberState, Outcome, ServerState};
+use headroom_shared::subjects;
+use headroom_shared::wire::{
+    codes, now_ms, Assignment, AssignmentNotice, ClusterList, EventKind, MembershipChange,
+    ReconfigAction, ReconfigRequest, RegisterServer, ServerList, ServerStatus, ServerStatusKind,
+};
+use headroom_shared::{RequestId, ServerId, SCHEMA_VERSION};
+use headroom_tests::{eventually, NatsServer};
+use rand::Rng;
+
+use crate::common::*;
+
+fn allocate(cluster: &str, count: u32) -> ReconfigRequest {
+    ReconfigRequest::new(
+        cid(cluster),
+        ReconfigAction::Allocate {
+            count,
+            request_type: None,
+        },
+        "test",
+    )
+}
+
+fn release(cluster: &str, server: &ServerId) -> ReconfigRequest {
+    ReconfigRequest::new(
+        cid(cluster),
+        ReconfigAction::Release {
+            server: server.clone(),
+        },
+        "test",
+    )
+}
+
+async fn send(js: &jetstream::Context, request: &ReconfigRequest) {
+    bus::request_reconfig(js, request)
+        .await
+        .expect("request stored in the stream");
+}
+
+async fn next<T: headroom_shared::Message>(sub: &mut async_nats::Subscriber) -> T {
+    let message = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("message in time")
+        .expect("subscription open");
+    codec::decode(message.headers.as_ref(), &message.payload).expect("decodes")
+}
+
+#[tokio::test]
+async fn fills_to_min_allocates_releases_and_allocates_the_released_server_again() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
+    wait_for_admin(&client).await;
+
+    for i in 1..=5 {
+        register(&client, &format!("s{i}"), &["static"]).await;
+    }
+    let mut membership = client
+        .subscribe(subjects::membership(&cid("web")))
+        .await
+        .expect("subscribe");
+    let web = put_cluster(&client, "web", policy(2, 4))
+        .await
+        .expect("cluster");
+    assert_eq!(web.active(), 2, "filled to min at creation: {web:?}");
+
+    let mut notices = client
+        .subscribe("headroom.assign.*")
+        .await
+        .expect("subscribe");
+    let before = Snapshot::read(&js).await;
+    let generation = before.cluster("web").generation;
+    let request = allocate("web", 1);
+    send(&js, &request).await;
+    let done = wait_outcome(&js, &request.id).await;
+    let Outcome::Applied {
+        servers,
+        error: None,
+    } = done.outcome
+    else {
+        panic!("allocation applied in full: {done:?}");
+    };
+    let third = servers[0].clone();
+
+    let after = Snapshot::read(&js).await;
+    let web = after.cluster("web");
+    assert_eq!(web.active(), 3);
+    let member = web.member(&third).expect("listed");
+    assert_eq!(member.address, after.server(third.as_str()).address);
+    assert_eq!(member.port, 8080);
+    assert_eq!(
+        after.server(third.as_str()).state,
+        ServerState::Allocated {
+            cluster: cid("web")
+        }
+    );
+    // Membership changes: the latest one lists the new member, with a
+    // higher generation and revision than before.
+    let latest = loop {
+        let change: MembershipChange = next(&mut membership).await;
+        if change.generation == web.generation {
+            break change;
+        }
+    };
+    assert!(latest.generation > generation);
+    assert!(latest.revision > before.clusters[&cid("web")].1);
+    assert!(latest
+        .members
+        .iter()
+        .any(|m| m.server == third && m.state == MemberState::Active));
+    let notice: AssignmentNotice = next(&mut notices).await;
+    assert_eq!(
+        (&notice.server, &notice.assignment),
+        (&third, &Assignment::Allocated)
+    );
+
+    // Release: drain first, then back to the pool when the server reports
+    // it has drained (as its agent does).
+    let request = release("web", &third);
+    send(&js, &request).await;
+    wait_outcome(&js, &request.id).await;
+    let draining = Snapshot::read(&js).await;
+    assert_eq!(
+        draining.cluster("web").member(&third).map(|m| m.state),
+        Some(MemberState::Draining)
+    );
+    assert!(matches!(
+        draining.server(third.as_str()).state,
+        ServerState::Draining { .. }
+    ));
+    let notice: AssignmentNotice = next(&mut notices).await;
+    assert!(
+        matches!(notice.assignment, Assignment::Draining { .. }),
+        "{notice:?}"
+    );
+    let status = ServerStatus {
+        v: SCHEMA_VERSION,
+        server: third.clone(),
+        cluster: Some(cid("web")),
+        status: ServerStatusKind::Drained,
+        at_ms: now_ms(),
+    };
+    client
+        .publish(
+            subjects::status(&third),
+            codec::encode(&status).expect("encode"),
+        )
+        .await
+        .expect("publish status");
+    let released = wait_settled(&js).await;
+    assert_eq!(released.server(third.as_str()).state, ServerState::Free);
+    assert!(released.cluster("web").member(&third).is_none());
+    let notice: AssignmentNotice = next(&mut notices).await;
+    assert_eq!(notice.assignment, Assignment::Released);
+
+    // The next allocation picks it again: its cache is warm for web.
+    let request = allocate("web", 1);
+    send(&js, &request).await;
+    let done = wait_outcome(&js, &request.id).await;
+    assert_eq!(
+        done.outcome,
+        Outcome::Applied {
+            servers: vec![third.clone()],
+            error: None
+        }
+    );
+    let kinds: Vec<&'static str> = audit_log(&js)
+        .await
+        .iter()
+        .filter(|e| e.server.as_ref() == Some(&third))
+        .map(|e| e.kind.token())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "registered",
+            "allocated",
+            "drain_started",
+            "released",
+            "allocated"
+        ]
+    );
+    allocator.stop().await;
+}
+
+#[tokio::test]
+async fn a_drain_that_never_reports_ends_at_its_deadline() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
+    wait_for_admin(&client).await;
+    register(&client, "a", &[]).await;
+    register(&client, "b", &[]).await;
+    put_cluster(&client, "web", policy(1, 2))
+        .await
+        .expect("cluster");
+    let request = allocate("web", 1);
+    send(&js, &request).await;
+    wait_outcome(&js, &request.id).await;
+
+    let member = Snapshot::read(&js).await.active_members("web")[0].clone();
+    let started = tokio::time::Instant::now();
+    let request = release("web", &member);
+    send(&js, &request).await;
+    wait_outcome(&js, &request.id).await;
+    let settled = wait_settled(&js).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "waited for the drain deadline"
+    );
+    assert_eq!(settled.server(member.as_str()).state, ServerState::Free);
+    assert_eq!(settled.cluster("web").size(), 1);
+
+    // At min size now: a further release is refused.
+    let last = settled.active_members("web")[0].clone();
+    let request = release("web", &last);
+    send(&js, &request).await;
+    let done = wait_outcome(&js, &request.id).await;
+    assert!(
+        matches!(&done.outcome, Outcome::Rejected { error } if error.code == codes::AT_MIN_SIZE),
+        "{done:?}"
+    );
+    allocator.stop().await;
+}
+
+/// Sends a round of requests built from the membership KV shows now.
+fn round(snapshot: &Snapshot, clusters: &[&str], n: usize) -> Vec<ReconfigRequest> {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| {
+            let cluster = clusters[rng.random_range(0..clusters.len())];
+            let members = snapshot.active_members(cluster);
+            if members.is_empty() || rng.random_bool(0.5) {
+                allocate(cluster, rng.random_range(1..=2))
+            } else {
+                release(cluster, &members[rng.random_range(0..members.len())])
+            }
+        })
+        .collect()
+}
+
+/// Checks the audit log against the requests: each applied at most once.
+fn check_at_most_once(events: &[headroom_shared::wire::AuditEvent], requests: &[ReconfigRequest]) {
+    let mut allocations: HashMap<&RequestId, HashSet<&ServerId>> = HashMap::new();
+    let mut allocation_events: HashMap<&RequestId, usize> = HashMap::new();
+    let mut drains: HashMap<&RequestId, usize> = HashMap::new();
+    for event in events {
+        let (Some(request), Some(server)) = (&event.request, &event.server) else {
+            continue;
+        };
+        match event.kind {
+            EventKind::Allocated => {
+                allocations.entry(request).or_default().insert(server);
+                *allocation_events.entry(request).or_default() += 1;
+            }
+            EventKind::DrainStarted => *drains.entry(request).or_default() += 1,
+            _ => {}
+        }
+    }
+    for request in requests {
+        match &request.action {
+            ReconfigAction::Allocate { count, .. } => {
+                let n = allocation_events.get(&request.id).copied().unwrap_or(0);
+                assert!(
+                    n <= *count as usize,
+                    "request {} asked for {count} and was applied {n} times",
+                    request.id
+                );
+            }
+            ReconfigAction::Release { .. } => {
+                let n = drains.get(&request.id).copied().unwrap_or(0);
+                assert!(n <= 1, "release {} applied {n} times", request.id);
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_allocators_serve_200_concurrent_requests_without_breaking_invariants() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let a = RunningAllocator::start(&nats, "alloc-a").await;
+    let b = RunningAllocator::start(&nats, "alloc-b").await;
+    wait_for_admin(&client).await;
+
+    let registered: Vec<ServerId> = (0..16).map(|i| sid(&format!("s{i:02}"))).collect();
+    for id in &registered {
+        register(&client, id.as_str(), &[]).await;
+    }
+    let clusters = ["web", "api", "batch"];
+    for c in clusters {
+        put_cluster(&client, c, policy(0, 7))
+            .await
+            .expect("cluster");
+    }
+
+    let mut sent = Vec::new();
+    for _ in 0..4 {
+        let snapshot = Snapshot::read(&js).await;
+        let requests = round(&snapshot, &clusters, 50);
+        // All at once, and a tenth of them twice, as a retrying monitor would.
+        let publishes = requests.iter().chain(requests.iter().step_by(10));
+        futures::future::join_all(publishes.map(|r| send(&js, r))).await;
+        for request in &requests {
+            wait_outcome(&js, &request.id).await;
+        }
+        sent.extend(requests);
+    }
+    assert_eq!(sent.len(), 200);
+    let settled = wait_settled(&js).await;
+    settled
+        .check_invariants(&registered)
+        .expect("invariants hold");
+    check_at_most_once(&audit_log(&js).await, &sent);
+    let outcomes: Vec<_> = futures::future::join_all(sent.iter().map(|r| outcome(&js, &r.id)))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert_eq!(outcomes.len(), sent.len(), "one outcome per request");
+    let applied = outcomes
+        .iter()
+        .filter(|o| matches!(o.outcome, Outcome::Applied { .. }))
+        .count();
+    let by: HashSet<&str> = outcomes.iter().map(|o| o.by.as_str()).collect();
+    println!("200 requests: {applied} applied, the rest rejected; served by {by:?}");
+    assert_eq!(by.len(), 2, "both allocators took requests: {by:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn crashes_at_random_points_lose_no_request_and_keep_invariants() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let first = RunningAllocator::start(&nats, "alloc-0").await;
+    wait_for_admin(&client).await;
+    let registered: Vec<ServerId> = (0..10).map(|i| sid(&format!("s{i}"))).collect();
+    for id in &registered {
+        register(&client, id.as_str(), &[]).await;
+    }
+    for c in ["web", "api"] {
+        put_cluster(&client, c, policy(1, 5))
+            .await
+            .expect("cluster");
+    }
+    first.stop().await;
+
+    let mut rng = rand::rng();
+    let mut sent = Vec::new();
+    let trials = 20;
+    for trial in 0..trials {
+        let allocator = RunningAllocator::start(&nats, &format!("alloc-{trial}")).await;
+        let snapshot = Snapshot::read(&js).await;
+        let requests = round(&snapshot, &["web", "api"], 6);
+        futures::future::join_all(requests.iter().map(|r| send(&js, r))).await;
+        sent.extend(requests);
+        // Kill it somewhere in the middle of its work: the task is aborted,
+        // as a process is killed, with no chance to finish a step.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..60))).await;
+        allocator.task.abort();
+        let _ = allocator.task.await;
+    }
+    let last = RunningAllocator::start(&nats, "alloc-final").await;
+    for request in &sent {
+        wait_outcome(&js, &request.id).await;
+    }
+    let settled = wait_settled(&js).await;
+    settled
+        .check_invariants(&registered)
+        .expect("invariants hold after crashes");
+    let events = audit_log(&js).await;
+    check_at_most_once(&events, &sent);
+    let repairs = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Repaired)
+        .count();
+    let redelivered = futures::future::join_all(sent.iter().map(|r| outcome(&js, &r.id)))
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|o| o.delivery > 1)
+        .count();
+    println!(
+        "{trials} crashes, {} requests: {repairs} repairs of half-done state, \
+         {redelivered} requests applied on a later delivery",
+        sent.len()
+    );
+    assert!(
+        repairs + redelivered > 0,
+        "the crashes never hit work in flight, so this run proved nothing"
+    );
+    last.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_event_and_changes_nothing() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
+    wait_for_admin(&client).await;
+    register(&client, "a", &["static"]).await;
+    register(&client, "b", &["static"]).await;
+    put_cluster(&client, "web", policy(1, 1))
+        .await
+        .expect("web");
+    put_cluster(&client, "batch", policy(1, 3))
+        .await
+        .expect("batch");
+    let before = Snapshot::read(&js).await;
+    assert_eq!(
+        before.cluster("web").size() + before.cluster("batch").size(),
+        2
+    );
+    let web_member = before.active_members("web")[0].clone();
+    let batch_member = before.active_members("batch")[0].clone();
+
+    let mut rejections = client
+        .subscribe("headroom.events.*.rejected")
+        .await
+        .expect("subscribe");
+    // A body that is not MessagePack at all.
+    js.publish("headroom.reconfig.web", "not msgpack".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let mut future = allocate("web", 1);
+    future.v = 99;
+    let mismatched = allocate("batch", 1);
+    let cases = [
+        (allocate("nowhere", 1), codes::UNKNOWN_CLUSTER),
+        (release("web", &batch_member), codes::NOT_A_MEMBER),
+        (allocate("batch", 1), codes::POOL_EXHAUSTED),
+        (allocate("web", 1), codes::AT_MAX_SIZE),
+        (release("web", &web_member), codes::AT_MIN_SIZE),
+        (
+            ReconfigRequest::new(
+                cid("batch"),
+                ReconfigAction::Reweight {
+                    server: batch_member.clone(),
+                    weight: f64::NAN,
+                },
+                "test",
+            ),
+            codes::INVALID,
+        ),
+    ];
+    let malformed = next::<headroom_shared::wire::AuditEvent>(&mut rejections).await;
+    assert!(
+        matches!(&malformed.kind, EventKind::Rejected { error } if error.code == codes::MALFORMED),
+        "{malformed:?}"
+    );
+    assert_eq!(malformed.cluster, Some(cid("web")));
+
+    for (request, code) in &cases {
+        send(&js, request).await;
+        let got = next::<headroom_shared::wire::AuditEvent>(&mut rejections).await;
+        assert_eq!(got.request.as_ref(), Some(&request.id));
+        let EventKind::Rejected { error } = &got.kind else {
+            panic!("{got:?}");
+        };
+        assert_eq!(error.code, *code, "{}: {error}", request.action.name());
+        assert!(!error.message.is_empty());
+    }
+    // A newer schema version and a request on another cluster's subject.
+    bus::publish_durable(
+        &js,
+        subjects::reconfig(&cid("web")),
+        future.id.as_str(),
+        Codec::MsgPack,
+        &future,
+    )
+    .await
+    .expect("publish");
+    let got = next::<headroom_shared::wire::AuditEvent>(&mut rejections).await;
+    assert!(
+        matches!(&got.kind, EventKind::Rejected { error } if error.code == codes::UNSUPPORTED_VERSION),
+        "{got:?}"
+    );
+    bus::publish_durable(
+        &js,
+        subjects::reconfig(&cid("web")),
+        mismatched.id.as_str(),
+        Codec::Json,
+        &mismatched,
+    )
+    .await
+    .expect("publish");
+    let got = next::<headroom_shared::wire::AuditEvent>(&mut rejections).await;
+    assert!(
+        matches!(&got.kind, EventKind::Rejected { error } if error.code == codes::SUBJECT_MISMATCH),
+        "{got:?}"
+    );
+
+    let after = Snapshot::read(&js).await;
+    let revisions = |s: &Snapshot| {
+        (
+            s.servers.values().map(|(_, r)| *r).collect::<Vec<_>>(),
+            s.clusters.values().map(|(_, r)| *r).collect::<Vec<_>>(),
+        )
+    };
+    assert_eq!(
+        revisions(&before),
+        revisions(&after),
+        "KV unchanged by bad input"
+    );
+
+    // Bad admin input: a clear error code, nothing registered.
+    let bad_id = client
+        .request_with_headers(
+            format!(
+                "{}.{}",
+                subjects::ADMIN_GROUP,
+                subjects::admin::POOL_REGISTER
+            ),
+            Codec::Json.headers(),
+            r#"{"v":1,"id":"a.b","address":"h","port":1}"#.into(),
+        )
+        .await
+        .expect("reply");
+    let code = bad_id
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headroom_shared::wire::ERROR_CODE_HEADER))
+        .map(|v| v.to_string());
+    assert_eq!(code.as_deref(), Some(codes::MALFORMED));
+
+    // And it keeps serving: a new server makes the allocation possible.
+    register(&client, "c", &["static"]).await;
+    let request = allocate("batch", 1);
+    send(&js, &request).await;
+    let done = wait_outcome(&js, &request.id).await;
+    assert_eq!(
+        done.outcome,
+        Outcome::Applied {
+            servers: vec![sid("c")],
+            error: None
+        }
+    );
+    allocator.stop().await;
+}
+
+#[tokio::test]
+async fn admin_speaks_json_and_xml_and_is_discoverable() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
+    wait_for_admin(&client).await;
+
+    let registered: headroom_shared::kv::ServerRecord = admin(
+        &client,
+        subjects::admin::POOL_REGISTER,
+        &RegisterServer {
+            v: SCHEMA_VERSION,
+            id: sid("x1"),
+            address: "backend-1".into(),
+            port: 9000,
+            request_types: vec!["static".into()],
+        },
+        Codec::Xml,
+    )
+    .await
+    .expect("register over XML");
+    assert_eq!(registered.state, ServerState::Free);
+    put_cluster(&client, "web", policy(0, 2))
+        .await
+        .expect("cluster");
+    let pool: ServerList = admin(
+        &client,
+        subjects::admin::POOL_LIST,
+        &headroom_shared::wire::Empty::new(),
+        Codec::Json,
+    )
+    .await
+    .expect("list over JSON");
+    assert_eq!(pool.servers.len(), 1);
+    assert_eq!(pool.servers[0].address, "backend-1");
+    let clusters: ClusterList = admin(
+        &client,
+        subjects::admin::CLUSTER_LIST,
+        &headroom_shared::wire::Empty::new(),
+        Codec::Xml,
+    )
+    .await
+    .expect("clusters over XML");
+    assert_eq!(clusters.clusters.len(), 1);
+
+    // Standard NATS tooling finds it through the services API.
+    let ping = client
+        .request("$SRV.PING.headroom-allocator", "".into())
+        .await
+        .expect("ping answered");
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload).expect("json");
+    assert_eq!(ping["name"], "headroom-allocator");
+    let info = client
+        .request("$SRV.INFO.headroom-allocator", "".into())
+        .await
+        .expect("info answered");
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).expect("json");
+    let endpoints: Vec<&str> = info["endpoints"]
+        .as_array()
+        .expect("endpoints")
+        .iter()
+        .filter_map(|e| e["subject"].as_str())
+        .collect();
+    assert!(
+        endpoints.contains(&"headroom.admin.pool.register"),
+        "{endpoints:?}"
+    );
+
+    // A drain by hand goes through the same request path.
+    let queued = eventually(WAIT, || async {
+        let reply = admin::<_, headroom_shared::wire::DrainQueued>(
+            &client,
+            subjects::admin::MEMBER_DRAIN,
+            &headroom_shared::wire::DrainMember {
+                v: SCHEMA_VERSION,
+                cluster: cid("web"),
+                server: sid("x1"),
+            },
+            Codec::MsgPack,
+        )
+        .await;
+        reply.ok()
+    })
+    .await
+    .expect("drain queued");
+    let js = jetstream::new(client.clone());
+    let done = wait_outcome(&js, &queued.request).await;
+    assert!(
+        matches!(&done.outcome, Outcome::Rejected { error } if error.code == codes::NOT_A_MEMBER),
+        "x1 is in the pool, not in web: {done:?}"
+    );
+    allocator.stop().await;
+}

@@ -1,0 +1,328 @@
+//! Helpers shared by the integration tests: start allocators in-process,
+//! call admin endpoints, read KV and the audit log directly, and check the
+//! KV invariants.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::TryStreamExt;
+use headroom_shared::codec::{self, Codec, Message};
+use headroom_shared::config::Config;
+use headroom_shared::kv::{
+    ClusterPolicy, ClusterRecord, MemberState, RequestRecord, ServerRecord, ServerState,
+    CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
+};
+use headroom_shared::subjects;
+use headroom_shared::wire::{AuditEvent, PutCluster, RegisterServer, ERROR_CODE_HEADER};
+use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
+use headroom_tests::{eventually, NatsServer};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn sid(s: &str) -> ServerId {
+    ServerId::new(s).expect("server id")
+}
+pub fn cid(s: &str) -> ClusterId {
+    ClusterId::new(s).expect("cluster id")
+}
+
+/// An allocator running in this process on its own NATS connection.
+pub struct RunningAllocator {
+    pub task: JoinHandle<Result<(), headroom_allocator::AllocatorError>>,
+    pub shutdown: CancellationToken,
+}
+
+impl RunningAllocator {
+    pub async fn start(nats: &NatsServer, instance: &str) -> Self {
+        Self::start_with(nats.config(), nats, instance).await
+    }
+
+    pub async fn start_with(mut config: Config, nats: &NatsServer, instance: &str) -> Self {
+        config.allocator.instance = instance.to_owned();
+        let client = nats.client().await.expect("allocator connects");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(headroom_allocator::run(config, client, shutdown.clone()));
+        Self { task, shutdown }
+    }
+
+    /// Stops it as SIGTERM would, and checks it ended cleanly.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let ended = tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("allocator stops within the grace period")
+            .expect("allocator task joined");
+        ended.expect("allocator ended without error");
+    }
+}
+
+/// Calls an admin endpoint; on error returns (stable code, message).
+pub async fn admin<Req: Message, Resp: Message>(
+    client: &async_nats::Client,
+    verb: &str,
+    request: &Req,
+    codec: Codec,
+) -> Result<Resp, (String, String)> {
+    let subject = format!("{}.{verb}", subjects::ADMIN_GROUP);
+    let body = codec.encode(request).expect("encode admin request");
+    let reply = tokio::time::timeout(
+        WAIT,
+        client.request_with_headers(subject, codec.headers(), body),
+    )
+    .await
+    .expect("admin answers in time")
+    .expect("admin request");
+    if let Some(code) = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(ERROR_CODE_HEADER))
+    {
+        let message = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        return Err((code.to_string(), message));
+    }
+    Ok(codec::decode(reply.headers.as_ref(), &reply.payload).expect("decode admin reply"))
+}
+
+/// Waits until an allocator answers on the admin endpoints.
+pub async fn wait_for_admin(client: &async_nats::Client) {
+    let up = eventually(WAIT, || async {
+        let reply = client
+            .request(
+                format!("{}.{}", subjects::ADMIN_GROUP, subjects::admin::POOL_LIST),
+                codec::encode(&headroom_shared::wire::Empty::new())
+                    .expect("encode")
+                    .clone(),
+            )
+            .await
+            .ok()?;
+        let failed = reply
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(ERROR_CODE_HEADER).is_some());
+        (!failed).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "allocator admin endpoints never came up");
+}
+
+pub async fn register(client: &async_nats::Client, id: &str, types: &[&str]) -> ServerRecord {
+    admin(
+        client,
+        subjects::admin::POOL_REGISTER,
+        &RegisterServer {
+            v: SCHEMA_VERSION,
+            id: sid(id),
+            address: format!("10.0.0.{}", id.len()),
+            port: 8080,
+            request_types: types.iter().map(|t| (*t).to_owned()).collect(),
+        },
+        Codec::MsgPack,
+    )
+    .await
+    .expect("register")
+}
+
+pub async fn put_cluster(
+    client: &async_nats::Client,
+    id: &str,
+    policy: ClusterPolicy,
+) -> Result<ClusterRecord, (String, String)> {
+    admin(
+        client,
+        subjects::admin::CLUSTER_PUT,
+        &PutCluster {
+            v: SCHEMA_VERSION,
+            id: cid(id),
+            policy,
+        },
+        Codec::MsgPack,
+    )
+    .await
+}
+
+pub fn policy(min: u32, max: u32) -> ClusterPolicy {
+    ClusterPolicy {
+        min_size: min,
+        max_size: max,
+        drain_timeout_ms: 500,
+        ..ClusterPolicy::default()
+    }
+}
+
+/// KV as it is now, read directly (not through the allocator's code).
+pub struct Snapshot {
+    pub servers: BTreeMap<ServerId, (ServerRecord, u64)>,
+    pub clusters: BTreeMap<ClusterId, (ClusterRecord, u64)>,
+}
+
+async fn read_all<T: Message>(js: &jetstream::Context, bucket: &str) -> Vec<(T, u64)> {
+    let kv = js.get_key_value(bucket).await.expect("bucket exists");
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .expect("keys")
+        .try_collect()
+        .await
+        .expect("keys");
+    let mut out = Vec::new();
+    for key in keys {
+        if let Some(entry) = kv.entry(&key).await.expect("entry") {
+            if entry.operation == jetstream::kv::Operation::Put {
+                let value = Codec::MsgPack
+                    .decode(&entry.value)
+                    .expect("KV record decodes");
+                out.push((value, entry.revision));
+            }
+        }
+    }
+    out
+}
+
+impl Snapshot {
+    pub async fn read(js: &jetstream::Context) -> Self {
+        let servers = read_all::<ServerRecord>(js, SERVERS_BUCKET)
+            .await
+            .into_iter()
+            .map(|(s, rev)| (s.id.clone(), (s, rev)))
+            .collect();
+        let clusters = read_all::<ClusterRecord>(js, CLUSTERS_BUCKET)
+            .await
+            .into_iter()
+            .map(|(c, rev)| (c.id.clone(), (c, rev)))
+            .collect();
+        Self { servers, clusters }
+    }
+
+    pub fn cluster(&self, id: &str) -> &ClusterRecord {
+        &self.clusters[&cid(id)].0
+    }
+
+    pub fn server(&self, id: &str) -> &ServerRecord {
+        &self.servers[&sid(id)].0
+    }
+
+    pub fn active_members(&self, cluster: &str) -> Vec<ServerId> {
+        self.cluster(cluster)
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+            .map(|m| m.server.clone())
+            .collect()
+    }
+
+    /// No half-done work left: nothing joining or draining.
+    pub fn settled(&self) -> bool {
+        self.clusters
+            .values()
+            .all(|(c, _)| c.members.iter().all(|m| m.state == MemberState::Active))
+            && self
+                .servers
+                .values()
+                .all(|(s, _)| !matches!(s.state, ServerState::Draining { .. }))
+    }
+
+    /// The invariants, on settled state: every server is in exactly one
+    /// place; the cluster lists and the server records agree.
+    pub fn check_invariants(&self, registered: &[ServerId]) -> Result<(), String> {
+        let mut listed: HashMap<&ServerId, Vec<&ClusterId>> = HashMap::new();
+        for (cluster, _) in self.clusters.values() {
+            let size = cluster.size() as u32;
+            if size > cluster.policy.max_size {
+                return Err(format!("{} has {size} members, above its max", cluster.id));
+            }
+            for m in &cluster.members {
+                listed.entry(&m.server).or_default().push(&cluster.id);
+                let Some((server, _)) = self.servers.get(&m.server) else {
+                    return Err(format!("{} lists unknown server {}", cluster.id, m.server));
+                };
+                let agrees = match (m.state, &server.state) {
+                    (MemberState::Active, ServerState::Allocated { cluster: c })
+                    | (MemberState::Draining, ServerState::Draining { cluster: c, .. }) => {
+                        c == &cluster.id
+                    }
+                    _ => false,
+                };
+                if !agrees {
+                    return Err(format!(
+                        "{} lists {} as {:?} but its record says {:?}",
+                        cluster.id, m.server, m.state, server.state
+                    ));
+                }
+            }
+        }
+        for (server, clusters) in &listed {
+            if clusters.len() > 1 {
+                return Err(format!(
+                    "{server} is listed in several clusters: {clusters:?}"
+                ));
+            }
+        }
+        for id in registered {
+            let Some((server, _)) = self.servers.get(id) else {
+                return Err(format!("server {id} was lost from KV"));
+            };
+            match &server.state {
+                ServerState::Free | ServerState::OutOfService { .. } => {
+                    if listed.contains_key(id) {
+                        return Err(format!("{id} is {:?} but listed", server.state));
+                    }
+                }
+                ServerState::Allocated { cluster } | ServerState::Draining { cluster, .. } => {
+                    if listed.get(id).map(|c| c.as_slice()) != Some(&[cluster][..]) {
+                        return Err(format!("{id} says {cluster} but is not listed there"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ledger outcome of a request, once there is one.
+pub async fn outcome(js: &jetstream::Context, id: &RequestId) -> Option<RequestRecord> {
+    let kv = js.get_key_value(REQUESTS_BUCKET).await.ok()?;
+    let bytes = kv.get(id.as_str()).await.ok()??;
+    Codec::MsgPack.decode(&bytes).ok()
+}
+
+pub async fn wait_outcome(js: &jetstream::Context, id: &RequestId) -> RequestRecord {
+    eventually(WAIT, || outcome(js, id))
+        .await
+        .unwrap_or_else(|| panic!("request {id} was never applied"))
+}
+
+/// Waits until KV has no joining or draining entry left.
+pub async fn wait_settled(js: &jetstream::Context) -> Snapshot {
+    eventually(Duration::from_secs(30), || async {
+        let snapshot = Snapshot::read(js).await;
+        snapshot.settled().then_some(snapshot)
+    })
+    .await
+    .expect("KV settles (no joining or draining members left)")
+}
+
+/// Every event in the audit log, in order.
+pub async fn audit_log(js: &jetstream::Context) -> Vec<AuditEvent> {
+    let mut stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .expect("events stream");
+    let state = stream.info().await.expect("stream info").state.clone();
+    let mut events = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(raw) = stream.get_raw_message(seq).await {
+            events.push(
+                codec::decode(Some(&raw.headers), &raw.payload).expect("audit event decodes"),
+            );
+        }
+    }
+    events
+}
