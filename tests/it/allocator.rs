@@ -657,3 +657,103 @@ async fn admin_speaks_json_and_xml_and_is_discoverable() {
     );
     allocator.stop().await;
 }
+
+#[tokio::test]
+async fn replace_reweight_and_deregister() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
+    wait_for_admin(&client).await;
+    for id in ["a", "b", "c"] {
+        register(&client, id, &[]).await;
+    }
+    put_cluster(&client, "web", policy(2, 3))
+        .await
+        .expect("cluster");
+    let members = Snapshot::read(&js).await.active_members("web");
+    let (dead, hot) = (members[0].clone(), members[1].clone());
+
+    // A member that went silent is replaced: out of service, not back in
+    // the pool, and the spare takes its place.
+    let request = ReconfigRequest::new(
+        cid("web"),
+        ReconfigAction::Replace {
+            server: dead.clone(),
+        },
+        "test",
+    );
+    send(&js, &request).await;
+    let done = wait_outcome(&js, &request.id).await;
+    let Outcome::Applied {
+        servers,
+        error: None,
+    } = &done.outcome
+    else {
+        panic!("replacement applied: {done:?}");
+    };
+    let after = Snapshot::read(&js).await;
+    assert!(matches!(
+        after.server(dead.as_str()).state,
+        ServerState::OutOfService { .. }
+    ));
+    assert!(after.cluster("web").member(&dead).is_none());
+    assert_eq!(after.cluster("web").active(), 2);
+    assert!(after.cluster("web").member(&servers[0]).is_some());
+    let registered: Vec<ServerId> = ["a", "b", "c"].iter().map(|s| sid(s)).collect();
+    after.check_invariants(&registered).expect("invariants");
+
+    // Reweight: the weight is in the cluster record and in the membership
+    // change front-ends receive.
+    let mut membership = client
+        .subscribe(subjects::membership(&cid("web")))
+        .await
+        .expect("subscribe");
+    let request = ReconfigRequest::new(
+        cid("web"),
+        ReconfigAction::Reweight {
+            server: hot.clone(),
+            weight: 0.25,
+        },
+        "test",
+    );
+    send(&js, &request).await;
+    wait_outcome(&js, &request.id).await;
+    let change: MembershipChange = next(&mut membership).await;
+    let weight = |members: &[headroom_shared::kv::Member]| {
+        members.iter().find(|m| m.server == hot).map(|m| m.weight)
+    };
+    assert_eq!(weight(&change.members), Some(0.25));
+    assert_eq!(
+        weight(&Snapshot::read(&js).await.cluster("web").members),
+        Some(0.25)
+    );
+
+    // Deregister: refused while in use, allowed once out of service.
+    let in_use = admin::<_, headroom_shared::wire::Empty>(
+        &client,
+        subjects::admin::POOL_DEREGISTER,
+        &headroom_shared::wire::DeregisterServer {
+            v: SCHEMA_VERSION,
+            id: hot.clone(),
+        },
+        Codec::MsgPack,
+    )
+    .await
+    .expect_err("a member cannot be deregistered");
+    assert_eq!(in_use.0, codes::SERVER_IN_USE);
+    admin::<_, headroom_shared::wire::Empty>(
+        &client,
+        subjects::admin::POOL_DEREGISTER,
+        &headroom_shared::wire::DeregisterServer {
+            v: SCHEMA_VERSION,
+            id: dead.clone(),
+        },
+        Codec::MsgPack,
+    )
+    .await
+    .expect("an out-of-service server can be deregistered");
+    assert!(!Snapshot::read(&js).await.servers.contains_key(&dead));
+    allocator.stop().await;
+}

@@ -17,7 +17,7 @@
 //! lost race re-reads and decides again. Each write carries the request id,
 //! so a redelivered request recognises what it already did.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -59,6 +59,15 @@ pub enum OpError {
 fn reject(code: &str, message: impl Into<String>) -> OpError {
     OpError::Rejected(BusError::new(code, message))
 }
+
+/// What one attempt of a compare-and-set sequence came to.
+enum Attempt<T> {
+    Done(T),
+    /// Re-read and decide again (a lost race, or a step that moved the
+    /// state on and needs a fresh look).
+    Retry,
+}
+use Attempt::{Done, Retry};
 
 /// How much to allocate.
 #[derive(Debug, Clone, Copy)]
@@ -115,9 +124,31 @@ impl Allocator {
         &self.instance
     }
 
-    fn conflict(&self, attempt: u32) -> impl std::future::Future<Output = ()> {
-        self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
-        backoff(attempt)
+    /// Runs `attempt` until it is done. A lost compare-and-set
+    /// ([`StoreError::Conflict`], usually propagated with `?`) or a
+    /// [`Retry`] re-runs it after a short random pause; after
+    /// [`MAX_ATTEMPTS`] the request is left for a later delivery.
+    async fn with_retries<T, F, Fut>(
+        &self,
+        what: impl FnOnce() -> String,
+        mut attempt: F,
+    ) -> Result<T, OpError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: std::future::Future<Output = Result<Attempt<T>, OpError>>,
+    {
+        for n in 0..MAX_ATTEMPTS {
+            match attempt(n).await {
+                Ok(Done(value)) => return Ok(value),
+                Ok(Retry) => backoff(n).await,
+                Err(OpError::Store(StoreError::Conflict { .. })) => {
+                    self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    backoff(n).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(OpError::Contended { what: what() })
     }
 
     // ---- publishing ----
@@ -252,8 +283,9 @@ impl Allocator {
         goal: Goal,
         request_type: Option<&str>,
     ) -> Result<Outcome, OpError> {
-        let mut lost_races = 0;
-        for attempt in 0..MAX_ATTEMPTS {
+        let lost_races = &AtomicU32::new(0);
+        let what = || format!("allocation to {c}");
+        self.with_retries(what, |_| async move {
             let cluster = self.load_cluster(c).await?;
             // Finish what this request began earlier (a crash, a lost race,
             // a redelivery running beside us) before adding more.
@@ -264,7 +296,7 @@ impl Allocator {
                 .find(|m| &m.request == id && m.state == MemberState::Joining)
             {
                 self.settle_own_joining(c, &joining.server, id).await?;
-                continue;
+                return Ok(Retry);
             }
             let mine: Vec<ServerId> = cluster
                 .value
@@ -275,27 +307,27 @@ impl Allocator {
                 .collect();
             let size = u32::try_from(cluster.value.size()).unwrap_or(u32::MAX);
             let policy = &cluster.value.policy;
-            let reached = match goal {
-                Goal::Count(n) => mine.len() >= n as usize,
-                Goal::MinSize => size >= policy.min_size,
+            let (reached, wanted) = match goal {
+                Goal::Count(n) => (mine.len() >= n as usize, n as usize),
+                Goal::MinSize => (
+                    size >= policy.min_size,
+                    policy.min_size.saturating_sub(size) as usize + mine.len(),
+                ),
             };
             if reached {
-                return Ok(Outcome::Applied {
+                return Ok(Done(Outcome::Applied {
                     servers: mine,
                     error: None,
-                });
+                }));
             }
-            let wanted = match goal {
-                Goal::Count(n) => n as usize,
-                Goal::MinSize => policy.min_size.saturating_sub(size) as usize + mine.len(),
-            };
             if size >= policy.max_size {
                 return shortfall(
                     mine,
                     wanted,
                     codes::AT_MAX_SIZE,
                     format!("cluster {c} is at its maximum size {}", policy.max_size),
-                );
+                )
+                .map(Done);
             }
             let servers = self.store.servers().await?;
             let candidates = rank_candidates(
@@ -313,11 +345,12 @@ impl Allocator {
                     wanted,
                     codes::POOL_EXHAUSTED,
                     format!("no free server in the pool fits {what}"),
-                );
+                )
+                .map(Done);
             }
             // The best candidate first; after a lost race, spread over the
             // best few so racing allocators stop choosing the same server.
-            let pick = if lost_races == 0 {
+            let pick = if lost_races.load(Ordering::Relaxed) == 0 {
                 candidates[0]
             } else {
                 candidates[rand::rng().random_range(0..candidates.len().min(3))]
@@ -338,21 +371,17 @@ impl Allocator {
                 .commit_cluster(&mut record, cluster.revision, Some(id))
                 .await
             {
-                Ok(_) => {
-                    debug!(server = %pick.id, "reserved");
-                    // Claiming and committing happen on the next turn, in
-                    // settle_own_joining, the same path a retry takes.
-                }
+                // Claiming and committing happen on the next attempt, in
+                // settle_own_joining, the same path a retry takes.
+                Ok(_) => debug!(server = %pick.id, "reserved"),
                 Err(StoreError::Conflict { .. }) => {
-                    lost_races += 1;
-                    self.conflict(attempt).await;
+                    lost_races.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(err) => return Err(err.into()),
             }
-        }
-        Err(OpError::Contended {
-            what: format!("allocation to {c}"),
+            Ok(Retry)
         })
+        .await
     }
 
     /// Moves one of this request's joining entries on: claim its server and
@@ -401,44 +430,36 @@ impl Allocator {
         server: &ServerId,
         cause: Option<&RequestId>,
     ) -> Result<(), OpError> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("commit of {server} to {c}");
+        self.with_retries(what, |_| async move {
             let mut cluster = self.load_cluster(c).await?;
             let Some(entry) = cluster.value.member_mut(server) else {
                 self.free_orphan(server, c).await?;
-                return Ok(());
+                return Ok(Done(()));
             };
             if entry.state != MemberState::Joining {
-                return Ok(());
+                return Ok(Done(()));
             }
             entry.state = MemberState::Active;
             entry.since_ms = now_ms();
             let request = entry.request.clone();
-            match self
-                .commit_cluster(&mut cluster.value, cluster.revision, cause)
-                .await
-            {
-                Ok(_) => {
-                    info!(%server, cluster = %c, "allocated");
-                    self.notify(server, c, Assignment::Allocated, Some(&request))
-                        .await;
-                    self.event(
-                        EventKind::Allocated,
-                        Some(c),
-                        Some(server),
-                        Some(&request),
-                        format!("{server} joined {c}"),
-                        format!("{request}.{server}.allocated"),
-                    )
-                    .await;
-                    return Ok(());
-                }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("commit of {server} to {c}"),
+            self.commit_cluster(&mut cluster.value, cluster.revision, cause)
+                .await?;
+            info!(%server, cluster = %c, "allocated");
+            self.notify(server, c, Assignment::Allocated, Some(&request))
+                .await;
+            self.event(
+                EventKind::Allocated,
+                Some(c),
+                Some(server),
+                Some(&request),
+                format!("{server} joined {c}"),
+                format!("{request}.{server}.allocated"),
+            )
+            .await;
+            Ok(Done(()))
         })
+        .await
     }
 
     /// Removes `server`'s entry from `c` if it still satisfies `still`.
@@ -449,9 +470,11 @@ impl Allocator {
         server: &ServerId,
         still: impl Fn(&Member) -> bool,
     ) -> Result<bool, OpError> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let still = &still;
+        let what = || format!("removal of {server} from {c}");
+        self.with_retries(what, |_| async move {
             let Some(mut cluster) = self.store.cluster(c).await? else {
-                return Ok(false);
+                return Ok(Done(false));
             };
             let before = cluster.value.members.len();
             cluster
@@ -459,49 +482,38 @@ impl Allocator {
                 .members
                 .retain(|m| !(&m.server == server && still(m)));
             if cluster.value.members.len() == before {
-                return Ok(false);
+                return Ok(Done(false));
             }
-            match self
-                .commit_cluster(&mut cluster.value, cluster.revision, None)
-                .await
-            {
-                Ok(_) => return Ok(true),
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("removal of {server} from {c}"),
+            self.commit_cluster(&mut cluster.value, cluster.revision, None)
+                .await?;
+            Ok(Done(true))
         })
+        .await
     }
 
     /// Returns a server claimed for `c` to the pool, if it is still claimed
     /// for `c` and `c` does not list it.
     async fn free_orphan(&self, server: &ServerId, c: &ClusterId) -> Result<bool, OpError> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("return of {server} to the pool");
+        self.with_retries(what, |_| async move {
             let Some(current) = self.store.server(server).await? else {
-                return Ok(false);
+                return Ok(Done(false));
             };
             if current.value.state != (ServerState::Allocated { cluster: c.clone() }) {
-                return Ok(false);
+                return Ok(Done(false));
             }
             if let Some(cluster) = self.store.cluster(c).await? {
                 if cluster.value.member(server).is_some() {
-                    return Ok(false);
+                    return Ok(Done(false));
                 }
             }
             let mut freed = current.value.clone();
             freed.state = ServerState::Free;
             freed.updated_ms = now_ms();
-            match self.store.put_server(&freed, current.revision).await {
-                Ok(_) => return Ok(true),
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("return of {server} to the pool"),
+            self.store.put_server(&freed, current.revision).await?;
+            Ok(Done(true))
         })
+        .await
     }
 
     async fn release(
@@ -510,7 +522,8 @@ impl Allocator {
         server: &ServerId,
         id: &RequestId,
     ) -> Result<Outcome, OpError> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("release of {server} from {c}");
+        self.with_retries(what, |_| async move {
             let mut cluster = self.load_cluster(c).await?;
             let min = cluster.value.policy.min_size;
             let active = cluster.value.active();
@@ -522,7 +535,7 @@ impl Allocator {
                     .await?
                     .is_some_and(|s| s.value.last_request.as_ref() == Some(id));
                 if done {
-                    return Ok(applied(server));
+                    return Ok(Done(applied(server)));
                 }
                 return Err(reject(
                     codes::NOT_A_MEMBER,
@@ -530,12 +543,10 @@ impl Allocator {
                 ));
             };
             match entry.state {
-                MemberState::Joining => {
-                    return Err(reject(
-                        codes::NOT_A_MEMBER,
-                        format!("{server} is still joining {c}"),
-                    ))
-                }
+                MemberState::Joining => Err(reject(
+                    codes::NOT_A_MEMBER,
+                    format!("{server} is still joining {c}"),
+                )),
                 MemberState::Draining => {
                     let deadline = entry.since_ms.saturating_add(timeout);
                     if entry.drain_request.as_ref() == Some(id) {
@@ -543,7 +554,7 @@ impl Allocator {
                     }
                     // Draining already, by this request or another: the
                     // state asked for holds.
-                    return Ok(applied(server));
+                    Ok(Done(applied(server)))
                 }
                 MemberState::Active => {
                     if active <= min as usize {
@@ -556,23 +567,14 @@ impl Allocator {
                     entry.drain_request = Some(id.clone());
                     entry.since_ms = now_ms();
                     let deadline = entry.since_ms.saturating_add(timeout);
-                    match self
-                        .commit_cluster(&mut cluster.value, cluster.revision, Some(id))
-                        .await
-                    {
-                        Ok(_) => {
-                            self.drain_server(c, server, deadline, id).await?;
-                            return Ok(applied(server));
-                        }
-                        Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                        Err(err) => return Err(err.into()),
-                    }
+                    self.commit_cluster(&mut cluster.value, cluster.revision, Some(id))
+                        .await?;
+                    self.drain_server(c, server, deadline, id).await?;
+                    Ok(Done(applied(server)))
                 }
             }
-        }
-        Err(OpError::Contended {
-            what: format!("release of {server} from {c}"),
         })
+        .await
     }
 
     /// Marks the server record draining and tells the server and the log.
@@ -583,14 +585,15 @@ impl Allocator {
         deadline_ms: u64,
         id: &RequestId,
     ) -> Result<(), OpError> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("drain of {server}");
+        self.with_retries(what, |_| async move {
             let Some(current) = self.store.server(server).await? else {
-                return Ok(());
+                return Ok(Done(()));
             };
             match &current.value.state {
                 ServerState::Allocated { cluster } if cluster == c => {}
                 // Already draining, or no longer ours to drain.
-                _ => return Ok(()),
+                _ => return Ok(Done(())),
             }
             let mut draining = current.value.clone();
             draining.state = ServerState::Draining {
@@ -599,29 +602,22 @@ impl Allocator {
             };
             draining.last_request = Some(id.clone());
             draining.updated_ms = now_ms();
-            match self.store.put_server(&draining, current.revision).await {
-                Ok(_) => {
-                    info!(%server, cluster = %c, deadline_ms, "draining");
-                    self.notify(server, c, Assignment::Draining { deadline_ms }, Some(id))
-                        .await;
-                    self.event(
-                        EventKind::DrainStarted,
-                        Some(c),
-                        Some(server),
-                        Some(id),
-                        format!("{server} draining from {c}"),
-                        format!("{id}.{server}.drain"),
-                    )
-                    .await;
-                    return Ok(());
-                }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("drain of {server}"),
+            self.store.put_server(&draining, current.revision).await?;
+            info!(%server, cluster = %c, deadline_ms, "draining");
+            self.notify(server, c, Assignment::Draining { deadline_ms }, Some(id))
+                .await;
+            self.event(
+                EventKind::DrainStarted,
+                Some(c),
+                Some(server),
+                Some(id),
+                format!("{server} draining from {c}"),
+                format!("{id}.{server}.drain"),
+            )
+            .await;
+            Ok(Done(()))
         })
+        .await
     }
 
     /// Completes a drain: the entry goes, then the server returns to the
@@ -644,42 +640,36 @@ impl Allocator {
         }
         self.drop_entry(c, server, |m| m.state == MemberState::Draining)
             .await?;
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("return of {server} to the pool");
+        self.with_retries(what, |_| async move {
             let Some(current) = self.store.server(server).await? else {
-                return Ok(false);
+                return Ok(Done(false));
             };
             if !matches!(&current.value.state, ServerState::Draining { cluster, .. } if cluster == c)
             {
-                return Ok(false);
+                return Ok(Done(false));
             }
             let mut freed = current.value.clone();
             freed.state = ServerState::Free;
             freed.last_cluster = Some(c.clone());
             freed.updated_ms = now_ms();
-            match self.store.put_server(&freed, current.revision).await {
-                Ok(revision) => {
-                    info!(why, "released to the pool");
-                    let request = current.value.last_request.clone();
-                    self.notify(server, c, Assignment::Released, request.as_ref())
-                        .await;
-                    self.event(
-                        EventKind::Released,
-                        Some(c),
-                        Some(server),
-                        request.as_ref(),
-                        format!("{server} back in the pool ({why})"),
-                        format!("{server}.{revision}.released"),
-                    )
-                    .await;
-                    return Ok(true);
-                }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("return of {server} to the pool"),
+            let revision = self.store.put_server(&freed, current.revision).await?;
+            info!(why, "released to the pool");
+            let request = current.value.last_request.clone();
+            self.notify(server, c, Assignment::Released, request.as_ref())
+                .await;
+            self.event(
+                EventKind::Released,
+                Some(c),
+                Some(server),
+                request.as_ref(),
+                format!("{server} back in the pool ({why})"),
+                format!("{server}.{revision}.released"),
+            )
+            .await;
+            Ok(Done(true))
         })
+        .await
     }
 
     async fn replace(
@@ -689,41 +679,36 @@ impl Allocator {
         id: &RequestId,
     ) -> Result<Outcome, OpError> {
         self.load_cluster(c).await?;
-        let mut removed = false;
-        for attempt in 0..MAX_ATTEMPTS {
-            let current = self.store.server(server).await?.ok_or_else(|| {
-                reject(codes::UNKNOWN_SERVER, format!("no server named {server}"))
-            })?;
-            let ours = current.value.state.cluster() == Some(c);
-            let done = matches!(current.value.state, ServerState::OutOfService { .. })
-                && current.value.last_request.as_ref() == Some(id);
-            if done {
-                break;
-            }
-            if !ours {
-                return Err(reject(
-                    codes::NOT_A_MEMBER,
-                    format!("{server} is not a member of {c}"),
-                ));
-            }
-            // Out of service first: it can then never be allocated
-            // elsewhere while the entry still lists it.
-            let mut out = current.value.clone();
-            out.state = ServerState::OutOfService {
-                reason: format!("replaced in {c} by request {id}"),
-            };
-            out.last_request = Some(id.clone());
-            out.last_cluster = Some(c.clone());
-            out.updated_ms = now_ms();
-            match self.store.put_server(&out, current.revision).await {
-                Ok(_) => {
-                    removed = true;
-                    break;
+        let what = || format!("taking {server} out of service");
+        let removed = self
+            .with_retries(what, |_| async move {
+                let current = self.store.server(server).await?.ok_or_else(|| {
+                    reject(codes::UNKNOWN_SERVER, format!("no server named {server}"))
+                })?;
+                let done = matches!(current.value.state, ServerState::OutOfService { .. })
+                    && current.value.last_request.as_ref() == Some(id);
+                if done {
+                    return Ok(Done(false));
                 }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
+                if current.value.state.cluster() != Some(c) {
+                    return Err(reject(
+                        codes::NOT_A_MEMBER,
+                        format!("{server} is not a member of {c}"),
+                    ));
+                }
+                // Out of service first: it can then never be allocated
+                // elsewhere while the entry still lists it.
+                let mut out = current.value.clone();
+                out.state = ServerState::OutOfService {
+                    reason: format!("replaced in {c} by request {id}"),
+                };
+                out.last_request = Some(id.clone());
+                out.last_cluster = Some(c.clone());
+                out.updated_ms = now_ms();
+                self.store.put_server(&out, current.revision).await?;
+                Ok(Done(true))
+            })
+            .await?;
         self.drop_entry(c, server, |_| true).await?;
         if removed {
             warn!(%server, cluster = %c, "out of service");
@@ -762,7 +747,8 @@ impl Allocator {
                 format!("weight {weight} is not between 0 and 100"),
             ));
         }
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("reweight of {server}");
+        self.with_retries(what, |_| async move {
             let mut cluster = self.load_cluster(c).await?;
             let Some(entry) = cluster.value.member_mut(server) else {
                 return Err(reject(
@@ -777,32 +763,23 @@ impl Allocator {
                 ));
             }
             if (entry.weight - weight).abs() < f64::EPSILON {
-                return Ok(applied(server));
+                return Ok(Done(applied(server)));
             }
             entry.weight = weight;
-            match self
-                .commit_cluster(&mut cluster.value, cluster.revision, Some(id))
-                .await
-            {
-                Ok(_) => {
-                    self.event(
-                        EventKind::Reweighted,
-                        Some(c),
-                        Some(server),
-                        Some(id),
-                        format!("{server} weight {weight}"),
-                        format!("{id}.reweight"),
-                    )
-                    .await;
-                    return Ok(applied(server));
-                }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("reweight of {server}"),
+            self.commit_cluster(&mut cluster.value, cluster.revision, Some(id))
+                .await?;
+            self.event(
+                EventKind::Reweighted,
+                Some(c),
+                Some(server),
+                Some(id),
+                format!("{server} weight {weight}"),
+                format!("{id}.reweight"),
+            )
+            .await;
+            Ok(Done(applied(server)))
         })
+        .await
     }
 
     /// Allocates until `c` reaches its minimum size, under one request id
@@ -828,9 +805,10 @@ impl Allocator {
         if reg.address.trim().is_empty() || reg.port == 0 {
             return Err(reject(codes::INVALID, "address and port are required"));
         }
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("registration of {}", reg.id);
+        self.with_retries(what, |_| async move {
             let existing = self.store.server(&reg.id).await?;
-            let (mut record, revision) = match existing {
+            let (record, revision) = match existing {
                 None => (
                     ServerRecord {
                         v: SCHEMA_VERSION,
@@ -850,9 +828,12 @@ impl Allocator {
                         && current.value.port == reg.port
                         && current.value.request_types == reg.request_types;
                     match current.value.state {
-                        ServerState::Free if same => return Ok(current.value),
-                        ServerState::Allocated { .. } | ServerState::Draining { .. } if same => {
-                            return Ok(current.value)
+                        ServerState::Free
+                        | ServerState::Allocated { .. }
+                        | ServerState::Draining { .. }
+                            if same =>
+                        {
+                            return Ok(Done(current.value))
                         }
                         ServerState::Allocated { .. } | ServerState::Draining { .. } => {
                             return Err(reject(
@@ -875,31 +856,23 @@ impl Allocator {
                     (record, current.revision)
                 }
             };
-            match self.store.put_server(&record, revision).await {
-                Ok(rev) => {
-                    info!(server = %record.id, address = %record.address, port = record.port, "registered");
-                    self.event(
-                        EventKind::Registered,
-                        None,
-                        Some(&record.id),
-                        None,
-                        format!(
-                            "{}:{} serves {:?}",
-                            record.address, record.port, record.request_types
-                        ),
-                        format!("{}.{rev}.registered", record.id),
-                    )
-                    .await;
-                    record.updated_ms = now_ms();
-                    return Ok(record);
-                }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("registration of {}", reg.id),
+            let rev = self.store.put_server(&record, revision).await?;
+            info!(server = %record.id, address = %record.address, port = record.port, "registered");
+            self.event(
+                EventKind::Registered,
+                None,
+                Some(&record.id),
+                None,
+                format!(
+                    "{}:{} serves {:?}",
+                    record.address, record.port, record.request_types
+                ),
+                format!("{}.{rev}.registered", record.id),
+            )
+            .await;
+            Ok(Done(record))
         })
+        .await
     }
 
     /// Removes a free or out-of-service server from Headroom.
@@ -907,7 +880,8 @@ impl Allocator {
     /// # Errors
     /// [`OpError::Rejected`] when it is unknown or in use.
     pub async fn deregister(&self, server: &ServerId) -> Result<(), OpError> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("deregistration of {server}");
+        self.with_retries(what, |_| async move {
             let current = self.store.server(server).await?.ok_or_else(|| {
                 reject(codes::UNKNOWN_SERVER, format!("no server named {server}"))
             })?;
@@ -920,26 +894,19 @@ impl Allocator {
                     ),
                 ));
             }
-            match self.store.delete_server(server, current.revision).await {
-                Ok(()) => {
-                    self.event(
-                        EventKind::Deregistered,
-                        None,
-                        Some(server),
-                        None,
-                        String::new(),
-                        format!("{server}.{}.deregistered", current.revision),
-                    )
-                    .await;
-                    return Ok(());
-                }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("deregistration of {server}"),
+            self.store.delete_server(server, current.revision).await?;
+            self.event(
+                EventKind::Deregistered,
+                None,
+                Some(server),
+                None,
+                String::new(),
+                format!("{server}.{}.deregistered", current.revision),
+            )
+            .await;
+            Ok(Done(()))
         })
+        .await
     }
 
     /// Creates a cluster or replaces its policy, keeping its members, then
@@ -955,30 +922,27 @@ impl Allocator {
         policy
             .validate()
             .map_err(|e| reject(codes::INVALID, e.to_string()))?;
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("policy of {c}");
+        self.with_retries(what, |_| async move {
             let (mut record, revision) = match self.store.cluster(c).await? {
                 Some(current) => (current.value, current.revision),
                 None => (ClusterRecord::new(c.clone(), policy.clone(), now_ms()), 0),
             };
             record.policy = policy.clone();
-            match self.commit_cluster(&mut record, revision, None).await {
-                Ok(rev) => {
-                    info!(cluster = %c, min = policy.min_size, max = policy.max_size, "policy set");
-                    self.event(
-                        EventKind::PolicyUpdated,
-                        Some(c),
-                        None,
-                        None,
-                        format!("min {} max {}", policy.min_size, policy.max_size),
-                        format!("{c}.{rev}.policy"),
-                    )
-                    .await;
-                    break;
-                }
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
+            let rev = self.commit_cluster(&mut record, revision, None).await?;
+            info!(cluster = %c, min = policy.min_size, max = policy.max_size, "policy set");
+            self.event(
+                EventKind::PolicyUpdated,
+                Some(c),
+                None,
+                None,
+                format!("min {} max {}", policy.min_size, policy.max_size),
+                format!("{c}.{rev}.policy"),
+            )
+            .await;
+            Ok(Done(()))
+        })
+        .await?;
         if let Outcome::Applied {
             error: Some(error), ..
         } = self.fill_to_min(c).await?
@@ -1084,36 +1048,30 @@ impl Allocator {
     }
 
     async fn mark_entry_draining(&self, c: &ClusterId, server: &ServerId) -> Result<bool, OpError> {
-        for attempt in 0..MAX_ATTEMPTS {
+        let what = || format!("drain of {server}");
+        self.with_retries(what, |_| async move {
             let Some(current) = self.store.server(server).await? else {
-                return Ok(false);
+                return Ok(Done(false));
             };
             if !matches!(&current.value.state, ServerState::Draining { cluster, .. } if cluster == c)
             {
-                return Ok(false);
+                return Ok(Done(false));
             }
             let mut cluster = self.load_cluster(c).await?;
             let Some(entry) = cluster.value.member_mut(server) else {
-                return Ok(false);
+                return Ok(Done(false));
             };
             if entry.state == MemberState::Draining {
-                return Ok(false);
+                return Ok(Done(false));
             }
             entry.state = MemberState::Draining;
             entry.drain_request = current.value.last_request.clone();
             entry.since_ms = now_ms();
-            match self
-                .commit_cluster(&mut cluster.value, cluster.revision, None)
-                .await
-            {
-                Ok(_) => return Ok(true),
-                Err(StoreError::Conflict { .. }) => self.conflict(attempt).await,
-                Err(err) => return Err(err.into()),
-            }
-        }
-        Err(OpError::Contended {
-            what: format!("drain of {server}"),
+            self.commit_cluster(&mut cluster.value, cluster.revision, None)
+                .await?;
+            Ok(Done(true))
         })
+        .await
     }
 }
 
