@@ -323,6 +323,28 @@ impl ClusterPolicy {
     }
 }
 
+/// What a request did to a member, remembered in the cluster record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberChange {
+    Allocated,
+    DrainStarted,
+}
+
+/// One entry of a cluster's log of recent member changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecentChange {
+    pub request: RequestId,
+    pub server: ServerId,
+    pub change: MemberChange,
+}
+
+/// How many member changes a cluster record remembers. A request delivered
+/// again recognises its own earlier work here even after the members it
+/// added have left; this many later changes to the same cluster within one
+/// redelivery delay would be needed to forget it.
+pub const RECENT_CHANGES: usize = 128;
+
 /// A cluster, in `headroom-clusters`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterRecord {
@@ -335,6 +357,10 @@ pub struct ClusterRecord {
     /// Grows by one on every change of this record; membership messages
     /// carry it so a receiver can see that it missed one.
     pub generation: u64,
+    /// The last [`RECENT_CHANGES`] allocations and drains, oldest first,
+    /// written in the same compare-and-set as the change itself.
+    #[serde(default)]
+    pub recent: Vec<RecentChange>,
     pub updated_ms: u64,
 }
 impl Message for ClusterRecord {
@@ -352,8 +378,47 @@ impl ClusterRecord {
             policy,
             members: Vec::new(),
             generation: 0,
+            recent: Vec::new(),
             updated_ms: now_ms,
         }
+    }
+
+    /// Remembers that `request` made `change` to `server`.
+    pub fn remember(&mut self, request: &RequestId, server: &ServerId, change: MemberChange) {
+        self.recent.push(RecentChange {
+            request: request.clone(),
+            server: server.clone(),
+            change,
+        });
+        let excess = self.recent.len().saturating_sub(RECENT_CHANGES);
+        self.recent.drain(..excess);
+    }
+
+    /// Whether `request` made `change` to `server` recently.
+    pub fn remembers(&self, request: &RequestId, server: &ServerId, change: MemberChange) -> bool {
+        self.recent
+            .iter()
+            .any(|r| &r.request == request && &r.server == server && r.change == change)
+    }
+
+    /// The servers `request` allocated to this cluster: those it added that
+    /// are still listed (joining included), and those that have left since.
+    pub fn allocated_by(&self, request: &RequestId) -> Vec<ServerId> {
+        let mut servers: Vec<ServerId> = self
+            .members
+            .iter()
+            .filter(|m| &m.request == request)
+            .map(|m| m.server.clone())
+            .collect();
+        for r in &self.recent {
+            if &r.request == request
+                && r.change == MemberChange::Allocated
+                && !servers.contains(&r.server)
+            {
+                servers.push(r.server.clone());
+            }
+        }
+        servers
     }
 
     pub fn member(&self, server: &ServerId) -> Option<&Member> {
@@ -503,6 +568,29 @@ mod tests {
             ..ClusterPolicy::default()
         };
         assert_eq!(policy.request_types(), vec!["static", "api"]);
+    }
+
+    #[test]
+    fn a_request_remembers_members_that_have_left() {
+        let mut cluster = ClusterRecord::new(
+            ClusterId::new("c").expect("id"),
+            ClusterPolicy::default(),
+            0,
+        );
+        let r = RequestId::new("r").expect("id");
+        let s = |n: u32| ServerId::new(format!("s{n}")).expect("id");
+        cluster.remember(&r, &s(1), MemberChange::Allocated);
+        cluster.remember(&r, &s(2), MemberChange::DrainStarted);
+        assert_eq!(cluster.allocated_by(&r), vec![s(1)]);
+        assert!(cluster.remembers(&r, &s(2), MemberChange::DrainStarted));
+        for n in 0..RECENT_CHANGES as u32 {
+            cluster.remember(&RequestId::random(), &s(n), MemberChange::Allocated);
+        }
+        assert_eq!(cluster.recent.len(), RECENT_CHANGES);
+        assert!(
+            cluster.allocated_by(&r).is_empty(),
+            "the oldest are forgotten"
+        );
     }
 
     #[test]

@@ -368,7 +368,7 @@ async fn crashes_at_random_points_lose_no_request_and_keep_invariants() {
 
     let mut rng = rand::rng();
     let mut sent = Vec::new();
-    let trials = 20;
+    let trials = 40;
     for trial in 0..trials {
         let allocator = RunningAllocator::start(&nats, &format!("alloc-{trial}")).await;
         let snapshot = Snapshot::read(&js).await;

@@ -24,7 +24,8 @@ use async_nats::jetstream;
 use headroom_shared::bus;
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{
-    ClusterPolicy, ClusterRecord, Member, MemberState, Outcome, ServerRecord, ServerState,
+    ClusterPolicy, ClusterRecord, Member, MemberChange, MemberState, Outcome, ServerRecord,
+    ServerState,
 };
 use headroom_shared::subjects;
 use headroom_shared::wire::{
@@ -298,13 +299,7 @@ impl Allocator {
                 self.settle_own_joining(c, &joining.server, id).await?;
                 return Ok(Retry);
             }
-            let mine: Vec<ServerId> = cluster
-                .value
-                .members
-                .iter()
-                .filter(|m| &m.request == id)
-                .map(|m| m.server.clone())
-                .collect();
+            let mine = cluster.value.allocated_by(id);
             let size = u32::try_from(cluster.value.size()).unwrap_or(u32::MAX);
             let policy = &cluster.value.policy;
             let (reached, wanted) = match goal {
@@ -443,6 +438,9 @@ impl Allocator {
             entry.state = MemberState::Active;
             entry.since_ms = now_ms();
             let request = entry.request.clone();
+            cluster
+                .value
+                .remember(&request, server, MemberChange::Allocated);
             self.commit_cluster(&mut cluster.value, cluster.revision, cause)
                 .await?;
             info!(%server, cluster = %c, "allocated");
@@ -528,13 +526,11 @@ impl Allocator {
             let min = cluster.value.policy.min_size;
             let active = cluster.value.active();
             let timeout = cluster.value.policy.drain_timeout_ms;
+            let released_before = cluster
+                .value
+                .remembers(id, server, MemberChange::DrainStarted);
             let Some(entry) = cluster.value.member_mut(server) else {
-                let done = self
-                    .store
-                    .server(server)
-                    .await?
-                    .is_some_and(|s| s.value.last_request.as_ref() == Some(id));
-                if done {
+                if released_before {
                     return Ok(Done(applied(server)));
                 }
                 return Err(reject(
@@ -567,6 +563,9 @@ impl Allocator {
                     entry.drain_request = Some(id.clone());
                     entry.since_ms = now_ms();
                     let deadline = entry.since_ms.saturating_add(timeout);
+                    cluster
+                        .value
+                        .remember(id, server, MemberChange::DrainStarted);
                     self.commit_cluster(&mut cluster.value, cluster.revision, Some(id))
                         .await?;
                     self.drain_server(c, server, deadline, id).await?;
