@@ -79,8 +79,10 @@ pub async fn run(
     ));
     info!(instance = %settings.instance, "allocator starting");
 
-    // Whatever a crash left half-done is repaired before new work starts.
-    reconcile_once(&allocator, Duration::ZERO).await;
+    // Repair what a crash left half-done before taking new work. Work
+    // younger than `repair_after` may belong to a live peer: it is left to
+    // that peer, or to the redelivery of its request.
+    reconcile_once(&allocator, settings.repair_after).await;
 
     let stop = shutdown.child_token();
     let mut tasks: JoinSet<Result<&'static str, AllocatorError>> = JoinSet::new();
