@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
+use rand::Rng;
 
 use crate::config::NatsConfig;
 
@@ -64,12 +65,7 @@ pub fn reconnect_delay(attempts: usize, cap: Duration) -> Duration {
     let base = Duration::from_millis(100).saturating_mul(2u32.saturating_pow(exp));
     let base = base.min(cap);
     let jitter_ms = u64::try_from(base.as_millis() / 5).unwrap_or(0);
-    let jitter = if jitter_ms == 0 {
-        0
-    } else {
-        u64::from(nuid::next().as_bytes()[0]) % jitter_ms
-    };
-    base + Duration::from_millis(jitter)
+    base + Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
 }
 
 async fn options(

@@ -86,17 +86,21 @@ pub async fn run(
 
     let stop = shutdown.child_token();
     let mut tasks: JoinSet<Result<&'static str, AllocatorError>> = JoinSet::new();
-    tasks.spawn(
-        requests::serve(
-            allocator.clone(),
-            consumer,
-            settings.max_in_flight,
-            stop.clone(),
-        )
-        .map_ok_named("requests"),
-    );
-    tasks
-        .spawn(admin::serve(allocator.clone(), client.clone(), stop.clone()).map_ok_named("admin"));
+    {
+        let (allocator, stop) = (allocator.clone(), stop.clone());
+        let max_in_flight = settings.max_in_flight;
+        tasks.spawn(async move {
+            requests::serve(allocator, consumer, max_in_flight, stop).await?;
+            Ok("requests")
+        });
+    }
+    {
+        let (allocator, client, stop) = (allocator.clone(), client.clone(), stop.clone());
+        tasks.spawn(async move {
+            admin::serve(allocator, client, stop).await?;
+            Ok("admin")
+        });
+    }
     tasks.spawn(reconcile_loop(
         allocator.clone(),
         settings.reconcile_interval,
@@ -136,22 +140,6 @@ pub async fn run(
     match failure {
         Some(err) => Err(err),
         None => Ok(()),
-    }
-}
-
-trait NamedTask {
-    fn map_ok_named(
-        self,
-        name: &'static str,
-    ) -> impl std::future::Future<Output = Result<&'static str, AllocatorError>> + Send;
-}
-
-impl<F> NamedTask for F
-where
-    F: std::future::Future<Output = Result<(), AllocatorError>> + Send,
-{
-    async fn map_ok_named(self, name: &'static str) -> Result<&'static str, AllocatorError> {
-        self.await.map(|()| name)
     }
 }
 
