@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs Headroom locally: a nats-server with JetStream (the pinned binary,
 # fetched when missing; store under target/run/) and the allocator.
-# Ctrl-C stops both. Extra arguments go to the allocator's environment, e.g.
+# Ctrl-C stops both. NATS_PORT picks the client port (4222). Extra arguments
+# go to the allocator's environment, e.g.
 #   scripts/run.sh HEADROOM_TELEMETRY__FORMAT=json
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 nats_server="$(./scripts/fetch-nats-server.sh)"
-port="${HEADROOM_NATS_PORT:-4222}"
+port="${NATS_PORT:-4222}"
 mkdir -p target/run
 "$nats_server" -c nats/nats.conf -a 127.0.0.1 -p "$port" -m 8222 -sd target/run/jetstream \
   -l target/run/nats.log &
