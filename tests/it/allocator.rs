@@ -58,12 +58,12 @@ async fn next<T: headroom_shared::Message>(sub: &mut async_nats::Subscriber) -> 
 
 #[tokio::test]
 async fn fills_to_min_allocates_releases_and_allocates_the_released_server_again() {
-    headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let js = jetstream::new(client.clone());
-    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
-    wait_for_admin(&client).await;
+    let Stack {
+        nats: _nats,
+        client,
+        js,
+        allocator,
+    } = Stack::start().await;
 
     for i in 1..=5 {
         register(&client, &format!("s{i}"), &["static"]).await;
@@ -198,12 +198,12 @@ async fn fills_to_min_allocates_releases_and_allocates_the_released_server_again
 
 #[tokio::test]
 async fn a_drain_that_never_reports_ends_at_its_deadline() {
-    headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let js = jetstream::new(client.clone());
-    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
-    wait_for_admin(&client).await;
+    let Stack {
+        nats: _nats,
+        client,
+        js,
+        allocator,
+    } = Stack::start().await;
     register(&client, "a", &[]).await;
     register(&client, "b", &[]).await;
     put_cluster(&client, "web", policy(1, 2))
@@ -415,12 +415,12 @@ async fn crashes_at_random_points_lose_no_request_and_keep_invariants() {
 
 #[tokio::test]
 async fn bad_input_gets_a_clear_error_event_and_changes_nothing() {
-    headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let js = jetstream::new(client.clone());
-    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
-    wait_for_admin(&client).await;
+    let Stack {
+        nats: _nats,
+        client,
+        js,
+        allocator,
+    } = Stack::start().await;
     register(&client, "a", &["static"]).await;
     register(&client, "b", &["static"]).await;
     put_cluster(&client, "web", policy(1, 1))
@@ -565,11 +565,12 @@ async fn bad_input_gets_a_clear_error_event_and_changes_nothing() {
 
 #[tokio::test]
 async fn admin_speaks_json_and_xml_and_is_discoverable() {
-    headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
-    wait_for_admin(&client).await;
+    let Stack {
+        nats: _nats,
+        client,
+        js,
+        allocator,
+    } = Stack::start().await;
 
     let registered: headroom_shared::kv::ServerRecord = admin(
         &client,
@@ -649,7 +650,6 @@ async fn admin_speaks_json_and_xml_and_is_discoverable() {
     })
     .await
     .expect("drain queued");
-    let js = jetstream::new(client.clone());
     let done = wait_outcome(&js, &queued.request).await;
     assert!(
         matches!(&done.outcome, Outcome::Rejected { error } if error.code == codes::NOT_A_MEMBER),
@@ -660,12 +660,12 @@ async fn admin_speaks_json_and_xml_and_is_discoverable() {
 
 #[tokio::test]
 async fn replace_reweight_and_deregister() {
-    headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let js = jetstream::new(client.clone());
-    let allocator = RunningAllocator::start(&nats, "alloc-1").await;
-    wait_for_admin(&client).await;
+    let Stack {
+        nats: _nats,
+        client,
+        js,
+        allocator,
+    } = Stack::start().await;
     for id in ["a", "b", "c"] {
         register(&client, id, &[]).await;
     }

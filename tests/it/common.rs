@@ -59,6 +59,32 @@ impl RunningAllocator {
     }
 }
 
+/// A nats-server, a client on it, and one allocator serving.
+pub struct Stack {
+    /// Kept alive for the test's duration; dropping it kills the server.
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub allocator: RunningAllocator,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        headroom_shared::telemetry::init_for_tests();
+        let nats = NatsServer::start().await.expect("nats-server");
+        let client = nats.client().await.expect("connect");
+        let js = jetstream::new(client.clone());
+        let allocator = RunningAllocator::start(&nats, "alloc-1").await;
+        wait_for_admin(&client).await;
+        Self {
+            nats,
+            client,
+            js,
+            allocator,
+        }
+    }
+}
+
 /// Calls an admin endpoint; on error returns (stable code, message).
 pub async fn admin<Req: Message, Resp: Message>(
     client: &async_nats::Client,
