@@ -17,7 +17,7 @@
 //! lost race re-reads and decides again. Each write carries the request id,
 //! so a redelivered request recognises what it already did.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -36,7 +36,7 @@ use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
 use rand::Rng;
 use tracing::{debug, info, instrument, warn};
 
-use crate::placement::{rank_candidates, Repair};
+use crate::placement::{plan_repairs, rank_candidates, Repair};
 use crate::store::{Store, StoreError, Versioned};
 
 /// Compare-and-set attempts before a step gives up and the request is
@@ -79,22 +79,12 @@ enum Goal {
     MinSize,
 }
 
-/// Counters the reconciler and tests read.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub applied: AtomicU64,
-    pub rejected: AtomicU64,
-    pub repairs: AtomicU64,
-    pub conflicts: AtomicU64,
-}
-
 /// The allocator's handle on KV and the bus.
 pub struct Allocator {
     pub(crate) store: Store,
     pub(crate) js: jetstream::Context,
     client: async_nats::Client,
     instance: String,
-    pub counters: Counters,
 }
 
 async fn backoff(attempt: u32) {
@@ -117,7 +107,6 @@ impl Allocator {
             js,
             client,
             instance,
-            counters: Counters::default(),
         }
     }
 
@@ -141,11 +130,7 @@ impl Allocator {
         for n in 0..MAX_ATTEMPTS {
             match attempt(n).await {
                 Ok(Done(value)) => return Ok(value),
-                Ok(Retry) => backoff(n).await,
-                Err(OpError::Store(StoreError::Conflict { .. })) => {
-                    self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                    backoff(n).await;
-                }
+                Ok(Retry) | Err(OpError::Store(StoreError::Conflict { .. })) => backoff(n).await,
                 Err(err) => return Err(err),
             }
         }
@@ -953,31 +938,46 @@ impl Allocator {
 
     // ---- repairs ----
 
-    /// Applies one repair after checking, on fresh state, that it is still
-    /// needed. Returns whether it changed anything.
+    /// Applies one repair after asking the planner again, on freshly read
+    /// records, whether it is still needed: the rules of what needs repair
+    /// live only in [`crate::placement::plan_repairs`]. Returns whether it
+    /// changed anything.
     ///
     /// # Errors
     /// As [`Allocator::apply`].
     pub async fn repair(&self, repair: &Repair, repair_after_ms: u64) -> Result<bool, OpError> {
+        if let Repair::FillToMin { cluster, .. } = repair {
+            // Filling re-reads and re-checks the size on every step itself.
+            let before = self.load_cluster(cluster).await?.value.size();
+            match self.fill_to_min(cluster).await {
+                Ok(_) | Err(OpError::Rejected(_)) => {}
+                Err(err) => return Err(err),
+            }
+            return Ok(self.load_cluster(cluster).await?.value.size() != before);
+        }
+        let (cluster, server) = self.fresh(repair).await?;
+        let still_needed = plan_repairs(
+            cluster.as_slice(),
+            server.as_slice(),
+            now_ms(),
+            repair_after_ms,
+        )
+        .contains(repair);
+        if !still_needed {
+            return Ok(false);
+        }
+        let entry = |s: &ServerId| cluster.as_ref().and_then(|c| c.member(s)).cloned();
         let changed = match repair {
             Repair::CommitJoining { cluster, server } => {
                 self.commit_joining(cluster, server, None).await?;
                 true
             }
             Repair::DropEntry { cluster, server } => {
-                let record = self.store.server(server).await?.map(|s| s.value.state);
-                let now = now_ms();
-                self.drop_entry(cluster, server, |m| {
-                    let tied = record.as_ref().and_then(ServerState::cluster) == Some(cluster);
-                    match m.state {
-                        MemberState::Joining => {
-                            now.saturating_sub(m.since_ms) >= repair_after_ms
-                                && !matches!(&record, Some(ServerState::Allocated { .. }) if tied)
-                        }
-                        MemberState::Active | MemberState::Draining => !tied,
-                    }
-                })
-                .await?
+                // Only the entry version the planner judged: if it moved on
+                // since (committed, drained), it is no longer ours to drop.
+                let judged = entry(server).map(|m| (m.state, m.since_ms));
+                self.drop_entry(cluster, server, |m| Some((m.state, m.since_ms)) == judged)
+                    .await?
             }
             Repair::MarkEntryDraining { cluster, server } => {
                 self.mark_entry_draining(cluster, server).await?
@@ -987,50 +987,25 @@ impl Allocator {
                 server,
                 deadline_ms,
             } => {
-                let c = self.load_cluster(cluster).await?;
-                match c.value.member(server) {
-                    Some(m) if m.state == MemberState::Draining => {
-                        let id = m.drain_request.clone().unwrap_or_else(RequestId::random);
-                        self.drain_server(cluster, server, *deadline_ms, &id)
-                            .await?;
-                        true
-                    }
-                    _ => false,
-                }
+                let id = entry(server)
+                    .and_then(|m| m.drain_request)
+                    .unwrap_or_else(RequestId::random);
+                self.drain_server(cluster, server, *deadline_ms, &id)
+                    .await?;
+                true
             }
             Repair::FinishDrain { cluster, server } => {
-                self.finish_drain(cluster, server, "drain deadline").await?
+                return self.finish_drain(cluster, server, "drain deadline").await;
             }
-            Repair::FreeOrphan { server } => {
-                let current = self.store.server(server).await?;
-                match current.map(|s| s.value) {
-                    Some(ServerRecord {
-                        state: ServerState::Allocated { cluster },
-                        updated_ms,
-                        ..
-                    }) if now_ms().saturating_sub(updated_ms) >= repair_after_ms => {
-                        self.free_orphan(server, &cluster).await?
-                    }
-                    _ => false,
+            Repair::FreeOrphan { server: s } => {
+                match server.as_ref().and_then(|r| r.state.cluster()) {
+                    Some(c) => self.free_orphan(s, c).await?,
+                    None => false,
                 }
             }
-            Repair::FillToMin { cluster, .. } => {
-                let before = self.load_cluster(cluster).await?.value.size();
-                match self.fill_to_min(cluster).await {
-                    Ok(_) => {}
-                    Err(OpError::Rejected(_)) => {}
-                    Err(err) => return Err(err),
-                }
-                self.load_cluster(cluster).await?.value.size() != before
-            }
+            Repair::FillToMin { .. } => false,
         };
-        if changed
-            && !matches!(
-                repair,
-                Repair::FillToMin { .. } | Repair::FinishDrain { .. }
-            )
-        {
-            self.counters.repairs.fetch_add(1, Ordering::Relaxed);
+        if changed {
             warn!(?repair, "repaired half-done state");
             let (cluster, server) = repair_subject(repair);
             self.event(
@@ -1044,6 +1019,27 @@ impl Allocator {
             .await;
         }
         Ok(changed)
+    }
+
+    /// The records a repair concerns, read now: its server, and its cluster
+    /// (for a server-only repair, the cluster the server record names).
+    async fn fresh(
+        &self,
+        repair: &Repair,
+    ) -> Result<(Option<ClusterRecord>, Option<ServerRecord>), OpError> {
+        let (cluster, server) = repair_subject(repair);
+        let server = match server {
+            Some(id) => self.store.server(id).await?.map(|v| v.value),
+            None => None,
+        };
+        let cluster = cluster
+            .cloned()
+            .or_else(|| server.as_ref().and_then(|s| s.state.cluster().cloned()));
+        let cluster = match cluster {
+            Some(id) => self.store.cluster(&id).await?.map(|v| v.value),
+            None => None,
+        };
+        Ok((cluster, server))
     }
 
     async fn mark_entry_draining(&self, c: &ClusterId, server: &ServerId) -> Result<bool, OpError> {

@@ -6,7 +6,6 @@
 //! the ledger (and the request id on every KV write) make that redelivery a
 //! no-op, so each request is applied at most once and none is lost.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,7 +92,6 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
         Ok(request) => request,
         Err(err) => {
             warn!(%err, subject = %message.subject, "rejected a malformed request");
-            allocator.counters.rejected.fetch_add(1, Ordering::Relaxed);
             let seq = message
                 .info()
                 .map(|i| i.stream_sequence)
@@ -172,14 +170,8 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
         }
     };
     let error = match &stands.outcome {
-        Outcome::Rejected { error } => {
-            allocator.counters.rejected.fetch_add(1, Ordering::Relaxed);
-            Some(error)
-        }
-        Outcome::Applied { error, .. } => {
-            allocator.counters.applied.fetch_add(1, Ordering::Relaxed);
-            error.as_ref()
-        }
+        Outcome::Rejected { error } => Some(error),
+        Outcome::Applied { error, .. } => error.as_ref(),
     };
     if let Some(error) = error {
         warn!(request = %request.id, %error, "request not (fully) applied");

@@ -237,7 +237,8 @@ impl Store {
         Self::all(&self.clusters).await
     }
 
-    /// Writes a cluster record, advancing its generation by one.
+    /// Writes a cluster record, advancing its generation by one. After an
+    /// error the record is stale: read it again.
     ///
     /// # Errors
     /// [`StoreError::Conflict`] when the record moved past `revision`.
@@ -248,11 +249,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         record.generation += 1;
         record.updated_ms = headroom_shared::wire::now_ms();
-        let result = Self::cas(&self.clusters, record.id.as_str(), &*record, revision).await;
-        if result.is_err() {
-            record.generation -= 1;
-        }
-        result
+        Self::cas(&self.clusters, record.id.as_str(), &*record, revision).await
     }
 
     /// # Errors
