@@ -8,16 +8,19 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Longest id accepted; keeps subjects and keys short and bounded.
-pub const MAX_ID_LEN: usize = 128;
+/// Longest server or cluster id; keeps subjects and keys short and bounded.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest request id: room for ids Headroom derives from a server or
+/// cluster id, such as `failed-<server>-<revision>`.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Why a string is not a valid id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdError {
     #[error("{what} id is empty")]
     Empty { what: &'static str },
-    #[error("{what} id is longer than {MAX_ID_LEN} characters")]
-    TooLong { what: &'static str },
+    #[error("{what} id is longer than {max} characters")]
+    TooLong { what: &'static str, max: usize },
     #[error("{what} id {id:?} has {bad:?}; only ASCII letters, digits, '-' and '_' are allowed")]
     BadChar {
         what: &'static str,
@@ -26,12 +29,12 @@ pub enum IdError {
     },
 }
 
-fn validate(what: &'static str, id: &str) -> Result<(), IdError> {
+fn validate(what: &'static str, max: usize, id: &str) -> Result<(), IdError> {
     if id.is_empty() {
         return Err(IdError::Empty { what });
     }
-    if id.len() > MAX_ID_LEN {
-        return Err(IdError::TooLong { what });
+    if id.len() > max {
+        return Err(IdError::TooLong { what, max });
     }
     if let Some(bad) = id
         .chars()
@@ -47,7 +50,7 @@ fn validate(what: &'static str, id: &str) -> Result<(), IdError> {
 }
 
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+    ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -61,7 +64,7 @@ macro_rules! id_type {
             /// not safe in a subject token or KV key.
             pub fn new(id: impl Into<String>) -> Result<Self, IdError> {
                 let id = id.into();
-                validate($what, &id)?;
+                validate($what, $max, &id)?;
                 Ok(Self(id))
             }
 
@@ -113,17 +116,20 @@ macro_rules! id_type {
 id_type!(
     /// A backend server, as registered in the pool.
     ServerId,
-    "server"
+    "server",
+    MAX_NAME_LEN
 );
 id_type!(
     /// A cluster: a set of members behind the same front-ends.
     ClusterId,
-    "cluster"
+    "cluster",
+    MAX_NAME_LEN
 );
 id_type!(
     /// A reconfiguration request; also its JetStream de-duplication id.
     RequestId,
-    "request"
+    "request",
+    MAX_REQUEST_ID_LEN
 );
 
 impl RequestId {
@@ -147,7 +153,15 @@ mod tests {
         for bad in ["a.b", "*", ">", "a b", "", "é"] {
             assert!(ClusterId::new(bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(ServerId::new("x".repeat(MAX_ID_LEN + 1)).is_err());
+        assert!(ServerId::new("x".repeat(MAX_NAME_LEN + 1)).is_err());
+        assert!(RequestId::new("x".repeat(MAX_REQUEST_ID_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn derived_request_ids_fit_the_longest_names() {
+        let server = "s".repeat(MAX_NAME_LEN);
+        assert!(RequestId::new(format!("failed-{server}-{}", u64::MAX)).is_ok());
+        assert!(RequestId::new(format!("fill-{}", "c".repeat(MAX_NAME_LEN))).is_ok());
     }
 
     #[test]
