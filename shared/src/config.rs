@@ -339,8 +339,8 @@ mod tests {
 
     #[test]
     fn environment_overrides_the_file() {
-        let dir = tempfile_dir();
-        let path = dir.join("headroom.toml");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("headroom.toml");
         std::fs::write(&path, "[nats]\nurl = \"nats://file:4222\"\n").expect("write");
         let env = [
             (
@@ -357,7 +357,6 @@ mod tests {
         let config = Config::load(Some(&path), env).expect("valid");
         assert_eq!(config.nats.url, "nats://env:4222");
         assert_eq!(config.allocator.max_in_flight, 4);
-        std::fs::remove_dir_all(dir).ok();
     }
 
     #[test]
@@ -368,11 +367,5 @@ mod tests {
             err.to_string().contains("/nonexistent/headroom.toml"),
             "{err}"
         );
-    }
-
-    fn tempfile_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("headroom-config-{}", nuid::next()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        dir
     }
 }

@@ -16,30 +16,29 @@ use headroom_shared::wire::{
     ReconfigAction, ReconfigRequest, RegisterServer, ServerList, ServerStatus, ServerStatusKind,
 };
 use headroom_shared::{RequestId, ServerId, SCHEMA_VERSION};
-use headroom_tests::{eventually, NatsServer};
+
 use rand::Rng;
 
 use crate::common::*;
 
+fn reconfig(cluster: &str, action: ReconfigAction) -> ReconfigRequest {
+    ReconfigRequest::new(cid(cluster), action, "test")
+}
+
 fn allocate(cluster: &str, count: u32) -> ReconfigRequest {
-    ReconfigRequest::new(
-        cid(cluster),
+    let request_type = None;
+    reconfig(
+        cluster,
         ReconfigAction::Allocate {
             count,
-            request_type: None,
+            request_type,
         },
-        "test",
     )
 }
 
 fn release(cluster: &str, server: &ServerId) -> ReconfigRequest {
-    ReconfigRequest::new(
-        cid(cluster),
-        ReconfigAction::Release {
-            server: server.clone(),
-        },
-        "test",
-    )
+    let server = server.clone();
+    reconfig(cluster, ReconfigAction::Release { server })
 }
 
 async fn send(js: &jetstream::Context, request: &ReconfigRequest) {
@@ -293,14 +292,13 @@ fn check_at_most_once(events: &[headroom_shared::wire::AuditEvent], requests: &[
 
 #[tokio::test]
 async fn two_allocators_serve_200_concurrent_requests_without_breaking_invariants() {
-    headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let js = jetstream::new(client.clone());
-    let a = RunningAllocator::start(&nats, "alloc-a").await;
+    let Stack {
+        nats,
+        client,
+        js,
+        allocator: a,
+    } = Stack::start().await;
     let b = RunningAllocator::start(&nats, "alloc-b").await;
-    wait_for_admin(&client).await;
-
     let registered: Vec<ServerId> = (0..16).map(|i| sid(&format!("s{i:02}"))).collect();
     for id in &registered {
         register(&client, id.as_str(), &[]).await;
@@ -330,11 +328,7 @@ async fn two_allocators_serve_200_concurrent_requests_without_breaking_invariant
         .check_invariants(&registered)
         .expect("invariants hold");
     check_at_most_once(&audit_log(&js).await, &sent);
-    let outcomes: Vec<_> = futures::future::join_all(sent.iter().map(|r| outcome(&js, &r.id)))
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
+    let outcomes = outcomes(&js, &sent).await;
     assert_eq!(outcomes.len(), sent.len(), "one outcome per request");
     let applied = outcomes
         .iter()
@@ -349,12 +343,12 @@ async fn two_allocators_serve_200_concurrent_requests_without_breaking_invariant
 
 #[tokio::test]
 async fn crashes_at_random_points_lose_no_request_and_keep_invariants() {
-    headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let js = jetstream::new(client.clone());
-    let first = RunningAllocator::start(&nats, "alloc-0").await;
-    wait_for_admin(&client).await;
+    let Stack {
+        nats,
+        client,
+        js,
+        allocator: first,
+    } = Stack::start().await;
     let registered: Vec<ServerId> = (0..10).map(|i| sid(&format!("s{i}"))).collect();
     for id in &registered {
         register(&client, id.as_str(), &[]).await;
@@ -395,10 +389,9 @@ async fn crashes_at_random_points_lose_no_request_and_keep_invariants() {
         .iter()
         .filter(|e| e.kind == EventKind::Repaired)
         .count();
-    let redelivered = futures::future::join_all(sent.iter().map(|r| outcome(&js, &r.id)))
+    let redelivered = outcomes(&js, &sent)
         .await
-        .into_iter()
-        .flatten()
+        .iter()
         .filter(|o| o.delivery > 1)
         .count();
     println!(
@@ -457,13 +450,12 @@ async fn bad_input_gets_a_clear_error_event_and_changes_nothing() {
         (allocate("web", 1), codes::AT_MAX_SIZE),
         (release("web", &web_member), codes::AT_MIN_SIZE),
         (
-            ReconfigRequest::new(
-                cid("batch"),
+            reconfig(
+                "batch",
                 ReconfigAction::Reweight {
                     server: batch_member.clone(),
                     weight: f64::NAN,
                 },
-                "test",
             ),
             codes::INVALID,
         ),
@@ -634,20 +626,16 @@ async fn admin_speaks_json_and_xml_and_is_discoverable() {
     );
 
     // A drain by hand goes through the same request path.
-    let queued = eventually(WAIT, || async {
-        let reply = admin::<_, headroom_shared::wire::DrainQueued>(
-            &client,
-            subjects::admin::MEMBER_DRAIN,
-            &headroom_shared::wire::DrainMember {
-                v: SCHEMA_VERSION,
-                cluster: cid("web"),
-                server: sid("x1"),
-            },
-            Codec::MsgPack,
-        )
-        .await;
-        reply.ok()
-    })
+    let queued: headroom_shared::wire::DrainQueued = admin(
+        &client,
+        subjects::admin::MEMBER_DRAIN,
+        &headroom_shared::wire::DrainMember {
+            v: SCHEMA_VERSION,
+            cluster: cid("web"),
+            server: sid("x1"),
+        },
+        Codec::MsgPack,
+    )
     .await
     .expect("drain queued");
     let done = wait_outcome(&js, &queued.request).await;
@@ -677,12 +665,11 @@ async fn replace_reweight_and_deregister() {
 
     // A member that went silent is replaced: out of service, not back in
     // the pool, and the spare takes its place.
-    let request = ReconfigRequest::new(
-        cid("web"),
+    let request = reconfig(
+        "web",
         ReconfigAction::Replace {
             server: dead.clone(),
         },
-        "test",
     );
     send(&js, &request).await;
     let done = wait_outcome(&js, &request.id).await;
@@ -710,13 +697,12 @@ async fn replace_reweight_and_deregister() {
         .subscribe(subjects::membership(&cid("web")))
         .await
         .expect("subscribe");
-    let request = ReconfigRequest::new(
-        cid("web"),
+    let request = reconfig(
+        "web",
         ReconfigAction::Reweight {
             server: hot.clone(),
             weight: 0.25,
         },
-        "test",
     );
     send(&js, &request).await;
     wait_outcome(&js, &request.id).await;
@@ -731,29 +717,13 @@ async fn replace_reweight_and_deregister() {
     );
 
     // Deregister: refused while in use, allowed once out of service.
-    let in_use = admin::<_, headroom_shared::wire::Empty>(
-        &client,
-        subjects::admin::POOL_DEREGISTER,
-        &headroom_shared::wire::DeregisterServer {
-            v: SCHEMA_VERSION,
-            id: hot.clone(),
-        },
-        Codec::MsgPack,
-    )
-    .await
-    .expect_err("a member cannot be deregistered");
+    let in_use = deregister(&client, &hot)
+        .await
+        .expect_err("a member cannot be deregistered");
     assert_eq!(in_use.0, codes::SERVER_IN_USE);
-    admin::<_, headroom_shared::wire::Empty>(
-        &client,
-        subjects::admin::POOL_DEREGISTER,
-        &headroom_shared::wire::DeregisterServer {
-            v: SCHEMA_VERSION,
-            id: dead.clone(),
-        },
-        Codec::MsgPack,
-    )
-    .await
-    .expect("an out-of-service server can be deregistered");
+    deregister(&client, &dead)
+        .await
+        .expect("an out-of-service server can be deregistered");
     assert!(!Snapshot::read(&js).await.servers.contains_key(&dead));
     allocator.stop().await;
 }

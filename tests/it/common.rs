@@ -14,7 +14,10 @@ use headroom_shared::kv::{
     CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
 };
 use headroom_shared::subjects;
-use headroom_shared::wire::{AuditEvent, PutCluster, RegisterServer, ERROR_CODE_HEADER};
+use headroom_shared::wire::{
+    AuditEvent, DeregisterServer, Empty, PutCluster, ReconfigRequest, RegisterServer,
+    ERROR_CODE_HEADER,
+};
 use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
 use headroom_tests::{eventually, NatsServer};
 use tokio::task::JoinHandle;
@@ -123,9 +126,7 @@ pub async fn wait_for_admin(client: &async_nats::Client) {
         let reply = client
             .request(
                 format!("{}.{}", subjects::ADMIN_GROUP, subjects::admin::POOL_LIST),
-                codec::encode(&headroom_shared::wire::Empty::new())
-                    .expect("encode")
-                    .clone(),
+                codec::encode(&Empty::new()).expect("encode"),
             )
             .await
             .ok()?;
@@ -154,6 +155,23 @@ pub async fn register(client: &async_nats::Client, id: &str, types: &[&str]) -> 
     )
     .await
     .expect("register")
+}
+
+pub async fn deregister(
+    client: &async_nats::Client,
+    id: &ServerId,
+) -> Result<Empty, (String, String)> {
+    let request = DeregisterServer {
+        v: SCHEMA_VERSION,
+        id: id.clone(),
+    };
+    admin(
+        client,
+        subjects::admin::POOL_DEREGISTER,
+        &request,
+        Codec::MsgPack,
+    )
+    .await
 }
 
 pub async fn put_cluster(
@@ -317,6 +335,15 @@ pub async fn outcome(js: &jetstream::Context, id: &RequestId) -> Option<RequestR
     let kv = js.get_key_value(REQUESTS_BUCKET).await.ok()?;
     let bytes = kv.get(id.as_str()).await.ok()??;
     Codec::MsgPack.decode(&bytes).ok()
+}
+
+/// The outcomes of those requests that have one.
+pub async fn outcomes(js: &jetstream::Context, requests: &[ReconfigRequest]) -> Vec<RequestRecord> {
+    futures::future::join_all(requests.iter().map(|r| outcome(js, &r.id)))
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 pub async fn wait_outcome(js: &jetstream::Context, id: &RequestId) -> RequestRecord {
