@@ -86,6 +86,11 @@ impl ServerState {
         }
     }
 
+    /// Whether it is draining from `cluster`.
+    pub fn is_draining_from(&self, cluster: &ClusterId) -> bool {
+        matches!(self, ServerState::Draining { cluster: c, .. } if c == cluster)
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             ServerState::Free => "free",

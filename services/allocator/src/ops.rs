@@ -616,10 +616,7 @@ impl Allocator {
         let Some(current) = self.store.server(server).await? else {
             return Ok(false);
         };
-        let ServerState::Draining { cluster, .. } = &current.value.state else {
-            return Ok(false);
-        };
-        if cluster != c {
+        if !current.value.state.is_draining_from(c) {
             return Ok(false);
         }
         self.drop_entry(c, server, |m| m.state == MemberState::Draining)
@@ -629,8 +626,7 @@ impl Allocator {
             let Some(current) = self.store.server(server).await? else {
                 return Ok(Done(false));
             };
-            if !matches!(&current.value.state, ServerState::Draining { cluster, .. } if cluster == c)
-            {
+            if !current.value.state.is_draining_from(c) {
                 return Ok(Done(false));
             }
             let mut freed = current.value.clone();
@@ -1048,8 +1044,7 @@ impl Allocator {
             let Some(current) = self.store.server(server).await? else {
                 return Ok(Done(false));
             };
-            if !matches!(&current.value.state, ServerState::Draining { cluster, .. } if cluster == c)
-            {
+            if !current.value.state.is_draining_from(c) {
                 return Ok(Done(false));
             }
             let mut cluster = self.load_cluster(c).await?;
