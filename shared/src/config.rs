@@ -25,6 +25,8 @@ pub struct Config {
     pub nats: NatsConfig,
     pub telemetry: TelemetryConfig,
     pub allocator: AllocatorConfig,
+    pub monitor: MonitorConfig,
+    pub agent: AgentConfig,
 }
 
 /// How to reach NATS.
@@ -153,6 +155,101 @@ impl Default for AllocatorConfig {
             repair_after: Duration::from_secs(10),
             max_in_flight: 16,
             shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The monitor's settings. Scaling levels and windows are per cluster, in
+/// the cluster's policy; these are about the process.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// This instance's name in logs, requests and audit events.
+    pub instance: String,
+    /// Which share of the clusters this instance decides for: clusters are
+    /// split over `shards` instances by a stable hash of their id, and this
+    /// one takes number `shard` (from 0).
+    pub shard: u32,
+    pub shards: u32,
+    /// How often each cluster is evaluated.
+    #[serde(with = "humantime_serde")]
+    pub evaluate_interval: Duration,
+    /// Decide and log, but send nothing.
+    pub dry_run: bool,
+    /// Also write every decision, one JSON line each, to this file.
+    pub decision_log: Option<PathBuf>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            instance: default_instance(),
+            shard: 0,
+            shards: 1,
+            evaluate_interval: Duration::from_secs(1),
+            dry_run: false,
+            decision_log: None,
+        }
+    }
+}
+
+/// What the agent runs when its server is allocated or released.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Hook {
+    /// A program and its arguments, run without a shell; it learns the
+    /// event from `HEADROOM_EVENT`, `HEADROOM_SERVER`, `HEADROOM_CLUSTER`.
+    Command(Vec<String>),
+    /// An HTTP POST to the local application; any 2xx is success.
+    Http(String),
+}
+
+/// The agent's settings: which server it speaks for and how to sample it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The server's id in the pool; defaults to the host name.
+    pub server: String,
+    /// Where front-ends reach the server.
+    pub address: String,
+    pub port: u16,
+    /// The request types it serves.
+    pub request_types: Vec<String>,
+    /// How often to sample and report.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// The application's stats endpoint (`http://host:port/path`), serving
+    /// JSON with any of `in_flight`, `requests_per_s`, `latency_p50_ms`,
+    /// `latency_p99_ms`, `errors_per_s`.
+    pub stats_url: Option<String>,
+    /// Where the kernel's counters are read (`/proc`).
+    pub proc_root: PathBuf,
+    /// The network interfaces counted; empty counts all but loopback.
+    pub interfaces: Vec<String>,
+    /// Register the server in the pool at start when it is not known yet.
+    pub register: bool,
+    pub on_allocate: Option<Hook>,
+    pub on_release: Option<Hook>,
+    /// Longest a hook may run before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub hook_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            server: default_instance(),
+            address: String::new(),
+            port: 0,
+            request_types: Vec::new(),
+            interval: Duration::from_secs(1),
+            stats_url: None,
+            proc_root: PathBuf::from("/proc"),
+            interfaces: Vec::new(),
+            register: true,
+            on_allocate: None,
+            on_release: None,
+            hook_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -293,6 +390,37 @@ impl Config {
         if self.allocator.max_in_flight == 0 {
             return invalid("allocator.max_in_flight", "must be at least 1");
         }
+        if self.monitor.shards == 0 || self.monitor.shard >= self.monitor.shards {
+            return invalid("monitor.shard", "must be below monitor.shards (at least 1)");
+        }
+        if self.monitor.evaluate_interval < Duration::from_millis(100) {
+            return invalid("monitor.evaluate_interval", "must be at least 100ms");
+        }
+        if self.agent.interval < Duration::from_millis(100) {
+            return invalid("agent.interval", "must be at least 100ms");
+        }
+        if self.agent.hook_timeout.is_zero() {
+            return invalid("agent.hook_timeout", "must be above zero");
+        }
+        if let Some(url) = &self.agent.stats_url {
+            if !url.starts_with("http://") {
+                return invalid("agent.stats_url", "must be an http:// URL");
+            }
+        }
+        for (key, hook) in [
+            ("agent.on_allocate", &self.agent.on_allocate),
+            ("agent.on_release", &self.agent.on_release),
+        ] {
+            match hook {
+                Some(Hook::Command(argv)) if argv.is_empty() => {
+                    return invalid(key, "the command is empty");
+                }
+                Some(Hook::Http(url)) if !url.starts_with("http://") => {
+                    return invalid(key, "must be an http:// URL");
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 }
@@ -321,6 +449,38 @@ mod tests {
         assert_eq!(config.telemetry.format, LogFormat::Json);
         assert_eq!(config.allocator.ack_wait, Duration::from_secs(45));
         assert_eq!(config.allocator.max_in_flight, 16, "default kept");
+    }
+
+    #[test]
+    fn agent_hooks_and_monitor_shards() {
+        let config = Config::from_toml(
+            r#"
+            [monitor]
+            shard = 1
+            shards = 2
+            dry_run = true
+            [agent]
+            server = "web-1"
+            port = 8080
+            on_allocate = { command = ["/bin/warm", "--fast"] }
+            on_release = { http = "http://127.0.0.1:8080/drain" }
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(config.monitor.shard, 1);
+        assert!(config.monitor.dry_run);
+        assert_eq!(
+            config.agent.on_allocate,
+            Some(Hook::Command(vec!["/bin/warm".into(), "--fast".into()]))
+        );
+        assert_eq!(
+            config.agent.on_release,
+            Some(Hook::Http("http://127.0.0.1:8080/drain".into()))
+        );
+        let err = Config::from_toml("[monitor]\nshard = 2\nshards = 2").expect_err("shard");
+        assert!(err.to_string().contains("monitor.shard"), "{err}");
+        let err = Config::from_toml("[agent]\non_allocate = { command = [] }").expect_err("empty");
+        assert!(err.to_string().contains("agent.on_allocate"), "{err}");
     }
 
     #[test]

@@ -54,6 +54,27 @@ pub fn bucket_config(bucket: &str, replicas: usize) -> async_nats::jetstream::kv
     }
 }
 
+/// Opens a bucket, creating it when it is missing. Every service that
+/// needs a bucket calls this, so whichever starts first makes it the same
+/// way.
+///
+/// # Errors
+/// When the bucket can neither be found nor created.
+pub async fn open_bucket(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<async_nats::jetstream::kv::Store, async_nats::Error> {
+    use async_nats::jetstream::context::KeyValueErrorKind;
+    match js.get_key_value(bucket).await {
+        Ok(store) => Ok(store),
+        Err(err) if err.kind() == KeyValueErrorKind::GetBucket => Ok(js
+            .create_key_value(bucket_config(bucket, replicas))
+            .await?),
+        Err(err) => Err(err.into()),
+    }
+}
+
 fn schema_version() -> u16 {
     SCHEMA_VERSION
 }
@@ -209,6 +230,42 @@ pub struct ScalingPolicy {
     pub cooldown_down_ms: u64,
     /// Most servers one scale-up may ask for.
     pub max_step: u32,
+    /// Which measures make up a server's utilisation, and their weights.
+    pub measures: Measures,
+    /// A member that has sent no report for this long is unhealthy and is
+    /// replaced (never released: silence is not idleness).
+    pub silent_after_ms: u64,
+}
+
+/// How a server's utilisation is computed from its report: a weighted mean
+/// of the measures that are present, each scaled so 1.0 is "full". A
+/// measure with weight 0 is ignored; when none of the weighted measures is
+/// known, the utilisation is unknown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Measures {
+    /// Weight of CPU busy (already 0..1).
+    pub cpu: f64,
+    /// Weight of requests in flight, scaled by `in_flight_capacity`.
+    pub in_flight: f64,
+    /// Requests in flight one server handles at full utilisation.
+    pub in_flight_capacity: f64,
+    /// Weight of p99 latency, scaled by `latency_slo_ms`.
+    pub latency: f64,
+    /// The p99 latency that counts as full utilisation.
+    pub latency_slo_ms: f64,
+}
+
+impl Default for Measures {
+    fn default() -> Self {
+        Self {
+            cpu: 1.0,
+            in_flight: 0.0,
+            in_flight_capacity: 64.0,
+            latency: 0.0,
+            latency_slo_ms: 250.0,
+        }
+    }
 }
 
 impl Default for ScalingPolicy {
@@ -222,6 +279,8 @@ impl Default for ScalingPolicy {
             cooldown_up_ms: 10_000,
             cooldown_down_ms: 60_000,
             max_step: 4,
+            measures: Measures::default(),
+            silent_after_ms: 10_000,
         }
     }
 }
@@ -315,6 +374,36 @@ impl ClusterPolicy {
         }
         if s.max_step == 0 {
             return err("scaling.max_step", "must be at least 1".into());
+        }
+        if s.release_sustain_ms < s.sustain_ms {
+            return err(
+                "scaling.release_sustain_ms",
+                "must be at least scaling.sustain_ms (releasing is the slower decision)".into(),
+            );
+        }
+        if s.silent_after_ms < 1_000 {
+            return err("scaling.silent_after_ms", "must be at least 1000".into());
+        }
+        let m = &s.measures;
+        for (field, weight) in [
+            ("scaling.measures.cpu", m.cpu),
+            ("scaling.measures.in_flight", m.in_flight),
+            ("scaling.measures.latency", m.latency),
+        ] {
+            if !(weight.is_finite() && weight >= 0.0) {
+                return err(field, format!("weight {weight} must be 0 or more"));
+            }
+        }
+        if m.cpu + m.in_flight + m.latency <= 0.0 {
+            return err("scaling.measures", "at least one weight must be above 0".into());
+        }
+        for (field, scale) in [
+            ("scaling.measures.in_flight_capacity", m.in_flight_capacity),
+            ("scaling.measures.latency_slo_ms", m.latency_slo_ms),
+        ] {
+            if !(scale.is_finite() && scale > 0.0) {
+                return err(field, format!("{scale} must be above 0"));
+            }
         }
         if self.drain_timeout_ms == 0 {
             return err("drain_timeout_ms", "must be above 0".into());

@@ -47,6 +47,22 @@ pub fn metrics(cluster: Option<&ClusterId>, server: &ServerId) -> String {
 }
 pub const METRICS_ALL: &str = "headroom.metrics.>";
 
+/// The cluster token (`None` for the pool) and server token of a metrics
+/// subject, unvalidated; `None` when the subject is not one.
+pub fn parse_metrics(subject: &str) -> Option<(Option<&str>, &str)> {
+    let rest = subject.strip_prefix("headroom.metrics.")?;
+    let (cluster, server) = rest.split_once('.')?;
+    if cluster.is_empty() || server.is_empty() || server.contains('.') {
+        return None;
+    }
+    Some(((cluster != POOL_TOKEN).then_some(cluster), server))
+}
+
+/// The monitor's services API name; its `stats` endpoint answers with its
+/// counters.
+pub const MONITOR_SERVICE: &str = "headroom-monitor";
+pub const MONITOR_STATS: &str = "headroom.monitor.stats";
+
 pub fn reconfig(cluster: &ClusterId) -> String {
     format!("{ROOT}.reconfig.{cluster}")
 }
@@ -119,6 +135,13 @@ mod tests {
         assert_eq!(metrics(Some(&c), &s), "headroom.metrics.web.s1");
         assert_eq!(metrics(None, &s), "headroom.metrics._pool.s1");
         assert_eq!(reconfig(&c), "headroom.reconfig.web");
+        assert_eq!(
+            parse_metrics("headroom.metrics.web.s1"),
+            Some((Some("web"), "s1"))
+        );
+        assert_eq!(parse_metrics("headroom.metrics._pool.s1"), Some((None, "s1")));
+        assert_eq!(parse_metrics("headroom.metrics.web"), None);
+        assert_eq!(parse_metrics("headroom.metrics.web.s1.x"), None);
         assert_eq!(reconfig_cluster("headroom.reconfig.web"), Some("web"));
         assert_eq!(
             events(None, "registered"),

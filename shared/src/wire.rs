@@ -123,6 +123,68 @@ pub struct PerformanceReport {
 }
 message!(PerformanceReport, "performance_report");
 
+/// The longest report interval that makes sense: a report about the last
+/// hour or more is not a live measurement.
+pub const MAX_REPORT_INTERVAL_MS: u32 = 3_600_000;
+
+impl PerformanceReport {
+    /// Checks that every measure is physically possible: finite, not
+    /// negative, fractions within 0..=1. A report that fails is rejected
+    /// whole, because one absurd field says the sender is broken.
+    ///
+    /// # Errors
+    /// A [`codes::INVALID`] error naming the first bad field.
+    pub fn validate(&self) -> Result<(), BusError> {
+        let invalid = |field: &str, why: String| {
+            Err(BusError::new(
+                codes::INVALID,
+                format!("report from {}: {field} {why}", self.server),
+            ))
+        };
+        if self.interval_ms == 0 || self.interval_ms > MAX_REPORT_INTERVAL_MS {
+            return invalid("interval_ms", format!("{} is out of range", self.interval_ms));
+        }
+        if self.at_ms == 0 {
+            return invalid("at_ms", "is missing".to_owned());
+        }
+        let fraction = [("cpu", self.cpu), ("memory", self.memory)];
+        for (field, value) in fraction {
+            if let Some(x) = value {
+                if !(x.is_finite() && (0.0..=1.0).contains(&x)) {
+                    return invalid(field, format!("{x} is not between 0 and 1"));
+                }
+            }
+        }
+        let amounts = [
+            ("load1", self.load1),
+            ("net_rx_bytes_per_s", self.net_rx_bytes_per_s),
+            ("net_tx_bytes_per_s", self.net_tx_bytes_per_s),
+            ("requests_per_s", self.requests_per_s),
+            ("latency_p50_ms", self.latency_p50_ms),
+            ("latency_p99_ms", self.latency_p99_ms),
+            ("errors_per_s", self.errors_per_s),
+        ];
+        for (field, value) in amounts {
+            if let Some(x) = value {
+                if !(x.is_finite() && x >= 0.0) {
+                    return invalid(field, format!("{x} is not a finite amount"));
+                }
+            }
+        }
+        if let (Some(p50), Some(p99)) = (self.latency_p50_ms, self.latency_p99_ms) {
+            if p50 > p99 {
+                return invalid("latency_p50_ms", format!("{p50} is above latency_p99_ms {p99}"));
+            }
+        }
+        if let ReportSource::Frontend { frontend } = &self.source {
+            if frontend.is_empty() || frontend.len() > 128 {
+                return invalid("source.frontend", "must name the front-end".to_owned());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a reconfiguration request asks of the allocator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -291,6 +353,9 @@ pub enum EventKind {
     Rejected {
         error: BusError,
     },
+    /// The monitor decided to change a cluster; `detail` holds the decision
+    /// and the window values that caused it.
+    Decided,
 }
 
 impl EventKind {
@@ -307,6 +372,7 @@ impl EventKind {
             EventKind::Reweighted => "reweighted",
             EventKind::Repaired => "repaired",
             EventKind::Rejected { .. } => "rejected",
+            EventKind::Decided => "decided",
         }
     }
 }

@@ -5,7 +5,7 @@ use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
 use headroom_shared::codec::{self, Message, WireError};
 use headroom_shared::kv::{
-    bucket_config, is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord,
+    is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord,
     ServerRecord, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
 };
 use headroom_shared::{ClusterId, RequestId, ServerId};
@@ -66,20 +66,9 @@ async fn open_bucket(
     bucket: &'static str,
     replicas: usize,
 ) -> Result<kv::Store, StoreError> {
-    match js.get_key_value(bucket).await {
-        Ok(store) => Ok(store),
-        Err(err) if err.kind() == jetstream::context::KeyValueErrorKind::GetBucket => js
-            .create_key_value(bucket_config(bucket, replicas))
-            .await
-            .map_err(|source| StoreError::Setup {
-                bucket,
-                source: source.into(),
-            }),
-        Err(source) => Err(StoreError::Setup {
-            bucket,
-            source: source.into(),
-        }),
-    }
+    headroom_shared::kv::open_bucket(js, bucket, replicas)
+        .await
+        .map_err(|source| StoreError::Setup { bucket, source })
 }
 
 impl Store {

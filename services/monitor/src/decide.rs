@@ -1,0 +1,788 @@
+//! The monitor's decisions, as a pure function of what it was told and when.
+//!
+//! No I/O and no clock here: [`Decider::observe`] takes a report with the
+//! time it arrived, [`Decider::set_cluster`] a cluster's policy and
+//! membership, and [`Decider::tick`] the time to evaluate at. The same calls
+//! give the same decisions, which is what makes `replay` byte-identical and
+//! lets tests run ten minutes of load in milliseconds.
+//!
+//! Memory is O(1) per server: a server keeps its latest readings and the
+//! times its utilisation crossed the levels, not a list of samples. The
+//! per-tick history (a short ring of cluster samples) is kept per cluster.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use headroom_shared::kv::{ClusterPolicy, ClusterRecord, MemberState, Measures};
+use headroom_shared::wire::{codes, BusError, PerformanceReport, ReconfigAction, ReportSource};
+use headroom_shared::{ClusterId, ServerId};
+use serde::{Deserialize, Serialize};
+
+/// Front-ends whose view of one server is kept; more is noise, and the
+/// bound keeps a server's state small.
+const MAX_FRONTENDS: usize = 4;
+/// A reading is trusted for this many of its sender's intervals.
+const STALE_INTERVALS: u64 = 3;
+/// Weight changes smaller than this are not worth a request (IBM Network
+/// Dispatcher's sensitivity threshold).
+const WEIGHT_SENSITIVITY: f64 = 0.05;
+/// The least weight a hot member is given: it still gets some traffic, so
+/// it is seen when it recovers.
+const MIN_WEIGHT: f64 = 0.1;
+/// Scaled measures are capped here so one absurd latency cannot dominate.
+const MEASURE_CAP: f64 = 4.0;
+
+/// A member as the monitor needs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub server: ServerId,
+    pub state: MemberState,
+    #[serde(default = "full_weight")]
+    pub weight: f64,
+    /// When it entered its state (allocator's clock); 0 when unknown.
+    #[serde(default)]
+    pub since_ms: u64,
+}
+
+fn full_weight() -> f64 {
+    1.0
+}
+
+/// A cluster's policy and membership, as the monitor needs them. Live, it
+/// comes from the cluster's KV record; in a recording it can be written by
+/// hand.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub id: ClusterId,
+    #[serde(default)]
+    pub generation: u64,
+    pub policy: ClusterPolicy,
+    #[serde(default)]
+    pub members: Vec<MemberView>,
+}
+
+impl From<&ClusterRecord> for ClusterView {
+    fn from(record: &ClusterRecord) -> Self {
+        Self {
+            id: record.id.clone(),
+            generation: record.generation,
+            policy: record.policy.clone(),
+            members: record
+                .members
+                .iter()
+                .map(|m| MemberView {
+                    server: m.server.clone(),
+                    state: m.state,
+                    weight: m.weight,
+                    since_ms: m.since_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One decision, with the window values that caused it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub at_ms: u64,
+    pub cluster: ClusterId,
+    /// The membership generation it was decided on.
+    pub generation: u64,
+    pub action: ReconfigAction,
+    pub reason: String,
+    pub evidence: Evidence,
+}
+
+impl Decision {
+    /// A request id that names the decision, the same on every replay and
+    /// on every retry of its publication.
+    pub fn request_id(&self) -> String {
+        match &self.action {
+            ReconfigAction::Allocate { .. } => {
+                format!("{}-{}-{}", self.action.name(), self.cluster, self.at_ms)
+            }
+            ReconfigAction::Release { server }
+            | ReconfigAction::Replace { server }
+            | ReconfigAction::Reweight { server, .. } => {
+                format!("{}-{}-{}", self.action.name(), server, self.at_ms)
+            }
+        }
+    }
+}
+
+/// What a decision saw. Utilisations are 0..1 (more when a measure is over
+/// its scale), rounded to 4 places so the log reads well and stays stable.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Evidence {
+    /// Members that count towards the size (active and joining).
+    pub size: u32,
+    /// Active members with a fresh reading.
+    pub known: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub utilisation: Option<f64>,
+    /// The cluster's utilisation at each evaluation of the deciding window.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub window: Vec<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_load: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_utilisation: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_in_flight: Option<u32>,
+    /// Since when the condition has held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_since_ms: Option<u64>,
+    /// Utilisation of the others if the decision is carried out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub projected: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub silent_ms: Option<u64>,
+}
+
+/// Why a report was not taken.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejection(pub BusError);
+
+impl Rejection {
+    pub fn code(&self) -> &str {
+        &self.0.code
+    }
+}
+
+/// One source's latest numbers. f32 is plenty for a utilisation and halves
+/// the state per server.
+#[derive(Debug, Clone, Copy, Default)]
+struct Reading {
+    at_ms: u64,
+    fresh_for_ms: u32,
+    cpu: Option<f32>,
+    in_flight: Option<u32>,
+    latency_p99_ms: Option<f32>,
+}
+
+impl Reading {
+    fn of(report: &PerformanceReport, now_ms: u64, silent_after_ms: u64) -> Self {
+        let fresh = (u64::from(report.interval_ms) * STALE_INTERVALS).clamp(1_500, silent_after_ms);
+        Self {
+            at_ms: now_ms,
+            fresh_for_ms: u32::try_from(fresh).unwrap_or(u32::MAX),
+            cpu: report.cpu.map(|x| x as f32),
+            in_flight: report.in_flight,
+            latency_p99_ms: report.latency_p99_ms.map(|x| x as f32),
+        }
+    }
+
+    fn fresh(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.at_ms) <= u64::from(self.fresh_for_ms)
+    }
+}
+
+/// What one server is known to be doing, and how long it has been so.
+#[derive(Debug, Clone)]
+struct Tracked {
+    cluster: ClusterId,
+    agent: Option<Reading>,
+    frontends: Vec<(u64, Reading)>,
+    /// When it became a member as far as this monitor knows: its silence is
+    /// counted from here until its first report.
+    first_seen_ms: u64,
+    last_report_ms: Option<u64>,
+    below_lower_since: Option<u64>,
+    above_upper_since: Option<u64>,
+    /// Since when it would stay under target at full weight.
+    cool_since: Option<u64>,
+    /// The weight last asked for and when, until the membership shows it
+    /// (or the ask is old enough to be taken as lost).
+    asked_weight: Option<(f32, u64)>,
+    replace_asked: bool,
+}
+
+impl Tracked {
+    fn new(cluster: ClusterId, now_ms: u64) -> Self {
+        Self {
+            cluster,
+            agent: None,
+            frontends: Vec::new(),
+            first_seen_ms: now_ms,
+            last_report_ms: None,
+            below_lower_since: None,
+            above_upper_since: None,
+            cool_since: None,
+            asked_weight: None,
+            replace_asked: false,
+        }
+    }
+
+    /// The merged view: the agent's own CPU and in-flight count are
+    /// authoritative; without them, the front-ends' in-flight counts add
+    /// up (each sees its own share); latency is the worst anyone saw,
+    /// because the outside view includes queueing the server cannot see.
+    fn current(&self, now_ms: u64) -> (Option<f64>, Option<u32>, Option<f64>) {
+        let agent = self.agent.filter(|r| r.fresh(now_ms));
+        let fronts = self.frontends.iter().filter(|(_, r)| r.fresh(now_ms));
+        let cpu = agent.and_then(|r| r.cpu).map(f64::from);
+        let mut in_flight = agent.and_then(|r| r.in_flight);
+        let mut latency = agent.and_then(|r| r.latency_p99_ms).map(f64::from);
+        let mut front_in_flight: Option<u32> = None;
+        for (_, r) in fronts {
+            if let Some(n) = r.in_flight {
+                front_in_flight = Some(front_in_flight.unwrap_or(0).saturating_add(n));
+            }
+            if let Some(l) = r.latency_p99_ms {
+                latency = Some(latency.map_or(f64::from(l), |x| x.max(f64::from(l))));
+            }
+        }
+        if in_flight.is_none() {
+            in_flight = front_in_flight;
+        }
+        (cpu, in_flight, latency)
+    }
+}
+
+/// A server's utilisation under `measures`; `None` when none of the
+/// weighted measures is known.
+pub fn utilisation(
+    measures: &Measures,
+    cpu: Option<f64>,
+    in_flight: Option<u32>,
+    latency_p99_ms: Option<f64>,
+) -> Option<f64> {
+    let parts = [
+        (measures.cpu, cpu),
+        (
+            measures.in_flight,
+            in_flight.map(|n| f64::from(n) / measures.in_flight_capacity),
+        ),
+        (
+            measures.latency,
+            latency_p99_ms.map(|l| l / measures.latency_slo_ms),
+        ),
+    ];
+    let (mut sum, mut weights) = (0.0, 0.0);
+    for (weight, value) in parts {
+        if let (true, Some(value)) = (weight > 0.0, value) {
+            sum += weight * value.min(MEASURE_CAP);
+            weights += weight;
+        }
+    }
+    (weights > 0.0).then(|| sum / weights)
+}
+
+/// One evaluation of a cluster.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at_ms: u64,
+    /// Mean utilisation of the active members with a fresh reading.
+    mean: Option<f32>,
+    /// The load in servers' worth: the known utilisations, plus the mean
+    /// for each active member whose reading is missing.
+    total: f32,
+    /// Every active member had a fresh reading.
+    complete: bool,
+}
+
+#[derive(Debug)]
+struct ClusterState {
+    view: ClusterView,
+    samples: VecDeque<Sample>,
+    last_up_ms: Option<u64>,
+    last_down_ms: Option<u64>,
+}
+
+impl ClusterState {
+    /// The samples of the last `window_ms`, starting with the newest one
+    /// taken at or before its start; `None` while the history is shorter.
+    fn window(&self, now_ms: u64, window_ms: u64) -> Option<impl Iterator<Item = &Sample>> {
+        let start = now_ms.checked_sub(window_ms)?;
+        let anchor = self.samples.iter().rposition(|s| s.at_ms <= start)?;
+        Some(self.samples.iter().skip(anchor))
+    }
+
+    fn held(&self, now_ms: u64, window_ms: u64, holds: impl Fn(&Sample) -> bool) -> bool {
+        self.window(now_ms, window_ms)
+            .is_some_and(|mut samples| samples.all(holds))
+    }
+
+    fn window_values(&self, now_ms: u64, window_ms: u64) -> Vec<Option<f64>> {
+        self.window(now_ms, window_ms)
+            .map(|samples| samples.map(|s| s.mean.map(|m| round(f64::from(m)))).collect())
+            .unwrap_or_default()
+    }
+
+    /// When the last member was added or removed, as the membership tells
+    /// it: cooldowns then hold across a monitor restart.
+    fn membership_times(&self) -> (u64, u64) {
+        let mut added = 0;
+        let mut removed = 0;
+        for m in &self.view.members {
+            match m.state {
+                MemberState::Draining => removed = removed.max(m.since_ms),
+                MemberState::Joining | MemberState::Active => added = added.max(m.since_ms),
+            }
+        }
+        (added, removed)
+    }
+}
+
+/// A member's state at one evaluation.
+struct Now<'a> {
+    server: &'a ServerId,
+    weight: f64,
+    utilisation: Option<f64>,
+    in_flight: Option<u32>,
+}
+
+/// Every cluster's windows and the decisions they lead to.
+#[derive(Debug, Default)]
+pub struct Decider {
+    clusters: BTreeMap<ClusterId, ClusterState>,
+    servers: HashMap<ServerId, Tracked>,
+    last_report_ms: Option<u64>,
+}
+
+impl Decider {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Servers whose state is kept.
+    pub fn tracked_servers(&self) -> usize {
+        self.servers.len()
+    }
+
+    pub fn clusters(&self) -> usize {
+        self.clusters.len()
+    }
+
+    /// Takes a cluster's policy and membership (created or changed).
+    pub fn set_cluster(&mut self, now_ms: u64, view: ClusterView) {
+        let id = view.id.clone();
+        // Members it had that it no longer lists stop being tracked here.
+        if let Some(old) = self.clusters.get(&id) {
+            for m in &old.view.members {
+                if !view.members.iter().any(|n| n.server == m.server) {
+                    if let Some(t) = self.servers.get(&m.server) {
+                        if t.cluster == id {
+                            self.servers.remove(&m.server);
+                        }
+                    }
+                }
+            }
+        }
+        for m in &view.members {
+            let tracked = self
+                .servers
+                .entry(m.server.clone())
+                .or_insert_with(|| Tracked::new(id.clone(), now_ms));
+            if tracked.cluster != id {
+                // It moved here from another cluster: start afresh.
+                *tracked = Tracked::new(id.clone(), now_ms);
+            }
+            if tracked
+                .asked_weight
+                .is_some_and(|(w, _)| (f64::from(w) - m.weight).abs() < 1e-3)
+            {
+                tracked.asked_weight = None;
+            }
+        }
+        match self.clusters.get_mut(&id) {
+            Some(state) => state.view = view,
+            None => {
+                self.clusters.insert(
+                    id,
+                    ClusterState {
+                        view,
+                        samples: VecDeque::new(),
+                        last_up_ms: None,
+                        last_down_ms: None,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Forgets a deleted cluster.
+    pub fn remove_cluster(&mut self, id: &ClusterId) {
+        if let Some(state) = self.clusters.remove(id) {
+            for m in &state.view.members {
+                if self.servers.get(&m.server).is_some_and(|t| &t.cluster == id) {
+                    self.servers.remove(&m.server);
+                }
+            }
+        }
+    }
+
+    /// Takes a validated report that arrived at `now_ms` about a server of
+    /// the cluster named on its subject.
+    ///
+    /// # Errors
+    /// [`codes::UNKNOWN_CLUSTER`] for a cluster it has no record of,
+    /// [`codes::NOT_A_MEMBER`] for a server that is not listed in it.
+    pub fn observe(
+        &mut self,
+        now_ms: u64,
+        cluster: &ClusterId,
+        report: &PerformanceReport,
+    ) -> Result<(), Rejection> {
+        let Some(state) = self.clusters.get(cluster) else {
+            return Err(Rejection(BusError::new(
+                codes::UNKNOWN_CLUSTER,
+                format!("no cluster {cluster}"),
+            )));
+        };
+        let silent_after = state.view.policy.scaling.silent_after_ms;
+        let tracked = match self.servers.get_mut(&report.server) {
+            Some(t) if &t.cluster == cluster => t,
+            _ => {
+                return Err(Rejection(BusError::new(
+                    codes::NOT_A_MEMBER,
+                    format!("{} is not a member of {cluster}", report.server),
+                )))
+            }
+        };
+        let reading = Reading::of(report, now_ms, silent_after);
+        match &report.source {
+            ReportSource::Agent => tracked.agent = Some(reading),
+            ReportSource::Frontend { frontend } => {
+                let key = fnv1a(frontend.as_bytes());
+                if let Some(slot) = tracked.frontends.iter_mut().find(|(k, _)| *k == key) {
+                    slot.1 = reading;
+                } else if tracked.frontends.len() < MAX_FRONTENDS {
+                    tracked.frontends.push((key, reading));
+                } else if let Some(oldest) =
+                    tracked.frontends.iter_mut().min_by_key(|(_, r)| r.at_ms)
+                {
+                    *oldest = (key, reading);
+                }
+            }
+        }
+        tracked.last_report_ms = Some(now_ms);
+        tracked.replace_asked = false;
+        self.last_report_ms = Some(now_ms);
+        Ok(())
+    }
+
+    /// Evaluates every cluster at `now_ms`. Call it at a steady interval;
+    /// the windows are measured in these evaluations.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Decision> {
+        let mut decisions = Vec::new();
+        // A monitor that has heard nothing at all for a while is more
+        // likely cut off than looking at a fleet that died at once.
+        let hearing = self.last_report_ms;
+        for state in self.clusters.values_mut() {
+            evaluate(state, &mut self.servers, now_ms, hearing, &mut decisions);
+        }
+        decisions
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn evaluate(
+    state: &mut ClusterState,
+    servers: &mut HashMap<ServerId, Tracked>,
+    now_ms: u64,
+    last_heard_ms: Option<u64>,
+    decisions: &mut Vec<Decision>,
+) {
+    let policy = state.view.policy.clone();
+    let s = &policy.scaling;
+    let (upper, lower, target) = (s.upper, s.lower, s.target);
+
+    // 1. Each active member's utilisation now, and how long it has held.
+    let mut members: Vec<Now<'_>> = Vec::new();
+    let mut joining = 0u32;
+    let mut silent: Vec<(ServerId, u64)> = Vec::new();
+    for m in &state.view.members {
+        match m.state {
+            MemberState::Joining => {
+                joining += 1;
+                continue;
+            }
+            MemberState::Draining => continue,
+            MemberState::Active => {}
+        }
+        let Some(t) = servers.get_mut(&m.server) else {
+            continue;
+        };
+        let (cpu, in_flight, latency) = t.current(now_ms);
+        let u = utilisation(&s.measures, cpu, in_flight, latency);
+        let since = |flag: bool, at: &mut Option<u64>| {
+            if flag {
+                at.get_or_insert(now_ms);
+            } else {
+                *at = None;
+            }
+        };
+        since(u.is_some_and(|u| u < lower), &mut t.below_lower_since);
+        since(u.is_some_and(|u| u >= upper), &mut t.above_upper_since);
+        since(
+            u.is_some_and(|u| u / m.weight.max(MIN_WEIGHT) < target),
+            &mut t.cool_since,
+        );
+        let quiet_since = t.last_report_ms.unwrap_or(t.first_seen_ms);
+        if u.is_none() && now_ms.saturating_sub(quiet_since) >= s.silent_after_ms && !t.replace_asked
+        {
+            silent.push((m.server.clone(), now_ms - quiet_since));
+        }
+        members.push(Now {
+            server: &m.server,
+            weight: m.weight,
+            utilisation: u,
+            in_flight,
+        });
+    }
+    let active = u32::try_from(members.len()).unwrap_or(u32::MAX);
+    let size = active + joining;
+
+    // 2. The cluster's sample for this evaluation.
+    let known: Vec<f64> = members.iter().filter_map(|m| m.utilisation).collect();
+    let known_n = u32::try_from(known.len()).unwrap_or(u32::MAX);
+    let mean = (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64);
+    let total = mean.map_or(0.0, |m| m * f64::from(active));
+    state.samples.push_back(Sample {
+        at_ms: now_ms,
+        mean: mean.map(|m| m as f32),
+        total: total as f32,
+        complete: active > 0 && known_n == active,
+    });
+    let horizon = s.sustain_ms.max(s.release_sustain_ms);
+    while state.samples.len() > 1
+        && state.samples[1].at_ms <= now_ms.saturating_sub(horizon)
+    {
+        state.samples.pop_front();
+    }
+
+    let evidence = Evidence {
+        size,
+        known: known_n,
+        utilisation: mean.map(round),
+        ..Evidence::default()
+    };
+    let id = state.view.id.clone();
+    let generation = state.view.generation;
+    let decide = |action, reason: String, evidence| Decision {
+        at_ms: now_ms,
+        cluster: id.clone(),
+        generation,
+        action,
+        reason,
+        evidence,
+    };
+    let (added_ms, removed_ms) = state.membership_times();
+    let last_up = state.last_up_ms.unwrap_or(0).max(added_ms);
+    let last_down = state.last_down_ms.unwrap_or(0).max(removed_ms);
+
+    // 3. Health first: a member that stopped reporting is replaced, never
+    // released. Unless so many went quiet together that the monitor's own
+    // view (or the metrics path) is the likelier fault.
+    let outage = silent.len() > 1 && silent.len() * 2 > members.len();
+    let deaf = last_heard_ms.is_none_or(|at| now_ms.saturating_sub(at) >= s.silent_after_ms);
+    if !silent.is_empty() && !outage && !deaf {
+        for (server, quiet_ms) in &silent {
+            if let Some(t) = servers.get_mut(server) {
+                t.replace_asked = true;
+            }
+            decisions.push(decide(
+                ReconfigAction::Replace {
+                    server: server.clone(),
+                },
+                format!("no report for {quiet_ms} ms: unhealthy, not idle"),
+                Evidence {
+                    silent_ms: Some(*quiet_ms),
+                    ..evidence.clone()
+                },
+            ));
+        }
+    }
+
+    // 4. Scale up: the upper level has held for the sustain window.
+    let cooling_up = now_ms < last_up.saturating_add(s.cooldown_up_ms);
+    let hot = state.held(now_ms, s.sustain_ms, |x| {
+        x.mean.is_some_and(|m| f64::from(m) >= upper)
+    });
+    if hot && !cooling_up && size < policy.max_size {
+        // The load that held through the whole window sizes the step.
+        let held_load = state
+            .window(now_ms, s.sustain_ms)
+            .map(|w| w.map(|x| f64::from(x.total)).fold(f64::INFINITY, f64::min))
+            .unwrap_or(total);
+        let desired = ceil_u32(held_load / target);
+        let add = desired
+            .saturating_sub(size)
+            .min(s.max_step)
+            .min(policy.max_size - size);
+        if add > 0 {
+            state.last_up_ms = Some(now_ms);
+            decisions.push(decide(
+                ReconfigAction::Allocate {
+                    count: add,
+                    request_type: None,
+                },
+                format!(
+                    "utilisation at or above {upper} for {} ms; load {:.2} servers wants {desired} at target {target}",
+                    s.sustain_ms, held_load
+                ),
+                Evidence {
+                    window: state.window_values(now_ms, s.sustain_ms),
+                    total_load: Some(round(held_load)),
+                    desired: Some(desired),
+                    ..evidence.clone()
+                },
+            ));
+            return;
+        }
+    }
+
+    // 5. Reweight: one member hot while the cluster is not; restore it once
+    // it would stay under target at full weight.
+    let cluster_hot = mean.is_some_and(|m| m >= upper);
+    for m in &members {
+        let Some(t) = servers.get_mut(m.server) else {
+            continue;
+        };
+        if t
+            .asked_weight
+            .is_some_and(|(_, at)| now_ms.saturating_sub(at) >= s.silent_after_ms)
+        {
+            t.asked_weight = None;
+        }
+        let (Some(u), false) = (m.utilisation, t.asked_weight.is_some()) else {
+            continue;
+        };
+        let held = |since: Option<u64>| {
+            since.filter(|&at| now_ms.saturating_sub(at) >= s.sustain_ms)
+        };
+        let change = if let (false, Some(at)) = (cluster_hot, held(t.above_upper_since)) {
+            let weight = round_step(m.weight * target / u).max(MIN_WEIGHT);
+            (weight < m.weight - WEIGHT_SENSITIVITY).then(|| {
+                (
+                    weight,
+                    at,
+                    format!("member at {:.2} above {upper} while the cluster is at {:.2}: send it less", u, mean.unwrap_or(0.0)),
+                )
+            })
+        } else if let (true, Some(at)) = (m.weight < 1.0, held(t.cool_since)) {
+            Some((
+                1.0,
+                at,
+                format!("member cooled: {:.2} at weight {:.2} stays under target at full weight", u, m.weight),
+            ))
+        } else {
+            None
+        };
+        if let Some((weight, since, reason)) = change {
+            t.asked_weight = Some((weight as f32, now_ms));
+            t.above_upper_since = None;
+            t.cool_since = None;
+            decisions.push(decide(
+                ReconfigAction::Reweight {
+                    server: m.server.clone(),
+                    weight,
+                },
+                reason,
+                Evidence {
+                    server_utilisation: Some(round(u)),
+                    server_in_flight: m.in_flight,
+                    held_since_ms: Some(since),
+                    ..evidence.clone()
+                },
+            ));
+        }
+    }
+
+    // 6. Release: a member under the lower level for the longer window,
+    // when the others would stay under target without it. Only on complete
+    // data: a missing reading is unknown, never zero.
+    let cooling_down = now_ms < last_down.saturating_add(s.cooldown_down_ms)
+        || now_ms < last_up.saturating_add(s.cooldown_down_ms);
+    if cooling_down || joining > 0 || size <= policy.min_size || active < 2 {
+        return;
+    }
+    if !state.held(now_ms, s.release_sustain_ms, |x| x.complete) {
+        return;
+    }
+    let peak = state
+        .window(now_ms, s.release_sustain_ms)
+        .map(|w| w.map(|x| f64::from(x.total)).fold(0.0, f64::max))
+        .unwrap_or(total);
+    let projected = peak / f64::from(active - 1);
+    if projected >= target {
+        return;
+    }
+    let candidate = members
+        .iter()
+        .filter(|m| {
+            servers.get(m.server).is_some_and(|t| {
+                t.below_lower_since
+                    .is_some_and(|at| now_ms.saturating_sub(at) >= s.release_sustain_ms)
+            })
+        })
+        // Least work in flight goes first; unknown in-flight counts last.
+        .min_by(|a, b| {
+            let key = |m: &Now<'_>| (m.in_flight.is_none(), m.in_flight.unwrap_or(0));
+            key(a)
+                .cmp(&key(b))
+                .then(
+                    a.utilisation
+                        .unwrap_or(f64::MAX)
+                        .total_cmp(&b.utilisation.unwrap_or(f64::MAX)),
+                )
+                .then(a.server.cmp(b.server))
+        });
+    if let Some(m) = candidate {
+        let since = servers.get(m.server).and_then(|t| t.below_lower_since);
+        state.last_down_ms = Some(now_ms);
+        decisions.push(decide(
+            ReconfigAction::Release {
+                server: m.server.clone(),
+            },
+            format!(
+                "under {lower} for {} ms; the other {} stay at {:.2} below target {target} without it",
+                s.release_sustain_ms,
+                active - 1,
+                projected
+            ),
+            Evidence {
+                window: state.window_values(now_ms, s.release_sustain_ms),
+                total_load: Some(round(peak)),
+                server_utilisation: m.utilisation.map(round),
+                server_in_flight: m.in_flight,
+                held_since_ms: since,
+                projected: Some(round(projected)),
+                ..evidence
+            },
+        ));
+    }
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+/// Down to a multiple of 0.05, so weights stay few and readable.
+fn round_step(x: f64) -> f64 {
+    ((x * 20.0).floor() / 20.0).clamp(0.0, 1.0)
+}
+
+fn ceil_u32(x: f64) -> u32 {
+    // A hair of slack so 2.4 / 0.6 is 4, not 5.
+    let c = (x - 1e-9).ceil();
+    if c.is_finite() && c > 0.0 {
+        c.min(f64::from(u32::MAX)) as u32
+    } else {
+        0
+    }
+}
+
+/// FNV-1a: a stable hash (unlike the standard one, the same in every
+/// process), for shard assignment and front-end keys.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}

@@ -1,0 +1,210 @@
+//! From a raw message on `headroom.metrics.<cluster>.<server>` to a report
+//! the [`Decider`] takes, or a counted rejection. Live ingestion and replay
+//! go through this same path, so a recording is judged exactly as the live
+//! stream was.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_nats::HeaderMap;
+use headroom_shared::codec::Codec;
+use headroom_shared::subjects;
+use headroom_shared::wire::{codes, BusError, PerformanceReport};
+use headroom_shared::ClusterId;
+use serde::{Deserialize, Serialize};
+
+use crate::decide::{fnv1a, Decider, Rejection};
+
+/// Which clusters this monitor decides for: a stable hash of the cluster id
+/// picks one of `shards` monitors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl Shard {
+    pub fn owns(&self, cluster: &str) -> bool {
+        self.count <= 1 || fnv1a(cluster.as_bytes()) % u64::from(self.count) == u64::from(self.index)
+    }
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// A member's report, now in its window.
+    Report,
+    /// A free server saying it is idle in the pool.
+    Pool,
+    /// Another shard's cluster.
+    Skipped,
+}
+
+/// Counters of everything ingested, readable while ingestion runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub reports: AtomicU64,
+    pub pool_reports: AtomicU64,
+    pub skipped: AtomicU64,
+    pub malformed: AtomicU64,
+    pub unsupported_version: AtomicU64,
+    pub invalid: AtomicU64,
+    pub subject_mismatch: AtomicU64,
+    pub unknown_cluster: AtomicU64,
+    pub not_a_member: AtomicU64,
+    pub decisions: AtomicU64,
+    pub requests_sent: AtomicU64,
+    pub send_failures: AtomicU64,
+    /// Gauges, set at each evaluation.
+    pub tracked_servers: AtomicU64,
+    pub clusters: AtomicU64,
+}
+
+/// A copy of the counters, as the stats endpoint and replay print them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersSnapshot {
+    pub reports: u64,
+    pub pool_reports: u64,
+    pub skipped: u64,
+    pub rejected: u64,
+    pub malformed: u64,
+    pub unsupported_version: u64,
+    pub invalid: u64,
+    pub subject_mismatch: u64,
+    pub unknown_cluster: u64,
+    pub not_a_member: u64,
+    pub decisions: u64,
+    pub requests_sent: u64,
+    pub send_failures: u64,
+    pub tracked_servers: u64,
+    pub clusters: u64,
+}
+
+impl Counters {
+    pub fn count_rejection(&self, code: &str) {
+        let counter = match code {
+            codes::UNSUPPORTED_VERSION => &self.unsupported_version,
+            codes::INVALID => &self.invalid,
+            codes::SUBJECT_MISMATCH => &self.subject_mismatch,
+            codes::UNKNOWN_CLUSTER => &self.unknown_cluster,
+            codes::NOT_A_MEMBER => &self.not_a_member,
+            _ => &self.malformed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CountersSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut s = CountersSnapshot {
+            reports: get(&self.reports),
+            pool_reports: get(&self.pool_reports),
+            skipped: get(&self.skipped),
+            rejected: 0,
+            malformed: get(&self.malformed),
+            unsupported_version: get(&self.unsupported_version),
+            invalid: get(&self.invalid),
+            subject_mismatch: get(&self.subject_mismatch),
+            unknown_cluster: get(&self.unknown_cluster),
+            not_a_member: get(&self.not_a_member),
+            decisions: get(&self.decisions),
+            requests_sent: get(&self.requests_sent),
+            send_failures: get(&self.send_failures),
+            tracked_servers: get(&self.tracked_servers),
+            clusters: get(&self.clusters),
+        };
+        s.rejected = s.malformed
+            + s.unsupported_version
+            + s.invalid
+            + s.subject_mismatch
+            + s.unknown_cluster
+            + s.not_a_member;
+        s
+    }
+}
+
+fn reject(code: &str, message: impl Into<String>) -> Rejection {
+    Rejection(BusError::new(code, message))
+}
+
+/// Parses, decodes, checks and records one metrics message that arrived at
+/// `now_ms`, counting the outcome.
+///
+/// # Errors
+/// The rejection, with its stable code; it has been counted.
+pub fn ingest(
+    decider: &mut Decider,
+    shard: Shard,
+    counters: &Counters,
+    now_ms: u64,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<Taken, Rejection> {
+    let taken = take(decider, shard, now_ms, subject, headers, payload);
+    match &taken {
+        Ok(Taken::Report) => counters.reports.fetch_add(1, Ordering::Relaxed),
+        Ok(Taken::Pool) => counters.pool_reports.fetch_add(1, Ordering::Relaxed),
+        Ok(Taken::Skipped) => counters.skipped.fetch_add(1, Ordering::Relaxed),
+        Err(rejection) => {
+            counters.count_rejection(rejection.code());
+            0
+        }
+    };
+    taken
+}
+
+fn take(
+    decider: &mut Decider,
+    shard: Shard,
+    now_ms: u64,
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<Taken, Rejection> {
+    let Some((cluster_token, server_token)) = subjects::parse_metrics(subject) else {
+        return Err(reject(
+            codes::SUBJECT_MISMATCH,
+            format!("{subject} is not headroom.metrics.<cluster>.<server>"),
+        ));
+    };
+    // Skip other shards' clusters before paying for decoding.
+    if let Some(c) = cluster_token {
+        if !shard.owns(c) {
+            return Ok(Taken::Skipped);
+        }
+    } else if shard.index != 0 {
+        return Ok(Taken::Skipped);
+    }
+    let codec = Codec::of(headers).map_err(|e| reject(e.code(), e.to_string()))?;
+    let report: PerformanceReport = codec
+        .decode(payload)
+        .map_err(|e| reject(e.code(), e.to_string()))?;
+    report.validate().map_err(Rejection)?;
+    if report.server.as_str() != server_token {
+        return Err(reject(
+            codes::SUBJECT_MISMATCH,
+            format!("report from {} on {subject}", report.server),
+        ));
+    }
+    if report.cluster.as_ref().map(ClusterId::as_str) != cluster_token {
+        return Err(reject(
+            codes::SUBJECT_MISMATCH,
+            format!(
+                "report for cluster {} on {subject}",
+                report.cluster.as_ref().map_or("(pool)", ClusterId::as_str)
+            ),
+        ));
+    }
+    match &report.cluster {
+        None => Ok(Taken::Pool),
+        Some(cluster) => {
+            decider.observe(now_ms, cluster, &report)?;
+            Ok(Taken::Report)
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! Headroom's monitor: reads every member's performance reports, keeps a
+//! window per server and per cluster, and decides when a cluster grows,
+//! lets a member go, sends a hot member less traffic, or replaces a member
+//! that went silent.
+//!
+//! # Layout
+//! - [`decide`]: the decisions, a pure function of inputs and time.
+//! - [`ingest`]: subject, codec and sanity checks in front of it; counters.
+//! - [`replay`]: recordings, and replaying them through a policy.
+//! - [`run`]: the live service: NATS in, requests and audit events out.
+//!
+//! Decisions need a whole cluster in view, so monitors share the work by
+//! cluster (`monitor.shard` of `monitor.shards`), not by message: a queue
+//! group would scatter one server's reports over several monitors, each of
+//! which would then see a healthy server fall silent.
+
+pub mod decide;
+pub mod ingest;
+pub mod replay;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_nats::service::ServiceExt;
+use futures::StreamExt;
+use headroom_shared::codec::Codec;
+use headroom_shared::config::Config;
+use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET};
+use headroom_shared::wire::{now_ms, AuditEvent, EventKind, ReconfigAction, ReconfigRequest};
+use headroom_shared::{bus, subjects, ClusterId, RequestId, SCHEMA_VERSION};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+pub use decide::{ClusterView, Decider, Decision};
+pub use ingest::{Counters, Shard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error("cannot set up {0}: {1}")]
+    Setup(&'static str, #[source] async_nats::Error),
+    #[error("cannot open the decision log {path}: {source}")]
+    DecisionLog {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A change to the clusters the decider knows.
+enum ClusterUpdate {
+    Put(ClusterView),
+    Removed(ClusterId),
+}
+
+/// Runs the monitor until `shutdown`, then stops evaluating, sends the
+/// decisions already made, and drains the connection.
+///
+/// # Errors
+/// When the subscription, the KV watch, the streams or the stats service
+/// cannot be set up, or a task fails.
+pub async fn run(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> Result<(), MonitorError> {
+    let settings = config.monitor.clone();
+    let shard = Shard {
+        index: settings.shard,
+        count: settings.shards,
+    };
+    let span = info_span!("monitor", instance = %settings.instance, shard = shard.index, shards = shard.count);
+    async move {
+        let js = jetstream::new(client.clone());
+        let replicas = config.nats.replicas;
+        js.get_or_create_stream(subjects::reconfig_stream(replicas))
+            .await
+            .map_err(|e| MonitorError::Setup("reconfig stream", e.into()))?;
+        js.get_or_create_stream(subjects::events_stream(replicas))
+            .await
+            .map_err(|e| MonitorError::Setup("events stream", e.into()))?;
+        let clusters = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
+            .await
+            .map_err(|e| MonitorError::Setup("clusters bucket", e))?;
+        let decision_log = match &settings.decision_log {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| MonitorError::DecisionLog {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let reports = client
+            .subscribe(subjects::METRICS_ALL)
+            .await
+            .map_err(|e| MonitorError::Setup("metrics subscription", e.into()))?;
+        let counters = Arc::new(Counters::default());
+        let stats = client
+            .service_builder()
+            .description("Headroom monitor: performance reports in, reconfiguration requests out")
+            .metadata([("instance".to_owned(), settings.instance.clone())].into())
+            .start(subjects::MONITOR_SERVICE, env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| MonitorError::Setup("stats service", e))?;
+        let stats_endpoint = stats
+            .endpoint(subjects::MONITOR_STATS)
+            .await
+            .map_err(|e| MonitorError::Setup("stats endpoint", e))?;
+        info!(dry_run = settings.dry_run, "monitor starting");
+
+        let stop = shutdown.child_token();
+        let (updates_tx, updates_rx) = mpsc::channel(1024);
+        let (decisions_tx, decisions_rx) = mpsc::channel(4096);
+        let mut tasks: JoinSet<Result<&'static str, MonitorError>> = JoinSet::new();
+        tasks.spawn(watch_clusters(clusters, shard, updates_tx, stop.clone()));
+        tasks.spawn(decide_loop(
+            reports,
+            updates_rx,
+            decisions_tx,
+            counters.clone(),
+            shard,
+            settings.evaluate_interval,
+            stop.clone(),
+        ));
+        tasks.spawn(send_loop(
+            js,
+            decisions_rx,
+            decision_log,
+            counters.clone(),
+            settings.instance.clone(),
+            settings.dry_run,
+        ));
+        tasks.spawn(serve_stats(stats_endpoint, counters, stop.clone()));
+
+        let mut failure = None;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => info!("monitor stopping"),
+            Some(ended) = tasks.join_next() => {
+                if !shutdown.is_cancelled() {
+                    failure = Some(match ended {
+                        Ok(Ok(name)) => MonitorError::Setup(name, "task ended unexpectedly".into()),
+                        Ok(Err(err)) => err,
+                        Err(join) => MonitorError::Setup("task", join.into()),
+                    });
+                }
+            }
+        }
+        stop.cancel();
+        // The sender ends once the decider is gone and its queue is sent.
+        let drained = tokio::time::timeout(Duration::from_secs(10), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("tasks still running after 10s; abandoning them");
+            tasks.abort_all();
+        }
+        if let Err(err) = stats.stop().await {
+            debug!(%err, "stats service already stopped");
+        }
+        if let Err(err) = client.drain().await {
+            warn!(%err, "could not drain the NATS connection");
+        }
+        failure.map_or(Ok(()), Err)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Follows the clusters bucket: current records first, then every change.
+/// A watch that ends is started again; a revision already applied is
+/// skipped, so a replay after a reconnect cannot undo a newer membership.
+async fn watch_clusters(
+    bucket: kv::Store,
+    shard: Shard,
+    updates: mpsc::Sender<ClusterUpdate>,
+    stop: CancellationToken,
+) -> Result<&'static str, MonitorError> {
+    let mut applied: HashMap<String, u64> = HashMap::new();
+    loop {
+        let mut watch = tokio::select! {
+            _ = stop.cancelled() => return Ok("cluster watch"),
+            watch = bucket.watch_with_history(">") => match watch {
+                Ok(watch) => watch,
+                Err(err) => {
+                    warn!(%err, "cannot watch the clusters bucket; trying again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok("cluster watch"),
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        loop {
+            let entry = tokio::select! {
+                _ = stop.cancelled() => return Ok("cluster watch"),
+                entry = watch.next() => entry,
+            };
+            let entry = match entry {
+                Some(Ok(entry)) => entry,
+                Some(Err(err)) => {
+                    debug!(%err, "cluster watch hiccup");
+                    continue;
+                }
+                None => break,
+            };
+            if !shard.owns(&entry.key) {
+                continue;
+            }
+            if applied.get(&entry.key).is_some_and(|&r| entry.revision <= r) {
+                continue;
+            }
+            applied.insert(entry.key.clone(), entry.revision);
+            let update = match entry.operation {
+                kv::Operation::Put => {
+                    match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
+                        Ok(record) => ClusterUpdate::Put(ClusterView::from(&record)),
+                        Err(err) => {
+                            warn!(key = %entry.key, %err, "unreadable cluster record; ignored");
+                            continue;
+                        }
+                    }
+                }
+                kv::Operation::Delete | kv::Operation::Purge => match ClusterId::new(&entry.key) {
+                    Ok(id) => ClusterUpdate::Removed(id),
+                    Err(_) => continue,
+                },
+            };
+            if updates.send(update).await.is_err() {
+                return Ok("cluster watch");
+            }
+        }
+    }
+}
+
+/// The one task that owns the decider: reports, cluster changes and the
+/// evaluation clock all pass through here, so no lock is ever taken on the
+/// hot path.
+async fn decide_loop(
+    mut reports: async_nats::Subscriber,
+    mut updates: mpsc::Receiver<ClusterUpdate>,
+    decisions: mpsc::Sender<Decision>,
+    counters: Arc<Counters>,
+    shard: Shard,
+    interval: Duration,
+    stop: CancellationToken,
+) -> Result<&'static str, MonitorError> {
+    let mut decider = Decider::new();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok("decider"),
+            update = updates.recv() => match update {
+                Some(ClusterUpdate::Put(view)) => decider.set_cluster(now_ms(), view),
+                Some(ClusterUpdate::Removed(id)) => decider.remove_cluster(&id),
+                None => return Ok("decider"),
+            },
+            _ = ticker.tick() => {
+                for decision in decider.tick(now_ms()) {
+                    counters.decisions.fetch_add(1, Ordering::Relaxed);
+                    if decisions.try_send(decision).is_err() {
+                        counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!("decision queue full; a decision was dropped");
+                    }
+                }
+                counters.tracked_servers.store(decider.tracked_servers() as u64, Ordering::Relaxed);
+                counters.clusters.store(decider.clusters() as u64, Ordering::Relaxed);
+            }
+            message = reports.next() => {
+                let Some(message) = message else { return Ok("decider") };
+                if let Err(rejection) = ingest::ingest(
+                    &mut decider,
+                    shard,
+                    &counters,
+                    now_ms(),
+                    message.subject.as_str(),
+                    message.headers.as_ref(),
+                    &message.payload,
+                ) {
+                    debug!(subject = %message.subject, %rejection, "report rejected");
+                }
+            }
+        }
+    }
+}
+
+/// Sends each decision: an audit event with its evidence always, the
+/// request to the allocator unless this is a dry run.
+async fn send_loop(
+    js: jetstream::Context,
+    mut decisions: mpsc::Receiver<Decision>,
+    mut log: Option<std::fs::File>,
+    counters: Arc<Counters>,
+    instance: String,
+    dry_run: bool,
+) -> Result<&'static str, MonitorError> {
+    while let Some(decision) = decisions.recv().await {
+        let mut line = Vec::new();
+        if replay::write_decision(&mut line, &decision).is_err() {
+            continue;
+        }
+        let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+        let span = info_span!("decision", cluster = %decision.cluster, action = decision.action.name());
+        let _entered = span.enter();
+        info!(dry_run, reason = %decision.reason, "{line}");
+        if let Some(file) = &mut log {
+            if let Err(err) = writeln!(file, "{line}") {
+                warn!(%err, "cannot write the decision log");
+            }
+        }
+        if dry_run {
+            continue;
+        }
+        let id = match RequestId::new(decision.request_id()) {
+            Ok(id) => id,
+            Err(err) => {
+                warn!(%err, "decision id is not a request id");
+                continue;
+            }
+        };
+        let request = ReconfigRequest {
+            v: SCHEMA_VERSION,
+            id: id.clone(),
+            cluster: decision.cluster.clone(),
+            action: decision.action.clone(),
+            reason: decision.reason.clone(),
+            origin: instance.clone(),
+            issued_ms: now_ms(),
+        };
+        let server = match &decision.action {
+            ReconfigAction::Allocate { .. } => None,
+            ReconfigAction::Release { server }
+            | ReconfigAction::Replace { server }
+            | ReconfigAction::Reweight { server, .. } => Some(server.clone()),
+        };
+        let event = AuditEvent {
+            v: SCHEMA_VERSION,
+            kind: EventKind::Decided,
+            cluster: Some(decision.cluster.clone()),
+            server,
+            request: Some(id.clone()),
+            detail: line,
+            origin: instance.clone(),
+            at_ms: now_ms(),
+        };
+        // The same id on every attempt: JetStream stores it once.
+        let mut sent = false;
+        for attempt in 0..3u32 {
+            let result = async {
+                bus::publish_durable(
+                    &js,
+                    subjects::events(Some(&decision.cluster), EventKind::Decided.token()),
+                    &format!("decided-{id}"),
+                    Codec::MsgPack,
+                    &event,
+                )
+                .await?;
+                bus::request_reconfig(&js, &request).await
+            }
+            .await;
+            match result {
+                Ok(_) => {
+                    sent = true;
+                    break;
+                }
+                Err(err) => {
+                    warn!(%err, attempt, "could not send the decision; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt + 1))).await;
+                }
+            }
+        }
+        let counter = if sent {
+            &counters.requests_sent
+        } else {
+            &counters.send_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok("sender")
+}
+
+/// Answers `headroom.monitor.stats` with the counters, as JSON.
+async fn serve_stats(
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+) -> Result<&'static str, MonitorError> {
+    loop {
+        let request = tokio::select! {
+            _ = stop.cancelled() => return Ok("stats"),
+            request = endpoint.next() => match request {
+                Some(request) => request,
+                None => return Ok("stats"),
+            },
+        };
+        let body = serde_json::to_vec(&counters.snapshot()).unwrap_or_default();
+        if let Err(err) = request.respond(Ok(body.into())).await {
+            debug!(%err, "could not answer a stats request");
+        }
+    }
+}
+
+/// Reads the monitor's counters over NATS (tests, the CLI).
+///
+/// # Errors
+/// When no monitor answers or the answer is not the counters.
+pub async fn fetch_stats(
+    client: &async_nats::Client,
+) -> Result<ingest::CountersSnapshot, async_nats::Error> {
+    let reply = client
+        .request(subjects::MONITOR_STATS, bytes::Bytes::new())
+        .await?;
+    Ok(serde_json::from_slice(&reply.payload)?)
+}

@@ -1,0 +1,201 @@
+//! The monitor binary: `run` (the service, the default), `record` (write
+//! the live report stream to a file) and `replay` (judge a recording by a
+//! policy and print the decisions).
+
+use std::io::{BufReader, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use headroom_monitor::replay::{self, Recorded};
+use headroom_shared::config::{Config, EXIT_CONFIG};
+use headroom_shared::kv::{ClusterPolicy, ClusterRecord, CLUSTERS_BUCKET};
+use headroom_shared::wire::now_ms;
+use headroom_shared::{nats, shutdown, subjects, telemetry, Codec};
+
+#[derive(Parser)]
+#[command(name = "headroom-monitor", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the monitor (the default).
+    Run,
+    /// Write the live reports and cluster records to a recording.
+    Record {
+        /// The file to write (JSON lines); `-` for standard output.
+        #[arg(long, short)]
+        out: PathBuf,
+        /// Stop after this long (for example `10m`); until SIGTERM without.
+        #[arg(long, value_parser = humantime_duration)]
+        duration: Option<Duration>,
+    },
+    /// Judge a recording by a policy and print every decision, one JSON
+    /// line each; the same input always gives the same bytes.
+    Replay {
+        /// The recording (JSON lines).
+        input: PathBuf,
+        /// A cluster policy (TOML or JSON) to use instead of the recorded
+        /// ones.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Evaluate every this many milliseconds of recorded time.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
+}
+
+fn humantime_duration(text: &str) -> Result<Duration, String> {
+    let value: toml::Value = toml::Value::String(text.to_owned());
+    humantime_serde::deserialize(value).map_err(|e: toml::de::Error| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Replay {
+        input,
+        policy,
+        interval_ms,
+    }) = &cli.command
+    {
+        // Replay is offline: no configuration, no NATS.
+        return match replay_file(input, policy.as_deref(), *interval_ms) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("headroom-monitor replay: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("headroom-monitor: {err}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    if let Err(err) = telemetry::init(&config.telemetry) {
+        eprintln!("headroom-monitor: {err}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("headroom-monitor: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let (client, _events) = nats::connect(&config.nats, "headroom-monitor")
+            .await
+            .context("connecting to NATS")?;
+        match cli.command {
+            Some(Command::Record { out, duration }) => record(client, &config, &out, duration).await,
+            _ => headroom_monitor::run(config, client, shutdown::on_signal())
+                .await
+                .context("monitor"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn replay_file(
+    input: &std::path::Path,
+    policy: Option<&std::path::Path>,
+    interval_ms: u64,
+) -> anyhow::Result<()> {
+    let policy = policy.map(read_policy).transpose()?;
+    let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let summary = replay::replay(BufReader::new(file), policy.as_ref(), interval_ms, &mut out)?;
+    out.flush()?;
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+fn read_policy(path: &std::path::Path) -> anyhow::Result<ClusterPolicy> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let policy: ClusterPolicy = if text.trim_start().starts_with('{') {
+        serde_json::from_str(&text).with_context(|| format!("{} is not a policy", path.display()))?
+    } else {
+        toml::from_str(&text).with_context(|| format!("{} is not a policy", path.display()))?
+    };
+    policy.validate().context("policy")?;
+    Ok(policy)
+}
+
+async fn record(
+    client: async_nats::Client,
+    config: &Config,
+    out: &std::path::Path,
+    duration: Option<Duration>,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut sink: Box<dyn Write + Send> = if out.as_os_str() == "-" {
+        Box::new(std::io::stdout())
+    } else {
+        Box::new(std::io::BufWriter::new(
+            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
+        ))
+    };
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, config.nats.replicas)
+        .await
+        .map_err(|e| anyhow::anyhow!("clusters bucket: {e}"))?;
+    let mut clusters = bucket
+        .watch_with_history(">")
+        .await
+        .context("watching the clusters bucket")?;
+    let mut reports = client
+        .subscribe(subjects::METRICS_ALL)
+        .await
+        .context("subscribing to reports")?;
+    let stop = shutdown::on_signal();
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut written = 0u64;
+    loop {
+        let recorded = tokio::select! {
+            _ = stop.cancelled() => break,
+            () = &mut deadline => break,
+            entry = clusters.next() => match entry {
+                Some(Ok(entry)) => match entry.operation {
+                    async_nats::jetstream::kv::Operation::Put => {
+                        match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
+                            Ok(record) => Recorded::Cluster { at_ms: now_ms(), cluster: (&record).into() },
+                            Err(err) => { tracing::warn!(key = %entry.key, %err, "unreadable cluster record"); continue; }
+                        }
+                    }
+                    _ => match headroom_shared::ClusterId::new(&entry.key) {
+                        Ok(id) => Recorded::ClusterRemoved { at_ms: now_ms(), id },
+                        Err(_) => continue,
+                    },
+                },
+                Some(Err(err)) => { tracing::debug!(%err, "cluster watch hiccup"); continue; }
+                None => anyhow::bail!("the clusters watch ended"),
+            },
+            message = reports.next() => match message {
+                Some(m) => Recorded::message(now_ms(), m.subject.as_str(), m.headers.as_ref(), &m.payload),
+                None => anyhow::bail!("the reports subscription ended"),
+            },
+        };
+        serde_json::to_writer(&mut sink, &recorded)?;
+        sink.write_all(b"\n")?;
+        written += 1;
+    }
+    sink.flush()?;
+    tracing::info!(written, "recording finished");
+    Ok(())
+}

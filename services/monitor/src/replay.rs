@@ -1,0 +1,279 @@
+//! Recordings and their replay. A recording is JSON lines, one input each,
+//! in the order they arrived:
+//!
+//! ```text
+//! {"kind":"cluster","at_ms":0,"cluster":{"id":"web","policy":{...},"members":[...]}}
+//! {"kind":"report","at_ms":1000,"subject":"headroom.metrics.web.s1","report":{...}}
+//! {"kind":"raw","at_ms":1000,"subject":"...","content_type":"application/msgpack","hex":"81a1..."}
+//! {"kind":"cluster_removed","at_ms":5000,"id":"web"}
+//! ```
+//!
+//! `record` writes what it sees live (a message that does not decode or
+//! validate is kept byte for byte as `raw`); people write them by hand too.
+//! Replay feeds them through the live ingestion path and evaluates at
+//! fixed steps from the first input, so the same file and policy always
+//! give the same decision log, byte for byte.
+
+use std::io::{BufRead, Write};
+
+use async_nats::HeaderMap;
+use headroom_shared::codec::{Codec, CONTENT_TYPE};
+use headroom_shared::kv::ClusterPolicy;
+use headroom_shared::ClusterId;
+use serde::{Deserialize, Serialize};
+
+use crate::decide::{ClusterView, Decider, Decision};
+use crate::ingest::{ingest, Counters, CountersSnapshot, Shard};
+
+/// One input of a recording.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Recorded {
+    Cluster {
+        at_ms: u64,
+        cluster: ClusterView,
+    },
+    ClusterRemoved {
+        at_ms: u64,
+        id: ClusterId,
+    },
+    Report {
+        at_ms: u64,
+        subject: String,
+        report: serde_json::Value,
+    },
+    Raw {
+        at_ms: u64,
+        subject: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+        hex: String,
+    },
+}
+
+impl Recorded {
+    pub fn at_ms(&self) -> u64 {
+        match self {
+            Recorded::Cluster { at_ms, .. }
+            | Recorded::ClusterRemoved { at_ms, .. }
+            | Recorded::Report { at_ms, .. }
+            | Recorded::Raw { at_ms, .. } => *at_ms,
+        }
+    }
+
+    /// How `record` keeps a message: readable when it is a valid report,
+    /// byte for byte when it is not.
+    pub fn message(at_ms: u64, subject: &str, headers: Option<&HeaderMap>, payload: &[u8]) -> Self {
+        let readable = headroom_shared::codec::decode::<headroom_shared::wire::PerformanceReport>(
+            headers, payload,
+        )
+        .ok()
+        .filter(|r| r.validate().is_ok())
+        .and_then(|r| serde_json::to_value(r).ok());
+        match readable {
+            Some(report) => Recorded::Report {
+                at_ms,
+                subject: subject.to_owned(),
+                report,
+            },
+            None => Recorded::Raw {
+                at_ms,
+                subject: subject.to_owned(),
+                content_type: headers
+                    .and_then(|h| h.get(CONTENT_TYPE))
+                    .map(|v| v.as_str().to_owned()),
+                hex: to_hex(payload),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("reading the recording: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("recording line {line}: {reason}")]
+    Line { line: usize, reason: String },
+    #[error("recording line {line}: input at {at_ms} ms comes before the previous one at {previous_ms} ms")]
+    OutOfOrder {
+        line: usize,
+        at_ms: u64,
+        previous_ms: u64,
+    },
+}
+
+/// What a replay did besides its decisions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplaySummary {
+    pub inputs: u64,
+    pub evaluations: u64,
+    pub decisions: u64,
+    pub counters: CountersSnapshot,
+}
+
+/// Replays `input`, evaluating every `interval_ms` from its first input,
+/// and writes each decision to `log` as one JSON line. With `policy`, every
+/// cluster is judged by that policy instead of the recorded one.
+///
+/// # Errors
+/// A line that is not an input, inputs out of time order, or I/O.
+pub fn replay(
+    input: impl BufRead,
+    policy: Option<&ClusterPolicy>,
+    interval_ms: u64,
+    log: &mut impl Write,
+) -> Result<ReplaySummary, ReplayError> {
+    let interval_ms = interval_ms.max(1);
+    let mut decider = Decider::new();
+    let counters = Counters::default();
+    let mut summary = ReplaySummary::default();
+    let mut next_tick: Option<u64> = None;
+    let mut previous_ms = 0;
+    // Evaluates at every step before `until_ms`.
+    let evaluate = |decider: &mut Decider,
+                    until_ms: u64,
+                    next_tick: &mut Option<u64>,
+                    summary: &mut ReplaySummary,
+                    log: &mut dyn Write|
+     -> std::io::Result<()> {
+        while let Some(at) = next_tick.filter(|&t| t < until_ms) {
+            for decision in decider.tick(at) {
+                write_decision(log, &decision)?;
+                summary.decisions += 1;
+            }
+            summary.evaluations += 1;
+            *next_tick = Some(at + interval_ms);
+        }
+        Ok(())
+    };
+    for (n, line) in input.lines().enumerate() {
+        let line_no = n + 1;
+        let line = line?;
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let recorded: Recorded =
+            serde_json::from_str(&line).map_err(|e| ReplayError::Line {
+                line: line_no,
+                reason: e.to_string(),
+            })?;
+        let at_ms = recorded.at_ms();
+        if at_ms < previous_ms {
+            return Err(ReplayError::OutOfOrder {
+                line: line_no,
+                at_ms,
+                previous_ms,
+            });
+        }
+        previous_ms = at_ms;
+        next_tick.get_or_insert(at_ms);
+        // Inputs at a time are seen by the evaluation at that same time.
+        evaluate(&mut decider, at_ms, &mut next_tick, &mut summary, log)?;
+        summary.inputs += 1;
+        match recorded {
+            Recorded::Cluster { mut cluster, .. } => {
+                if let Some(policy) = policy {
+                    cluster.policy = policy.clone();
+                }
+                decider.set_cluster(at_ms, cluster);
+            }
+            Recorded::ClusterRemoved { id, .. } => decider.remove_cluster(&id),
+            Recorded::Report {
+                subject, report, ..
+            } => {
+                // Through the JSON codec, so the report meets the same
+                // checks a live one does.
+                let body = serde_json::to_vec(&report).map_err(|e| ReplayError::Line {
+                    line: line_no,
+                    reason: e.to_string(),
+                })?;
+                let headers = Codec::Json.headers();
+                let _ = ingest(
+                    &mut decider,
+                    Shard::default(),
+                    &counters,
+                    at_ms,
+                    &subject,
+                    Some(&headers),
+                    &body,
+                );
+            }
+            Recorded::Raw {
+                subject,
+                content_type,
+                hex,
+                ..
+            } => {
+                let body = from_hex(&hex).ok_or_else(|| ReplayError::Line {
+                    line: line_no,
+                    reason: "hex is not hexadecimal".to_owned(),
+                })?;
+                let mut headers = HeaderMap::new();
+                if let Some(ct) = &content_type {
+                    headers.insert(CONTENT_TYPE, ct.as_str());
+                }
+                let _ = ingest(
+                    &mut decider,
+                    Shard::default(),
+                    &counters,
+                    at_ms,
+                    &subject,
+                    content_type.as_ref().map(|_| &headers),
+                    &body,
+                );
+            }
+        }
+    }
+    // The evaluation at the time of the last input.
+    if let Some(last) = next_tick.map(|_| previous_ms) {
+        evaluate(&mut decider, last + 1, &mut next_tick, &mut summary, log)?;
+    }
+    counters
+        .tracked_servers
+        .store(decider.tracked_servers() as u64, std::sync::atomic::Ordering::Relaxed);
+    counters
+        .clusters
+        .store(decider.clusters() as u64, std::sync::atomic::Ordering::Relaxed);
+    summary.counters = counters.snapshot();
+    Ok(summary)
+}
+
+/// One decision as one JSON line; the same bytes for the same decision.
+///
+/// # Errors
+/// I/O.
+pub fn write_decision(log: &mut dyn Write, decision: &Decision) -> std::io::Result<()> {
+    let line = serde_json::to_string(&DecisionLine {
+        id: decision.request_id(),
+        decision,
+    })
+    .map_err(std::io::Error::other)?;
+    writeln!(log, "{line}")
+}
+
+#[derive(Serialize)]
+struct DecisionLine<'a> {
+    id: String,
+    #[serde(flatten)]
+    decision: &'a Decision,
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
