@@ -68,9 +68,9 @@ pub async fn open_bucket(
     use async_nats::jetstream::context::KeyValueErrorKind;
     match js.get_key_value(bucket).await {
         Ok(store) => Ok(store),
-        Err(err) if err.kind() == KeyValueErrorKind::GetBucket => Ok(js
-            .create_key_value(bucket_config(bucket, replicas))
-            .await?),
+        Err(err) if err.kind() == KeyValueErrorKind::GetBucket => {
+            Ok(js.create_key_value(bucket_config(bucket, replicas)).await?)
+        }
         Err(err) => Err(err.into()),
     }
 }
@@ -395,7 +395,10 @@ impl ClusterPolicy {
             }
         }
         if m.cpu + m.in_flight + m.latency <= 0.0 {
-            return err("scaling.measures", "at least one weight must be above 0".into());
+            return err(
+                "scaling.measures",
+                "at least one weight must be above 0".into(),
+            );
         }
         for (field, scale) in [
             ("scaling.measures.in_flight_capacity", m.in_flight_capacity),

@@ -139,7 +139,10 @@ mod tests {
             parse_metrics("headroom.metrics.web.s1"),
             Some((Some("web"), "s1"))
         );
-        assert_eq!(parse_metrics("headroom.metrics._pool.s1"), Some((None, "s1")));
+        assert_eq!(
+            parse_metrics("headroom.metrics._pool.s1"),
+            Some((None, "s1"))
+        );
         assert_eq!(parse_metrics("headroom.metrics.web"), None);
         assert_eq!(parse_metrics("headroom.metrics.web.s1.x"), None);
         assert_eq!(reconfig_cluster("headroom.reconfig.web"), Some("web"));

@@ -142,7 +142,10 @@ impl PerformanceReport {
             ))
         };
         if self.interval_ms == 0 || self.interval_ms > MAX_REPORT_INTERVAL_MS {
-            return invalid("interval_ms", format!("{} is out of range", self.interval_ms));
+            return invalid(
+                "interval_ms",
+                format!("{} is out of range", self.interval_ms),
+            );
         }
         if self.at_ms == 0 {
             return invalid("at_ms", "is missing".to_owned());
@@ -173,7 +176,10 @@ impl PerformanceReport {
         }
         if let (Some(p50), Some(p99)) = (self.latency_p50_ms, self.latency_p99_ms) {
             if p50 > p99 {
-                return invalid("latency_p50_ms", format!("{p50} is above latency_p99_ms {p99}"));
+                return invalid(
+                    "latency_p50_ms",
+                    format!("{p50} is above latency_p99_ms {p99}"),
+                );
             }
         }
         if let ReportSource::Frontend { frontend } = &self.source {

@@ -3,3 +3,4 @@
 
 mod allocator;
 mod common;
+mod monitor;

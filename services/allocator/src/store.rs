@@ -5,8 +5,8 @@ use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
 use headroom_shared::codec::{self, Message, WireError};
 use headroom_shared::kv::{
-    is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord,
-    ServerRecord, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
+    is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord, ServerRecord,
+    CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
 };
 use headroom_shared::{ClusterId, RequestId, ServerId};
 

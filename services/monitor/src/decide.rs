@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, MemberState, Measures};
+use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Measures, MemberState};
 use headroom_shared::wire::{codes, BusError, PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::{ClusterId, ServerId};
 use serde::{Deserialize, Serialize};
@@ -307,7 +307,11 @@ impl ClusterState {
 
     fn window_values(&self, now_ms: u64, window_ms: u64) -> Vec<Option<f64>> {
         self.window(now_ms, window_ms)
-            .map(|samples| samples.map(|s| s.mean.map(|m| round(f64::from(m)))).collect())
+            .map(|samples| {
+                samples
+                    .map(|s| s.mean.map(|m| round(f64::from(m))))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -407,7 +411,11 @@ impl Decider {
     pub fn remove_cluster(&mut self, id: &ClusterId) {
         if let Some(state) = self.clusters.remove(id) {
             for m in &state.view.members {
-                if self.servers.get(&m.server).is_some_and(|t| &t.cluster == id) {
+                if self
+                    .servers
+                    .get(&m.server)
+                    .is_some_and(|t| &t.cluster == id)
+                {
                     self.servers.remove(&m.server);
                 }
             }
@@ -522,7 +530,9 @@ fn evaluate(
             &mut t.cool_since,
         );
         let quiet_since = t.last_report_ms.unwrap_or(t.first_seen_ms);
-        if u.is_none() && now_ms.saturating_sub(quiet_since) >= s.silent_after_ms && !t.replace_asked
+        if u.is_none()
+            && now_ms.saturating_sub(quiet_since) >= s.silent_after_ms
+            && !t.replace_asked
         {
             silent.push((m.server.clone(), now_ms - quiet_since));
         }
@@ -548,9 +558,7 @@ fn evaluate(
         complete: active > 0 && known_n == active,
     });
     let horizon = s.sustain_ms.max(s.release_sustain_ms);
-    while state.samples.len() > 1
-        && state.samples[1].at_ms <= now_ms.saturating_sub(horizon)
-    {
+    while state.samples.len() > 1 && state.samples[1].at_ms <= now_ms.saturating_sub(horizon) {
         state.samples.pop_front();
     }
 
@@ -642,8 +650,7 @@ fn evaluate(
         let Some(t) = servers.get_mut(m.server) else {
             continue;
         };
-        if t
-            .asked_weight
+        if t.asked_weight
             .is_some_and(|(_, at)| now_ms.saturating_sub(at) >= s.silent_after_ms)
         {
             t.asked_weight = None;
@@ -651,23 +658,29 @@ fn evaluate(
         let (Some(u), false) = (m.utilisation, t.asked_weight.is_some()) else {
             continue;
         };
-        let held = |since: Option<u64>| {
-            since.filter(|&at| now_ms.saturating_sub(at) >= s.sustain_ms)
-        };
+        let held =
+            |since: Option<u64>| since.filter(|&at| now_ms.saturating_sub(at) >= s.sustain_ms);
         let change = if let (false, Some(at)) = (cluster_hot, held(t.above_upper_since)) {
             let weight = round_step(m.weight * target / u).max(MIN_WEIGHT);
             (weight < m.weight - WEIGHT_SENSITIVITY).then(|| {
                 (
                     weight,
                     at,
-                    format!("member at {:.2} above {upper} while the cluster is at {:.2}: send it less", u, mean.unwrap_or(0.0)),
+                    format!(
+                        "member at {:.2} above {upper} while the cluster is at {:.2}: send it less",
+                        u,
+                        mean.unwrap_or(0.0)
+                    ),
                 )
             })
         } else if let (true, Some(at)) = (m.weight < 1.0, held(t.cool_since)) {
             Some((
                 1.0,
                 at,
-                format!("member cooled: {:.2} at weight {:.2} stays under target at full weight", u, m.weight),
+                format!(
+                    "member cooled: {:.2} at weight {:.2} stays under target at full weight",
+                    u, m.weight
+                ),
             ))
         } else {
             None

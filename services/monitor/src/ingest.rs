@@ -30,7 +30,8 @@ impl Default for Shard {
 
 impl Shard {
     pub fn owns(&self, cluster: &str) -> bool {
-        self.count <= 1 || fnv1a(cluster.as_bytes()) % u64::from(self.count) == u64::from(self.index)
+        self.count <= 1
+            || fnv1a(cluster.as_bytes()) % u64::from(self.count) == u64::from(self.index)
     }
 }
 

@@ -20,7 +20,7 @@ pub mod replay;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use headroom_shared::config::Config;
 use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET};
 use headroom_shared::wire::{now_ms, AuditEvent, EventKind, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, RequestId, SCHEMA_VERSION};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -52,6 +52,74 @@ pub enum MonitorError {
     },
 }
 
+/// Where the monitor's time comes from.
+pub enum Clock {
+    /// Wall-clock time, evaluating every `monitor.evaluate_interval`.
+    System,
+    /// Time set by a driver, evaluating when it says (tests and
+    /// simulations run minutes of policy time in seconds, over real NATS).
+    Manual(ManualClock),
+}
+
+/// The monitor's side of a [`Clock::Manual`].
+pub struct ManualClock {
+    now: Arc<AtomicU64>,
+    evaluations: mpsc::Receiver<(u64, oneshot::Sender<()>)>,
+}
+
+/// The driver's side of a [`Clock::Manual`].
+#[derive(Clone)]
+pub struct ClockDriver {
+    now: Arc<AtomicU64>,
+    evaluations: mpsc::Sender<(u64, oneshot::Sender<()>)>,
+}
+
+impl Clock {
+    /// A manual clock starting at `start_ms`, and its driver.
+    pub fn manual(start_ms: u64) -> (Clock, ClockDriver) {
+        let now = Arc::new(AtomicU64::new(start_ms));
+        let (tx, rx) = mpsc::channel(1);
+        (
+            Clock::Manual(ManualClock {
+                now: now.clone(),
+                evaluations: rx,
+            }),
+            ClockDriver {
+                now,
+                evaluations: tx,
+            },
+        )
+    }
+}
+
+impl ClockDriver {
+    pub fn now_ms(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    /// Moves time to `at_ms` (reports received from now on carry it).
+    pub fn set(&self, at_ms: u64) {
+        self.now.store(at_ms, Ordering::SeqCst);
+    }
+
+    /// Moves time to `at_ms`, evaluates, and returns once the evaluation's
+    /// decisions are queued for sending. False once the monitor is gone.
+    pub async fn evaluate(&self, at_ms: u64) -> bool {
+        self.set(at_ms);
+        let (done, wait) = oneshot::channel();
+        self.evaluations.send((at_ms, done)).await.is_ok() && wait.await.is_ok()
+    }
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => now_ms(),
+            Clock::Manual(manual) => manual.now.load(Ordering::SeqCst),
+        }
+    }
+}
+
 /// A change to the clusters the decider knows.
 enum ClusterUpdate {
     Put(ClusterView),
@@ -68,6 +136,19 @@ pub async fn run(
     config: Config,
     client: async_nats::Client,
     shutdown: CancellationToken,
+) -> Result<(), MonitorError> {
+    run_with_clock(config, client, shutdown, Clock::System).await
+}
+
+/// [`run`], on the given clock.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_clock(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+    clock: Clock,
 ) -> Result<(), MonitorError> {
     let settings = config.monitor.clone();
     let shard = Shard {
@@ -124,12 +205,15 @@ pub async fn run(
         let mut tasks: JoinSet<Result<&'static str, MonitorError>> = JoinSet::new();
         tasks.spawn(watch_clusters(clusters, shard, updates_tx, stop.clone()));
         tasks.spawn(decide_loop(
-            reports,
-            updates_rx,
+            Inputs {
+                reports,
+                updates: updates_rx,
+                shard,
+                interval: settings.evaluate_interval,
+                clock,
+            },
             decisions_tx,
             counters.clone(),
-            shard,
-            settings.evaluate_interval,
             stop.clone(),
         ));
         tasks.spawn(send_loop(
@@ -218,20 +302,21 @@ async fn watch_clusters(
             if !shard.owns(&entry.key) {
                 continue;
             }
-            if applied.get(&entry.key).is_some_and(|&r| entry.revision <= r) {
+            if applied
+                .get(&entry.key)
+                .is_some_and(|&r| entry.revision <= r)
+            {
                 continue;
             }
             applied.insert(entry.key.clone(), entry.revision);
             let update = match entry.operation {
-                kv::Operation::Put => {
-                    match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
-                        Ok(record) => ClusterUpdate::Put(ClusterView::from(&record)),
-                        Err(err) => {
-                            warn!(key = %entry.key, %err, "unreadable cluster record; ignored");
-                            continue;
-                        }
+                kv::Operation::Put => match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
+                    Ok(record) => ClusterUpdate::Put(ClusterView::from(&record)),
+                    Err(err) => {
+                        warn!(key = %entry.key, %err, "unreadable cluster record; ignored");
+                        continue;
                     }
-                }
+                },
                 kv::Operation::Delete | kv::Operation::Purge => match ClusterId::new(&entry.key) {
                     Ok(id) => ClusterUpdate::Removed(id),
                     Err(_) => continue,
@@ -244,48 +329,82 @@ async fn watch_clusters(
     }
 }
 
+/// What the decider listens to.
+struct Inputs {
+    reports: async_nats::Subscriber,
+    updates: mpsc::Receiver<ClusterUpdate>,
+    shard: Shard,
+    interval: Duration,
+    clock: Clock,
+}
+
 /// The one task that owns the decider: reports, cluster changes and the
 /// evaluation clock all pass through here, so no lock is ever taken on the
 /// hot path.
 async fn decide_loop(
-    mut reports: async_nats::Subscriber,
-    mut updates: mpsc::Receiver<ClusterUpdate>,
+    inputs: Inputs,
     decisions: mpsc::Sender<Decision>,
     counters: Arc<Counters>,
-    shard: Shard,
-    interval: Duration,
     stop: CancellationToken,
 ) -> Result<&'static str, MonitorError> {
+    let Inputs {
+        mut reports,
+        mut updates,
+        shard,
+        interval,
+        mut clock,
+    } = inputs;
     let mut decider = Decider::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let evaluate = |decider: &mut Decider, at_ms: u64| {
+        for decision in decider.tick(at_ms) {
+            counters.decisions.fetch_add(1, Ordering::Relaxed);
+            if decisions.try_send(decision).is_err() {
+                counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                warn!("decision queue full; a decision was dropped");
+            }
+        }
+        counters
+            .tracked_servers
+            .store(decider.tracked_servers() as u64, Ordering::Relaxed);
+        counters
+            .clusters
+            .store(decider.clusters() as u64, Ordering::Relaxed);
+    };
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok("decider"),
-            update = updates.recv() => match update {
-                Some(ClusterUpdate::Put(view)) => decider.set_cluster(now_ms(), view),
-                Some(ClusterUpdate::Removed(id)) => decider.remove_cluster(&id),
-                None => return Ok("decider"),
-            },
-            _ = ticker.tick() => {
-                for decision in decider.tick(now_ms()) {
-                    counters.decisions.fetch_add(1, Ordering::Relaxed);
-                    if decisions.try_send(decision).is_err() {
-                        counters.send_failures.fetch_add(1, Ordering::Relaxed);
-                        warn!("decision queue full; a decision was dropped");
-                    }
+            update = updates.recv() => {
+                match update {
+                    Some(ClusterUpdate::Put(view)) => decider.set_cluster(clock.now_ms(), view),
+                    Some(ClusterUpdate::Removed(id)) => decider.remove_cluster(&id),
+                    None => return Ok("decider"),
                 }
                 counters.tracked_servers.store(decider.tracked_servers() as u64, Ordering::Relaxed);
                 counters.clusters.store(decider.clusters() as u64, Ordering::Relaxed);
             }
+            _ = ticker.tick(), if matches!(clock, Clock::System) => evaluate(&mut decider, now_ms()),
+            asked = async {
+                match &mut clock {
+                    Clock::Manual(manual) => manual.evaluations.recv().await,
+                    Clock::System => std::future::pending().await,
+                }
+            } => match asked {
+                Some((at_ms, done)) => {
+                    evaluate(&mut decider, at_ms);
+                    let _ = done.send(());
+                }
+                None => return Ok("decider"),
+            },
             message = reports.next() => {
                 let Some(message) = message else { return Ok("decider") };
                 if let Err(rejection) = ingest::ingest(
                     &mut decider,
                     shard,
                     &counters,
-                    now_ms(),
+                    clock.now_ms(),
                     message.subject.as_str(),
                     message.headers.as_ref(),
                     &message.payload,
@@ -313,7 +432,8 @@ async fn send_loop(
             continue;
         }
         let line = String::from_utf8_lossy(&line).trim_end().to_owned();
-        let span = info_span!("decision", cluster = %decision.cluster, action = decision.action.name());
+        let span =
+            info_span!("decision", cluster = %decision.cluster, action = decision.action.name());
         let _entered = span.enter();
         info!(dry_run, reason = %decision.reason, "{line}");
         if let Some(file) = &mut log {

@@ -95,7 +95,9 @@ fn main() -> ExitCode {
             .await
             .context("connecting to NATS")?;
         match cli.command {
-            Some(Command::Record { out, duration }) => record(client, &config, &out, duration).await,
+            Some(Command::Record { out, duration }) => {
+                record(client, &config, &out, duration).await
+            }
             _ => headroom_monitor::run(config, client, shutdown::on_signal())
                 .await
                 .context("monitor"),
@@ -116,7 +118,8 @@ fn replay_file(
     interval_ms: u64,
 ) -> anyhow::Result<()> {
     let policy = policy.map(read_policy).transpose()?;
-    let file = std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
+    let file =
+        std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let summary = replay::replay(BufReader::new(file), policy.as_ref(), interval_ms, &mut out)?;
@@ -126,9 +129,11 @@ fn replay_file(
 }
 
 fn read_policy(path: &std::path::Path) -> anyhow::Result<ClusterPolicy> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let policy: ClusterPolicy = if text.trim_start().starts_with('{') {
-        serde_json::from_str(&text).with_context(|| format!("{} is not a policy", path.display()))?
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a policy", path.display()))?
     } else {
         toml::from_str(&text).with_context(|| format!("{} is not a policy", path.display()))?
     };

@@ -152,11 +152,10 @@ pub fn replay(
         if line.trim().is_empty() || line.trim_start().starts_with('#') {
             continue;
         }
-        let recorded: Recorded =
-            serde_json::from_str(&line).map_err(|e| ReplayError::Line {
-                line: line_no,
-                reason: e.to_string(),
-            })?;
+        let recorded: Recorded = serde_json::from_str(&line).map_err(|e| ReplayError::Line {
+            line: line_no,
+            reason: e.to_string(),
+        })?;
         let at_ms = recorded.at_ms();
         if at_ms < previous_ms {
             return Err(ReplayError::OutOfOrder {
@@ -228,12 +227,14 @@ pub fn replay(
     if let Some(last) = next_tick.map(|_| previous_ms) {
         evaluate(&mut decider, last + 1, &mut next_tick, &mut summary, log)?;
     }
-    counters
-        .tracked_servers
-        .store(decider.tracked_servers() as u64, std::sync::atomic::Ordering::Relaxed);
-    counters
-        .clusters
-        .store(decider.clusters() as u64, std::sync::atomic::Ordering::Relaxed);
+    counters.tracked_servers.store(
+        decider.tracked_servers() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    counters.clusters.store(
+        decider.clusters() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     summary.counters = counters.snapshot();
     Ok(summary)
 }

@@ -1,0 +1,655 @@
+//! The monitor against a real nats-server: reports are published over NATS,
+//! the cluster record lives in JetStream KV, decisions come back as audit
+//! events and requests in the reconfig stream. Time is the monitor's
+//! manual clock, so ten minutes of policy time run in seconds; the test
+//! plays the allocator's part by applying each decision to the KV record,
+//! which closes the loop (load spreads over the new members).
+
+use std::collections::BTreeMap;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use headroom_monitor::{fetch_stats, Clock, ClockDriver};
+use headroom_shared::codec::{self, Codec};
+use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::subjects;
+use headroom_shared::wire::{AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
+use headroom_shared::{RequestId, SCHEMA_VERSION};
+use headroom_tests::{eventually, NatsServer};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::common::{cid, sid, WAIT};
+
+const SECOND: u64 = 1_000;
+const START_MS: u64 = 1_000_000;
+
+/// A decision as the audit log tells it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub at_ms: u64,
+    pub action: ReconfigAction,
+    pub evidence: Value,
+}
+
+impl Seen {
+    fn direction(&self) -> Option<i8> {
+        match self.action {
+            ReconfigAction::Allocate { .. } => Some(1),
+            ReconfigAction::Release { .. } => Some(-1),
+            _ => None,
+        }
+    }
+}
+
+/// One monitor on a manual clock, one cluster, and a load model.
+pub struct Sim {
+    /// Kept alive for the test; dropping it kills the server.
+    _nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub clock: ClockDriver,
+    monitor: JoinHandle<Result<(), headroom_monitor::MonitorError>>,
+    shutdown: CancellationToken,
+    decided: async_nats::Subscriber,
+    pub record: ClusterRecord,
+    bucket: jetstream::kv::Store,
+    pub now: u64,
+    sent: u64,
+    next_server: u32,
+    pub seen: Vec<Seen>,
+    /// Play the allocator: apply decisions to the cluster record.
+    pub apply: bool,
+    pub silent: Vec<String>,
+}
+
+impl Sim {
+    pub async fn start(policy: ClusterPolicy, members: u32) -> Self {
+        Self::start_with(policy, members, false).await
+    }
+
+    pub async fn start_with(policy: ClusterPolicy, members: u32, dry_run: bool) -> Self {
+        headroom_shared::telemetry::init_for_tests();
+        let nats = NatsServer::start().await.expect("nats-server");
+        let client = nats.client().await.expect("connect");
+        let js = jetstream::new(client.clone());
+        let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, 1)
+            .await
+            .expect("clusters bucket");
+        let decided = client
+            .subscribe("headroom.events.*.decided")
+            .await
+            .expect("subscribe to decisions");
+        let mut record = ClusterRecord::new(cid("web"), policy, START_MS);
+        let mut next_server = 0;
+        for _ in 0..members {
+            next_server += 1;
+            record.members.push(member(next_server, 0));
+        }
+        let mut config = nats.config();
+        config.monitor.instance = "monitor-1".to_owned();
+        config.monitor.dry_run = dry_run;
+        let (clock, driver) = Clock::manual(START_MS);
+        let shutdown = CancellationToken::new();
+        let monitor_client = nats.client().await.expect("monitor connects");
+        let monitor = tokio::spawn(headroom_monitor::run_with_clock(
+            config,
+            monitor_client,
+            shutdown.clone(),
+            clock,
+        ));
+        let mut sim = Self {
+            _nats: nats,
+            client,
+            js,
+            clock: driver,
+            monitor,
+            shutdown,
+            decided,
+            record,
+            bucket,
+            now: START_MS,
+            sent: 0,
+            next_server,
+            seen: Vec::new(),
+            apply: true,
+            silent: Vec::new(),
+        };
+        sim.publish_record().await;
+        sim
+    }
+
+    pub fn members(&self) -> Vec<String> {
+        self.record
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Active)
+            .map(|m| m.server.to_string())
+            .collect()
+    }
+
+    async fn publish_record(&mut self) {
+        self.record.generation += 1;
+        let body = Codec::MsgPack.encode(&self.record).expect("encode");
+        self.bucket.put("web", body).await.expect("put cluster");
+        let want = self.record.members.len() as u64;
+        let seen = eventually(WAIT, || async {
+            let stats = fetch_stats(&self.client).await.ok()?;
+            (stats.tracked_servers == want && stats.clusters == 1).then_some(())
+        })
+        .await;
+        assert!(seen.is_some(), "the monitor never saw the cluster record");
+    }
+
+    /// Publishes one agent report per active member, with `cpu(server)`,
+    /// and waits until the monitor has taken them.
+    pub async fn report(&mut self, mut cpu: impl FnMut(&str) -> f64) {
+        self.clock.set(self.now);
+        for server in self.members() {
+            if self.silent.contains(&server) {
+                continue;
+            }
+            // Later servers have less work in flight, so "least in
+            // flight" and "first by id" pick different members.
+            let n: u32 = server.trim_start_matches('s').parse().unwrap_or(0);
+            let report = PerformanceReport {
+                cpu: Some(cpu(&server).clamp(0.0, 1.0)),
+                in_flight: Some(100u32.saturating_sub(n)),
+                ..report(&server, self.now)
+            };
+            self.publish(
+                &subjects::metrics(Some(&cid("web")), &sid(&server)),
+                &report,
+            )
+            .await;
+        }
+        self.client.flush().await.expect("flush");
+        self.wait_taken().await;
+    }
+
+    pub async fn publish(&mut self, subject: &str, report: &PerformanceReport) {
+        let body = Codec::MsgPack.encode(report).expect("encode");
+        self.publish_raw(subject, Codec::MsgPack, body.to_vec())
+            .await;
+    }
+
+    pub async fn publish_raw(&mut self, subject: &str, codec: Codec, body: Vec<u8>) {
+        self.client
+            .publish_with_headers(subject.to_owned(), codec.headers(), body.into())
+            .await
+            .expect("publish");
+        self.sent += 1;
+    }
+
+    /// Waits until every published message was taken or rejected.
+    pub async fn wait_taken(&self) {
+        self.client.flush().await.expect("flush");
+        let sent = self.sent;
+        let done = eventually(WAIT, || async {
+            let s = fetch_stats(&self.client).await.ok()?;
+            (s.reports + s.pool_reports + s.skipped + s.rejected >= sent).then_some(())
+        })
+        .await;
+        assert!(done.is_some(), "the monitor did not take {sent} messages");
+    }
+
+    /// Evaluates at the current time, collects the decisions, applies them
+    /// (when playing the allocator), and moves time one second on.
+    pub async fn step(&mut self) -> Vec<Seen> {
+        assert!(self.clock.evaluate(self.now).await, "monitor is running");
+        let stats = eventually(WAIT, || async {
+            let s = fetch_stats(&self.client).await.ok()?;
+            (s.requests_sent + s.send_failures >= s.decisions
+                || s.decisions == self.seen.len() as u64)
+                .then_some(s)
+        })
+        .await
+        .expect("stats");
+        let mut new = Vec::new();
+        while (self.seen.len() + new.len()) < stats.decisions as usize {
+            let message = tokio::time::timeout(WAIT, self.decided.next())
+                .await
+                .expect("decision event in time")
+                .expect("subscription open");
+            let event: AuditEvent =
+                codec::decode(message.headers.as_ref(), &message.payload).expect("audit event");
+            let line: Value = serde_json::from_str(&event.detail).expect("decision JSON");
+            let action: ReconfigAction =
+                serde_json::from_value(line["action"].clone()).expect("action");
+            new.push(Seen {
+                at_ms: line["at_ms"].as_u64().expect("at_ms"),
+                action,
+                evidence: line["evidence"].clone(),
+            });
+        }
+        if self.apply && !new.is_empty() {
+            for seen in &new {
+                self.apply(&seen.action);
+            }
+            self.publish_record().await;
+        }
+        self.seen.extend(new.iter().cloned());
+        self.now += SECOND;
+        new
+    }
+
+    fn apply(&mut self, action: &ReconfigAction) {
+        match action {
+            ReconfigAction::Allocate { count, .. } => {
+                for _ in 0..*count {
+                    self.next_server += 1;
+                    self.record.members.push(member(self.next_server, self.now));
+                }
+            }
+            ReconfigAction::Release { server } | ReconfigAction::Replace { server } => {
+                self.record.members.retain(|m| &m.server != server);
+                if matches!(action, ReconfigAction::Replace { .. }) {
+                    self.next_server += 1;
+                    self.record.members.push(member(self.next_server, self.now));
+                }
+            }
+            ReconfigAction::Reweight { server, weight } => {
+                for m in &mut self.record.members {
+                    if &m.server == server {
+                        m.weight = *weight;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs `seconds` of simulated time with a total load (in servers'
+    /// worth) spread evenly, each member's share times (1 ± noise).
+    pub async fn run_load(
+        &mut self,
+        seconds: u64,
+        rng: &mut StdRng,
+        noise: f64,
+        mut total: impl FnMut(u64) -> f64,
+    ) {
+        for _ in 0..seconds {
+            let n = self.members().len().max(1) as f64;
+            let load = total(self.now);
+            let mut shares: BTreeMap<String, f64> = BTreeMap::new();
+            for server in self.members() {
+                let jitter = if noise > 0.0 {
+                    rng.random_range(-noise..=noise)
+                } else {
+                    0.0
+                };
+                shares.insert(server, load / n * (1.0 + jitter));
+            }
+            self.report(|s| shares.get(s).copied().unwrap_or(0.0)).await;
+            self.step().await;
+        }
+    }
+
+    pub fn allocations(&self) -> Vec<&Seen> {
+        self.seen
+            .iter()
+            .filter(|s| matches!(s.action, ReconfigAction::Allocate { .. }))
+            .collect()
+    }
+
+    /// Requests the monitor put in the reconfig stream.
+    pub async fn requests(&self) -> u64 {
+        match self.js.get_stream(subjects::RECONFIG_STREAM).await {
+            Ok(mut stream) => stream.info().await.expect("stream info").state.messages,
+            Err(_) => 0,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.monitor)
+            .await
+            .expect("monitor stops in time")
+            .expect("monitor joined")
+            .expect("monitor ended cleanly");
+    }
+}
+
+fn member(n: u32, since_ms: u64) -> Member {
+    Member {
+        server: sid(&format!("s{n}")),
+        address: "10.0.0.1".to_owned(),
+        port: 8080,
+        request_types: Vec::new(),
+        state: MemberState::Active,
+        weight: 1.0,
+        request: RequestId::new(format!("r{n}")).expect("id"),
+        drain_request: None,
+        since_ms,
+    }
+}
+
+pub fn report(server: &str, at_ms: u64) -> PerformanceReport {
+    PerformanceReport {
+        v: SCHEMA_VERSION,
+        server: sid(server),
+        cluster: Some(cid("web")),
+        source: ReportSource::Agent,
+        at_ms,
+        interval_ms: 1_000,
+        cpu: None,
+        memory: Some(0.4),
+        load1: Some(0.5),
+        net_rx_bytes_per_s: None,
+        net_tx_bytes_per_s: None,
+        in_flight: None,
+        requests_per_s: None,
+        latency_p50_ms: None,
+        latency_p99_ms: None,
+        errors_per_s: None,
+    }
+}
+
+fn scaling_policy(min: u32, max: u32) -> ClusterPolicy {
+    ClusterPolicy {
+        min_size: min,
+        max_size: max,
+        ..ClusterPolicy::default()
+    }
+}
+
+#[tokio::test]
+async fn rising_load_scales_up_once_after_the_sustain_window() {
+    let mut sim = Sim::start(scaling_policy(2, 10), 4).await;
+    let mut rng = StdRng::seed_from_u64(1);
+    // 4 servers at 0.5, then the load rises to 0.9 each (3.6 servers).
+    sim.run_load(10, &mut rng, 0.0, |_| 2.0).await;
+    let rise = sim.now;
+    sim.run_load(30, &mut rng, 0.0, |_| 3.6).await;
+    let ups = sim.allocations();
+    assert_eq!(ups.len(), 1, "exactly one scale-up: {:?}", sim.seen);
+    let sustain = ClusterPolicy::default().scaling.sustain_ms;
+    assert!(
+        ups[0].at_ms >= rise + sustain,
+        "not before the sustain window: rise {rise}, decided {}",
+        ups[0].at_ms
+    );
+    assert!(
+        ups[0].at_ms <= rise + sustain + 2 * SECOND,
+        "within the sustain window and an evaluation: rise {rise}, decided {}",
+        ups[0].at_ms
+    );
+    // 3.6 servers of load at target 0.6 wants 6: two more.
+    assert_eq!(
+        ups[0].action,
+        ReconfigAction::Allocate {
+            count: 2,
+            request_type: None
+        }
+    );
+    assert_eq!(ups[0].evidence["desired"], 6);
+    assert_eq!(sim.requests().await, 1, "one request reached the stream");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_sharp_spike_asks_for_several_servers_sized_by_load() {
+    let mut sim = Sim::start(scaling_policy(2, 20), 2).await;
+    let mut rng = StdRng::seed_from_u64(2);
+    sim.run_load(5, &mut rng, 0.0, |_| 0.8).await;
+    // Both members saturated: 2.0 servers of load wants ceil(2 / 0.6) = 4.
+    sim.run_load(5, &mut rng, 0.0, |_| 2.0).await;
+    let ups = sim.allocations();
+    assert_eq!(ups.len(), 1, "{:?}", sim.seen);
+    assert_eq!(
+        ups[0].action,
+        ReconfigAction::Allocate {
+            count: 2,
+            request_type: None
+        }
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn noise_around_the_upper_level_does_not_flap_but_a_real_step_scales_up() {
+    let mut sim = Sim::start(scaling_policy(2, 20), 4).await;
+    let mut rng = StdRng::seed_from_u64(3);
+    // 4 servers at 0.75 each (the upper level), ±20 % noise, 10 minutes.
+    sim.run_load(600, &mut rng, 0.2, |_| 3.0).await;
+    let directions: Vec<i8> = sim.seen.iter().filter_map(Seen::direction).collect();
+    eprintln!(
+        "decisions in 10 minutes of noise: {:?}",
+        sim.seen
+            .iter()
+            .map(|s| (s.at_ms - START_MS, s.action.clone()))
+            .collect::<Vec<_>>()
+    );
+    let changes = directions.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(
+        changes <= 1,
+        "at most one change of direction in 10 minutes: {directions:?}"
+    );
+    let before = sim.seen.len();
+    // A real step: every member 30 % over the upper level.
+    let step_at = sim.now;
+    let stepped = sim.members().len() as f64 * 0.75 * 1.3;
+    sim.run_load(15, &mut rng, 0.2, |_| stepped).await;
+    let after: Vec<&Seen> = sim.seen[before..]
+        .iter()
+        .filter(|s| matches!(s.action, ReconfigAction::Allocate { .. }))
+        .collect();
+    assert!(!after.is_empty(), "the step scaled up: {:?}", sim.seen);
+    let sustain = ClusterPolicy::default().scaling.sustain_ms;
+    assert!(
+        after[0].at_ms <= step_at + sustain + 2 * SECOND,
+        "scaled up within the sustain window: step {step_at}, decided {}",
+        after[0].at_ms
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn falling_load_releases_the_idle_member_down_to_min_and_no_further() {
+    let mut sim = Sim::start(scaling_policy(2, 10), 4).await;
+    let mut rng = StdRng::seed_from_u64(4);
+    sim.run_load(5, &mut rng, 0.0, |_| 2.0).await;
+    sim.run_load(240, &mut rng, 0.0, |_| 0.8).await;
+    let releases: Vec<&Seen> = sim
+        .seen
+        .iter()
+        .filter(|s| matches!(s.action, ReconfigAction::Release { .. }))
+        .collect();
+    assert_eq!(releases.len(), 2, "4 → 2 (min): {:?}", sim.seen);
+    assert!(sim.allocations().is_empty());
+    // The member with the least work in flight (the highest number) first.
+    assert_eq!(
+        releases[0].action,
+        ReconfigAction::Release { server: sid("s4") }
+    );
+    for r in &releases {
+        let projected = r.evidence["projected"].as_f64().expect("projected");
+        assert!(projected < 0.6, "the rest stay under target: {r:?}");
+    }
+    assert_eq!(sim.members().len(), 2, "never below min");
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_member_whose_load_the_rest_cannot_absorb_stays() {
+    let mut sim = Sim::start(scaling_policy(1, 10), 2).await;
+    for _ in 0..120 {
+        // s1 idle, s2 carrying 0.58: without s1, s2 would be at 0.68.
+        sim.report(|s| if s == "s1" { 0.10 } else { 0.58 }).await;
+        sim.step().await;
+    }
+    assert!(sim.seen.is_empty(), "no release: {:?}", sim.seen);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn one_hot_member_is_reweighted_not_scaled_and_restored_when_it_cools() {
+    let mut sim = Sim::start(scaling_policy(2, 10), 4).await;
+    let weight = |sim: &Sim, server: &str| {
+        sim.record
+            .members
+            .iter()
+            .find(|m| m.server.as_str() == server)
+            .map_or(1.0, |m| m.weight)
+    };
+    // s1's load follows its weight; the others are comfortable.
+    for _ in 0..20 {
+        let w1 = weight(&sim, "s1");
+        sim.report(|s| if s == "s1" { 0.95 * w1 } else { 0.35 })
+            .await;
+        sim.step().await;
+    }
+    let reweights: Vec<&Seen> = sim
+        .seen
+        .iter()
+        .filter(|s| matches!(s.action, ReconfigAction::Reweight { .. }))
+        .collect();
+    assert!(
+        !reweights.is_empty(),
+        "hot member reweighted: {:?}",
+        sim.seen
+    );
+    let ReconfigAction::Reweight { server, weight: w } = &reweights[0].action else {
+        unreachable!()
+    };
+    assert_eq!(server.as_str(), "s1");
+    assert!(*w < 1.0 && *w >= 0.1, "sent less: {w}");
+    assert_eq!(
+        reweights.len(),
+        1,
+        "once under upper at its new weight, left alone: {:?}",
+        sim.seen
+    );
+    assert!(
+        sim.allocations().is_empty(),
+        "no allocation: {:?}",
+        sim.seen
+    );
+    // It cools down.
+    for _ in 0..10 {
+        sim.report(|s| if s == "s1" { 0.15 } else { 0.35 }).await;
+        sim.step().await;
+    }
+    let last = sim
+        .seen
+        .iter()
+        .rev()
+        .find(|s| matches!(s.action, ReconfigAction::Reweight { .. }))
+        .expect("a reweight");
+    assert_eq!(
+        last.action,
+        ReconfigAction::Reweight {
+            server: sid("s1"),
+            weight: 1.0
+        },
+        "restored once cool"
+    );
+    assert!(sim.allocations().is_empty());
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_member_is_replaced_not_released() {
+    let mut sim = Sim::start(scaling_policy(2, 10), 4).await;
+    let mut rng = StdRng::seed_from_u64(5);
+    // Quiet enough that a release would be on the table for an idle one.
+    sim.run_load(5, &mut rng, 0.0, |_| 0.4).await;
+    sim.silent.push("s2".to_owned());
+    let silenced = sim.now;
+    sim.run_load(20, &mut rng, 0.0, |_| 0.4).await;
+    let about_s2: Vec<&Seen> = sim
+        .seen
+        .iter()
+        .filter(|s| {
+            matches!(&s.action, ReconfigAction::Replace { server } | ReconfigAction::Release { server } if server.as_str() == "s2")
+        })
+        .collect();
+    assert_eq!(about_s2.len(), 1, "{:?}", sim.seen);
+    assert_eq!(
+        about_s2[0].action,
+        ReconfigAction::Replace { server: sid("s2") }
+    );
+    let silent_after = ClusterPolicy::default().scaling.silent_after_ms;
+    assert!(about_s2[0].at_ms >= silenced + silent_after - SECOND);
+
+    // Every member silent at once looks like a metrics outage: nothing is
+    // replaced, and nothing is released on missing data.
+    let before = sim.seen.len();
+    sim.silent = sim.members();
+    sim.run_load(40, &mut rng, 0.0, |_| 0.4).await;
+    assert_eq!(sim.seen.len(), before, "{:?}", &sim.seen[before..]);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_absurd_reports_are_rejected_counted_and_change_nothing() {
+    let mut sim = Sim::start(scaling_policy(2, 10), 2).await;
+    let web = |server: &str| subjects::metrics(Some(&cid("web")), &sid(server));
+    let mut junk = 0u64;
+    for _ in 0..10 {
+        sim.report(|_| 0.5).await;
+        let now = sim.now;
+        // Not decodable.
+        sim.publish_raw(&web("s1"), Codec::MsgPack, b"\xc1\xff".to_vec())
+            .await;
+        sim.publish_raw(&web("s1"), Codec::Json, b"{\"v\":1,".to_vec())
+            .await;
+        // NaN, negative, CPU over 100 %: all claim a hot s1.
+        for bad in [
+            PerformanceReport {
+                cpu: Some(f64::NAN),
+                ..report("s1", now)
+            },
+            PerformanceReport {
+                cpu: Some(0.99),
+                latency_p99_ms: Some(-5.0),
+                ..report("s1", now)
+            },
+            PerformanceReport {
+                cpu: Some(1.7),
+                ..report("s1", now)
+            },
+        ] {
+            sim.publish(&web("s1"), &bad).await;
+        }
+        // An unknown server, and a report on another cluster's subject.
+        sim.publish(
+            &web("s99"),
+            &PerformanceReport {
+                cpu: Some(0.99),
+                ..report("s99", now)
+            },
+        )
+        .await;
+        sim.publish(
+            &subjects::metrics(Some(&cid("api")), &sid("s1")),
+            &PerformanceReport {
+                cpu: Some(0.99),
+                ..report("s1", now)
+            },
+        )
+        .await;
+        let mut other = PerformanceReport {
+            cpu: Some(0.99),
+            ..report("x1", now)
+        };
+        other.cluster = Some(cid("api"));
+        sim.publish(&subjects::metrics(Some(&cid("api")), &sid("x1")), &other)
+            .await;
+        junk += 8;
+        sim.wait_taken().await;
+        sim.step().await;
+    }
+    let stats = fetch_stats(&sim.client).await.expect("stats");
+    assert_eq!(stats.rejected, junk, "{stats:?}");
+    assert_eq!(stats.malformed, 20);
+    assert_eq!(stats.invalid, 30);
+    assert_eq!(stats.not_a_member, 10);
+    assert_eq!(stats.subject_mismatch, 10);
+    assert_eq!(stats.unknown_cluster, 10);
+    assert_eq!(stats.reports, 20, "the good ones were all taken");
+    assert!(sim.seen.is_empty(), "decisions unaffected: {:?}", sim.seen);
+    sim.stop().await;
+}
