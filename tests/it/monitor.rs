@@ -13,12 +13,13 @@ use headroom_monitor::{fetch_stats, Clock, ClockDriver};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
 use headroom_shared::subjects;
-use headroom_shared::wire::{AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
+use headroom_shared::wire::{now_ms, AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::{RequestId, SCHEMA_VERSION};
 use headroom_tests::{eventually, NatsServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -651,5 +652,100 @@ async fn malformed_and_absurd_reports_are_rejected_counted_and_change_nothing() 
     assert_eq!(stats.unknown_cluster, 10);
     assert_eq!(stats.reports, 20, "the good ones were all taken");
     assert!(sim.seen.is_empty(), "decisions unaffected: {:?}", sim.seen);
+    sim.stop().await;
+}
+
+#[tokio::test]
+async fn a_recorded_stream_replays_to_byte_identical_decision_logs() {
+    let sim = Sim::start_with(scaling_policy(2, 10), 3, true).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("recording.jsonl");
+    let stop = CancellationToken::new();
+    let recorder = {
+        let client = sim.client.clone();
+        let file = std::fs::File::create(&path).expect("create recording");
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            headroom_monitor::replay::record(&client, 1, std::io::BufWriter::new(file), stop).await
+        })
+    };
+    // The recorder sees the cluster record before any report.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Four seconds of live reports every 100 ms; load rises half-way, and
+    // some reports are junk.
+    let mut rng = StdRng::seed_from_u64(6);
+    for round in 0..40u32 {
+        let load: f64 = if round < 20 { 0.5 } else { 0.95 };
+        for server in sim.members() {
+            let cpu = load * (1.0 + rng.random_range(-0.05..=0.05));
+            let body = PerformanceReport {
+                cpu: Some(cpu.min(1.0)),
+                interval_ms: 100,
+                ..report(&server, now_ms())
+            };
+            let subject = subjects::metrics(Some(&cid("web")), &sid(&server));
+            sim.client
+                .publish(
+                    subject.clone(),
+                    Codec::MsgPack.encode(&body).expect("encode"),
+                )
+                .await
+                .expect("publish");
+            if round % 10 == 0 {
+                sim.client
+                    .publish(subject, b"not a report".as_slice().into())
+                    .await
+                    .expect("publish");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sim.client.flush().await.expect("flush");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let written = recorder.await.expect("recorder joined").expect("recorded");
+    assert!(written >= 120, "recorded {written} inputs");
+
+    let tight = ClusterPolicy {
+        scaling: headroom_shared::kv::ScalingPolicy {
+            sustain_ms: 300,
+            release_sustain_ms: 1_000,
+            cooldown_up_ms: 1_000,
+            cooldown_down_ms: 1_000,
+            ..Default::default()
+        },
+        ..scaling_policy(2, 10)
+    };
+    let replay = |policy: &ClusterPolicy| {
+        let file = std::fs::File::open(&path).expect("open recording");
+        let mut log = Vec::new();
+        let summary = headroom_monitor::replay::replay(
+            std::io::BufReader::new(file),
+            Some(policy),
+            100,
+            &mut log,
+        )
+        .expect("replay");
+        (log, summary)
+    };
+    let (first, summary) = replay(&tight);
+    let (second, _) = replay(&tight);
+    assert!(!first.is_empty(), "the rise was decided on: {summary:?}");
+    assert_eq!(first, second, "byte-identical decision logs");
+    assert_eq!(summary.counters.malformed, 12, "{summary:?}");
+    let text = String::from_utf8(first.clone()).expect("utf-8");
+    assert!(text.contains("\"allocate\""), "{text}");
+    // A different policy gives a different log: that is what replay is for.
+    let lax = ClusterPolicy {
+        scaling: headroom_shared::kv::ScalingPolicy {
+            upper: 0.99,
+            target: 0.9,
+            lower: 0.1,
+            ..tight.scaling.clone()
+        },
+        ..tight.clone()
+    };
+    let (other, _) = replay(&lax);
+    assert_ne!(first, other);
     sim.stop().await;
 }

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use headroom_monitor::replay::{self, Recorded};
+use headroom_monitor::replay;
 use headroom_shared::config::{Config, EXIT_CONFIG};
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, CLUSTERS_BUCKET};
-use headroom_shared::wire::now_ms;
-use headroom_shared::{nats, shutdown, subjects, telemetry, Codec};
+use headroom_shared::kv::ClusterPolicy;
+use headroom_shared::{nats, shutdown, telemetry};
 
 #[derive(Parser)]
 #[command(name = "headroom-monitor", version, about)]
@@ -96,7 +95,25 @@ fn main() -> ExitCode {
             .context("connecting to NATS")?;
         match cli.command {
             Some(Command::Record { out, duration }) => {
-                record(client, &config, &out, duration).await
+                let sink: Box<dyn Write + Send> = if out.as_os_str() == "-" {
+                    Box::new(std::io::stdout())
+                } else {
+                    Box::new(std::io::BufWriter::new(
+                        std::fs::File::create(&out)
+                            .with_context(|| format!("creating {}", out.display()))?,
+                    ))
+                };
+                let stop = shutdown::on_signal();
+                if let Some(duration) = duration {
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(duration).await;
+                        stop.cancel();
+                    });
+                }
+                let written = replay::record(&client, config.nats.replicas, sink, stop).await?;
+                tracing::info!(written, "recording finished");
+                Ok(())
             }
             _ => headroom_monitor::run(config, client, shutdown::on_signal())
                 .await
@@ -139,68 +156,4 @@ fn read_policy(path: &std::path::Path) -> anyhow::Result<ClusterPolicy> {
     };
     policy.validate().context("policy")?;
     Ok(policy)
-}
-
-async fn record(
-    client: async_nats::Client,
-    config: &Config,
-    out: &std::path::Path,
-    duration: Option<Duration>,
-) -> anyhow::Result<()> {
-    use futures::StreamExt;
-    let mut sink: Box<dyn Write + Send> = if out.as_os_str() == "-" {
-        Box::new(std::io::stdout())
-    } else {
-        Box::new(std::io::BufWriter::new(
-            std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?,
-        ))
-    };
-    let js = async_nats::jetstream::new(client.clone());
-    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, config.nats.replicas)
-        .await
-        .map_err(|e| anyhow::anyhow!("clusters bucket: {e}"))?;
-    let mut clusters = bucket
-        .watch_with_history(">")
-        .await
-        .context("watching the clusters bucket")?;
-    let mut reports = client
-        .subscribe(subjects::METRICS_ALL)
-        .await
-        .context("subscribing to reports")?;
-    let stop = shutdown::on_signal();
-    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
-    tokio::pin!(deadline);
-    let mut written = 0u64;
-    loop {
-        let recorded = tokio::select! {
-            _ = stop.cancelled() => break,
-            () = &mut deadline => break,
-            entry = clusters.next() => match entry {
-                Some(Ok(entry)) => match entry.operation {
-                    async_nats::jetstream::kv::Operation::Put => {
-                        match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
-                            Ok(record) => Recorded::Cluster { at_ms: now_ms(), cluster: (&record).into() },
-                            Err(err) => { tracing::warn!(key = %entry.key, %err, "unreadable cluster record"); continue; }
-                        }
-                    }
-                    _ => match headroom_shared::ClusterId::new(&entry.key) {
-                        Ok(id) => Recorded::ClusterRemoved { at_ms: now_ms(), id },
-                        Err(_) => continue,
-                    },
-                },
-                Some(Err(err)) => { tracing::debug!(%err, "cluster watch hiccup"); continue; }
-                None => anyhow::bail!("the clusters watch ended"),
-            },
-            message = reports.next() => match message {
-                Some(m) => Recorded::message(now_ms(), m.subject.as_str(), m.headers.as_ref(), &m.payload),
-                None => anyhow::bail!("the reports subscription ended"),
-            },
-        };
-        serde_json::to_writer(&mut sink, &recorded)?;
-        sink.write_all(b"\n")?;
-        written += 1;
-    }
-    sink.flush()?;
-    tracing::info!(written, "recording finished");
-    Ok(())
 }

@@ -239,6 +239,88 @@ pub fn replay(
     Ok(summary)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("cannot set up the recording: {0}")]
+    Setup(#[source] async_nats::Error),
+    #[error("writing the recording: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("the {0} ended")]
+    Ended(&'static str),
+}
+
+/// Writes every cluster record and every report seen on NATS to `sink`, as
+/// a recording, until `stop`. Returns how many inputs it wrote.
+///
+/// # Errors
+/// When the watch or subscription cannot be set up or ends, or on I/O.
+pub async fn record(
+    client: &async_nats::Client,
+    replicas: usize,
+    mut sink: impl Write,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<u64, RecordError> {
+    use futures::StreamExt;
+    use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET};
+    use headroom_shared::wire::now_ms;
+
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
+        .await
+        .map_err(RecordError::Setup)?;
+    let mut clusters = bucket
+        .watch_with_history(">")
+        .await
+        .map_err(|e| RecordError::Setup(e.into()))?;
+    let mut reports = client
+        .subscribe(headroom_shared::subjects::METRICS_ALL)
+        .await
+        .map_err(|e| RecordError::Setup(e.into()))?;
+    // Reports sent before this point are not ours to see; make sure the
+    // server knows of the subscription before the caller goes on.
+    client
+        .flush()
+        .await
+        .map_err(|e| RecordError::Setup(e.into()))?;
+    let mut written = 0u64;
+    loop {
+        let recorded = tokio::select! {
+            _ = stop.cancelled() => break,
+            entry = clusters.next() => match entry {
+                Some(Ok(entry)) => match entry.operation {
+                    async_nats::jetstream::kv::Operation::Put => {
+                        match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
+                            Ok(record) => Recorded::Cluster { at_ms: now_ms(), cluster: (&record).into() },
+                            Err(err) => {
+                                tracing::warn!(key = %entry.key, %err, "unreadable cluster record");
+                                continue;
+                            }
+                        }
+                    }
+                    _ => match ClusterId::new(&entry.key) {
+                        Ok(id) => Recorded::ClusterRemoved { at_ms: now_ms(), id },
+                        Err(_) => continue,
+                    },
+                },
+                Some(Err(err)) => {
+                    tracing::debug!(%err, "cluster watch hiccup");
+                    continue;
+                }
+                None => return Err(RecordError::Ended("clusters watch")),
+            },
+            message = reports.next() => match message {
+                Some(m) => Recorded::message(now_ms(), m.subject.as_str(), m.headers.as_ref(), &m.payload),
+                None => return Err(RecordError::Ended("reports subscription")),
+            },
+        };
+        serde_json::to_writer(&mut sink, &recorded).map_err(std::io::Error::other)?;
+        sink.write_all(b"\n")?;
+        written += 1;
+    }
+    sink.flush()?;
+    Ok(written)
+}
+
 /// One decision as one JSON line; the same bytes for the same decision.
 ///
 /// # Errors
