@@ -1,6 +1,7 @@
 //! Integration tests: the real services against a real nats-server with
 //! JetStream, one server per test. One test binary, one module per area.
 
+mod agent;
 mod allocator;
 mod common;
 mod monitor;

@@ -1,0 +1,471 @@
+//! Headroom's agent: runs on every server, samples it every interval and
+//! publishes a performance report on `headroom.metrics.<cluster>.<server>`
+//! (`_pool` while the server is free); registers the server in the pool;
+//! and answers its assignments: runs the allocate hook and reports ready,
+//! or on a drain waits for in-flight work to finish, runs the release hook
+//! and reports drained.
+//!
+//! Which cluster the server is in comes from its own record in KV (a
+//! watch), not from the notices alone: a notice can be missed, the record
+//! cannot.
+//!
+//! # Layout
+//! - [`sample`]: the kernel's counters.
+//! - [`http`]: the small client for the application's stats and hooks.
+//! - [`hooks`]: running the allocate and release hooks.
+
+pub mod hooks;
+pub mod http;
+pub mod sample;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use headroom_shared::codec::{self, Codec};
+use headroom_shared::config::{AgentConfig, Config};
+use headroom_shared::kv::{ServerRecord, ServerState, SERVERS_BUCKET};
+use headroom_shared::wire::{
+    now_ms, Assignment, AssignmentNotice, PerformanceReport, RegisterServer, ReportSource,
+    ServerStatus, ServerStatusKind, ERROR_CODE_HEADER,
+};
+use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
+use serde::Deserialize;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::hooks::HookEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent.server: {0}")]
+    ServerId(#[from] IdError),
+    #[error("cannot set up {0}: {1}")]
+    Setup(&'static str, #[source] async_nats::Error),
+    #[error(
+        "agent.address and agent.port say where front-ends reach the server; both are required"
+    )]
+    NoAddress,
+}
+
+/// What the application's stats endpoint may tell; every field optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+pub struct AppStats {
+    pub in_flight: Option<u32>,
+    pub requests_per_s: Option<f64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub errors_per_s: Option<f64>,
+}
+
+/// Reads the application's stats; `None` when it cannot be read (unknown).
+pub async fn app_stats(url: &str, timeout: Duration) -> Option<AppStats> {
+    match http::call("GET", url, None, timeout).await {
+        Ok(body) => match serde_json::from_slice(&body) {
+            Ok(stats) => Some(stats),
+            Err(err) => {
+                debug!(%err, url, "stats endpoint answered something else");
+                None
+            }
+        },
+        Err(err) => {
+            debug!(%err, "cannot read the application's stats");
+            None
+        }
+    }
+}
+
+/// Where the server is, as its KV record says.
+type Placement = Arc<Mutex<Option<ClusterId>>>;
+
+fn placement_of(state: &ServerState) -> Option<ClusterId> {
+    state.cluster().cloned()
+}
+
+/// Runs the agent until `shutdown`.
+///
+/// # Errors
+/// A bad server id, or the KV watch, the assignment subscription or the
+/// servers bucket cannot be set up.
+pub async fn run(
+    config: Config,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let settings = config.agent.clone();
+    let server = ServerId::new(settings.server.clone())?;
+    if settings.address.trim().is_empty() || settings.port == 0 {
+        return Err(AgentError::NoAddress);
+    }
+    let span = info_span!("agent", server = %server);
+    async move {
+        let js = jetstream::new(client.clone());
+        let servers = headroom_shared::kv::open_bucket(&js, SERVERS_BUCKET, config.nats.replicas)
+            .await
+            .map_err(|e| AgentError::Setup("servers bucket", e))?;
+        let placement: Placement = Arc::new(Mutex::new(None));
+        let notices = client
+            .subscribe(subjects::assign(&server))
+            .await
+            .map_err(|e| AgentError::Setup("assignment subscription", e.into()))?;
+        info!(address = %settings.address, port = settings.port, "agent starting");
+
+        let stop = shutdown.child_token();
+        let mut tasks: JoinSet<&'static str> = JoinSet::new();
+        tasks.spawn(follow_record(
+            servers,
+            server.clone(),
+            placement.clone(),
+            stop.clone(),
+        ));
+        if settings.register {
+            tasks.spawn(register(
+                client.clone(),
+                settings.clone(),
+                server.clone(),
+                stop.clone(),
+            ));
+        }
+        tasks.spawn(report_loop(
+            client.clone(),
+            settings.clone(),
+            server.clone(),
+            placement.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(assignment_loop(
+            client.clone(),
+            settings,
+            server,
+            notices,
+            stop.clone(),
+        ));
+        shutdown.cancelled().await;
+        info!("agent stopping");
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        tasks.abort_all();
+        if let Err(err) = client.drain().await {
+            warn!(%err, "could not drain the NATS connection");
+        }
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+/// Keeps `placement` equal to what the server's KV record says.
+async fn follow_record(
+    bucket: kv::Store,
+    server: ServerId,
+    placement: Placement,
+    stop: CancellationToken,
+) -> &'static str {
+    let mut last_revision = 0;
+    loop {
+        let watch = tokio::select! {
+            _ = stop.cancelled() => return "record watch",
+            watch = bucket.watch_with_history(server.as_str()) => watch,
+        };
+        let mut watch = match watch {
+            Ok(watch) => watch,
+            Err(err) => {
+                warn!(%err, "cannot watch the server record; trying again");
+                tokio::select! {
+                    _ = stop.cancelled() => return "record watch",
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                _ = stop.cancelled() => return "record watch",
+                entry = watch.next() => entry,
+            };
+            let entry = match entry {
+                Some(Ok(entry)) => entry,
+                Some(Err(err)) => {
+                    debug!(%err, "record watch hiccup");
+                    continue;
+                }
+                None => break,
+            };
+            if entry.revision <= last_revision {
+                continue;
+            }
+            last_revision = entry.revision;
+            let cluster = match entry.operation {
+                kv::Operation::Put => match Codec::MsgPack.decode::<ServerRecord>(&entry.value) {
+                    Ok(record) => placement_of(&record.state),
+                    Err(err) => {
+                        warn!(%err, "unreadable server record");
+                        continue;
+                    }
+                },
+                kv::Operation::Delete | kv::Operation::Purge => None,
+            };
+            if let Ok(mut current) = placement.lock() {
+                if *current != cluster {
+                    info!(cluster = ?cluster.as_ref().map(ClusterId::as_str), "placement changed");
+                }
+                *current = cluster;
+            }
+        }
+    }
+}
+
+/// Registers the server in the pool, retrying until an allocator answers.
+/// A server already known is left as it is (the allocator keeps its state).
+async fn register(
+    client: async_nats::Client,
+    settings: AgentConfig,
+    server: ServerId,
+    stop: CancellationToken,
+) -> &'static str {
+    let request = RegisterServer {
+        v: SCHEMA_VERSION,
+        id: server,
+        address: settings.address.clone(),
+        port: settings.port,
+        request_types: settings.request_types.clone(),
+    };
+    let Ok(body) = Codec::MsgPack.encode(&request) else {
+        warn!("cannot encode the registration");
+        return "register";
+    };
+    let subject = format!(
+        "{}.{}",
+        subjects::ADMIN_GROUP,
+        subjects::admin::POOL_REGISTER
+    );
+    let mut attempt = 0;
+    loop {
+        let sent = tokio::select! {
+            _ = stop.cancelled() => return "register",
+            sent = client.request_with_headers(subject.clone(), Codec::MsgPack.headers(), body.clone()) => sent,
+        };
+        match sent {
+            Ok(reply) => match reply
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(ERROR_CODE_HEADER))
+            {
+                None => {
+                    info!("registered in the pool");
+                    return "register";
+                }
+                Some(code) => {
+                    // A refusal will not change by asking again.
+                    warn!(%code, "registration refused");
+                    return "register";
+                }
+            },
+            Err(err) => debug!(%err, "no allocator answered the registration yet"),
+        }
+        attempt += 1;
+        let delay = headroom_shared::nats::reconnect_delay(attempt, Duration::from_secs(5));
+        tokio::select! {
+            _ = stop.cancelled() => return "register",
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Samples and publishes a report every interval.
+async fn report_loop(
+    client: async_nats::Client,
+    settings: AgentConfig,
+    server: ServerId,
+    placement: Placement,
+    stop: CancellationToken,
+) -> &'static str {
+    let mut sampler = sample::Sampler::new(&settings.proc_root, settings.interfaces.clone());
+    let interval_ms = u32::try_from(settings.interval.as_millis()).unwrap_or(u32::MAX);
+    let mut ticker = tokio::time::interval(settings.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return "reports",
+            _ = ticker.tick() => {}
+        }
+        let now = now_ms();
+        let kernel = sampler.sample(now);
+        let app = match &settings.stats_url {
+            Some(url) => app_stats(url, settings.interval).await.unwrap_or_default(),
+            None => AppStats::default(),
+        };
+        let cluster = placement.lock().ok().and_then(|p| p.clone());
+        let report = PerformanceReport {
+            v: SCHEMA_VERSION,
+            server: server.clone(),
+            cluster: cluster.clone(),
+            source: ReportSource::Agent,
+            at_ms: now,
+            interval_ms,
+            cpu: kernel.cpu,
+            memory: kernel.memory,
+            load1: kernel.load1,
+            net_rx_bytes_per_s: kernel.net_rx_bytes_per_s,
+            net_tx_bytes_per_s: kernel.net_tx_bytes_per_s,
+            in_flight: app.in_flight,
+            requests_per_s: app.requests_per_s,
+            latency_p50_ms: app.latency_p50_ms,
+            latency_p99_ms: app.latency_p99_ms,
+            errors_per_s: app.errors_per_s,
+        };
+        // Never send what the monitor would reject: say so here instead.
+        if let Err(err) = report.validate() {
+            warn!(%err, "not sending an invalid report");
+            continue;
+        }
+        match Codec::MsgPack.encode(&report) {
+            Ok(body) => {
+                let subject = subjects::metrics(cluster.as_ref(), &server);
+                if let Err(err) = client.publish(subject, body).await {
+                    debug!(%err, "report not sent");
+                }
+            }
+            Err(err) => warn!(%err, "cannot encode the report"),
+        }
+    }
+}
+
+/// Answers assignment notices one at a time, in order.
+async fn assignment_loop(
+    client: async_nats::Client,
+    settings: AgentConfig,
+    server: ServerId,
+    mut notices: async_nats::Subscriber,
+    stop: CancellationToken,
+) -> &'static str {
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return "assignments",
+            message = notices.next() => match message {
+                Some(message) => message,
+                None => return "assignments",
+            },
+        };
+        let notice: AssignmentNotice =
+            match codec::decode(message.headers.as_ref(), &message.payload) {
+                Ok(notice) => notice,
+                Err(err) => {
+                    warn!(%err, "ignoring a malformed assignment notice");
+                    continue;
+                }
+            };
+        if notice.server != server {
+            warn!(other = %notice.server, "assignment notice for another server; ignored");
+            continue;
+        }
+        let span = info_span!("assignment", cluster = %notice.cluster);
+        let status = answer(&settings, &server, &notice, &stop)
+            .instrument(span)
+            .await;
+        if let Some(status) = status {
+            let reply = ServerStatus {
+                v: SCHEMA_VERSION,
+                server: server.clone(),
+                cluster: Some(notice.cluster.clone()),
+                status,
+                at_ms: now_ms(),
+            };
+            match Codec::MsgPack.encode(&reply) {
+                Ok(body) => {
+                    if let Err(err) = client.publish(subjects::status(&server), body).await {
+                        warn!(%err, "could not send the server status");
+                    }
+                    let _ = client.flush().await;
+                }
+                Err(err) => warn!(%err, "cannot encode the server status"),
+            }
+        }
+    }
+}
+
+/// What to tell the allocator about one notice, if anything.
+async fn answer(
+    settings: &AgentConfig,
+    server: &ServerId,
+    notice: &AssignmentNotice,
+    stop: &CancellationToken,
+) -> Option<ServerStatusKind> {
+    let outcome = |result: Result<(), String>, done: ServerStatusKind| match result {
+        Ok(()) => done,
+        Err(reason) => {
+            warn!(%reason, "hook failed");
+            ServerStatusKind::Failed { reason }
+        }
+    };
+    match &notice.assignment {
+        Assignment::Allocated => {
+            info!("allocated; running the allocate hook");
+            let result = match &settings.on_allocate {
+                Some(hook) => {
+                    hooks::run(
+                        hook,
+                        HookEvent::Allocate,
+                        server,
+                        &notice.cluster,
+                        settings.hook_timeout,
+                    )
+                    .await
+                }
+                None => Ok(()),
+            };
+            Some(outcome(result, ServerStatusKind::Ready))
+        }
+        Assignment::Draining { deadline_ms } => {
+            info!(
+                deadline_ms,
+                "draining; waiting for in-flight requests to finish"
+            );
+            wait_idle(settings, *deadline_ms, stop).await;
+            let result = match &settings.on_release {
+                Some(hook) => {
+                    hooks::run(
+                        hook,
+                        HookEvent::Release,
+                        server,
+                        &notice.cluster,
+                        settings.hook_timeout,
+                    )
+                    .await
+                }
+                None => Ok(()),
+            };
+            Some(outcome(result, ServerStatusKind::Drained))
+        }
+        Assignment::Released => {
+            info!("back in the free pool");
+            None
+        }
+        Assignment::OutOfService { reason } => {
+            warn!(%reason, "taken out of service");
+            None
+        }
+    }
+}
+
+/// Waits until the application says nothing is in flight, or the deadline.
+/// Without a stats endpoint there is nothing to wait for.
+async fn wait_idle(settings: &AgentConfig, deadline_ms: u64, stop: &CancellationToken) {
+    let Some(url) = &settings.stats_url else {
+        return;
+    };
+    while now_ms() < deadline_ms && !stop.is_cancelled() {
+        let stats = app_stats(url, Duration::from_secs(1)).await;
+        if stats.and_then(|s| s.in_flight) == Some(0) {
+            return;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
