@@ -6,6 +6,8 @@
 //! which closes the loop (load spreads over the new members).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use async_nats::jetstream;
 use futures::StreamExt;
@@ -748,4 +750,111 @@ async fn a_recorded_stream_replays_to_byte_identical_decision_logs() {
     let (other, _) = replay(&lax);
     assert_ne!(first, other);
     sim.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_allocator_the_cluster_grows_and_shrinks_for_real() {
+    let stack = crate::common::Stack::start().await;
+    let servers: Vec<String> = (1..=6).map(|n| format!("p{n}")).collect();
+    for s in &servers {
+        crate::common::register(&stack.client, s, &[]).await;
+    }
+    let mut policy = crate::common::policy(2, 6);
+    policy.scaling = headroom_shared::kv::ScalingPolicy {
+        sustain_ms: 300,
+        release_sustain_ms: 1_000,
+        cooldown_up_ms: 1_000,
+        cooldown_down_ms: 1_000,
+        silent_after_ms: 5_000,
+        ..Default::default()
+    };
+    crate::common::put_cluster(&stack.client, "web", policy)
+        .await
+        .expect("cluster");
+    let mut config = stack.nats.config();
+    config.monitor.instance = "monitor-1".to_owned();
+    config.monitor.evaluate_interval = Duration::from_millis(100);
+    let shutdown = CancellationToken::new();
+    let monitor = tokio::spawn(headroom_monitor::run(
+        config,
+        stack.nats.client().await.expect("connect"),
+        shutdown.clone(),
+    ));
+
+    // The load generator: every 100 ms, each active member reports its
+    // share of the total load.
+    let total = Arc::new(AtomicU64::new(0.8f64.to_bits()));
+    let load = {
+        let (client, js, total) = (stack.client.clone(), stack.js.clone(), total.clone());
+        tokio::spawn(async move {
+            let bucket = js.get_key_value(CLUSTERS_BUCKET).await.expect("bucket");
+            loop {
+                let Ok(Some(entry)) = bucket.get("web").await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let record: ClusterRecord = Codec::MsgPack.decode(&entry).expect("record");
+                let active: Vec<_> = record
+                    .members
+                    .iter()
+                    .filter(|m| m.state == MemberState::Active)
+                    .collect();
+                let load = f64::from_bits(total.load(Ordering::SeqCst));
+                for m in &active {
+                    let body = PerformanceReport {
+                        cpu: Some((load / active.len() as f64).min(1.0)),
+                        interval_ms: 100,
+                        in_flight: Some(1),
+                        ..report(m.server.as_str(), now_ms())
+                    };
+                    let _ = client
+                        .publish(
+                            subjects::metrics(Some(&cid("web")), &m.server),
+                            Codec::MsgPack.encode(&body).expect("encode"),
+                        )
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let active = |snapshot: &crate::common::Snapshot| snapshot.active_members("web").len();
+
+    // Load for 3 servers at target 0.6 wants 5.
+    total.store(3.0f64.to_bits(), Ordering::SeqCst);
+    let grown = eventually(Duration::from_secs(30), || async {
+        let snapshot = crate::common::Snapshot::read(&stack.js).await;
+        (active(&snapshot) >= 5).then_some(snapshot)
+    })
+    .await
+    .expect("the cluster grew to 5");
+    grown
+        .check_invariants(&servers.iter().map(|s| sid(s)).collect::<Vec<_>>())
+        .expect("invariants");
+
+    // The load falls away: back to the minimum, never below.
+    total.store(0.3f64.to_bits(), Ordering::SeqCst);
+    let shrunk = eventually(Duration::from_secs(60), || async {
+        let snapshot = crate::common::Snapshot::read(&stack.js).await;
+        (active(&snapshot) == 2 && snapshot.cluster("web").members.len() == 2).then_some(snapshot)
+    })
+    .await
+    .expect("the cluster shrank to its minimum");
+    shrunk
+        .check_invariants(&servers.iter().map(|s| sid(s)).collect::<Vec<_>>())
+        .expect("invariants");
+    let free = shrunk
+        .servers
+        .values()
+        .filter(|(s, _)| s.state == headroom_shared::kv::ServerState::Free)
+        .count();
+    assert_eq!(free, 4, "released servers are back in the pool");
+
+    load.abort();
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, monitor)
+        .await
+        .expect("monitor stops")
+        .expect("joined")
+        .expect("monitor ended cleanly");
 }
