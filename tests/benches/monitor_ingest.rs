@@ -1,0 +1,218 @@
+//! How fast one monitor ingests reports over a real NATS connection, and
+//! how much memory each tracked server costs. Prints figures; asserts
+//! nothing (a shared 2-core machine is no place for timed assertions).
+//!
+//! `cargo bench -p headroom-tests --bench monitor_ingest` (the nats-server
+//! binary from `NATS_SERVER_BIN`, as for the tests). `BENCH_SERVERS` and
+//! `BENCH_REPORTS` change the sizes.
+
+use std::time::{Duration, Instant};
+
+use headroom_monitor::fetch_stats;
+use headroom_shared::codec::Codec;
+use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
+use headroom_shared::{subjects, ClusterId, RequestId, ServerId, SCHEMA_VERSION};
+use headroom_tests::NatsServer;
+use tokio_util::sync::CancellationToken;
+
+const PER_CLUSTER: usize = 100;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Resident memory of this process, in bytes.
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// Pre-encoded reports, one per server, with their subjects.
+fn reports(servers: usize) -> Vec<(String, bytes::Bytes)> {
+    (0..servers)
+        .map(|i| {
+            let cluster = ClusterId::new(format!("c{}", i / PER_CLUSTER)).expect("id");
+            let server = ServerId::new(format!("s{i}")).expect("id");
+            let report = PerformanceReport {
+                v: SCHEMA_VERSION,
+                server: server.clone(),
+                cluster: Some(cluster.clone()),
+                source: ReportSource::Agent,
+                at_ms: now_ms(),
+                interval_ms: 1_000,
+                cpu: Some(0.5),
+                memory: Some(0.4),
+                load1: Some(1.0),
+                net_rx_bytes_per_s: Some(1e6),
+                net_tx_bytes_per_s: Some(2e6),
+                in_flight: Some(4),
+                requests_per_s: Some(100.0),
+                latency_p50_ms: Some(3.0),
+                latency_p99_ms: Some(12.0),
+                errors_per_s: Some(0.0),
+            };
+            (
+                subjects::metrics(Some(&cluster), &server),
+                Codec::MsgPack.encode(&report).expect("encode"),
+            )
+        })
+        .collect()
+}
+
+async fn blast(client: &async_nats::Client, reports: &[(String, bytes::Bytes)], count: usize) {
+    for i in 0..count {
+        let (subject, body) = &reports[i % reports.len()];
+        client
+            .publish(subject.clone(), body.clone())
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+}
+
+#[tokio::main]
+async fn main() {
+    let servers = env_usize("BENCH_SERVERS", 100_000);
+    let count = env_usize("BENCH_REPORTS", 1_000_000);
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = async_nats::jetstream::new(client.clone());
+    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, 1)
+        .await
+        .expect("bucket");
+    for c in 0..servers.div_ceil(PER_CLUSTER) {
+        let mut record = ClusterRecord::new(
+            ClusterId::new(format!("c{c}")).expect("id"),
+            ClusterPolicy::default(),
+            now_ms(),
+        );
+        for i in c * PER_CLUSTER..((c + 1) * PER_CLUSTER).min(servers) {
+            record.members.push(Member {
+                server: ServerId::new(format!("s{i}")).expect("id"),
+                address: "10.0.0.1".to_owned(),
+                port: 8080,
+                request_types: Vec::new(),
+                state: MemberState::Active,
+                weight: 1.0,
+                request: RequestId::new("bench").expect("id"),
+                drain_request: None,
+                since_ms: 0,
+            });
+        }
+        bucket
+            .put(
+                record.id.as_str(),
+                Codec::MsgPack.encode(&record).expect("encode"),
+            )
+            .await
+            .expect("put");
+    }
+    let reports = reports(servers);
+
+    // The ceiling: a bare subscriber that only counts, in the same run.
+    let bare_client = nats.client().await.expect("connect");
+    let mut bare = bare_client
+        .subscribe(subjects::METRICS_ALL)
+        .await
+        .expect("sub");
+    bare_client.flush().await.expect("flush");
+    let counted = tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut n = 0usize;
+        let started = Instant::now();
+        while tokio::time::timeout(Duration::from_secs(2), bare.next())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {
+            n += 1;
+            if n == count {
+                break;
+            }
+        }
+        (n, started.elapsed())
+    });
+    let start = Instant::now();
+    blast(&client, &reports, count).await;
+    let (bare_n, _) = counted.await.expect("bare subscriber");
+    let bare_secs = start.elapsed().as_secs_f64();
+    drop(bare_client);
+
+    // The monitor.
+    let rss_before = rss();
+    let mut config = nats.config();
+    config.monitor.instance = "bench".to_owned();
+    let shutdown = CancellationToken::new();
+    let monitor = tokio::spawn(headroom_monitor::run(
+        config,
+        nats.client().await.expect("connect"),
+        shutdown.clone(),
+    ));
+    loop {
+        if let Ok(s) = fetch_stats(&client).await {
+            if s.tracked_servers as usize == servers {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // One report per server first, so every server's state is filled in.
+    blast(&client, &reports, servers).await;
+    loop {
+        let s = fetch_stats(&client).await.expect("stats");
+        if (s.reports + s.rejected) as usize >= servers {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_after = rss();
+    let start = Instant::now();
+    blast(&client, &reports, count).await;
+    let publish_secs = start.elapsed().as_secs_f64();
+    let mut last = 0;
+    let mut stalled = 0;
+    let taken = loop {
+        let s = fetch_stats(&client).await.expect("stats");
+        let taken = (s.reports + s.rejected) as usize - servers;
+        if taken >= count || stalled >= 20 {
+            break taken;
+        }
+        if taken == last {
+            stalled += 1;
+        }
+        last = taken;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let secs = start.elapsed().as_secs_f64();
+    let stats = fetch_stats(&client).await.expect("stats");
+    shutdown.cancel();
+    let _ = monitor.await;
+
+    let rate = taken as f64 / secs;
+    let bare_rate = bare_n as f64 / bare_secs;
+    let per_server = rss_after.saturating_sub(rss_before) as f64 / servers as f64;
+    println!(
+        "monitor ingest, {servers} servers in {} clusters, {count} reports",
+        servers.div_ceil(PER_CLUSTER)
+    );
+    println!("  bare subscriber (ceiling): {bare_n} in {bare_secs:.2}s = {bare_rate:.0} reports/s");
+    println!("  monitor:                   {taken} in {secs:.2}s = {rate:.0} reports/s (publishing took {publish_secs:.2}s)");
+    println!("  ratio monitor / bare:      {:.2}", rate / bare_rate);
+    println!(
+        "  dropped (not taken):       {}",
+        count.saturating_sub(taken)
+    );
+    println!("  rejected:                  {}", stats.rejected);
+    println!("  memory per tracked server: {per_server:.0} bytes (process RSS growth / servers, an upper bound)");
+}
