@@ -69,6 +69,49 @@ fn reports(servers: usize) -> Vec<(String, bytes::Bytes)> {
         .collect()
 }
 
+/// Publishes `count` reports at `rate` per second, in 10 ms batches.
+async fn paced(
+    client: &async_nats::Client,
+    reports: &[(String, bytes::Bytes)],
+    count: usize,
+    rate: usize,
+) {
+    let batch = (rate / 100).max(1);
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    let mut sent = 0;
+    while sent < count {
+        ticker.tick().await;
+        for i in sent..(sent + batch).min(count) {
+            let (subject, body) = &reports[i % reports.len()];
+            client
+                .publish(subject.clone(), body.clone())
+                .await
+                .expect("publish");
+        }
+        sent += batch;
+    }
+    client.flush().await.expect("flush");
+}
+
+/// Waits until the monitor has taken `want` more reports than `base`, or
+/// stops moving; returns how many it took.
+async fn taken_since(client: &async_nats::Client, base: u64, want: usize) -> usize {
+    let mut last = 0;
+    let mut stalled = 0;
+    loop {
+        let s = fetch_stats(client).await.expect("stats");
+        let taken = usize::try_from(s.reports + s.rejected - base).unwrap_or(usize::MAX);
+        if taken >= want || stalled >= 20 {
+            return taken;
+        }
+        if taken == last {
+            stalled += 1;
+        }
+        last = taken;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn blast(client: &async_nats::Client, reports: &[(String, bytes::Bytes)], count: usize) {
     for i in 0..count {
         let (subject, body) = &reports[i % reports.len()];
@@ -177,23 +220,22 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rss_after = rss();
+
+    // At the target rate: every report should be taken.
+    let rate_target = env_usize("BENCH_RATE", 100_000);
+    let paced_count = rate_target * 5;
+    let base = fetch_stats(&client).await.expect("stats");
+    let start = Instant::now();
+    paced(&client, &reports, paced_count, rate_target).await;
+    let paced_taken = taken_since(&client, base.reports + base.rejected, paced_count).await;
+    let paced_secs = start.elapsed().as_secs_f64();
+
+    // Flat out: the most it takes, and what it drops when offered more.
+    let base = fetch_stats(&client).await.expect("stats");
     let start = Instant::now();
     blast(&client, &reports, count).await;
     let publish_secs = start.elapsed().as_secs_f64();
-    let mut last = 0;
-    let mut stalled = 0;
-    let taken = loop {
-        let s = fetch_stats(&client).await.expect("stats");
-        let taken = (s.reports + s.rejected) as usize - servers;
-        if taken >= count || stalled >= 20 {
-            break taken;
-        }
-        if taken == last {
-            stalled += 1;
-        }
-        last = taken;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let taken = taken_since(&client, base.reports + base.rejected, count).await;
     let secs = start.elapsed().as_secs_f64();
     let stats = fetch_stats(&client).await.expect("stats");
     shutdown.cancel();
@@ -206,11 +248,15 @@ async fn main() {
         "monitor ingest, {servers} servers in {} clusters, {count} reports",
         servers.div_ceil(PER_CLUSTER)
     );
+    println!(
+        "  monitor, offered {rate_target}/s for 5s: {paced_taken} of {paced_count} taken in {paced_secs:.2}s, {} dropped",
+        paced_count.saturating_sub(paced_taken)
+    );
     println!("  bare subscriber (ceiling): {bare_n} in {bare_secs:.2}s = {bare_rate:.0} reports/s");
-    println!("  monitor:                   {taken} in {secs:.2}s = {rate:.0} reports/s (publishing took {publish_secs:.2}s)");
+    println!("  monitor, flat out:         {taken} in {secs:.2}s = {rate:.0} reports/s (publishing took {publish_secs:.2}s)");
     println!("  ratio monitor / bare:      {:.2}", rate / bare_rate);
     println!(
-        "  dropped (not taken):       {}",
+        "  dropped flat out (slow consumer): {}",
         count.saturating_sub(taken)
     );
     println!("  rejected:                  {}", stats.rejected);
