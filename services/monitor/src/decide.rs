@@ -316,15 +316,17 @@ impl ClusterState {
     }
 
     /// When the last member was added or removed, as the membership tells
-    /// it: cooldowns then hold across a monitor restart.
-    fn membership_times(&self) -> (u64, u64) {
-        let mut added = 0;
-        let mut removed = 0;
-        for m in &self.view.members {
-            match m.state {
-                MemberState::Draining => removed = removed.max(m.since_ms),
-                MemberState::Joining | MemberState::Active => added = added.max(m.since_ms),
-            }
+    /// it (a `since_ms` of 0 is unknown): cooldowns then hold across a
+    /// monitor restart.
+    fn membership_times(&self) -> (Option<u64>, Option<u64>) {
+        let mut added = None;
+        let mut removed = None;
+        for m in self.view.members.iter().filter(|m| m.since_ms > 0) {
+            let slot = match m.state {
+                MemberState::Draining => &mut removed,
+                MemberState::Joining | MemberState::Active => &mut added,
+            };
+            *slot = Some(slot.map_or(m.since_ms, |t: u64| t.max(m.since_ms)));
         }
         (added, removed)
     }
@@ -579,8 +581,11 @@ fn evaluate(
         evidence,
     };
     let (added_ms, removed_ms) = state.membership_times();
-    let last_up = state.last_up_ms.unwrap_or(0).max(added_ms);
-    let last_down = state.last_down_ms.unwrap_or(0).max(removed_ms);
+    let last_up = state.last_up_ms.max(added_ms);
+    let last_down = state.last_down_ms.max(removed_ms);
+    let cooling = |last: Option<u64>, cooldown_ms: u64| {
+        last.is_some_and(|at| now_ms < at.saturating_add(cooldown_ms))
+    };
 
     // 3. Health first: a member that stopped reporting is replaced, never
     // released. Unless so many went quiet together that the monitor's own
@@ -606,7 +611,7 @@ fn evaluate(
     }
 
     // 4. Scale up: the upper level has held for the sustain window.
-    let cooling_up = now_ms < last_up.saturating_add(s.cooldown_up_ms);
+    let cooling_up = cooling(last_up, s.cooldown_up_ms);
     let hot = state.held(now_ms, s.sustain_ms, |x| {
         x.mean.is_some_and(|m| f64::from(m) >= upper)
     });
@@ -708,8 +713,8 @@ fn evaluate(
     // 6. Release: a member under the lower level for the longer window,
     // when the others would stay under target without it. Only on complete
     // data: a missing reading is unknown, never zero.
-    let cooling_down = now_ms < last_down.saturating_add(s.cooldown_down_ms)
-        || now_ms < last_up.saturating_add(s.cooldown_down_ms);
+    let cooling_down =
+        cooling(last_down, s.cooldown_down_ms) || cooling(last_up, s.cooldown_down_ms);
     if cooling_down || joining > 0 || size <= policy.min_size || active < 2 {
         return;
     }
@@ -798,4 +803,162 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use headroom_shared::SCHEMA_VERSION;
+
+    fn measures() -> Measures {
+        Measures::default()
+    }
+
+    #[test]
+    fn utilisation_is_a_weighted_mean_of_the_known_measures() {
+        let cpu_only = measures();
+        assert_eq!(utilisation(&cpu_only, Some(0.5), Some(10), None), Some(0.5));
+        assert_eq!(
+            utilisation(&cpu_only, None, Some(10), Some(100.0)),
+            None,
+            "unknown, not zero"
+        );
+        let mixed = Measures {
+            cpu: 1.0,
+            in_flight: 1.0,
+            in_flight_capacity: 10.0,
+            latency: 2.0,
+            latency_slo_ms: 100.0,
+        };
+        // (0.4 + 0.5 + 2 * 0.5) / 4
+        assert_eq!(
+            utilisation(&mixed, Some(0.4), Some(5), Some(50.0)),
+            Some(0.475)
+        );
+        // Missing measures drop out of the mean instead of counting as 0.
+        assert_eq!(utilisation(&mixed, Some(0.4), None, None), Some(0.4));
+        // An absurd latency is capped.
+        assert_eq!(
+            utilisation(&mixed, None, None, Some(1e9)),
+            Some(MEASURE_CAP)
+        );
+    }
+
+    fn view(members: &[&str]) -> ClusterView {
+        ClusterView {
+            id: ClusterId::new("web").expect("id"),
+            generation: 1,
+            policy: ClusterPolicy::default(),
+            members: members
+                .iter()
+                .map(|s| MemberView {
+                    server: ServerId::new(*s).expect("id"),
+                    state: MemberState::Active,
+                    weight: 1.0,
+                    since_ms: 0,
+                })
+                .collect(),
+        }
+    }
+
+    fn report(server: &str, cpu: f64, source: ReportSource) -> PerformanceReport {
+        PerformanceReport {
+            v: SCHEMA_VERSION,
+            server: ServerId::new(server).expect("id"),
+            cluster: Some(ClusterId::new("web").expect("id")),
+            source,
+            at_ms: 1,
+            interval_ms: 1_000,
+            cpu: Some(cpu),
+            memory: None,
+            load1: None,
+            net_rx_bytes_per_s: None,
+            net_tx_bytes_per_s: None,
+            in_flight: Some(2),
+            requests_per_s: None,
+            latency_p50_ms: None,
+            latency_p99_ms: Some(20.0),
+            errors_per_s: None,
+        }
+    }
+
+    #[test]
+    fn front_end_views_merge_with_the_agents_and_are_bounded() {
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&["s1"]));
+        let web = ClusterId::new("web").expect("id");
+        decider
+            .observe(0, &web, &report("s1", 0.5, ReportSource::Agent))
+            .expect("agent");
+        for f in 0..10 {
+            let mut r = report(
+                "s1",
+                0.0,
+                ReportSource::Frontend {
+                    frontend: format!("fe{f}"),
+                },
+            );
+            r.cpu = None;
+            r.in_flight = Some(1);
+            r.latency_p99_ms = Some(40.0 + f64::from(f));
+            decider.observe(0, &web, &r).expect("front-end");
+        }
+        let t = decider
+            .servers
+            .get(&ServerId::new("s1").expect("id"))
+            .expect("tracked");
+        assert_eq!(t.frontends.len(), MAX_FRONTENDS, "bounded");
+        let (cpu, in_flight, latency) = t.current(0);
+        assert_eq!(cpu, Some(0.5), "the agent's own CPU");
+        assert_eq!(in_flight, Some(2), "the agent's own count wins");
+        assert_eq!(latency, Some(49.0), "the worst latency seen from outside");
+        // Once the agent's reading is stale, the front-ends' counts add up.
+        let (_, in_flight, _) = t.current(3_100);
+        assert_eq!(in_flight, None, "all stale");
+    }
+
+    #[test]
+    fn reports_about_strangers_are_refused() {
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&["s1"]));
+        let web = ClusterId::new("web").expect("id");
+        let api = ClusterId::new("api").expect("id");
+        let err = decider
+            .observe(0, &web, &report("s2", 0.5, ReportSource::Agent))
+            .expect_err("stranger");
+        assert_eq!(err.code(), codes::NOT_A_MEMBER);
+        let err = decider
+            .observe(0, &api, &report("s1", 0.5, ReportSource::Agent))
+            .expect_err("no such cluster");
+        assert_eq!(err.code(), codes::UNKNOWN_CLUSTER);
+        // A member that leaves stops being tracked.
+        decider.set_cluster(0, view(&[]));
+        assert_eq!(decider.tracked_servers(), 0);
+    }
+
+    #[test]
+    fn a_member_that_never_reported_is_silent_from_when_it_was_seen() {
+        let mut decider = Decider::new();
+        decider.set_cluster(5_000, view(&["s1", "s2"]));
+        let web = ClusterId::new("web").expect("id");
+        let mut decisions = Vec::new();
+        for t in (5_000..=20_000).step_by(1_000) {
+            decider
+                .observe(t, &web, &report("s1", 0.5, ReportSource::Agent))
+                .expect("report");
+            decisions.extend(decider.tick(t));
+        }
+        assert_eq!(decisions.len(), 1, "{decisions:?}");
+        assert_eq!(
+            decisions[0].at_ms, 15_000,
+            "silent_after_ms from first sight"
+        );
+        assert_eq!(
+            decisions[0].action,
+            ReconfigAction::Replace {
+                server: ServerId::new("s2").expect("id")
+            }
+        );
+        assert_eq!(decisions[0].request_id(), "replace-s2-15000");
+    }
 }
