@@ -9,7 +9,8 @@ case "${1:-}" in
     ./scripts/fetch-nats-server.sh >/dev/null
     # The explicit --target keeps +crt-static away from proc-macro crates.
     RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --target x86_64-unknown-linux-gnu -p headroom-allocator
+      cargo build --release --target x86_64-unknown-linux-gnu \
+        -p headroom-allocator -p headroom-monitor -p headroom-agent
     ;;
 esac
 exec "${compose[@]}" "$@"

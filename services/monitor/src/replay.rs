@@ -130,6 +130,7 @@ pub fn replay(
     let mut next_tick: Option<u64> = None;
     let mut previous_ms = 0;
     // Evaluates at every step before `until_ms`.
+    let decided = &counters.decisions;
     let evaluate = |decider: &mut Decider,
                     until_ms: u64,
                     next_tick: &mut Option<u64>,
@@ -140,6 +141,7 @@ pub fn replay(
             for decision in decider.tick(at) {
                 write_decision(log, &decision)?;
                 summary.decisions += 1;
+                decided.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             summary.evaluations += 1;
             *next_tick = Some(at + interval_ms);
