@@ -14,6 +14,7 @@
 //! - [`telemetry`]: tracing set-up.
 //! - [`nats`]: connecting, with credentials, TLS and backoff.
 //! - [`shutdown`]: SIGINT / SIGTERM as a cancellation token.
+//! - [`service`]: the common `main` of a service binary.
 
 pub mod bus;
 pub mod codec;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod ids;
 pub mod kv;
 pub mod nats;
+pub mod service;
 pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;

@@ -10,9 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use headroom_monitor::replay;
-use headroom_shared::config::{Config, EXIT_CONFIG};
 use headroom_shared::kv::ClusterPolicy;
-use headroom_shared::{nats, shutdown, telemetry};
+use headroom_shared::service;
 
 #[derive(Parser)]
 #[command(name = "headroom-monitor", version, about)]
@@ -71,62 +70,41 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match Config::from_env() {
+    let config = match service::configure("headroom-monitor") {
         Ok(config) => config,
-        Err(err) => {
-            eprintln!("headroom-monitor: {err}");
-            return ExitCode::from(EXIT_CONFIG as u8);
-        }
+        Err(code) => return code,
     };
-    if let Err(err) = telemetry::init(&config.telemetry) {
-        eprintln!("headroom-monitor: {err}");
-        return ExitCode::from(EXIT_CONFIG as u8);
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("headroom-monitor: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let (client, _events) = nats::connect(&config.nats, "headroom-monitor")
-            .await
-            .context("connecting to NATS")?;
-        match cli.command {
-            Some(Command::Record { out, duration }) => {
-                let sink: Box<dyn Write + Send> = if out.as_os_str() == "-" {
-                    Box::new(std::io::stdout())
-                } else {
-                    Box::new(std::io::BufWriter::new(
-                        std::fs::File::create(&out)
-                            .with_context(|| format!("creating {}", out.display()))?,
-                    ))
-                };
-                let stop = shutdown::on_signal();
-                if let Some(duration) = duration {
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(duration).await;
-                        stop.cancel();
-                    });
+    service::run(
+        "headroom-monitor",
+        config,
+        |config, client, stop| async move {
+            match cli.command {
+                Some(Command::Record { out, duration }) => {
+                    let sink: Box<dyn Write + Send> = if out.as_os_str() == "-" {
+                        Box::new(std::io::stdout())
+                    } else {
+                        Box::new(std::io::BufWriter::new(
+                            std::fs::File::create(&out)
+                                .with_context(|| format!("creating {}", out.display()))?,
+                        ))
+                    };
+                    if let Some(duration) = duration {
+                        let stop = stop.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(duration).await;
+                            stop.cancel();
+                        });
+                    }
+                    let written = replay::record(&client, config.nats.replicas, sink, stop).await?;
+                    tracing::info!(written, "recording finished");
+                    Ok(())
                 }
-                let written = replay::record(&client, config.nats.replicas, sink, stop).await?;
-                tracing::info!(written, "recording finished");
-                Ok(())
+                _ => headroom_monitor::run(config, client, stop)
+                    .await
+                    .context("monitor"),
             }
-            _ => headroom_monitor::run(config, client, shutdown::on_signal())
-                .await
-                .context("monitor"),
-        }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!("{err:#}");
-            ExitCode::FAILURE
-        }
-    }
+        },
+    )
 }
 
 fn replay_file(

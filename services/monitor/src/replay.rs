@@ -171,33 +171,28 @@ pub fn replay(
         // Inputs at a time are seen by the evaluation at that same time.
         evaluate(&mut decider, at_ms, &mut next_tick, &mut summary, log)?;
         summary.inputs += 1;
-        match recorded {
+        let (subject, headers, body) = match recorded {
             Recorded::Cluster { mut cluster, .. } => {
                 if let Some(policy) = policy {
                     cluster.policy = policy.clone();
                 }
                 decider.set_cluster(at_ms, cluster);
+                continue;
             }
-            Recorded::ClusterRemoved { id, .. } => decider.remove_cluster(&id),
+            Recorded::ClusterRemoved { id, .. } => {
+                decider.remove_cluster(&id);
+                continue;
+            }
+            // Through the JSON codec, so the report meets the same checks
+            // a live one does.
             Recorded::Report {
                 subject, report, ..
             } => {
-                // Through the JSON codec, so the report meets the same
-                // checks a live one does.
                 let body = serde_json::to_vec(&report).map_err(|e| ReplayError::Line {
                     line: line_no,
                     reason: e.to_string(),
                 })?;
-                let headers = Codec::Json.headers();
-                let _ = ingest(
-                    &mut decider,
-                    Shard::default(),
-                    &counters,
-                    at_ms,
-                    &subject,
-                    Some(&headers),
-                    &body,
-                );
+                (subject, Some(Codec::Json.headers()), body)
             }
             Recorded::Raw {
                 subject,
@@ -209,21 +204,24 @@ pub fn replay(
                     line: line_no,
                     reason: "hex is not hexadecimal".to_owned(),
                 })?;
-                let mut headers = HeaderMap::new();
-                if let Some(ct) = &content_type {
+                let headers = content_type.map(|ct| {
+                    let mut headers = HeaderMap::new();
                     headers.insert(CONTENT_TYPE, ct.as_str());
-                }
-                let _ = ingest(
-                    &mut decider,
-                    Shard::default(),
-                    &counters,
-                    at_ms,
-                    &subject,
-                    content_type.as_ref().map(|_| &headers),
-                    &body,
-                );
+                    headers
+                });
+                (subject, headers, body)
             }
-        }
+        };
+        // A rejection is counted; replay goes on, as the live monitor does.
+        let _ = ingest(
+            &mut decider,
+            Shard::default(),
+            &counters,
+            at_ms,
+            &subject,
+            headers.as_ref(),
+            &body,
+        );
     }
     // The evaluation at the time of the last input.
     if let Some(last) = next_tick.map(|_| previous_ms) {
