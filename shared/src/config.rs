@@ -27,6 +27,7 @@ pub struct Config {
     pub allocator: AllocatorConfig,
     pub monitor: MonitorConfig,
     pub agent: AgentConfig,
+    pub frontend: FrontendConfig,
 }
 
 /// How to reach NATS.
@@ -254,6 +255,71 @@ impl Default for AgentConfig {
     }
 }
 
+/// The front-end's settings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FrontendConfig {
+    /// This instance's name in reports and logs.
+    pub instance: String,
+    /// The cluster it serves.
+    pub cluster: String,
+    /// Where it listens for clients.
+    pub listen: String,
+    /// Every routing change is written here; at start without NATS it
+    /// serves from it.
+    pub last_known_good: Option<PathBuf>,
+    /// Bytes of responses kept in the cache (0 turns the cache off).
+    pub cache_bytes: u64,
+    /// Largest response body that is cached.
+    pub cache_max_object: u64,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+    /// Largest request body.
+    pub max_body_bytes: u64,
+    /// Connecting to a member.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// A whole request to a member, until its response head.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A client has this long to send a request head.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A new member's share ramps up over this long.
+    #[serde(with = "humantime_serde")]
+    pub slow_start: Duration,
+    /// Consecutive connection failures that eject a member.
+    pub eject_after: u32,
+    /// How long an ejected member is left alone before a probe.
+    #[serde(with = "humantime_serde")]
+    pub eject_for: Duration,
+    /// How often to report what it observes.
+    #[serde(with = "humantime_serde")]
+    pub report_interval: Duration,
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        Self {
+            instance: default_instance(),
+            cluster: String::new(),
+            listen: "0.0.0.0:8080".to_owned(),
+            last_known_good: None,
+            cache_bytes: 64 << 20,
+            cache_max_object: 1 << 20,
+            max_header_bytes: 16 << 10,
+            max_body_bytes: 10 << 20,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            slow_start: Duration::from_secs(10),
+            eject_after: 3,
+            eject_for: Duration::from_secs(5),
+            report_interval: Duration::from_secs(1),
+        }
+    }
+}
+
 fn default_instance() -> String {
     std::fs::read_to_string("/etc/hostname")
         .ok()
@@ -401,6 +467,20 @@ impl Config {
         }
         if self.agent.hook_timeout.is_zero() {
             return invalid("agent.hook_timeout", "must be above zero");
+        }
+        if self.frontend.max_header_bytes < 8192 {
+            return invalid("frontend.max_header_bytes", "must be at least 8192");
+        }
+        for (key, d) in [
+            ("frontend.connect_timeout", self.frontend.connect_timeout),
+            ("frontend.request_timeout", self.frontend.request_timeout),
+            ("frontend.header_timeout", self.frontend.header_timeout),
+            ("frontend.report_interval", self.frontend.report_interval),
+            ("frontend.eject_for", self.frontend.eject_for),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be above zero");
+            }
         }
         if let Some(url) = &self.agent.stats_url {
             if !url.starts_with("http://") {

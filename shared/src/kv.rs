@@ -212,6 +212,22 @@ pub struct Route {
     pub host: Option<String>,
     #[serde(default)]
     pub methods: Vec<String>,
+    /// How front-ends choose among the members serving this type.
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+/// How a front-end chooses a member for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Weighted least outstanding requests (power of two choices).
+    #[default]
+    LeastRequests,
+    /// Weighted rendezvous hashing on the path with bounded load: a path
+    /// keeps going to the same member (its cache stays warm) unless that
+    /// member is over 1.25 times the average load.
+    Hash,
 }
 
 /// When the monitor scales a cluster. Utilisation is 0.0 to 1.0.
@@ -659,6 +675,7 @@ mod tests {
             path_prefix: None,
             host: None,
             methods: vec![],
+            balance: Balance::default(),
         };
         let policy = ClusterPolicy {
             routes: vec![route("static"), route("api"), route("static")],

@@ -58,6 +58,12 @@ pub fn parse_metrics(subject: &str) -> Option<(Option<&str>, &str)> {
     Some(((cluster != POOL_TOKEN).then_some(cluster), server))
 }
 
+/// What a front-end observes of itself (the per-backend view goes on the
+/// metrics subject of each backend).
+pub fn frontend_stats(cluster: &ClusterId, instance: &str) -> String {
+    format!("{ROOT}.frontend.{cluster}.{instance}")
+}
+
 /// The monitor's services API name; its `stats` endpoint answers with its
 /// counters.
 pub const MONITOR_SERVICE: &str = "headroom-monitor";

@@ -538,6 +538,7 @@ mod tests {
                     path_prefix: Some("/static".into()),
                     host: None,
                     methods: vec!["GET".into(), "HEAD".into()],
+                    balance: crate::kv::Balance::Hash,
                 }],
                 ..ClusterPolicy::default()
             },

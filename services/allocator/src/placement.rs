@@ -219,6 +219,7 @@ mod tests {
                         path_prefix: None,
                         host: None,
                         methods: vec![],
+                        balance: Default::default(),
                     })
                     .collect(),
                 ..ClusterPolicy::default()

@@ -1,0 +1,261 @@
+//! The front-end's own cache: a response it may answer with again, without
+//! touching a member. Bounded by bytes, evicted by quick_cache's S3-FIFO
+//! (scan-resistant: one pass over many cold URLs does not flush the hot
+//! ones). Only what HTTP says may be shared is kept, for as long as it says.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::StatusCode;
+use quick_cache::Weighter;
+
+/// A stored response.
+#[derive(Debug)]
+pub struct Cached {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    stored: Instant,
+    ttl: Duration,
+}
+
+impl Cached {
+    pub fn fresh(&self, now: Instant) -> bool {
+        now.duration_since(self.stored) < self.ttl
+    }
+
+    /// Seconds since it was stored, for the `Age` header.
+    pub fn age(&self, now: Instant) -> u64 {
+        now.duration_since(self.stored).as_secs()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ByBytes;
+
+impl Weighter<String, Arc<Cached>> for ByBytes {
+    fn weight(&self, key: &String, value: &Arc<Cached>) -> u64 {
+        let headers: usize = value
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        (key.len() + headers + value.body.len() + 64) as u64
+    }
+}
+
+pub struct Cache {
+    inner: quick_cache::sync::Cache<String, Arc<Cached>, ByBytes>,
+    max_object: u64,
+}
+
+impl Cache {
+    /// A cache of `bytes`; `None` when `bytes` is 0 (caching off).
+    pub fn new(bytes: u64, max_object: u64) -> Option<Self> {
+        (bytes > 0).then(|| Self {
+            inner: quick_cache::sync::Cache::with_weighter(
+                usize::try_from(bytes / 4096).unwrap_or(1024).max(16),
+                bytes,
+                ByBytes,
+            ),
+            max_object: max_object.min(bytes),
+        })
+    }
+
+    pub fn max_object(&self) -> u64 {
+        self.max_object
+    }
+
+    /// A fresh response for `key`, if any.
+    pub fn get(&self, key: &str) -> Option<Arc<Cached>> {
+        let now = Instant::now();
+        match self.inner.get(key) {
+            Some(hit) if hit.fresh(now) => Some(hit),
+            Some(_) => {
+                self.inner.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    pub fn put(
+        &self,
+        key: String,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        ttl: Duration,
+    ) {
+        if body.len() as u64 > self.max_object {
+            return;
+        }
+        self.inner.insert(
+            key,
+            Arc::new(Cached {
+                status,
+                headers,
+                body,
+                stored: Instant::now(),
+                ttl,
+            }),
+        );
+    }
+}
+
+/// The cache key of a request: host and path with query.
+pub fn key(host: Option<&str>, path_and_query: &str) -> String {
+    format!("{}{}", host.unwrap_or(""), path_and_query)
+}
+
+fn directives(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|d| d.trim().to_ascii_lowercase())
+        .collect()
+}
+
+/// Whether a request may be answered from the cache (and its answer
+/// stored): no `no-store`/`no-cache`, no credentials.
+pub fn request_allows(headers: &HeaderMap) -> bool {
+    if headers.contains_key(header::AUTHORIZATION) {
+        return false;
+    }
+    !directives(headers)
+        .iter()
+        .any(|d| d == "no-store" || d == "no-cache")
+}
+
+/// How long a response may be served from a shared cache, or `None` when
+/// it may not be stored: `s-maxage`, then `max-age`, then `Expires`;
+/// never with `no-store`, `no-cache`, `private`, `Set-Cookie` or `Vary`.
+pub fn freshness(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    if !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 404 | 410) {
+        return None;
+    }
+    if headers.contains_key(header::SET_COOKIE) || headers.contains_key(header::VARY) {
+        return None;
+    }
+    let d = directives(headers);
+    if d.iter()
+        .any(|d| d == "no-store" || d == "no-cache" || d == "private")
+    {
+        return None;
+    }
+    let age = |name: &str| {
+        d.iter()
+            .find_map(|d| d.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .and_then(|v| v.trim_matches('"').parse::<u64>().ok())
+    };
+    let ttl = match age("s-maxage").or_else(|| age("max-age")) {
+        Some(secs) => Duration::from_secs(secs),
+        None => {
+            let expires = headers
+                .get(header::EXPIRES)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| httpdate::parse_http_date(v).ok())?;
+            expires.duration_since(now).ok()?
+        }
+    };
+    (!ttl.is_zero()).then_some(ttl)
+}
+
+/// The `Age` header value.
+pub fn age_header(seconds: u64) -> HeaderValue {
+    HeaderValue::from(seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn what_http_says_may_be_shared_is_kept_as_long_as_it_says() {
+        let now = SystemTime::now();
+        let ok = StatusCode::OK;
+        assert_eq!(
+            freshness(
+                ok,
+                &headers(&[("cache-control", "public, max-age=60")]),
+                now
+            ),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            freshness(
+                ok,
+                &headers(&[("cache-control", "max-age=60, s-maxage=10")]),
+                now
+            ),
+            Some(Duration::from_secs(10))
+        );
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
+        let ttl = freshness(ok, &headers(&[("expires", &later)]), now).expect("expires");
+        assert!(ttl > Duration::from_secs(118) && ttl <= Duration::from_secs(120));
+        for refused in [
+            &[("cache-control", "no-store")][..],
+            &[("cache-control", "private, max-age=60")],
+            &[("cache-control", "max-age=60"), ("set-cookie", "a=b")],
+            &[("cache-control", "max-age=60"), ("vary", "cookie")],
+            &[("cache-control", "max-age=0")],
+            &[],
+        ] {
+            assert_eq!(freshness(ok, &headers(refused), now), None, "{refused:?}");
+        }
+        assert_eq!(
+            freshness(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &headers(&[("cache-control", "max-age=60")]),
+                now
+            ),
+            None
+        );
+        assert!(request_allows(&headers(&[])));
+        assert!(!request_allows(&headers(&[("cache-control", "no-cache")])));
+        assert!(!request_allows(&headers(&[("authorization", "Bearer x")])));
+    }
+
+    #[test]
+    fn the_cache_is_bounded_by_bytes() {
+        let cache = Cache::new(64 * 1024, 8 * 1024).expect("on");
+        let body = Bytes::from(vec![b'x'; 4 * 1024]);
+        for i in 0..100 {
+            cache.put(
+                format!("/k{i}"),
+                StatusCode::OK,
+                HeaderMap::new(),
+                body.clone(),
+                Duration::from_secs(60),
+            );
+        }
+        let kept = (0..100)
+            .filter(|i| cache.get(&format!("/k{i}")).is_some())
+            .count();
+        assert!(kept > 0 && kept <= 16, "kept {kept}");
+        cache.put(
+            "/big".into(),
+            StatusCode::OK,
+            HeaderMap::new(),
+            Bytes::from(vec![0; 9 * 1024]),
+            Duration::from_secs(60),
+        );
+        assert!(cache.get("/big").is_none(), "over the object limit");
+        assert!(Cache::new(0, 1).is_none());
+    }
+}

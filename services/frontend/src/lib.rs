@@ -1,0 +1,329 @@
+//! Headroom's front-end: an HTTP/1.1 and HTTP/2 reverse proxy in front of
+//! one cluster. It answers from its own cache when it can, otherwise sends
+//! the request to a member that serves its request type; it follows the
+//! cluster's membership live and reports what it sees of each member.
+//!
+//! # Layout
+//! - [`routing`]: the routing table and member choice (weighted least
+//!   requests, or rendezvous hashing with bounded load), slow start,
+//!   passive health.
+//! - [`cache`]: the response cache and HTTP's rules on what may be kept.
+//! - [`proxy`]: one request, end to end.
+//! - [`membership`]: following the cluster record in KV, and the
+//!   last-known-good file.
+//! - [`stats`]: latency histograms.
+//! - [`Frontend`]: the listener and the tasks around it.
+
+pub mod cache;
+pub mod membership;
+pub mod proxy;
+pub mod routing;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use headroom_shared::codec::Codec;
+use headroom_shared::config::Config;
+use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
+use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+pub use proxy::Proxy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error("frontend.cluster: {0}")]
+    Cluster(#[source] IdError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound front-end, ready to serve.
+pub struct Frontend {
+    config: Config,
+    cluster: ClusterId,
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+}
+
+impl Frontend {
+    /// Binds the listener and loads the last-known-good routing, if there
+    /// is a file. NATS is not needed yet.
+    ///
+    /// # Errors
+    /// A bad cluster id, or the address cannot be bound.
+    pub async fn bind(config: Config) -> Result<Self, FrontendError> {
+        let settings = &config.frontend;
+        let cluster = ClusterId::new(settings.cluster.clone()).map_err(FrontendError::Cluster)?;
+        let listener = TcpListener::bind(&settings.listen)
+            .await
+            .map_err(|source| FrontendError::Listen {
+                address: settings.listen.clone(),
+                source,
+            })?;
+        let proxy = Arc::new(Proxy::new(settings.clone()));
+        if let Some(path) = &settings.last_known_good {
+            match membership::read_last_known_good(path) {
+                Ok(record) if record.id == cluster => {
+                    membership::install(&proxy, &record);
+                    proxy.from_file.store(true, Ordering::Release);
+                    warn!(file = %path.display(), generation = record.generation,
+                        "serving from the last known good routing until NATS answers");
+                }
+                Ok(record) => {
+                    warn!(file = %path.display(), other = %record.id, "last known good file is for another cluster; ignored")
+                }
+                Err(err) => debug!(%err, "no last known good routing"),
+            }
+        }
+        Ok(Self {
+            config,
+            cluster,
+            listener,
+            proxy,
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    pub fn proxy(&self) -> Arc<Proxy> {
+        self.proxy.clone()
+    }
+
+    /// Serves until `shutdown`: clients at once; membership and reports
+    /// once NATS answers (connecting goes on in the background, so a
+    /// front-end started while NATS is down still serves from its file).
+    /// On shutdown, open connections finish their requests.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let span = info_span!("frontend", cluster = %self.cluster, instance = %self.config.frontend.instance);
+        async move {
+            let mut tasks = JoinSet::new();
+            tasks.spawn(control_plane(
+                self.config.clone(),
+                self.cluster.clone(),
+                self.proxy.clone(),
+                shutdown.clone(),
+            ));
+            info!(listen = ?self.local_addr(), "front-end serving");
+            accept_loop(self.listener, self.proxy, shutdown).await;
+            while tasks.join_next().await.is_some() {}
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let settings = proxy.settings().clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(settings.max_header_bytes)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, client) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: back off.
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |request| proxy.clone().handle(request, client));
+        let builder = builder.clone();
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                debug!(%err, %client, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    info!("front-end stopping; letting open requests finish");
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("connections still open after 10s; closing them");
+    }
+}
+
+/// Connects to NATS (retrying for as long as it takes), then follows the
+/// membership and reports.
+async fn control_plane(
+    config: Config,
+    cluster: ClusterId,
+    proxy: Arc<Proxy>,
+    shutdown: CancellationToken,
+) {
+    let mut nats = config.nats.clone();
+    // Keep trying: the proxy serves meanwhile.
+    nats.startup_deadline = Duration::from_secs(365 * 24 * 3600);
+    let client = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        connected = headroom_shared::nats::connect(&nats, "headroom-frontend") => match connected {
+            Ok((client, _events)) => client,
+            Err(err) => {
+                warn!(%err, "cannot reach NATS; serving from what routing there is");
+                return;
+            }
+        },
+    };
+    let mut tasks = JoinSet::new();
+    tasks.spawn(membership::follow(
+        client.clone(),
+        config.nats.replicas,
+        cluster.clone(),
+        proxy.clone(),
+        config.frontend.last_known_good.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(report_loop(
+        client.clone(),
+        cluster,
+        proxy,
+        config.frontend.instance.clone(),
+        shutdown.clone(),
+    ));
+    while tasks.join_next().await.is_some() {}
+    if let Err(err) = client.drain().await {
+        debug!(%err, "could not drain the NATS connection");
+    }
+}
+
+/// Every interval: what it saw of each member, on the member's metrics
+/// subject (the monitor merges it with the agent's own), and of itself.
+async fn report_loop(
+    client: async_nats::Client,
+    cluster: ClusterId,
+    proxy: Arc<Proxy>,
+    instance: String,
+    shutdown: CancellationToken,
+) {
+    let interval = proxy.settings().report_interval;
+    let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
+    let seconds = interval.as_secs_f64();
+    let mut last: std::collections::HashMap<ServerId, (u64, u64)> =
+        std::collections::HashMap::new();
+    let mut own_last = (0u64, 0u64);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let at_ms = now_ms();
+        let blank = |server: ServerId| PerformanceReport {
+            v: SCHEMA_VERSION,
+            server,
+            cluster: Some(cluster.clone()),
+            source: ReportSource::Frontend {
+                frontend: instance.clone(),
+            },
+            at_ms,
+            interval_ms,
+            cpu: None,
+            memory: None,
+            load1: None,
+            net_rx_bytes_per_s: None,
+            net_tx_bytes_per_s: None,
+            in_flight: None,
+            requests_per_s: None,
+            latency_p50_ms: None,
+            latency_p99_ms: None,
+            errors_per_s: None,
+        };
+        let table = proxy.table.load_full();
+        for backend in table.iter().flat_map(|t| t.backends.iter()) {
+            let requests = backend.requests.load(Ordering::Relaxed);
+            let errors = backend.errors.load(Ordering::Relaxed);
+            let (r0, e0) = last
+                .insert(backend.server.clone(), (requests, errors))
+                .unwrap_or((requests, errors));
+            let (_, p50, p99) = backend.latency.take();
+            let report = PerformanceReport {
+                in_flight: Some(backend.in_flight.load(Ordering::Relaxed)),
+                requests_per_s: Some(requests.saturating_sub(r0) as f64 / seconds),
+                errors_per_s: Some(errors.saturating_sub(e0) as f64 / seconds),
+                latency_p50_ms: p50,
+                latency_p99_ms: p99,
+                ..blank(backend.server.clone())
+            };
+            publish(
+                &client,
+                subjects::metrics(Some(&cluster), &backend.server),
+                &report,
+            )
+            .await;
+        }
+        let c = &proxy.counters;
+        let (requests, errors) = (
+            c.requests.load(Ordering::Relaxed),
+            c.errors.load(Ordering::Relaxed),
+        );
+        let (_, p50, p99) = c.latency.take();
+        if let Ok(me) = ServerId::new(instance.clone()) {
+            let report = PerformanceReport {
+                in_flight: Some(
+                    u32::try_from(c.in_flight.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
+                ),
+                requests_per_s: Some(requests.saturating_sub(own_last.0) as f64 / seconds),
+                errors_per_s: Some(errors.saturating_sub(own_last.1) as f64 / seconds),
+                latency_p50_ms: p50,
+                latency_p99_ms: p99,
+                ..blank(me)
+            };
+            publish(
+                &client,
+                subjects::frontend_stats(&cluster, &instance),
+                &report,
+            )
+            .await;
+        }
+        own_last = (requests, errors);
+    }
+}
+
+async fn publish(client: &async_nats::Client, subject: String, report: &PerformanceReport) {
+    match Codec::MsgPack.encode(report) {
+        Ok(body) => {
+            if let Err(err) = client.publish(subject, body).await {
+                debug!(%err, "report not sent");
+            }
+        }
+        Err(err) => warn!(%err, "cannot encode a report"),
+    }
+}

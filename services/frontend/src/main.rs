@@ -1,0 +1,34 @@
+//! The front-end binary: configuration, tracing, then [`Frontend`]. It
+//! connects to NATS in the background, so it serves from its last-known-good
+//! file while NATS cannot be reached.
+
+use std::process::ExitCode;
+
+use headroom_frontend::Frontend;
+use headroom_shared::{service, shutdown};
+
+fn main() -> ExitCode {
+    let config = match service::configure("headroom-frontend") {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("headroom-frontend: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match Frontend::bind(config).await {
+            Ok(frontend) => {
+                frontend.serve(shutdown::on_signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                tracing::error!("{err}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,94 @@
+//! Latency percentiles without keeping samples: a fixed histogram of
+//! atomic counters, read and reset once per report interval.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the buckets, in microseconds (the last is open).
+const BOUNDS_US: [u64; 24] = [
+    250,
+    500,
+    1_000,
+    2_000,
+    3_000,
+    5_000,
+    7_500,
+    10_000,
+    15_000,
+    20_000,
+    30_000,
+    50_000,
+    75_000,
+    100_000,
+    150_000,
+    200_000,
+    300_000,
+    500_000,
+    750_000,
+    1_000_000,
+    2_000_000,
+    5_000_000,
+    10_000_000,
+    u64::MAX,
+];
+
+#[derive(Debug, Default)]
+pub struct Latency {
+    buckets: [AtomicU64; BOUNDS_US.len()],
+}
+
+impl Latency {
+    pub fn record(&self, elapsed: Duration) {
+        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let i = BOUNDS_US.partition_point(|&b| b < us);
+        self.buckets[i.min(BOUNDS_US.len() - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The count and the p50 and p99 (bucket upper bounds, in ms) since
+    /// the last call, which starts a new interval.
+    pub fn take(&self) -> (u64, Option<f64>, Option<f64>) {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.swap(0, Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return (0, None, None);
+        }
+        let quantile = |q: f64| {
+            let rank = (q * total as f64).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, c) in counts.iter().enumerate() {
+                seen += c;
+                if seen >= rank {
+                    let bound = if i + 1 == BOUNDS_US.len() {
+                        BOUNDS_US[i - 1] * 2
+                    } else {
+                        BOUNDS_US[i]
+                    };
+                    return bound as f64 / 1000.0;
+                }
+            }
+            BOUNDS_US[BOUNDS_US.len() - 2] as f64 / 1000.0
+        };
+        (total, Some(quantile(0.5)), Some(quantile(0.99)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_from_the_buckets() {
+        let l = Latency::default();
+        for _ in 0..98 {
+            l.record(Duration::from_micros(800));
+        }
+        l.record(Duration::from_millis(40));
+        l.record(Duration::from_millis(40));
+        assert_eq!(l.take(), (100, Some(1.0), Some(50.0)));
+        assert_eq!(l.take(), (0, None, None), "a new interval");
+    }
+}
