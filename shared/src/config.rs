@@ -28,6 +28,7 @@ pub struct Config {
     pub monitor: MonitorConfig,
     pub agent: AgentConfig,
     pub frontend: FrontendConfig,
+    pub backend: BackendConfig,
 }
 
 /// How to reach NATS.
@@ -316,6 +317,38 @@ impl Default for FrontendConfig {
             eject_after: 3,
             eject_for: Duration::from_secs(5),
             report_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The sample backend's settings: a content server with a cost per
+/// request, for demonstrations, tests and benchmarks.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Its name, in the `x-backend` header of every answer.
+    pub name: String,
+    pub listen: String,
+    /// Time spent on each request (a `cost_ms` query parameter overrides).
+    #[serde(with = "humantime_serde")]
+    pub cost: Duration,
+    /// Bytes of body per answer (a `size` query parameter overrides).
+    pub size: usize,
+    /// Paths under this prefix are answered as cacheable for `cache_max_age`.
+    pub cacheable_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub cache_max_age: Duration,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            name: default_instance(),
+            listen: "0.0.0.0:8080".to_owned(),
+            cost: Duration::ZERO,
+            size: 256,
+            cacheable_prefix: "/static/".to_owned(),
+            cache_max_age: Duration::from_secs(60),
         }
     }
 }

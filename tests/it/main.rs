@@ -4,4 +4,5 @@
 mod agent;
 mod allocator;
 mod common;
+mod frontend;
 mod monitor;

@@ -1,0 +1,259 @@
+//! Headroom's sample backend: a content server whose every answer costs a
+//! configurable time, so load on it is real load. It serves
+//! - `GET /stats`: what the agent reads (in flight, request rate, latency
+//!   percentiles, errors), as JSON;
+//! - `POST /hooks/<event>`: a hook target for the agent, answering 200;
+//! - anything else: `size` bytes naming the backend and the path, after
+//!   `cost` (`?cost_ms=` and `?size=` override per request); paths under
+//!   `cacheable_prefix` say they may be cached.
+//!
+//! It keeps a log of what it was asked (path, the front-end's routing
+//! generation, arrival time) for tests to read.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use headroom_shared::config::BackendConfig;
+use headroom_shared::wire::now_ms;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The most requests the log keeps (older ones are dropped).
+const LOG_LIMIT: usize = 100_000;
+
+/// One request as the backend saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// The `x-headroom-generation` the front-end routed it with.
+    pub generation: Option<u64>,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    in_flight: AtomicU64,
+    requests: AtomicU64,
+    log: Mutex<Vec<Seen>>,
+    /// (requests, at) of the last stats read, for the rate.
+    last: Mutex<Option<(u64, Instant)>>,
+    latency_us: Mutex<Vec<u64>>,
+}
+
+/// A running backend.
+#[derive(Clone)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    state: Arc<State>,
+    stop: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct ListenError {
+    address: String,
+    #[source]
+    source: std::io::Error,
+}
+
+impl Backend {
+    /// Binds and serves in the background until [`Backend::stop`] or
+    /// `shutdown`.
+    ///
+    /// # Errors
+    /// The address cannot be bound.
+    pub async fn start(
+        config: BackendConfig,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ListenError> {
+        let listener = TcpListener::bind(&config.listen)
+            .await
+            .map_err(|source| ListenError {
+                address: config.listen.clone(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ListenError {
+            address: config.listen.clone(),
+            source,
+        })?;
+        let state = Arc::new(State::default());
+        let stop = shutdown.child_token();
+        let backend = Self {
+            addr,
+            name: config.name.clone(),
+            state: state.clone(),
+            stop: stop.clone(),
+        };
+        let config = Arc::new(config);
+        tokio::spawn(async move {
+            let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                while connections.try_join_next().is_some() {}
+                let (stream, _) = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                let (state, config) = (state.clone(), config.clone());
+                let service =
+                    service_fn(move |request| answer(state.clone(), config.clone(), request));
+                let builder = builder.clone();
+                connections.spawn(async move {
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            drop(listener);
+            // Stopped like a crash: open connections are cut, not drained.
+            connections.abort_all();
+        });
+        Ok(backend)
+    }
+
+    /// Stops listening and drops its connections (a crash, as far as a
+    /// front-end can tell).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// What it has been asked, oldest first.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+}
+
+fn query(request: &Request<Incoming>, name: &str) -> Option<u64> {
+    request.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn answer(
+    state: Arc<State>,
+    config: Arc<BackendConfig>,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = request.uri().path().to_owned();
+    if path == "/stats" {
+        return Ok(stats(&state));
+    }
+    let started = Instant::now();
+    state.in_flight.fetch_add(1, Ordering::Relaxed);
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut log) = state.log.lock() {
+        if log.len() >= LOG_LIMIT {
+            log.drain(..LOG_LIMIT / 2);
+        }
+        log.push(Seen {
+            method: request.method().to_string(),
+            path: path.clone(),
+            generation: request
+                .headers()
+                .get("x-headroom-generation")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            at_ms: now_ms(),
+        });
+    }
+    let cost = query(&request, "cost_ms").map_or(config.cost, Duration::from_millis);
+    let size = query(&request, "size").map_or(config.size, |s| {
+        usize::try_from(s).unwrap_or(0).min(64 << 20)
+    });
+    let hook = request.method() == Method::POST && path.starts_with("/hooks/");
+    // Read the body through, as a real server would.
+    let _ = request.into_body().collect().await;
+    if !cost.is_zero() {
+        tokio::time::sleep(cost).await;
+    }
+    let mut body = format!("{} {}\n", config.name, path).into_bytes();
+    if !hook {
+        body.resize(size.max(body.len()), b'.');
+    }
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&config.name) {
+        headers.insert("x-backend", v);
+    }
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if path.starts_with(&config.cacheable_prefix) && !config.cache_max_age.is_zero() {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "public, max-age={}",
+            config.cache_max_age.as_secs()
+        )) {
+            headers.insert(header::CACHE_CONTROL, v);
+        }
+    } else {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    state.in_flight.fetch_sub(1, Ordering::Relaxed);
+    if let Ok(mut lat) = state.latency_us.lock() {
+        if lat.len() < 100_000 {
+            lat.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+        }
+    }
+    Ok(response)
+}
+
+fn stats(state: &State) -> Response<Full<Bytes>> {
+    let requests = state.requests.load(Ordering::Relaxed);
+    let now = Instant::now();
+    let rate = state.last.lock().ok().map(|mut last| {
+        let rate = last.map(|(n, at)| {
+            let secs = now.duration_since(at).as_secs_f64();
+            if secs > 0.0 {
+                requests.saturating_sub(n) as f64 / secs
+            } else {
+                0.0
+            }
+        });
+        *last = Some((requests, now));
+        rate
+    });
+    let mut latencies = state
+        .latency_us
+        .lock()
+        .map(|mut l| std::mem::take(&mut *l))
+        .unwrap_or_default();
+    latencies.sort_unstable();
+    let pct = |q: f64| {
+        (!latencies.is_empty()).then(|| {
+            let i = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len()) - 1;
+            latencies[i] as f64 / 1000.0
+        })
+    };
+    let body = serde_json::json!({
+        "in_flight": state.in_flight.load(Ordering::Relaxed),
+        "requests_per_s": rate.flatten(),
+        "latency_p50_ms": pct(0.5),
+        "latency_p99_ms": pct(0.99),
+        "errors_per_s": 0.0,
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = StatusCode::OK;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
