@@ -283,7 +283,9 @@ pub struct FrontendConfig {
     /// A whole request to a member, until its response head.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// A client has this long to send a request head.
+    /// A client has this long to send a request head; it also closes a
+    /// keep-alive connection idle this long (so keep it longer than
+    /// clients keep idle connections).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
     /// A new member's share ramps up over this long.
@@ -312,7 +314,7 @@ impl Default for FrontendConfig {
             max_body_bytes: 10 << 20,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(30),
-            header_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(60),
             slow_start: Duration::from_secs(10),
             eject_after: 3,
             eject_for: Duration::from_secs(5),

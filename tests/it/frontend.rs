@@ -523,7 +523,85 @@ async fn oversized_headers_slow_clients_and_garbage_get_clear_errors() {
         opened.elapsed() >= Duration::from_millis(900),
         "not before the timeout"
     );
-    let (status, _, _) = site.get("/still-serving").await;
-    assert_eq!(status, StatusCode::OK);
+    // The header timeout also closes idle keep-alive connections, so ask
+    // on a new one.
+    let fresh: Http = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(HttpConnector::new());
+    let request = Request::get(format!("http://{}/still-serving", site.addr))
+        .body(Empty::new())
+        .expect("request");
+    let response = fresh.request(request).await.expect("answer");
+    assert_eq!(response.status(), StatusCode::OK);
     site.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn it_speaks_http2_and_reports_what_it_sees_of_each_backend() {
+    let site = Site::start(
+        &[("b1", &[]), ("b2", &[])],
+        ClusterPolicy {
+            routes: Vec::new(),
+            ..two_types()
+        },
+    )
+    .await;
+    let mut reports = site
+        .stack
+        .client
+        .subscribe("headroom.metrics.web.*")
+        .await
+        .expect("subscribe");
+    let mut own = site
+        .stack
+        .client
+        .subscribe(subjects::frontend_stats(&cid("web"), "fe-1"))
+        .await
+        .expect("subscribe");
+    let h2: Http = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    for i in 0..50 {
+        let request = Request::get(format!("http://{}/h2/{i}", site.addr))
+            .body(Empty::new())
+            .expect("request");
+        let response = h2.request(request).await.expect("answer");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.version(), http::Version::HTTP_2);
+    }
+    let mut seen = None;
+    for _ in 0..100 {
+        use futures::StreamExt;
+        let message = tokio::time::timeout(WAIT, reports.next())
+            .await
+            .expect("a report in time")
+            .expect("open");
+        let report: headroom_shared::wire::PerformanceReport =
+            headroom_shared::codec::decode(message.headers.as_ref(), &message.payload)
+                .expect("report");
+        let from_outside = report.source
+            == headroom_shared::wire::ReportSource::Frontend {
+                frontend: "fe-1".to_owned(),
+            };
+        if from_outside && report.requests_per_s.is_some_and(|r| r > 0.0) {
+            seen = Some(report);
+            break;
+        }
+    }
+    let seen = seen.expect("a report about a backend, from the front-end");
+    assert!(report_is_valid(&seen), "{seen:?}");
+    assert!(seen.latency_p99_ms.is_some() && seen.in_flight.is_some());
+    use futures::StreamExt;
+    let message = tokio::time::timeout(WAIT, own.next())
+        .await
+        .expect("own report")
+        .expect("open");
+    let report: headroom_shared::wire::PerformanceReport =
+        headroom_shared::codec::decode(message.headers.as_ref(), &message.payload).expect("report");
+    assert_eq!(report.server.as_str(), "fe-1");
+    site.shutdown.cancel();
+}
+
+fn report_is_valid(report: &headroom_shared::wire::PerformanceReport) -> bool {
+    report.validate().is_ok()
 }

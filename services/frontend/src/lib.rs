@@ -270,9 +270,10 @@ async fn report_loop(
         for backend in table.iter().flat_map(|t| t.backends.iter()) {
             let requests = backend.requests.load(Ordering::Relaxed);
             let errors = backend.errors.load(Ordering::Relaxed);
+            // A member first seen here has counted from zero.
             let (r0, e0) = last
                 .insert(backend.server.clone(), (requests, errors))
-                .unwrap_or((requests, errors));
+                .unwrap_or((0, 0));
             let (_, p50, p99) = backend.latency.take();
             let report = PerformanceReport {
                 in_flight: Some(backend.in_flight.load(Ordering::Relaxed)),

@@ -439,6 +439,47 @@ mod tests {
     }
 
     #[test]
+    fn a_new_member_ramps_up() {
+        let mut r = record(
+            &[
+                ("old", &[][..], MemberState::Active, 1.0),
+                ("new", &[][..], MemberState::Active, 1.0),
+            ],
+            vec![],
+        );
+        r.members[0].since_ms = 1;
+        r.members[1].since_ms = 100_000;
+        let table = Table::build(&r, &HashMap::new());
+        let id = table.route("GET", None, "/").expect("route");
+        let share = |now_ms: u64| {
+            (0..10_000)
+                .filter(|_| {
+                    table
+                        .pick(id, b"", now_ms, 10_000, None)
+                        .expect("m")
+                        .server
+                        .as_str()
+                        == "new"
+                })
+                .count()
+        };
+        // At the start: the 10 % floor, 0.1 / 1.1 of the traffic.
+        assert!((700..1_200).contains(&share(100_000)), "{}", share(100_000));
+        // Half-way: 0.5 / 1.5.
+        assert!(
+            (3_000..3_700).contains(&share(105_000)),
+            "{}",
+            share(105_000)
+        );
+        // Done: an equal share.
+        assert!(
+            (4_600..5_400).contains(&share(110_000)),
+            "{}",
+            share(110_000)
+        );
+    }
+
+    #[test]
     fn a_failing_member_is_ejected_and_comes_back() {
         let b = Backend::new(ServerId::new("s1").expect("id"), "x:1".into());
         b.failed(1_000, 2, 100);
