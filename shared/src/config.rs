@@ -266,6 +266,9 @@ pub struct FrontendConfig {
     pub cluster: String,
     /// Where it listens for clients.
     pub listen: String,
+    /// Worker threads, each with its own listener on the port, runtime and
+    /// upstream connections; defaults to the number of cores.
+    pub workers: usize,
     /// Every routing change is written here; at start without NATS it
     /// serves from it.
     pub last_known_good: Option<PathBuf>,
@@ -307,6 +310,7 @@ impl Default for FrontendConfig {
             instance: default_instance(),
             cluster: String::new(),
             listen: "0.0.0.0:8080".to_owned(),
+            workers: std::thread::available_parallelism().map_or(1, usize::from),
             last_known_good: None,
             cache_bytes: 64 << 20,
             cache_max_object: 1 << 20,

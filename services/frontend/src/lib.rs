@@ -55,8 +55,23 @@ pub enum FrontendError {
 pub struct Frontend {
     config: Config,
     cluster: ClusterId,
-    listener: TcpListener,
+    /// One listener per worker thread, all on one port (SO_REUSEPORT: the
+    /// kernel spreads connections over them).
+    listeners: Vec<std::net::TcpListener>,
     proxy: Arc<Proxy>,
+}
+
+fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(address)?;
+    let listener = socket.listen(4096)?;
+    listener.into_std()
 }
 
 impl Frontend {
@@ -68,12 +83,22 @@ impl Frontend {
     pub async fn bind(config: Config) -> Result<Self, FrontendError> {
         let settings = &config.frontend;
         let cluster = ClusterId::new(settings.cluster.clone()).map_err(FrontendError::Cluster)?;
-        let listener = TcpListener::bind(&settings.listen)
+        let failed = |source| FrontendError::Listen {
+            address: settings.listen.clone(),
+            source,
+        };
+        let address = tokio::net::lookup_host(&settings.listen)
             .await
-            .map_err(|source| FrontendError::Listen {
-                address: settings.listen.clone(),
-                source,
-            })?;
+            .map_err(failed)?
+            .next()
+            .ok_or_else(|| failed(std::io::Error::other("the address resolves to nothing")))?;
+        let first = listen(address).map_err(failed)?;
+        // Port 0 picked a port: the other workers take the same one.
+        let bound = first.local_addr().map_err(failed)?;
+        let mut listeners = vec![first];
+        for _ in 1..settings.workers.max(1) {
+            listeners.push(listen(bound).map_err(failed)?);
+        }
         let proxy = Arc::new(Proxy::new(settings.clone()));
         if let Some(path) = &settings.last_known_good {
             match membership::read_last_known_good(path) {
@@ -92,13 +117,13 @@ impl Frontend {
         Ok(Self {
             config,
             cluster,
-            listener,
+            listeners,
             proxy,
         })
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.listener.local_addr().ok()
+        self.listeners.first().and_then(|l| l.local_addr().ok())
     }
 
     pub fn proxy(&self) -> Arc<Proxy> {
@@ -119,8 +144,44 @@ impl Frontend {
                 self.proxy.clone(),
                 shutdown.clone(),
             ));
-            info!(listen = ?self.local_addr(), "front-end serving");
-            accept_loop(self.listener, self.proxy, shutdown).await;
+            info!(listen = ?self.local_addr(), workers = self.listeners.len(), "front-end serving");
+            // Thread per core: each worker accepts, proxies and keeps its
+            // own upstream connections on one current-thread runtime.
+            let mut workers = Vec::new();
+            for (n, listener) in self.listeners.into_iter().enumerate() {
+                let (proxy, shutdown) = (self.proxy.clone(), shutdown.clone());
+                let (done, finished) = tokio::sync::oneshot::channel::<()>();
+                let span = tracing::Span::current();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("frontend-{n}"))
+                    .spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build();
+                        match runtime {
+                            Ok(runtime) => runtime.block_on(
+                                async move {
+                                    match TcpListener::from_std(listener) {
+                                        Ok(listener) => {
+                                            accept_loop(listener, proxy, shutdown).await
+                                        }
+                                        Err(err) => warn!(%err, "worker cannot listen"),
+                                    }
+                                }
+                                .instrument(span),
+                            ),
+                            Err(err) => warn!(%err, "worker cannot start its runtime"),
+                        }
+                        let _ = done.send(());
+                    });
+                match spawned {
+                    Ok(_) => workers.push(finished),
+                    Err(err) => warn!(%err, "cannot start a worker thread"),
+                }
+            }
+            for worker in workers {
+                let _ = worker.await;
+            }
             while tasks.join_next().await.is_some() {}
         }
         .instrument(span)
@@ -130,6 +191,7 @@ impl Frontend {
 
 async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let settings = proxy.settings().clone();
+    let upstream = proxy.upstream();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -157,8 +219,9 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
             },
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = service_fn(move |request| proxy.clone().handle(request, client));
+        let (proxy, upstream) = (proxy.clone(), upstream.clone());
+        let service =
+            service_fn(move |request| proxy.clone().handle(upstream.clone(), request, client));
         let builder = builder.clone();
         let connection = builder
             .serve_connection(TokioIo::new(stream), service)

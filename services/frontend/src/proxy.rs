@@ -52,27 +52,34 @@ pub struct Proxy {
     pub counters: Counters,
     /// Routing came from the last-known-good file, not from NATS.
     pub from_file: AtomicBool,
-    client: Client<HttpConnector, ProxyBody>,
     settings: FrontendConfig,
 }
 
+/// A pool of connections to members. Each worker thread has its own, so a
+/// request and its upstream connection stay on one thread (no cross-thread
+/// wake-ups on the hot path).
+pub type Upstream = Client<HttpConnector, ProxyBody>;
+
 impl Proxy {
     pub fn new(settings: FrontendConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .build(connector);
         Self {
             table: ArcSwapOption::empty(),
             cache: Cache::new(settings.cache_bytes, settings.cache_max_object),
             counters: Counters::default(),
             from_file: AtomicBool::new(false),
-            client,
             settings,
         }
+    }
+
+    /// A new connection pool to members, for one worker thread.
+    pub fn upstream(&self) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(self.settings.connect_timeout));
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_max_idle_per_host(1024)
+            .build(connector)
     }
 
     pub fn settings(&self) -> &FrontendConfig {
@@ -82,13 +89,14 @@ impl Proxy {
     /// Answers one request; never fails (errors are responses).
     pub async fn handle(
         self: Arc<Self>,
+        upstream: Upstream,
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let started = Instant::now();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let response = self.forward(request, client).await;
+        let response = self.forward(&upstream, request, client).await;
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.counters.latency.record(started.elapsed());
         if response.status().is_server_error() {
@@ -97,7 +105,12 @@ impl Proxy {
         Ok(response)
     }
 
-    async fn forward(&self, request: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    async fn forward(
+        &self,
+        upstream_pool: &Upstream,
+        request: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
         let length = content_length(request.headers());
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
@@ -196,9 +209,11 @@ impl Proxy {
 
             let guard = InFlight::start(backend.clone());
             let sent = Instant::now();
-            let answer =
-                tokio::time::timeout(self.settings.request_timeout, self.client.request(upstream))
-                    .await;
+            let answer = tokio::time::timeout(
+                self.settings.request_timeout,
+                upstream_pool.request(upstream),
+            )
+            .await;
             let failed = |backend: &Backend| {
                 backend.failed(
                     now_ms(),

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Headroom's front-end against nginx and HAProxy as reverse proxies in front
+# of the same sample backend, driven by the same load generator (wrk), in
+# one run on this machine; then a cache hit against nginx's proxy_cache.
+# Installs nginx, haproxy and wrk from Debian's packages when missing.
+#
+#   scripts/bench-proxy.sh            # DURATION=10s CONNECTIONS=64 THREADS=2
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DURATION="${DURATION:-10s}"
+CONNECTIONS="${CONNECTIONS:-64}"
+THREADS="${THREADS:-2}"
+missing=()
+command -v nginx >/dev/null || missing+=(nginx)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v wrk >/dev/null || missing+=(wrk)
+if ((${#missing[@]})); then
+  echo "installing ${missing[*]} from Debian's packages" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+cargo build --release -q -p headroom-frontend -p headroom-backend
+
+work="$(mktemp -d)"
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+BACKEND=18180 HEADROOM=18181 NGINX=18182 HAPROXY=18183 NGINX_CACHE=18184
+export HEADROOM_TELEMETRY__FILTER=warn
+
+HEADROOM_BACKEND__NAME=bench HEADROOM_BACKEND__LISTEN="127.0.0.1:$BACKEND" \
+  HEADROOM_BACKEND__SIZE=1024 target/release/headroom-backend &
+pids+=($!)
+
+# The front-end routes from a last-known-good file: no NATS needed, and
+# none of its traffic in the figures.
+cat >"$work/routing.json" <<JSON
+{"cluster":"bench","generation":1,"saved_ms":0,"servers":{"":["127.0.0.1:$BACKEND"]},
+ "record":{"v":1,"id":"bench","generation":1,"updated_ms":0,"recent":[],
+  "policy":{"min_size":1,"max_size":1},
+  "members":[{"server":"bench","address":"127.0.0.1","port":$BACKEND,"request_types":[],
+   "state":"active","weight":1.0,"request":"bench","since_ms":0}]}}
+JSON
+HEADROOM_NATS__URL=nats://127.0.0.1:1 HEADROOM_FRONTEND__CLUSTER=bench \
+  HEADROOM_FRONTEND__LISTEN="127.0.0.1:$HEADROOM" \
+  HEADROOM_FRONTEND__LAST_KNOWN_GOOD="$work/routing.json" \
+  target/release/headroom-frontend 2>"$work/frontend.log" &
+pids+=($!)
+
+mkdir -p "$work/nginx/cache"
+# nginx's workers run as an unprivileged user.
+chmod 755 "$work"
+chmod -R 777 "$work/nginx"
+cat >"$work/nginx.conf" <<CONF
+worker_processes 2;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx;
+  proxy_temp_path $work/nginx;
+  fastcgi_temp_path $work/nginx;
+  uwsgi_temp_path $work/nginx;
+  scgi_temp_path $work/nginx;
+  proxy_cache_path $work/nginx/cache keys_zone=bench:10m;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGINX;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
+    listen 127.0.0.1:$NGINX_CACHE;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_cache bench; }
+  }
+}
+CONF
+nginx -c "$work/nginx.conf" -g 'daemon off;' &
+pids+=($!)
+
+cat >"$work/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend bench
+  bind 127.0.0.1:$HAPROXY
+  default_backend app
+backend app
+  server b1 127.0.0.1:$BACKEND
+CONF
+haproxy -f "$work/haproxy.cfg" &
+pids+=($!)
+
+for port in $BACKEND $HEADROOM $NGINX $HAPROXY $NGINX_CACHE; do
+  for _ in $(seq 100); do
+    curl -fs -o /dev/null "http://127.0.0.1:$port/warm" 2>/dev/null && break
+    sleep 0.1
+  done
+done
+
+# Runs wrk; prints "requests_per_s p50_ms p99_ms".
+measure() {
+  local out
+  out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1")"
+  awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /Requests\/sec/ { rps = $2 }
+    $1 == "50%" { p50 = ms($2) }
+    $1 == "99%" { p99 = ms($2) }
+    /Non-2xx/ { bad = $NF }
+    END { printf "%.0f %.3f %.3f %s\n", rps, p50, p99, (bad == "" ? 0 : bad) }' <<<"$out"
+}
+
+printf '%-28s %12s %9s %9s %8s\n' "proxy ($CONNECTIONS conns, $DURATION)" "requests/s" "p50 ms" "p99 ms" "non-2xx"
+declare -A rps p99
+run() {
+  local name="$1" url="$2" r
+  r=($(measure "$url"))
+  rps[$name]=${r[0]}
+  p99[$name]=${r[2]}
+  printf '%-28s %12s %9s %9s %8s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}"
+}
+run "backend, direct" "http://127.0.0.1:$BACKEND/api/item"
+run "headroom front-end" "http://127.0.0.1:$HEADROOM/api/item"
+run "nginx" "http://127.0.0.1:$NGINX/api/item"
+run "haproxy" "http://127.0.0.1:$HAPROXY/api/item"
+run "headroom, cache hit" "http://127.0.0.1:$HEADROOM/static/logo"
+run "nginx proxy_cache, hit" "http://127.0.0.1:$NGINX_CACHE/static/logo"
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+best=nginx
+(( ${rps[haproxy]} > ${rps[nginx]} )) && best=haproxy
+echo
+echo "headroom / $best (the better of nginx and haproxy): throughput $(ratio "${rps[headroom front-end]}" "${rps[$best]}"), p99 $(ratio "${p99[headroom front-end]}" "${p99[$best]}")"
+echo "headroom / nginx, cache hit: throughput $(ratio "${rps[headroom, cache hit]}" "${rps[nginx proxy_cache, hit]}"), p99 $(ratio "${p99[headroom, cache hit]}" "${p99[nginx proxy_cache, hit]}")"
