@@ -192,6 +192,17 @@ impl Frontend {
 async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let settings = proxy.settings().clone();
     let upstream = proxy.upstream();
+    // A timer that is always due within a second. Every request arms a
+    // header timeout far in the future; when no earlier timer exists,
+    // arming one wakes the I/O driver (an eventfd write and an extra
+    // epoll_wait per request, measured with strace). With this one always
+    // nearer, arming never does.
+    let heartbeat = tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+        }
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -234,6 +245,7 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
         });
     }
     drop(listener);
+    heartbeat.abort();
     info!("front-end stopping; letting open requests finish");
     if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
         .await
