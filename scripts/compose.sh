@@ -10,7 +10,8 @@ case "${1:-}" in
     # The explicit --target keeps +crt-static away from proc-macro crates.
     RUSTFLAGS="-C target-feature=+crt-static" \
       cargo build --release --target x86_64-unknown-linux-gnu \
-        -p headroom-allocator -p headroom-monitor -p headroom-agent
+        -p headroom-allocator -p headroom-monitor -p headroom-agent \
+        -p headroom-frontend -p headroom-backend
     ;;
 esac
 exec "${compose[@]}" "$@"

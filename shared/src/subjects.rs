@@ -10,7 +10,9 @@
 //! | `headroom.assign.<server>` | [`AssignmentNotice`](crate::wire::AssignmentNotice) | core NATS |
 //! | `headroom.status.<server>` | [`ServerStatus`](crate::wire::ServerStatus) | core NATS |
 //! | `headroom.events.<cluster>.<kind>` | [`AuditEvent`](crate::wire::AuditEvent) | JetStream `HEADROOM_EVENTS`, the audit log; `<cluster>` is `_none` when no cluster applies |
+//! | `headroom.frontend.<cluster>.<instance>` | a front-end's report of itself | core NATS |
 //! | `headroom.admin.>` | the allocator's admin endpoints | NATS services API |
+//! | `headroom.monitor.stats` | the monitor's counters | NATS services API |
 
 use std::time::Duration;
 

@@ -234,7 +234,14 @@ impl Proxy {
                         .await;
                 }
                 Ok(Err(err)) => {
-                    failed(&backend);
+                    // Only a member that cannot be connected to counts
+                    // towards ejection: a broken request body is the
+                    // client's doing, not the member's.
+                    if err.is_connect() {
+                        failed(&backend);
+                    } else {
+                        backend.errors.fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::debug!(server = %backend.server, %err, "member failed a request");
                     if attempt == 0 && idempotent && bodyless {
                         self.counters.retries.fetch_add(1, Ordering::Relaxed);
