@@ -28,6 +28,17 @@ pub fn configure(name: &str) -> Result<Config, ExitCode> {
     Ok(config)
 }
 
+/// A multi-threaded runtime, or the exit code after saying why not.
+///
+/// # Errors
+/// The runtime cannot be built (no threads, say).
+pub fn runtime(name: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Runtime::new().map_err(|err| {
+        eprintln!("{name}: cannot start the runtime: {err}");
+        ExitCode::FAILURE
+    })
+}
+
 /// Runs `serve` on a new runtime with a NATS connection named `name` and a
 /// token cancelled on SIGINT or SIGTERM.
 pub fn run<F, Fut, E>(name: &str, config: Config, serve: F) -> ExitCode
@@ -36,12 +47,9 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(name) {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("{name}: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
         let (client, _events) = match nats::connect(&config.nats, name).await {

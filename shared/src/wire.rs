@@ -128,6 +128,34 @@ message!(PerformanceReport, "performance_report");
 pub const MAX_REPORT_INTERVAL_MS: u32 = 3_600_000;
 
 impl PerformanceReport {
+    /// A report with every measure unknown, to fill in.
+    pub fn new(
+        server: ServerId,
+        cluster: Option<ClusterId>,
+        source: ReportSource,
+        at_ms: u64,
+        interval_ms: u32,
+    ) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            server,
+            cluster,
+            source,
+            at_ms,
+            interval_ms,
+            cpu: None,
+            memory: None,
+            load1: None,
+            net_rx_bytes_per_s: None,
+            net_tx_bytes_per_s: None,
+            in_flight: None,
+            requests_per_s: None,
+            latency_p50_ms: None,
+            latency_p99_ms: None,
+            errors_per_s: None,
+        }
+    }
+
     /// Checks that every measure is physically possible: finite, not
     /// negative, fractions within 0..=1. A report that fails is rejected
     /// whole, because one absurd field says the sender is broken.

@@ -178,6 +178,14 @@ fn served_by(headers: &HeaderMap) -> String {
         .to_owned()
 }
 
+/// No routes: every request is one type, every member serves it.
+fn any_type() -> ClusterPolicy {
+    ClusterPolicy {
+        routes: Vec::new(),
+        ..two_types()
+    }
+}
+
 fn two_types() -> ClusterPolicy {
     ClusterPolicy {
         min_size: 2,
@@ -435,14 +443,7 @@ async fn membership_changes_under_load_fail_no_request_and_a_drained_member_gets
 
 #[tokio::test]
 async fn started_without_nats_it_serves_from_the_last_known_good_file() {
-    let site = Site::start(
-        &[("b1", &[]), ("b2", &[])],
-        ClusterPolicy {
-            routes: Vec::new(),
-            ..two_types()
-        },
-    )
-    .await;
+    let site = Site::start(&[("b1", &[]), ("b2", &[])], any_type()).await;
     let file = site.dir.path().join("routing.json");
     let written = std::fs::read_to_string(&file).expect("last known good file written");
     assert!(written.contains("\"servers\""), "{written}");
@@ -538,14 +539,7 @@ async fn oversized_headers_slow_clients_and_garbage_get_clear_errors() {
 
 #[tokio::test]
 async fn it_speaks_http2_and_reports_what_it_sees_of_each_backend() {
-    let site = Site::start(
-        &[("b1", &[]), ("b2", &[])],
-        ClusterPolicy {
-            routes: Vec::new(),
-            ..two_types()
-        },
-    )
-    .await;
+    let site = Site::start(&[("b1", &[]), ("b2", &[])], any_type()).await;
     let mut reports = site
         .stack
         .client

@@ -16,7 +16,7 @@ use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
 use headroom_shared::subjects;
 use headroom_shared::wire::{now_ms, AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
-use headroom_shared::{RequestId, SCHEMA_VERSION};
+use headroom_shared::RequestId;
 use headroom_tests::{eventually, NatsServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -331,22 +331,15 @@ fn member(n: u32, since_ms: u64) -> Member {
 
 pub fn report(server: &str, at_ms: u64) -> PerformanceReport {
     PerformanceReport {
-        v: SCHEMA_VERSION,
-        server: sid(server),
-        cluster: Some(cid("web")),
-        source: ReportSource::Agent,
-        at_ms,
-        interval_ms: 1_000,
-        cpu: None,
         memory: Some(0.4),
         load1: Some(0.5),
-        net_rx_bytes_per_s: None,
-        net_tx_bytes_per_s: None,
-        in_flight: None,
-        requests_per_s: None,
-        latency_p50_ms: None,
-        latency_p99_ms: None,
-        errors_per_s: None,
+        ..PerformanceReport::new(
+            sid(server),
+            Some(cid("web")),
+            ReportSource::Agent,
+            at_ms,
+            1_000,
+        )
     }
 }
 

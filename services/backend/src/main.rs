@@ -10,12 +10,9 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match service::runtime("headroom-backend") {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("headroom-backend: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         let stop = shutdown::on_signal();

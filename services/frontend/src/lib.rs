@@ -28,7 +28,7 @@ use std::time::Duration;
 use headroom_shared::codec::Codec;
 use headroom_shared::config::Config;
 use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
-use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
+use headroom_shared::{subjects, ClusterId, IdError, ServerId};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -321,25 +321,16 @@ async fn report_loop(
             _ = ticker.tick() => {}
         }
         let at_ms = now_ms();
-        let blank = |server: ServerId| PerformanceReport {
-            v: SCHEMA_VERSION,
-            server,
-            cluster: Some(cluster.clone()),
-            source: ReportSource::Frontend {
-                frontend: instance.clone(),
-            },
-            at_ms,
-            interval_ms,
-            cpu: None,
-            memory: None,
-            load1: None,
-            net_rx_bytes_per_s: None,
-            net_tx_bytes_per_s: None,
-            in_flight: None,
-            requests_per_s: None,
-            latency_p50_ms: None,
-            latency_p99_ms: None,
-            errors_per_s: None,
+        let blank = |server: ServerId| {
+            PerformanceReport::new(
+                server,
+                Some(cluster.clone()),
+                ReportSource::Frontend {
+                    frontend: instance.clone(),
+                },
+                at_ms,
+                interval_ms,
+            )
         };
         let table = proxy.table.load_full();
         for backend in table.iter().flat_map(|t| t.backends.iter()) {

@@ -12,12 +12,9 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match service::runtime("headroom-frontend") {
         Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("headroom-frontend: cannot start the runtime: {err}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     runtime.block_on(async {
         match Frontend::bind(config).await {

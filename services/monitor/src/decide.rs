@@ -808,7 +808,6 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use headroom_shared::SCHEMA_VERSION;
 
     fn measures() -> Measures {
         Measures::default()
@@ -862,23 +861,18 @@ mod tests {
     }
 
     fn report(server: &str, cpu: f64, source: ReportSource) -> PerformanceReport {
+        let web = ClusterId::new("web").expect("id");
         PerformanceReport {
-            v: SCHEMA_VERSION,
-            server: ServerId::new(server).expect("id"),
-            cluster: Some(ClusterId::new("web").expect("id")),
-            source,
-            at_ms: 1,
-            interval_ms: 1_000,
             cpu: Some(cpu),
-            memory: None,
-            load1: None,
-            net_rx_bytes_per_s: None,
-            net_tx_bytes_per_s: None,
             in_flight: Some(2),
-            requests_per_s: None,
-            latency_p50_ms: None,
             latency_p99_ms: Some(20.0),
-            errors_per_s: None,
+            ..PerformanceReport::new(
+                ServerId::new(server).expect("id"),
+                Some(web),
+                source,
+                1,
+                1_000,
+            )
         }
     }
 
