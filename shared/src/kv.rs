@@ -75,6 +75,74 @@ pub async fn open_bucket(
     }
 }
 
+/// Follows the keys of `bucket` matching `pattern` until `stop`: current
+/// values first, then every change. A watch that ends or fails is started
+/// again (after a second); an entry at or below the revision already
+/// delivered for its key is skipped, because a restarted watch replays. So
+/// each key's entries arrive once, in revision order, and the stream ends
+/// only with `stop`.
+pub fn follow(
+    bucket: async_nats::jetstream::kv::Store,
+    pattern: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> impl futures::Stream<Item = async_nats::jetstream::kv::Entry> {
+    use futures::StreamExt;
+    struct Following {
+        bucket: async_nats::jetstream::kv::Store,
+        pattern: String,
+        stop: tokio_util::sync::CancellationToken,
+        watch: Option<async_nats::jetstream::kv::Watch>,
+        delivered: std::collections::HashMap<String, u64>,
+    }
+    let state = Following {
+        bucket,
+        pattern,
+        stop,
+        watch: None,
+        delivered: std::collections::HashMap::new(),
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        loop {
+            let Some(watch) = s.watch.as_mut() else {
+                let started = tokio::select! {
+                    _ = s.stop.cancelled() => return None,
+                    started = s.bucket.watch_with_history(s.pattern.as_str()) => started,
+                };
+                match started {
+                    Ok(watch) => s.watch = Some(watch),
+                    Err(err) => {
+                        tracing::warn!(%err, pattern = %s.pattern, "cannot watch KV; trying again");
+                        tokio::select! {
+                            _ = s.stop.cancelled() => return None,
+                            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+                continue;
+            };
+            let next = tokio::select! {
+                _ = s.stop.cancelled() => return None,
+                next = watch.next() => next,
+            };
+            match next {
+                Some(Ok(entry)) => {
+                    if s.delivered
+                        .get(&entry.key)
+                        .is_some_and(|&r| entry.revision <= r)
+                    {
+                        continue;
+                    }
+                    s.delivered.insert(entry.key.clone(), entry.revision);
+                    return Some((entry, s));
+                }
+                // Missed heartbeats and the like are not the end of it.
+                Some(Err(err)) => tracing::debug!(%err, "KV watch hiccup"),
+                None => s.watch = None,
+            }
+        }
+    })
+}
+
 fn schema_version() -> u16 {
     SCHEMA_VERSION
 }

@@ -166,57 +166,27 @@ async fn follow_record(
     placement: Placement,
     stop: CancellationToken,
 ) -> &'static str {
-    let mut last_revision = 0;
-    loop {
-        let watch = tokio::select! {
-            _ = stop.cancelled() => return "record watch",
-            watch = bucket.watch_with_history(server.as_str()) => watch,
-        };
-        let mut watch = match watch {
-            Ok(watch) => watch,
-            Err(err) => {
-                warn!(%err, "cannot watch the server record; trying again");
-                tokio::select! {
-                    _ = stop.cancelled() => return "record watch",
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
-        };
-        loop {
-            let entry = tokio::select! {
-                _ = stop.cancelled() => return "record watch",
-                entry = watch.next() => entry,
-            };
-            let entry = match entry {
-                Some(Ok(entry)) => entry,
-                Some(Err(err)) => {
-                    debug!(%err, "record watch hiccup");
+    let entries = headroom_shared::kv::follow(bucket, server.to_string(), stop);
+    futures::pin_mut!(entries);
+    while let Some(entry) = entries.next().await {
+        let cluster = match entry.operation {
+            kv::Operation::Put => match Codec::MsgPack.decode::<ServerRecord>(&entry.value) {
+                Ok(record) => placement_of(&record.state),
+                Err(err) => {
+                    warn!(%err, "unreadable server record");
                     continue;
                 }
-                None => break,
-            };
-            if entry.revision <= last_revision {
-                continue;
+            },
+            kv::Operation::Delete | kv::Operation::Purge => None,
+        };
+        if let Ok(mut current) = placement.lock() {
+            if *current != cluster {
+                info!(cluster = ?cluster.as_ref().map(ClusterId::as_str), "placement changed");
             }
-            last_revision = entry.revision;
-            let cluster = match entry.operation {
-                kv::Operation::Put => match Codec::MsgPack.decode::<ServerRecord>(&entry.value) {
-                    Ok(record) => placement_of(&record.state),
-                    Err(err) => {
-                        warn!(%err, "unreadable server record");
-                        continue;
-                    }
-                },
-                kv::Operation::Delete | kv::Operation::Purge => None,
-            };
-            if let Ok(mut current) = placement.lock() {
-                if *current != cluster {
-                    info!(cluster = ?cluster.as_ref().map(ClusterId::as_str), "placement changed");
-                }
-                *current = cluster;
-            }
+            *current = cluster;
         }
     }
+    "record watch"
 }
 
 /// Registers the server in the pool, retrying until an allocator answers.

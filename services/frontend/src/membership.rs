@@ -194,64 +194,42 @@ pub async fn follow(
         generation: 0,
         resyncs: 0,
     };
+    let entries = headroom_shared::kv::follow(bucket.clone(), cluster.to_string(), shutdown);
+    futures::pin_mut!(entries);
+    let mut check = tokio::time::interval(RESYNC_EVERY);
+    check.tick().await;
     loop {
-        let watch = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            watch = bucket.watch_with_history(cluster.as_str()) => watch,
-        };
-        let mut watch = match watch {
-            Ok(watch) => watch,
-            Err(err) => {
-                warn!(%err, "cannot watch the cluster record; trying again");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
+        let entry = tokio::select! {
+            _ = check.tick() => {
+                resync(&bucket, &cluster, &mut follower, "periodic check").await;
+                continue;
             }
+            entry = entries.next() => match entry {
+                Some(entry) => entry,
+                None => return,
+            },
         };
-        let mut check = tokio::time::interval(RESYNC_EVERY);
-        check.tick().await;
-        loop {
-            let entry = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = check.tick() => {
-                    resync(&bucket, &cluster, &mut follower, "periodic check").await;
-                    continue;
-                }
-                entry = watch.next() => entry,
-            };
-            let entry = match entry {
-                Some(Ok(entry)) => entry,
-                Some(Err(err)) => {
-                    debug!(%err, "membership watch hiccup");
-                    continue;
-                }
-                None => break,
-            };
-            match entry.operation {
-                kv::Operation::Put => match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
-                    Ok(record) => {
-                        let gap =
-                            follower.generation != 0 && record.generation > follower.generation + 1;
-                        if gap {
-                            warn!(
-                                from = follower.generation,
-                                to = record.generation,
-                                "membership changes were missed; resynchronising from the KV snapshot"
-                            );
-                            resync(&bucket, &cluster, &mut follower, "generation gap").await;
-                        }
-                        follower.apply(&record, entry.revision);
+        match entry.operation {
+            kv::Operation::Put => match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
+                Ok(record) => {
+                    let gap =
+                        follower.generation != 0 && record.generation > follower.generation + 1;
+                    if gap {
+                        warn!(
+                            from = follower.generation,
+                            to = record.generation,
+                            "membership changes were missed; resynchronising from the KV snapshot"
+                        );
+                        resync(&bucket, &cluster, &mut follower, "generation gap").await;
                     }
-                    Err(err) => {
-                        warn!(%err, "unreadable cluster record; keeping the current routing")
-                    }
-                },
-                kv::Operation::Delete | kv::Operation::Purge => {
-                    // A deleted cluster has no members; keep serving what
-                    // there is rather than failing every request.
-                    warn!("the cluster record was deleted; keeping the last routing");
+                    follower.apply(&record, entry.revision);
                 }
+                Err(err) => warn!(%err, "unreadable cluster record; keeping the current routing"),
+            },
+            kv::Operation::Delete | kv::Operation::Purge => {
+                // A deleted cluster has no members; keep serving what there
+                // is rather than failing every request.
+                warn!("the cluster record was deleted; keeping the last routing");
             }
         }
     }

@@ -18,7 +18,6 @@ pub mod decide;
 pub mod ingest;
 pub mod replay;
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -262,71 +261,38 @@ pub async fn run_with_clock(
     .await
 }
 
-/// Follows the clusters bucket: current records first, then every change.
-/// A watch that ends is started again; a revision already applied is
-/// skipped, so a replay after a reconnect cannot undo a newer membership.
+/// Follows the clusters bucket (current records first, then every change)
+/// and hands this shard's clusters to the decider.
 async fn watch_clusters(
     bucket: kv::Store,
     shard: Shard,
     updates: mpsc::Sender<ClusterUpdate>,
     stop: CancellationToken,
 ) -> Result<&'static str, MonitorError> {
-    let mut applied: HashMap<String, u64> = HashMap::new();
-    loop {
-        let mut watch = tokio::select! {
-            _ = stop.cancelled() => return Ok("cluster watch"),
-            watch = bucket.watch_with_history(">") => match watch {
-                Ok(watch) => watch,
+    let entries = headroom_shared::kv::follow(bucket, ">".to_owned(), stop);
+    futures::pin_mut!(entries);
+    while let Some(entry) = entries.next().await {
+        if !shard.owns(&entry.key) {
+            continue;
+        }
+        let update = match entry.operation {
+            kv::Operation::Put => match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
+                Ok(record) => ClusterUpdate::Put(ClusterView::from(&record)),
                 Err(err) => {
-                    warn!(%err, "cannot watch the clusters bucket; trying again");
-                    tokio::select! {
-                        _ = stop.cancelled() => return Ok("cluster watch"),
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    }
-                }
-            },
-        };
-        loop {
-            let entry = tokio::select! {
-                _ = stop.cancelled() => return Ok("cluster watch"),
-                entry = watch.next() => entry,
-            };
-            let entry = match entry {
-                Some(Ok(entry)) => entry,
-                Some(Err(err)) => {
-                    debug!(%err, "cluster watch hiccup");
+                    warn!(key = %entry.key, %err, "unreadable cluster record; ignored");
                     continue;
                 }
-                None => break,
-            };
-            if !shard.owns(&entry.key) {
-                continue;
-            }
-            if applied
-                .get(&entry.key)
-                .is_some_and(|&r| entry.revision <= r)
-            {
-                continue;
-            }
-            applied.insert(entry.key.clone(), entry.revision);
-            let update = match entry.operation {
-                kv::Operation::Put => match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
-                    Ok(record) => ClusterUpdate::Put(ClusterView::from(&record)),
-                    Err(err) => {
-                        warn!(key = %entry.key, %err, "unreadable cluster record; ignored");
-                        continue;
-                    }
-                },
-                kv::Operation::Delete | kv::Operation::Purge => match ClusterId::new(&entry.key) {
-                    Ok(id) => ClusterUpdate::Removed(id),
-                    Err(_) => continue,
-                },
-            };
-            if updates.send(update).await.is_err() {
-                return Ok("cluster watch");
-            }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => match ClusterId::new(&entry.key) {
+                Ok(id) => ClusterUpdate::Removed(id),
+                Err(_) => continue,
+            },
+        };
+        if updates.send(update).await.is_err() {
+            break;
         }
     }
+    Ok("cluster watch")
 }
 
 /// What the decider listens to.

@@ -268,10 +268,8 @@ pub async fn record(
     let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
         .await
         .map_err(RecordError::Setup)?;
-    let mut clusters = bucket
-        .watch_with_history(">")
-        .await
-        .map_err(|e| RecordError::Setup(e.into()))?;
+    let clusters = headroom_shared::kv::follow(bucket, ">".to_owned(), stop.clone());
+    futures::pin_mut!(clusters);
     let mut reports = client
         .subscribe(headroom_shared::subjects::METRICS_ALL)
         .await
@@ -287,7 +285,7 @@ pub async fn record(
         let recorded = tokio::select! {
             _ = stop.cancelled() => break,
             entry = clusters.next() => match entry {
-                Some(Ok(entry)) => match entry.operation {
+                Some(entry) => match entry.operation {
                     async_nats::jetstream::kv::Operation::Put => {
                         match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
                             Ok(record) => Recorded::Cluster { at_ms: now_ms(), cluster: (&record).into() },
@@ -302,11 +300,8 @@ pub async fn record(
                         Err(_) => continue,
                     },
                 },
-                Some(Err(err)) => {
-                    tracing::debug!(%err, "cluster watch hiccup");
-                    continue;
-                }
-                None => return Err(RecordError::Ended("clusters watch")),
+                // The watch only ends with `stop`.
+                None => break,
             },
             message = reports.next() => match message {
                 Some(m) => Recorded::message(now_ms(), m.subject.as_str(), m.headers.as_ref(), &m.payload),
