@@ -599,3 +599,41 @@ async fn it_speaks_http2_and_reports_what_it_sees_of_each_backend() {
 fn report_is_valid(report: &headroom_shared::wire::PerformanceReport) -> bool {
     report.validate().is_ok()
 }
+
+#[tokio::test]
+async fn a_gap_in_membership_generations_resynchronises_from_the_snapshot() {
+    let site = Site::start(&[("b1", &[]), ("b2", &[])], any_type()).await;
+    let bucket = site
+        .stack
+        .js
+        .get_key_value(headroom_shared::kv::CLUSTERS_BUCKET)
+        .await
+        .expect("bucket");
+    let entry = bucket.entry("web").await.expect("read").expect("record");
+    let mut record: headroom_shared::kv::ClusterRecord =
+        Codec::MsgPack.decode(&entry.value).expect("record");
+    // The record moves on by several generations in one write: changes
+    // this front-end never saw.
+    record.generation += 5;
+    bucket
+        .update(
+            "web",
+            Codec::MsgPack.encode(&record).expect("encode"),
+            entry.revision,
+        )
+        .await
+        .expect("compare-and-set");
+    let caught_up = eventually(WAIT, || async {
+        let table = site.proxy.table.load_full()?;
+        (table.generation == record.generation).then_some(())
+    })
+    .await;
+    assert!(caught_up.is_some(), "the front-end caught up");
+    assert!(
+        site.proxy.counters.resyncs.load(Ordering::Relaxed) >= 1,
+        "it noticed the gap and resynchronised from the snapshot"
+    );
+    let (status, _, _) = site.get("/after-the-gap").await;
+    assert_eq!(status, StatusCode::OK);
+    site.shutdown.cancel();
+}

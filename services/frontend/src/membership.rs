@@ -137,7 +137,6 @@ struct Follower {
     last_known_good: Option<PathBuf>,
     revision: u64,
     generation: u64,
-    resyncs: u64,
 }
 
 impl Follower {
@@ -192,7 +191,6 @@ pub async fn follow(
         last_known_good,
         revision: 0,
         generation: 0,
-        resyncs: 0,
     };
     let entries = headroom_shared::kv::follow(bucket.clone(), cluster.to_string(), shutdown);
     futures::pin_mut!(entries);
@@ -241,11 +239,16 @@ async fn resync(bucket: &kv::Store, cluster: &ClusterId, follower: &mut Follower
             if entry.operation == kv::Operation::Put && entry.revision > follower.revision =>
         {
             if let Ok(record) = Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
-                follower.resyncs += 1;
+                let resyncs = follower
+                    .proxy
+                    .counters
+                    .resyncs
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
                 info!(
                     why,
                     revision = entry.revision,
-                    resyncs = follower.resyncs,
+                    resyncs,
                     "resynchronised from the KV snapshot"
                 );
                 follower.apply(&record, entry.revision);

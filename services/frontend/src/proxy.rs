@@ -42,6 +42,9 @@ pub struct Counters {
     pub errors: AtomicU64,
     pub in_flight: AtomicU64,
     pub latency: Latency,
+    /// Times the routing was reloaded from the KV snapshot because changes
+    /// were missed or the watch fell behind.
+    pub resyncs: AtomicU64,
 }
 
 /// The proxy's state, shared by every connection.
