@@ -637,3 +637,30 @@ async fn a_gap_in_membership_generations_resynchronises_from_the_snapshot() {
     assert_eq!(status, StatusCode::OK);
     site.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn an_expired_object_asked_for_by_many_is_fetched_once() {
+    let site = Arc::new(Site::start(&[("b1", &[]), ("b2", &[])], any_type()).await);
+    let path = "/static/report.pdf?cost_ms=300&max_age=1";
+    let (status, _, _) = site.get(path).await;
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // Expired; 20 clients ask at once.
+    let mut asks = Vec::new();
+    for _ in 0..20 {
+        let site = site.clone();
+        asks.push(tokio::spawn(async move { site.get(path).await }));
+    }
+    let mut hits = 0;
+    for ask in asks {
+        let (status, headers, _) = ask.await.expect("client");
+        assert_eq!(status, StatusCode::OK);
+        if headers.get("x-cache").is_some_and(|v| v == "hit") {
+            hits += 1;
+        }
+    }
+    let asked: u64 = site.backends.iter().map(Backend::requests).sum();
+    assert_eq!(asked, 2, "one fetch to fill, one to refill for everyone");
+    assert_eq!(hits, 19);
+    site.shutdown.cancel();
+}

@@ -4,8 +4,8 @@
 //!   percentiles, errors), as JSON;
 //! - `POST /hooks/<event>`: a hook target for the agent, answering 200;
 //! - anything else: `size` bytes naming the backend and the path, after
-//!   `cost` (`?cost_ms=` and `?size=` override per request); paths under
-//!   `cacheable_prefix` say they may be cached.
+//!   `cost` (`?cost_ms=`, `?size=` and `?max_age=` override per request);
+//!   paths under `cacheable_prefix` say they may be cached.
 //!
 //! It keeps a log of what it was asked (path, the front-end's routing
 //! generation, arrival time) for tests to read.
@@ -180,6 +180,7 @@ async fn answer(
     let size = query(&request, "size").map_or(config.size, |s| {
         usize::try_from(s).unwrap_or(0).min(64 << 20)
     });
+    let max_age = query(&request, "max_age");
     let hook = request.method() == Method::POST && path.starts_with("/hooks/");
     // Read the body through, as a real server would.
     let _ = request.into_body().collect().await;
@@ -196,11 +197,9 @@ async fn answer(
         headers.insert("x-backend", v);
     }
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if path.starts_with(&config.cacheable_prefix) && !config.cache_max_age.is_zero() {
-        if let Ok(v) = HeaderValue::from_str(&format!(
-            "public, max-age={}",
-            config.cache_max_age.as_secs()
-        )) {
+    let max_age = max_age.unwrap_or(config.cache_max_age.as_secs());
+    if path.starts_with(&config.cacheable_prefix) && max_age > 0 {
+        if let Ok(v) = HeaderValue::from_str(&format!("public, max-age={max_age}")) {
             headers.insert(header::CACHE_CONTROL, v);
         }
     } else {

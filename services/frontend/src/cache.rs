@@ -70,15 +70,25 @@ impl Cache {
 
     /// A fresh response for `key`, if any.
     pub fn get(&self, key: &str) -> Option<Arc<Cached>> {
-        let now = Instant::now();
-        match self.inner.get(key) {
-            Some(hit) if hit.fresh(now) => Some(hit),
-            Some(_) => {
-                self.inner.remove(key);
-                None
-            }
-            None => None,
+        match self.lookup(key) {
+            Lookup::Fresh(hit) => Some(hit),
+            Lookup::Stale | Lookup::Missing => None,
         }
+    }
+
+    /// What the cache has for `key`. A stale entry is kept until it is
+    /// fetched again: it marks an object worth coalescing misses for.
+    pub fn lookup(&self, key: &str) -> Lookup {
+        match self.inner.get(key) {
+            Some(hit) if hit.fresh(Instant::now()) => Lookup::Fresh(hit),
+            Some(_) => Lookup::Stale,
+            None => Lookup::Missing,
+        }
+    }
+
+    /// Drops what is kept for `key` (its new answer may not be kept).
+    pub fn forget(&self, key: &str) {
+        self.inner.remove(key);
     }
 
     pub fn put(
@@ -102,6 +112,73 @@ impl Cache {
                 ttl,
             }),
         );
+    }
+}
+
+/// What the cache has for a key.
+pub enum Lookup {
+    Fresh(Arc<Cached>),
+    /// It was cached and has expired: likely to be asked for again.
+    Stale,
+    Missing,
+}
+
+/// Concurrent requests for an object whose cached copy expired wait for the
+/// first to fill the cache again (single flight), so a popular object
+/// expiring under load reaches a member once instead of once per client.
+/// Only stale objects are coalesced: tracking every miss would cost every
+/// uncacheable GET a lock.
+#[derive(Debug, Default)]
+pub struct Fills {
+    filling: std::sync::Mutex<std::collections::HashMap<String, tokio::sync::watch::Receiver<()>>>,
+}
+
+/// What a miss should do.
+pub enum Fill<'a> {
+    /// Fetch it; others wait until this is dropped.
+    Lead(FillGuard<'a>),
+    /// Wait for the leader (the channel closes when it is done), then look
+    /// again.
+    Follow(tokio::sync::watch::Receiver<()>),
+}
+
+pub struct FillGuard<'a> {
+    fills: &'a Fills,
+    key: String,
+    // Dropped after `drop` below has removed the key: waiters wake to a
+    // filled cache, and newcomers lead a fresh fill.
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for FillGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut filling) = self.fills.filling.lock() {
+            filling.remove(&self.key);
+        }
+    }
+}
+
+impl Fills {
+    pub fn join(&self, key: &str) -> Fill<'_> {
+        let Ok(mut filling) = self.filling.lock() else {
+            // A poisoned lock: no coalescing, every miss fetches.
+            let (done, _) = tokio::sync::watch::channel(());
+            return Fill::Lead(FillGuard {
+                fills: self,
+                key: String::new(),
+                _done: done,
+            });
+        };
+        if let Some(waiting) = filling.get(key) {
+            return Fill::Follow(waiting.clone());
+        }
+        let (done, waiting) = tokio::sync::watch::channel(());
+        filling.insert(key.to_owned(), waiting);
+        Fill::Lead(FillGuard {
+            fills: self,
+            key: key.to_owned(),
+            _done: done,
+        })
     }
 }
 
@@ -229,6 +306,30 @@ mod tests {
         assert!(request_allows(&headers(&[])));
         assert!(!request_allows(&headers(&[("cache-control", "no-cache")])));
         assert!(!request_allows(&headers(&[("authorization", "Bearer x")])));
+    }
+
+    #[tokio::test]
+    async fn misses_for_one_key_wait_for_the_first() {
+        let fills = Fills::default();
+        let Fill::Lead(guard) = fills.join("/a") else {
+            panic!("the first leads")
+        };
+        let Fill::Follow(mut waiting) = fills.join("/a") else {
+            panic!("the second follows")
+        };
+        assert!(
+            matches!(fills.join("/b"), Fill::Lead(_)),
+            "another key leads"
+        );
+        drop(guard);
+        assert!(
+            waiting.changed().await.is_err(),
+            "woken when the leader is done"
+        );
+        assert!(
+            matches!(fills.join("/a"), Fill::Lead(_)),
+            "a new fill after"
+        );
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub struct Proxy {
     /// The routing table; swapped whole on a membership change.
     pub table: ArcSwapOption<Table>,
     pub cache: Option<Cache>,
+    fills: cache::Fills,
     pub counters: Counters,
     /// Routing came from the last-known-good file, not from NATS.
     pub from_file: AtomicBool,
@@ -68,6 +69,7 @@ impl Proxy {
         Self {
             table: ArcSwapOption::empty(),
             cache: Cache::new(settings.cache_bytes, settings.cache_max_object),
+            fills: cache::Fills::default(),
             counters: Counters::default(),
             from_file: AtomicBool::new(false),
             settings,
@@ -138,18 +140,28 @@ impl Proxy {
             return error(StatusCode::NOT_FOUND, "no route for this request");
         };
 
+        // Held by the request that fetches a missing object, until it is
+        // stored; others asking for it meanwhile wait instead of fetching.
+        let mut _filling = None;
         let cache_key = match &self.cache {
             Some(cache) if method == Method::GET && cache::request_allows(request.headers()) => {
                 let key = cache::key(host.as_deref(), &path_and_query);
-                if let Some(hit) = cache.get(&key) {
-                    self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-                    let mut response = Response::new(full(hit.body.clone()));
-                    *response.status_mut() = hit.status;
-                    *response.headers_mut() = hit.headers.clone();
-                    let headers = response.headers_mut();
-                    headers.insert(header::AGE, cache::age_header(hit.age(Instant::now())));
-                    headers.insert("x-cache", HeaderValue::from_static("hit"));
-                    return response;
+                match cache.lookup(&key) {
+                    cache::Lookup::Fresh(hit) => return self.answer_from_cache(&hit),
+                    cache::Lookup::Missing => {}
+                    cache::Lookup::Stale => match self.fills.join(&key) {
+                        cache::Fill::Lead(guard) => _filling = Some(guard),
+                        cache::Fill::Follow(mut done) => {
+                            let _ =
+                                tokio::time::timeout(self.settings.request_timeout, done.changed())
+                                    .await;
+                            if let Some(hit) = cache.get(&key) {
+                                return self.answer_from_cache(&hit);
+                            }
+                            // Not stored again (no longer cacheable, or it
+                            // failed): ask a member ourselves.
+                        }
+                    },
                 }
                 Some(key)
             }
@@ -233,7 +245,13 @@ impl Proxy {
                         backend.errors.fetch_add(1, Ordering::Relaxed);
                     }
                     return self
-                        .respond(response, guard, cache_key.as_deref(), &method)
+                        .respond(
+                            response,
+                            guard,
+                            cache_key.as_deref(),
+                            &method,
+                            _filling.is_some(),
+                        )
                         .await;
                 }
                 Ok(Err(err)) => {
@@ -265,6 +283,17 @@ impl Proxy {
         error(StatusCode::BAD_GATEWAY, "no member could be reached")
     }
 
+    fn answer_from_cache(&self, hit: &cache::Cached) -> Response<ProxyBody> {
+        self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+        let mut response = Response::new(full(hit.body.clone()));
+        *response.status_mut() = hit.status;
+        *response.headers_mut() = hit.headers.clone();
+        let headers = response.headers_mut();
+        headers.insert(header::AGE, cache::age_header(hit.age(Instant::now())));
+        headers.insert("x-cache", HeaderValue::from_static("hit"));
+        response
+    }
+
     /// The member's answer to the client: stored first when it may be
     /// shared, otherwise streamed (the member counts as busy until the body
     /// has been passed on).
@@ -274,6 +303,7 @@ impl Proxy {
         guard: InFlight,
         cache_key: Option<&str>,
         method: &Method,
+        refilling: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -306,6 +336,11 @@ impl Proxy {
                 }
                 Err(_) => return error(StatusCode::BAD_GATEWAY, "the member's answer broke off"),
             }
+        }
+        if let (true, Some(cache), Some(key)) = (refilling, &self.cache, cache_key) {
+            // The expired copy is not replaced: drop it, so later misses do
+            // not wait on each other for an object that is not kept.
+            cache.forget(key);
         }
         let body = Guarded {
             inner: body,
