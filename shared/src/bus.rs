@@ -50,6 +50,70 @@ pub async fn publish_durable<T: Message>(
     Ok(ack.duplicate)
 }
 
+/// Why an admin call did not give an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no allocator answers on {subject} (is one running?)")]
+    NoAllocator { subject: String },
+    #[error("{subject}: {source}")]
+    Request {
+        subject: String,
+        #[source]
+        source: async_nats::RequestError,
+    },
+    #[error("refused: {0}")]
+    Refused(crate::wire::BusError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Calls the allocator's admin endpoint `verb` (for example
+/// [`subjects::admin::POOL_LIST`]) and decodes its answer.
+///
+/// # Errors
+/// No allocator answers, the call fails, the allocator refuses (with its
+/// stable code), or the answer does not decode.
+pub async fn admin<Req: Message, Resp: Message>(
+    client: &async_nats::Client,
+    verb: &str,
+    request: &Req,
+) -> Result<Resp, AdminError> {
+    let subject = format!("{}.{verb}", subjects::ADMIN_GROUP);
+    let body = Codec::MsgPack.encode(request)?;
+    let reply = client
+        .request_with_headers(subject.clone(), Codec::MsgPack.headers(), body)
+        .await
+        .map_err(|source| match source.kind() {
+            async_nats::RequestErrorKind::NoResponders => AdminError::NoAllocator {
+                subject: subject.clone(),
+            },
+            _ => AdminError::Request {
+                subject: subject.clone(),
+                source,
+            },
+        })?;
+    if let Some(code) = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(crate::wire::ERROR_CODE_HEADER))
+    {
+        let message = reply
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Service-Error"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        return Err(AdminError::Refused(crate::wire::BusError::new(
+            code.as_str(),
+            message,
+        )));
+    }
+    Ok(crate::codec::decode(
+        reply.headers.as_ref(),
+        &reply.payload,
+    )?)
+}
+
 /// Sends a reconfiguration request to the allocators. Publishing the same
 /// request again (same id) within the stream's de-duplication window stores
 /// it once; after that, the allocator's outcome ledger still applies it at

@@ -132,6 +132,27 @@ pub fn decode<T: Message>(headers: Option<&HeaderMap>, body: &[u8]) -> Result<T,
     Codec::of(headers)?.decode(body)
 }
 
+/// Any body as JSON for people to read, whatever its type: MessagePack and
+/// JSON become a JSON value, XML is shown as its text.
+///
+/// # Errors
+/// The body is not what its `content-type` says.
+pub fn readable(headers: Option<&HeaderMap>, body: &[u8]) -> Result<serde_json::Value, WireError> {
+    let codec = Codec::of(headers)?;
+    let bad = |e: &dyn std::fmt::Display| WireError::Malformed {
+        kind: "message",
+        codec: codec.content_type(),
+        reason: e.to_string(),
+    };
+    match codec {
+        Codec::MsgPack => rmp_serde::from_slice(body).map_err(|e| bad(&e)),
+        Codec::Json => serde_json::from_slice(body).map_err(|e| bad(&e)),
+        Codec::Xml => std::str::from_utf8(body)
+            .map(|t| serde_json::Value::String(t.to_owned()))
+            .map_err(|e| bad(&e)),
+    }
+}
+
 /// Encodes as MessagePack, the default on the bus and the only form in KV.
 ///
 /// # Errors

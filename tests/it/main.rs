@@ -3,6 +3,7 @@
 
 mod agent;
 mod allocator;
+mod cli;
 mod common;
 mod frontend;
 mod monitor;

@@ -1,0 +1,533 @@
+//! `headroom`, the operator's command line: what the cluster looks like,
+//! what is on the wire, and the few changes an operator makes by hand. The
+//! wire and KV are MessagePack; every command prints them as text or JSON.
+//!
+//! Each command is a function over a NATS connection and an output, so
+//! tests run them against a live system and compare with KV read directly.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::{StreamExt, TryStreamExt};
+use headroom_shared::bus::{self, AdminError};
+use headroom_shared::codec::{self, Codec};
+use headroom_shared::kv::{ClusterRecord, ServerRecord, CLUSTERS_BUCKET, SERVERS_BUCKET};
+use headroom_shared::wire::{
+    AuditEvent, DeregisterServer, DrainMember, DrainQueued, Empty, PerformanceReport,
+    RegisterServer, ReportSource, ServerList,
+};
+use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Admin(#[from] AdminError),
+    #[error(transparent)]
+    Id(#[from] IdError),
+    #[error("{what}: {source}")]
+    Nats {
+        what: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    #[error("no key {key} in {bucket}")]
+    NoKey { bucket: String, key: String },
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+fn nats(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> CliError {
+    let what = what.into();
+    move |source| CliError::Nats { what, source }
+}
+
+/// The buckets as they are: every record of one bucket, decoded.
+async fn records<T: codec::Message>(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<Vec<(String, T, u64)>, CliError> {
+    let store = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| nats(format!("bucket {bucket}"))(e.into()))?;
+    let keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?
+        .try_collect()
+        .await
+        .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?;
+    let mut out = Vec::new();
+    for key in keys {
+        if let Some(entry) = store
+            .entry(&key)
+            .await
+            .map_err(|e| nats(format!("{bucket}/{key}"))(e.into()))?
+        {
+            if let Ok(value) = Codec::MsgPack.decode::<T>(&entry.value) {
+                out.push((key, value, entry.revision));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Each server's CPU, from the agents' reports heard during `sample`.
+async fn utilisation(
+    client: &async_nats::Client,
+    sample: Duration,
+) -> Result<BTreeMap<String, f64>, CliError> {
+    let mut reports = client
+        .subscribe(subjects::METRICS_ALL)
+        .await
+        .map_err(|e| nats("subscribing to reports")(e.into()))?;
+    let mut cpu = BTreeMap::new();
+    let deadline = tokio::time::sleep(sample);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            message = reports.next() => {
+                let Some(message) = message else { break };
+                if let Ok(report) = codec::decode::<PerformanceReport>(message.headers.as_ref(), &message.payload) {
+                    if let (ReportSource::Agent, Some(c)) = (&report.source, report.cpu) {
+                        cpu.insert(report.server.to_string(), c);
+                    }
+                }
+            }
+        }
+    }
+    Ok(cpu)
+}
+
+/// `headroom status`: every cluster and its members (with the CPU their
+/// agents report), the pool, and the monitor's counters.
+///
+/// # Errors
+/// NATS or KV cannot be read, or the output cannot be written.
+pub async fn status(
+    client: &async_nats::Client,
+    sample: Duration,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let js = jetstream::new(client.clone());
+    let clusters: Vec<(String, ClusterRecord, u64)> = records(&js, CLUSTERS_BUCKET).await?;
+    let servers: Vec<(String, ServerRecord, u64)> = records(&js, SERVERS_BUCKET).await?;
+    let cpu = utilisation(client, sample).await?;
+    for (_, c, revision) in &clusters {
+        writeln!(
+            out,
+            "cluster {}  generation {}  revision {}  size {} (min {}, max {})",
+            c.id,
+            c.generation,
+            revision,
+            c.size(),
+            c.policy.min_size,
+            c.policy.max_size
+        )?;
+        for m in &c.members {
+            let load = cpu
+                .get(m.server.as_str())
+                .map_or("cpu ?".to_owned(), |u| format!("cpu {u:.2}"));
+            writeln!(
+                out,
+                "  {:<20} {:<9} weight {:.2}  {}:{}  {load}",
+                m.server.as_str(),
+                format!("{:?}", m.state).to_lowercase(),
+                m.weight,
+                m.address,
+                m.port
+            )?;
+        }
+    }
+    let mut by_state: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, s, _) in &servers {
+        *by_state.entry(s.state.name()).or_default() += 1;
+    }
+    let counts: Vec<String> = by_state.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    writeln!(
+        out,
+        "pool: {} servers ({})",
+        servers.len(),
+        counts.join(", ")
+    )?;
+    for (_, s, _) in &servers {
+        let place = s.state.cluster().map_or(String::new(), |c| format!(" {c}"));
+        writeln!(
+            out,
+            "  {:<20} {}{place}  {}:{}",
+            s.id.as_str(),
+            s.state.name(),
+            s.address,
+            s.port
+        )?;
+    }
+    match headroom_monitor::fetch_stats(client).await {
+        Ok(m) => writeln!(
+            out,
+            "monitor: {} reports, {} rejected, {} decisions, {} requests sent, tracking {} servers in {} clusters",
+            m.reports, m.rejected, m.decisions, m.requests_sent, m.tracked_servers, m.clusters
+        )?,
+        Err(_) => writeln!(out, "monitor: no answer")?,
+    }
+    Ok(())
+}
+
+/// `headroom pool list`.
+///
+/// # Errors
+/// The allocator does not answer or refuses.
+pub async fn pool_list(client: &async_nats::Client, out: &mut impl Write) -> Result<(), CliError> {
+    let list: ServerList = bus::admin(client, subjects::admin::POOL_LIST, &Empty::new()).await?;
+    for s in &list.servers {
+        let place = s.state.cluster().map_or(String::new(), |c| format!(" {c}"));
+        writeln!(
+            out,
+            "{} {}{place} {}:{}",
+            s.id,
+            s.state.name(),
+            s.address,
+            s.port
+        )?;
+    }
+    Ok(())
+}
+
+/// `headroom pool add`.
+///
+/// # Errors
+/// A bad id, or the allocator does not answer or refuses.
+pub async fn pool_add(
+    client: &async_nats::Client,
+    id: &str,
+    address: &str,
+    port: u16,
+    request_types: Vec<String>,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let request = RegisterServer {
+        v: SCHEMA_VERSION,
+        id: ServerId::new(id)?,
+        address: address.to_owned(),
+        port,
+        request_types,
+    };
+    let record: ServerRecord = bus::admin(client, subjects::admin::POOL_REGISTER, &request).await?;
+    writeln!(
+        out,
+        "{} {} {}:{}",
+        record.id,
+        record.state.name(),
+        record.address,
+        record.port
+    )?;
+    Ok(())
+}
+
+/// `headroom pool remove`.
+///
+/// # Errors
+/// A bad id, or the allocator does not answer or refuses (a server in a
+/// cluster cannot be removed).
+pub async fn pool_remove(
+    client: &async_nats::Client,
+    id: &str,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let request = DeregisterServer {
+        v: SCHEMA_VERSION,
+        id: ServerId::new(id)?,
+    };
+    let _: Empty = bus::admin(client, subjects::admin::POOL_DEREGISTER, &request).await?;
+    writeln!(out, "{id} removed")?;
+    Ok(())
+}
+
+/// `headroom drain`: release a member by hand.
+///
+/// # Errors
+/// Bad ids, or the allocator does not answer or refuses.
+pub async fn drain(
+    client: &async_nats::Client,
+    cluster: &str,
+    server: &str,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let request = DrainMember {
+        v: SCHEMA_VERSION,
+        cluster: ClusterId::new(cluster)?,
+        server: ServerId::new(server)?,
+    };
+    let queued: DrainQueued = bus::admin(client, subjects::admin::MEMBER_DRAIN, &request).await?;
+    writeln!(
+        out,
+        "release of {server} from {cluster} queued as request {}",
+        queued.request
+    )?;
+    Ok(())
+}
+
+fn json_line(value: &serde_json::Value) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+/// `headroom kv list <bucket>`: every key with its revision and value.
+///
+/// # Errors
+/// The bucket cannot be read.
+pub async fn kv_list(
+    client: &async_nats::Client,
+    bucket: &str,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let js = jetstream::new(client.clone());
+    let store = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| nats(format!("bucket {bucket}"))(e.into()))?;
+    let mut keys: Vec<String> = store
+        .keys()
+        .await
+        .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?
+        .try_collect()
+        .await
+        .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?;
+    keys.sort();
+    for key in keys {
+        if let Ok(Some(entry)) = store.entry(&key).await {
+            let value = codec::readable(None, &entry.value).unwrap_or(serde_json::Value::Null);
+            writeln!(out, "{key} @{} {}", entry.revision, json_line(&value))?;
+        }
+    }
+    Ok(())
+}
+
+/// `headroom kv get <bucket> <key>` (with `history`, every kept revision).
+///
+/// # Errors
+/// The bucket cannot be read or has no such key.
+pub async fn kv_get(
+    client: &async_nats::Client,
+    bucket: &str,
+    key: &str,
+    history: bool,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let js = jetstream::new(client.clone());
+    let store = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| nats(format!("bucket {bucket}"))(e.into()))?;
+    let entries: Vec<jetstream::kv::Entry> = if history {
+        store
+            .history(key)
+            .await
+            .map_err(|e| nats(format!("history of {key}"))(e.into()))?
+            .try_collect()
+            .await
+            .map_err(|e| nats(format!("history of {key}"))(e.into()))?
+    } else {
+        store
+            .entry(key)
+            .await
+            .map_err(|e| nats(format!("{bucket}/{key}"))(e.into()))?
+            .into_iter()
+            .collect()
+    };
+    if entries.is_empty() {
+        return Err(CliError::NoKey {
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+        });
+    }
+    for entry in entries {
+        let value = codec::readable(None, &entry.value).unwrap_or(serde_json::Value::Null);
+        writeln!(
+            out,
+            "{key} @{} {:?} {}",
+            entry.revision,
+            entry.operation,
+            json_line(&value)
+        )?;
+    }
+    Ok(())
+}
+
+/// `headroom watch <pattern>`: live messages, headers and decoded body, for
+/// `count` messages or `duration`, whichever comes first.
+///
+/// # Errors
+/// The subscription cannot be made.
+pub async fn watch(
+    client: &async_nats::Client,
+    pattern: &str,
+    count: Option<usize>,
+    duration: Option<Duration>,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let mut messages = client
+        .subscribe(pattern.to_owned())
+        .await
+        .map_err(|e| nats(format!("subscribing to {pattern}"))(e.into()))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| nats("flushing")(e.into()))?;
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut seen = 0;
+    while count.is_none_or(|c| seen < c) {
+        let message = tokio::select! {
+            () = &mut deadline => break,
+            message = messages.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let headers: BTreeMap<String, String> = message
+            .headers
+            .iter()
+            .flat_map(|h| h.iter())
+            .map(|(k, v)| {
+                let values: Vec<&str> = v.iter().map(|x| x.as_str()).collect();
+                (k.to_string(), values.join(","))
+            })
+            .collect();
+        let body = match codec::readable(message.headers.as_ref(), &message.payload) {
+            Ok(value) => json_line(&value),
+            Err(err) => format!("<{} bytes, not readable: {err}>", message.payload.len()),
+        };
+        writeln!(
+            out,
+            "{} {} {body}",
+            message.subject,
+            json_line(&serde_json::json!(headers))
+        )?;
+        seen += 1;
+    }
+    Ok(())
+}
+
+/// `headroom events`: the last `last` audit events, oldest first, of one
+/// cluster or all.
+///
+/// # Errors
+/// The audit stream cannot be read.
+pub async fn events(
+    client: &async_nats::Client,
+    cluster: Option<&str>,
+    last: u64,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let js = jetstream::new(client.clone());
+    let mut stream = js
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .map_err(|e| nats("the audit stream")(e.into()))?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| nats("the audit stream")(e.into()))?
+        .state
+        .clone();
+    let mut printed = 0;
+    let mut lines = Vec::new();
+    let mut seq = state.last_sequence;
+    while seq >= state.first_sequence.max(1) && printed < last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            let event: Option<AuditEvent> =
+                codec::decode(Some(&message.headers), &message.payload).ok();
+            if let Some(event) = event {
+                let wanted =
+                    cluster.is_none_or(|c| event.cluster.as_ref().is_some_and(|e| e.as_str() == c));
+                if wanted {
+                    lines.push(format!(
+                        "#{seq} {} {} {} {} {}",
+                        event.at_ms,
+                        event.kind.token(),
+                        event.cluster.as_ref().map_or("-", ClusterId::as_str),
+                        event.server.as_ref().map_or("-", ServerId::as_str),
+                        event.detail
+                    ));
+                    printed += 1;
+                }
+            }
+        }
+        seq -= 1;
+    }
+    for line in lines.iter().rev() {
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
+}
+
+/// `headroom services`: every Headroom service that answers the NATS
+/// services API within `window`, with its stats.
+///
+/// # Errors
+/// The discovery request cannot be sent.
+pub async fn services(
+    client: &async_nats::Client,
+    window: Duration,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let inbox = client.new_inbox();
+    let mut replies = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| nats("subscribing to replies")(e.into()))?;
+    client
+        .publish_with_reply("$SRV.STATS", inbox, bytes::Bytes::new())
+        .await
+        .map_err(|e| nats("asking for services")(e.into()))?;
+    client
+        .flush()
+        .await
+        .map_err(|e| nats("flushing")(e.into()))?;
+    let deadline = tokio::time::sleep(window);
+    tokio::pin!(deadline);
+    let mut found = Vec::new();
+    loop {
+        tokio::select! {
+            () = &mut deadline => break,
+            reply = replies.next() => {
+                let Some(reply) = reply else { break };
+                if let Ok(stats) = serde_json::from_slice::<serde_json::Value>(&reply.payload) {
+                    found.push(stats);
+                }
+            }
+        }
+    }
+    found.sort_by_key(|s| (s["name"].to_string(), s["id"].to_string()));
+    for s in &found {
+        let endpoints: Vec<String> = s["endpoints"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .map(|e| {
+                        format!(
+                            "{} {}req {}err",
+                            e["name"].as_str().unwrap_or("?"),
+                            e["num_requests"],
+                            e["num_errors"]
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "{} {} {} started {}  {}",
+            s["name"].as_str().unwrap_or("?"),
+            s["version"].as_str().unwrap_or("?"),
+            s["id"].as_str().unwrap_or("?"),
+            s["started"].as_str().unwrap_or("?"),
+            endpoints.join("; ")
+        )?;
+    }
+    writeln!(out, "{} services answered", found.len())?;
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! `headroom`: the operator's command line. NATS comes from the usual
+//! configuration (`HEADROOM_NATS__URL`, or `--server`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use headroom_cli as cli;
+use headroom_shared::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "headroom",
+    version,
+    about = "Operate and inspect a Headroom system"
+)]
+struct Args {
+    /// NATS server URL (overrides HEADROOM_NATS__URL).
+    #[arg(long, short)]
+    server: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Clusters, members (with the CPU their agents report), the pool, the monitor.
+    Status {
+        /// How long to listen for reports.
+        #[arg(long, default_value_t = 1500)]
+        sample_ms: u64,
+    },
+    /// The free pool.
+    Pool {
+        #[command(subcommand)]
+        action: Pool,
+    },
+    /// Release a member: drain it and return it to the pool.
+    Drain { cluster: String, server: String },
+    /// Headroom's KV buckets, decoded.
+    Kv {
+        #[command(subcommand)]
+        action: Kv,
+    },
+    /// Live messages of a subject pattern, decoded (e.g. 'headroom.metrics.>').
+    Watch {
+        pattern: String,
+        #[arg(long)]
+        count: Option<usize>,
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// The audit log, oldest first.
+    Events {
+        #[arg(long)]
+        cluster: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        last: u64,
+    },
+    /// Running Headroom services (NATS services API), with their stats.
+    Services {
+        #[arg(long, default_value_t = 500)]
+        window_ms: u64,
+    },
+    /// Record the live reports and cluster records (see headroom-monitor record).
+    Record {
+        #[arg(long, short)]
+        out: PathBuf,
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Pool {
+    List,
+    Add {
+        id: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long = "type")]
+        request_types: Vec<String>,
+    },
+    Remove {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum Kv {
+    List { bucket: String },
+    Get { bucket: String, key: String },
+    History { bucket: String, key: String },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let mut config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("headroom: {err}");
+            return ExitCode::from(headroom_shared::config::EXIT_CONFIG as u8);
+        }
+    };
+    if let Some(url) = args.server {
+        config.nats.url = url;
+    }
+    // A command line should fail fast when NATS is not there.
+    config.nats.startup_deadline = Duration::from_secs(3);
+    let runtime = match headroom_shared::service::runtime("headroom") {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let result = runtime.block_on(async move {
+        let (client, _) = headroom_shared::nats::connect(&config.nats, "headroom-cli")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut out = std::io::stdout().lock();
+        match args.command {
+            Command::Status { sample_ms } => {
+                cli::status(&client, Duration::from_millis(sample_ms), &mut out).await?;
+            }
+            Command::Pool { action: Pool::List } => cli::pool_list(&client, &mut out).await?,
+            Command::Pool {
+                action:
+                    Pool::Add {
+                        id,
+                        address,
+                        port,
+                        request_types,
+                    },
+            } => cli::pool_add(&client, &id, &address, port, request_types, &mut out).await?,
+            Command::Pool {
+                action: Pool::Remove { id },
+            } => cli::pool_remove(&client, &id, &mut out).await?,
+            Command::Drain { cluster, server } => {
+                cli::drain(&client, &cluster, &server, &mut out).await?
+            }
+            Command::Kv {
+                action: Kv::List { bucket },
+            } => cli::kv_list(&client, &bucket, &mut out).await?,
+            Command::Kv {
+                action: Kv::Get { bucket, key },
+            } => {
+                cli::kv_get(&client, &bucket, &key, false, &mut out).await?;
+            }
+            Command::Kv {
+                action: Kv::History { bucket, key },
+            } => {
+                cli::kv_get(&client, &bucket, &key, true, &mut out).await?;
+            }
+            Command::Watch {
+                pattern,
+                count,
+                seconds,
+            } => {
+                cli::watch(
+                    &client,
+                    &pattern,
+                    count,
+                    seconds.map(Duration::from_secs),
+                    &mut out,
+                )
+                .await?;
+            }
+            Command::Events { cluster, last } => {
+                cli::events(&client, cluster.as_deref(), last, &mut out).await?
+            }
+            Command::Services { window_ms } => {
+                cli::services(&client, Duration::from_millis(window_ms), &mut out).await?;
+            }
+            Command::Record { out: path, seconds } => {
+                let file = std::fs::File::create(&path)?;
+                let stop = headroom_shared::shutdown::on_signal();
+                if let Some(s) = seconds {
+                    let stop = stop.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(s)).await;
+                        stop.cancel();
+                    });
+                }
+                let written = headroom_monitor::replay::record(
+                    &client,
+                    config.nats.replicas,
+                    std::io::BufWriter::new(file),
+                    stop,
+                )
+                .await?;
+                eprintln!("{written} inputs recorded in {}", path.display());
+            }
+        }
+        client.flush().await?;
+        Ok::<(), anyhow::Error>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("headroom: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

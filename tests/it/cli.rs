@@ -1,0 +1,248 @@
+//! The operator CLI against a live system: what it prints is what KV and
+//! the subjects hold, read directly.
+
+use std::time::Duration;
+
+use headroom_shared::codec::Codec;
+use headroom_shared::kv::{ServerRecord, ServerState, SERVERS_BUCKET};
+use headroom_shared::subjects;
+use headroom_shared::wire::{PerformanceReport, ReportSource};
+
+use crate::common::{cid, policy, put_cluster, register, sid, Snapshot, Stack, WAIT};
+
+fn text(out: Vec<u8>) -> String {
+    String::from_utf8(out).expect("utf-8")
+}
+
+#[tokio::test]
+async fn status_pool_and_drain_print_what_kv_holds() {
+    let stack = Stack::start().await;
+    for s in ["c1", "c2", "c3"] {
+        register(&stack.client, s, &[]).await;
+    }
+    put_cluster(&stack.client, "web", policy(2, 3))
+        .await
+        .expect("cluster");
+    let snapshot = crate::common::wait_settled(&stack.js).await;
+    let members = snapshot.active_members("web");
+    assert_eq!(members.len(), 2);
+
+    // An agent's report for one member, so status shows its CPU.
+    let reporter = {
+        let client = stack.client.clone();
+        let member = members[0].clone();
+        tokio::spawn(async move {
+            loop {
+                let report = PerformanceReport {
+                    cpu: Some(0.42),
+                    ..PerformanceReport::new(
+                        member.clone(),
+                        Some(cid("web")),
+                        ReportSource::Agent,
+                        1,
+                        100,
+                    )
+                };
+                let _ = client
+                    .publish(
+                        subjects::metrics(Some(&cid("web")), &member),
+                        Codec::MsgPack.encode(&report).expect("encode"),
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let mut out = Vec::new();
+    headroom_cli::status(&stack.client, Duration::from_millis(400), &mut out)
+        .await
+        .expect("status");
+    reporter.abort();
+    let status = text(out);
+    let record = snapshot.cluster("web");
+    assert!(
+        status.contains(&format!("cluster web  generation {}", record.generation)),
+        "{status}"
+    );
+    for m in &members {
+        assert!(status.contains(m.as_str()), "{status}");
+    }
+    assert!(status.contains("cpu 0.42"), "{status}");
+    assert!(
+        status.contains("pool: 3 servers (allocated 2, free 1)"),
+        "{status}"
+    );
+
+    // pool add / list / remove against KV.
+    let mut out = Vec::new();
+    headroom_cli::pool_add(
+        &stack.client,
+        "c4",
+        "10.9.9.9",
+        8081,
+        vec!["static".into()],
+        &mut out,
+    )
+    .await
+    .expect("add");
+    let added: ServerRecord = Codec::MsgPack
+        .decode(
+            &stack
+                .js
+                .get_key_value(SERVERS_BUCKET)
+                .await
+                .expect("bucket")
+                .get("c4")
+                .await
+                .expect("get")
+                .expect("c4 in KV"),
+        )
+        .expect("record");
+    assert_eq!(added.state, ServerState::Free);
+    assert_eq!((added.address.as_str(), added.port), ("10.9.9.9", 8081));
+    let mut out = Vec::new();
+    headroom_cli::pool_list(&stack.client, &mut out)
+        .await
+        .expect("list");
+    let list = text(out);
+    assert_eq!(list.lines().count(), 4, "{list}");
+    assert!(list.contains("c4 free 10.9.9.9:8081"), "{list}");
+    let mut out = Vec::new();
+    headroom_cli::pool_remove(&stack.client, "c4", &mut out)
+        .await
+        .expect("remove");
+    assert!(!Snapshot::read(&stack.js)
+        .await
+        .servers
+        .contains_key(&sid("c4")));
+    // Removing a member is refused with the allocator's reason.
+    let err = headroom_cli::pool_remove(&stack.client, members[0].as_str(), &mut Vec::new())
+        .await
+        .expect_err("a member cannot be removed");
+    assert!(err.to_string().contains("server_in_use"), "{err}");
+
+    // drain: with the minimum lowered to 1, the member leaves the cluster.
+    put_cluster(&stack.client, "web", policy(1, 3))
+        .await
+        .expect("policy");
+    let mut out = Vec::new();
+    headroom_cli::drain(&stack.client, "web", members[1].as_str(), &mut out)
+        .await
+        .expect("drain");
+    assert!(text(out).contains("queued as request"));
+    let gone = headroom_tests::eventually(WAIT, || async {
+        let snapshot = Snapshot::read(&stack.js).await;
+        (!snapshot
+            .cluster("web")
+            .members
+            .iter()
+            .any(|m| m.server == members[1]))
+        .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "drained and removed");
+}
+
+#[tokio::test]
+async fn kv_watch_events_and_services_show_the_wire_readably() {
+    let stack = Stack::start().await;
+    register(&stack.client, "k1", &["api"]).await;
+    let record: ServerRecord = Codec::MsgPack
+        .decode(
+            &stack
+                .js
+                .get_key_value(SERVERS_BUCKET)
+                .await
+                .expect("bucket")
+                .get("k1")
+                .await
+                .expect("get")
+                .expect("in KV"),
+        )
+        .expect("record");
+
+    let mut out = Vec::new();
+    headroom_cli::kv_get(&stack.client, SERVERS_BUCKET, "k1", false, &mut out)
+        .await
+        .expect("kv get");
+    let line = text(out);
+    assert!(line.starts_with("k1 @"), "{line}");
+    let json: serde_json::Value =
+        serde_json::from_str(line.splitn(4, ' ').nth(3).expect("value")).expect("JSON");
+    assert_eq!(json["address"], record.address.as_str());
+    assert_eq!(json["request_types"][0], "api");
+    let mut out = Vec::new();
+    headroom_cli::kv_list(&stack.client, SERVERS_BUCKET, &mut out)
+        .await
+        .expect("kv list");
+    assert!(text(out).starts_with("k1 @"));
+    let err = headroom_cli::kv_get(
+        &stack.client,
+        SERVERS_BUCKET,
+        "nope",
+        false,
+        &mut Vec::new(),
+    )
+    .await
+    .expect_err("missing key");
+    assert!(err.to_string().contains("no key nope"), "{err}");
+
+    // watch: a MessagePack report comes out as JSON with its headers.
+    let watcher = {
+        let client = stack.client.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            headroom_cli::watch(
+                &client,
+                "headroom.metrics.>",
+                Some(1),
+                Some(Duration::from_secs(10)),
+                &mut out,
+            )
+            .await
+            .expect("watch");
+            text(out)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let report = PerformanceReport {
+        cpu: Some(0.25),
+        ..PerformanceReport::new(sid("k1"), None, ReportSource::Agent, 7, 1000)
+    };
+    stack
+        .client
+        .publish_with_headers(
+            subjects::metrics(None, &sid("k1")),
+            Codec::MsgPack.headers(),
+            Codec::MsgPack.encode(&report).expect("encode"),
+        )
+        .await
+        .expect("publish");
+    let watched = tokio::time::timeout(WAIT, watcher)
+        .await
+        .expect("in time")
+        .expect("joined");
+    assert!(
+        watched.starts_with("headroom.metrics._pool.k1 "),
+        "{watched}"
+    );
+    assert!(watched.contains("\"cpu\":0.25"), "{watched}");
+    assert!(watched.contains("application/msgpack"), "{watched}");
+
+    // events: the registration is in the audit log.
+    let mut out = Vec::new();
+    headroom_cli::events(&stack.client, None, 10, &mut out)
+        .await
+        .expect("events");
+    let events = text(out);
+    assert!(events.contains("registered - k1"), "{events}");
+
+    // services: the allocator answers discovery.
+    let mut out = Vec::new();
+    headroom_cli::services(&stack.client, Duration::from_millis(500), &mut out)
+        .await
+        .expect("services");
+    let services = text(out);
+    assert!(services.contains("headroom-allocator"), "{services}");
+    assert!(services.contains("1 services answered"), "{services}");
+}
