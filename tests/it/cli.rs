@@ -10,6 +10,12 @@ use headroom_shared::wire::{PerformanceReport, ReportSource};
 
 use crate::common::{cid, policy, put_cluster, register, sid, Snapshot, Stack, WAIT};
 
+async fn server_record(js: &async_nats::jetstream::Context, id: &str) -> ServerRecord {
+    let bucket = js.get_key_value(SERVERS_BUCKET).await.expect("bucket");
+    let value = bucket.get(id).await.expect("get").expect("in KV");
+    Codec::MsgPack.decode(&value).expect("record")
+}
+
 fn text(out: Vec<u8>) -> String {
     String::from_utf8(out).expect("utf-8")
 }
@@ -85,19 +91,7 @@ async fn status_pool_and_drain_print_what_kv_holds() {
     )
     .await
     .expect("add");
-    let added: ServerRecord = Codec::MsgPack
-        .decode(
-            &stack
-                .js
-                .get_key_value(SERVERS_BUCKET)
-                .await
-                .expect("bucket")
-                .get("c4")
-                .await
-                .expect("get")
-                .expect("c4 in KV"),
-        )
-        .expect("record");
+    let added = server_record(&stack.js, "c4").await;
     assert_eq!(added.state, ServerState::Free);
     assert_eq!((added.address.as_str(), added.port), ("10.9.9.9", 8081));
     let mut out = Vec::new();
@@ -147,19 +141,7 @@ async fn status_pool_and_drain_print_what_kv_holds() {
 async fn kv_watch_events_and_services_show_the_wire_readably() {
     let stack = Stack::start().await;
     register(&stack.client, "k1", &["api"]).await;
-    let record: ServerRecord = Codec::MsgPack
-        .decode(
-            &stack
-                .js
-                .get_key_value(SERVERS_BUCKET)
-                .await
-                .expect("bucket")
-                .get("k1")
-                .await
-                .expect("get")
-                .expect("in KV"),
-        )
-        .expect("record");
+    let record = server_record(&stack.js, "k1").await;
 
     let mut out = Vec::new();
     headroom_cli::kv_get(&stack.client, SERVERS_BUCKET, "k1", false, &mut out)

@@ -43,22 +43,36 @@ fn nats(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> CliError {
     move |source| CliError::Nats { what, source }
 }
 
-/// The buckets as they are: every record of one bucket, decoded.
-async fn records<T: codec::Message>(
-    js: &jetstream::Context,
+async fn bucket(
+    client: &async_nats::Client,
     bucket: &str,
-) -> Result<Vec<(String, T, u64)>, CliError> {
-    let store = js
+) -> Result<jetstream::kv::Store, CliError> {
+    jetstream::new(client.clone())
         .get_key_value(bucket)
         .await
-        .map_err(|e| nats(format!("bucket {bucket}"))(e.into()))?;
-    let keys: Vec<String> = store
+        .map_err(|e| nats(format!("bucket {bucket}"))(e.into()))
+}
+
+/// The keys of a bucket, sorted.
+async fn keys(store: &jetstream::kv::Store, bucket: &str) -> Result<Vec<String>, CliError> {
+    let mut keys: Vec<String> = store
         .keys()
         .await
         .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?
         .try_collect()
         .await
         .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?;
+    keys.sort();
+    Ok(keys)
+}
+
+/// The buckets as they are: every record of one bucket, decoded, by key.
+async fn records<T: codec::Message>(
+    client: &async_nats::Client,
+    bucket: &str,
+) -> Result<Vec<(String, T, u64)>, CliError> {
+    let store = self::bucket(client, bucket).await?;
+    let keys = keys(&store, bucket).await?;
     let mut out = Vec::new();
     for key in keys {
         if let Some(entry) = store
@@ -71,7 +85,6 @@ async fn records<T: codec::Message>(
             }
         }
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
 }
 
@@ -113,9 +126,8 @@ pub async fn status(
     sample: Duration,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let js = jetstream::new(client.clone());
-    let clusters: Vec<(String, ClusterRecord, u64)> = records(&js, CLUSTERS_BUCKET).await?;
-    let servers: Vec<(String, ServerRecord, u64)> = records(&js, SERVERS_BUCKET).await?;
+    let clusters: Vec<(String, ClusterRecord, u64)> = records(client, CLUSTERS_BUCKET).await?;
+    let servers: Vec<(String, ServerRecord, u64)> = records(client, SERVERS_BUCKET).await?;
     let cpu = utilisation(client, sample).await?;
     for (_, c, revision) in &clusters {
         writeln!(
@@ -283,20 +295,8 @@ pub async fn kv_list(
     bucket: &str,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let js = jetstream::new(client.clone());
-    let store = js
-        .get_key_value(bucket)
-        .await
-        .map_err(|e| nats(format!("bucket {bucket}"))(e.into()))?;
-    let mut keys: Vec<String> = store
-        .keys()
-        .await
-        .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?
-        .try_collect()
-        .await
-        .map_err(|e| nats(format!("keys of {bucket}"))(e.into()))?;
-    keys.sort();
-    for key in keys {
+    let store = self::bucket(client, bucket).await?;
+    for key in keys(&store, bucket).await? {
         if let Ok(Some(entry)) = store.entry(&key).await {
             let value = codec::readable(None, &entry.value).unwrap_or(serde_json::Value::Null);
             writeln!(out, "{key} @{} {}", entry.revision, json_line(&value))?;
@@ -316,11 +316,7 @@ pub async fn kv_get(
     history: bool,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
-    let js = jetstream::new(client.clone());
-    let store = js
-        .get_key_value(bucket)
-        .await
-        .map_err(|e| nats(format!("bucket {bucket}"))(e.into()))?;
+    let store = self::bucket(client, bucket).await?;
     let entries: Vec<jetstream::kv::Entry> = if history {
         store
             .history(key)
