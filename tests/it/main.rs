@@ -6,4 +6,5 @@ mod allocator;
 mod cli;
 mod common;
 mod frontend;
+mod loadgen;
 mod monitor;

@@ -1,0 +1,303 @@
+//! A load generator for demonstrations and tests: it plays a profile of
+//! requests per second against an HTTP endpoint, open loop (requests are
+//! sent on schedule whether or not earlier ones have answered, as real
+//! clients do), shows progress each second, and ends with a summary of
+//! latencies and errors.
+//!
+//! A profile is a list of steps, `ramp:0-200:10s,hold:200:20s,spike:800:5s,
+//! ramp:200-0:10s`, or a file with one requests-per-second value per line
+//! (one line per second), played at a chosen speed-up.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+/// Requests per second over time, in steps of `step`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// The rate for each step, in order.
+    pub rates: Vec<f64>,
+    pub step: Duration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ProfileError {
+    #[error("profile step {0:?}: expected ramp:A-B:Ns, hold:R:Ns or spike:R:Ns")]
+    Step(String),
+    #[error("profile line {line}: {value:?} is not a rate (requests per second, 0 or more)")]
+    Line { line: usize, value: String },
+    #[error("the speed-up must be above 0")]
+    Speedup,
+}
+
+fn seconds(text: &str) -> Option<u64> {
+    text.strip_suffix('s')?.parse().ok()
+}
+
+fn rate(text: &str) -> Option<f64> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r >= 0.0)
+}
+
+impl Profile {
+    /// Parses `ramp:A-B:Ns`, `hold:R:Ns` and `spike:R:Ns` steps, comma
+    /// separated, into one rate per second.
+    ///
+    /// # Errors
+    /// The first step that is none of these.
+    pub fn parse(spec: &str) -> Result<Self, ProfileError> {
+        let mut rates = Vec::new();
+        for step in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let bad = || ProfileError::Step(step.to_owned());
+            let parts: Vec<&str> = step.split(':').collect();
+            match parts.as_slice() {
+                ["ramp", range, duration] => {
+                    let (from, to) = range.split_once('-').ok_or_else(bad)?;
+                    let (from, to) = (rate(from).ok_or_else(bad)?, rate(to).ok_or_else(bad)?);
+                    let n = seconds(duration).filter(|n| *n > 0).ok_or_else(bad)?;
+                    for i in 0..n {
+                        rates.push(from + (to - from) * (i as f64 + 0.5) / n as f64);
+                    }
+                }
+                ["hold" | "spike", r, duration] => {
+                    let r = rate(r).ok_or_else(bad)?;
+                    let n = seconds(duration).ok_or_else(bad)?;
+                    rates.extend(std::iter::repeat_n(r, usize::try_from(n).unwrap_or(0)));
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(Self {
+            rates,
+            step: Duration::from_secs(1),
+        })
+    }
+
+    /// One rate per line (blank lines and `#` comments skipped), each line
+    /// lasting one second divided by `speedup`.
+    ///
+    /// # Errors
+    /// A line that is not a rate, or a speed-up that is not positive.
+    pub fn from_lines(text: &str, speedup: f64) -> Result<Self, ProfileError> {
+        if !(speedup.is_finite() && speedup > 0.0) {
+            return Err(ProfileError::Speedup);
+        }
+        let mut rates = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            rates.push(rate(line).ok_or_else(|| ProfileError::Line {
+                line: i + 1,
+                value: line.to_owned(),
+            })?);
+        }
+        Ok(Self {
+            rates,
+            step: Duration::from_secs_f64(1.0 / speedup),
+        })
+    }
+
+    pub fn duration(&self) -> Duration {
+        self.step * u32::try_from(self.rates.len()).unwrap_or(u32::MAX)
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    pub sent: u64,
+    pub ok: u64,
+    /// Answers by status code, other than 2xx.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Requests that got no answer (connection refused, reset, timeout).
+    pub failed: u64,
+    /// Requests not sent because `max_in_flight` were already waiting.
+    pub skipped: u64,
+    pub seconds: f64,
+    pub latency_ms: Percentiles,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Summary {
+    pub fn errors(&self) -> u64 {
+        self.failed + self.statuses.values().sum::<u64>()
+    }
+}
+
+/// Where and how to send.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://host:port`.
+    pub base: String,
+    /// Paths used in turn.
+    pub paths: Vec<String>,
+    pub timeout: Duration,
+    pub max_in_flight: usize,
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: u64,
+    statuses: BTreeMap<u16, u64>,
+    failed: u64,
+    latencies_us: Vec<u32>,
+}
+
+/// Plays `profile` against `target`; with `progress`, writes a line per
+/// step (the rate asked, what was sent and answered, p99 so far).
+pub async fn run(
+    profile: &Profile,
+    target: &Target,
+    mut progress: Option<&mut dyn Write>,
+) -> Summary {
+    let client: Client<HttpConnector, Empty<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(target.max_in_flight.max(1)));
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut skipped = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    // Spread each step's requests over the step, in 10 ms slices.
+    let slice = Duration::from_millis(10).min(profile.step);
+    let slices = (profile.step.as_secs_f64() / slice.as_secs_f64())
+        .round()
+        .max(1.0);
+    let mut due = 0.0f64;
+    let mut ticker = tokio::time::interval(slice);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for (step, &rate) in profile.rates.iter().enumerate() {
+        let per_slice = rate * profile.step.as_secs_f64() / slices;
+        for _ in 0..slices as u64 {
+            ticker.tick().await;
+            due += per_slice;
+            while due >= 1.0 {
+                due -= 1.0;
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    skipped += 1;
+                    continue;
+                };
+                let path =
+                    &target.paths[usize::try_from(sent).unwrap_or(0) % target.paths.len().max(1)];
+                let uri = format!("{}{}", target.base, path);
+                sent += 1;
+                let (client, tally, timeout) = (client.clone(), tally.clone(), target.timeout);
+                tasks.spawn(async move {
+                    let begun = Instant::now();
+                    let answer = tokio::time::timeout(timeout, async {
+                        let request = http::Request::get(uri).body(Empty::new()).ok()?;
+                        let response = client.request(request).await.ok()?;
+                        let status = response.status();
+                        response.into_body().collect().await.ok()?;
+                        Some(status)
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    let elapsed = u32::try_from(begun.elapsed().as_micros()).unwrap_or(u32::MAX);
+                    if let Ok(mut t) = tally.lock() {
+                        match answer {
+                            Some(s) if s.is_success() => {
+                                t.ok += 1;
+                                t.latencies_us.push(elapsed);
+                            }
+                            Some(s) => *t.statuses.entry(s.as_u16()).or_default() += 1,
+                            None => t.failed += 1,
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        if let Some(out) = progress.as_mut() {
+            if let Ok(t) = tally.lock() {
+                let p99 = percentile(&mut t.latencies_us.clone(), 0.99);
+                let _ = writeln!(
+                    out,
+                    "[{:>4}/{}] {:>7.1} req/s asked  sent {sent}  ok {}  errors {}  p99 {p99:.1} ms",
+                    step + 1,
+                    profile.rates.len(),
+                    rate,
+                    t.ok,
+                    t.failed + t.statuses.values().sum::<u64>()
+                );
+            }
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let seconds = started.elapsed().as_secs_f64();
+    let mut t = tally
+        .lock()
+        .map(|mut t| std::mem::take(&mut *t))
+        .unwrap_or_default();
+    let latency_ms = Percentiles {
+        p50: percentile(&mut t.latencies_us, 0.50),
+        p90: percentile(&mut t.latencies_us, 0.90),
+        p99: percentile(&mut t.latencies_us, 0.99),
+        max: percentile(&mut t.latencies_us, 1.0),
+    };
+    Summary {
+        sent,
+        ok: t.ok,
+        statuses: t.statuses,
+        failed: t.failed,
+        skipped,
+        seconds,
+        latency_ms,
+    }
+}
+
+fn percentile(samples: &mut [u32], q: f64) -> f64 {
+    if samples.is_empty() {
+        return 0.0;
+    }
+    samples.sort_unstable();
+    let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
+    f64::from(samples[i]) / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profiles_parse_into_rates_per_second() {
+        let p = Profile::parse("ramp:0-100:4s, hold:50:2s, spike:400:1s").expect("profile");
+        assert_eq!(p.rates, vec![12.5, 37.5, 62.5, 87.5, 50.0, 50.0, 400.0]);
+        assert_eq!(p.duration(), Duration::from_secs(7));
+        assert_eq!(
+            Profile::parse("hold:fast:2s"),
+            Err(ProfileError::Step("hold:fast:2s".into()))
+        );
+        let f = Profile::from_lines("# rps\n10\n\n20\n", 4.0).expect("lines");
+        assert_eq!(f.rates, vec![10.0, 20.0]);
+        assert_eq!(f.step, Duration::from_millis(250));
+        assert_eq!(
+            Profile::from_lines("10\n-3\n", 1.0),
+            Err(ProfileError::Line {
+                line: 2,
+                value: "-3".into()
+            })
+        );
+        assert_eq!(Profile::from_lines("1", 0.0), Err(ProfileError::Speedup));
+    }
+}

@@ -1,0 +1,57 @@
+//! The load generator against a real sample backend over HTTP.
+
+use std::time::Duration;
+
+use headroom_loadgen::{run, Profile, Target};
+use tokio_util::sync::CancellationToken;
+
+use crate::frontend::backend;
+
+fn target(addr: std::net::SocketAddr) -> Target {
+    Target {
+        base: format!("http://{addr}"),
+        paths: vec!["/api/a".into(), "/static/b".into()],
+        timeout: Duration::from_secs(5),
+        max_in_flight: 1024,
+    }
+}
+
+#[tokio::test]
+async fn it_plays_the_profile_and_counts_what_the_backend_saw() {
+    let shutdown = CancellationToken::new();
+    let b = backend("load-1", &shutdown).await;
+    let profile = Profile::parse("ramp:0-100:1s,hold:100:1s").expect("profile");
+    let mut progress = Vec::new();
+    let summary = run(&profile, &target(b.addr), Some(&mut progress)).await;
+    // 50 in the ramp's one second (its mid-point rate), 100 in the hold.
+    assert_eq!(summary.sent, 150, "{summary:?}");
+    assert_eq!(summary.ok, b.requests(), "every answer counted once");
+    assert_eq!(summary.ok, 150);
+    assert_eq!(summary.errors(), 0);
+    assert!(
+        summary.seconds >= 1.9 && summary.seconds < 4.0,
+        "{summary:?}"
+    );
+    assert!(summary.latency_ms.p99 > 0.0 && summary.latency_ms.p50 <= summary.latency_ms.p99);
+    let progress = String::from_utf8(progress).expect("utf-8");
+    assert_eq!(progress.lines().count(), 2, "a line per step: {progress}");
+
+    // A file profile at 4x: two lines of 40 and 80 take half a second.
+    let fast = Profile::from_lines("40\n80\n", 4.0).expect("profile");
+    let summary = run(&fast, &target(b.addr), None).await;
+    assert_eq!(summary.sent, 30, "{summary:?}");
+    assert!(summary.seconds >= 0.45, "four lines a second: {summary:?}");
+
+    // The backend goes away: failures are counted, not hidden.
+    b.stop();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let summary = run(
+        &Profile::parse("hold:20:1s").expect("profile"),
+        &target(b.addr),
+        None,
+    )
+    .await;
+    assert_eq!(summary.failed, 20, "{summary:?}");
+    assert_eq!(summary.ok, 0);
+    shutdown.cancel();
+}
