@@ -28,10 +28,7 @@ async fn it_plays_the_profile_and_counts_what_the_backend_saw() {
     assert_eq!(summary.ok, b.requests(), "every answer counted once");
     assert_eq!(summary.ok, 150);
     assert_eq!(summary.errors(), 0);
-    assert!(
-        summary.seconds >= 1.9 && summary.seconds < 4.0,
-        "{summary:?}"
-    );
+    assert!(summary.seconds >= 1.9, "the schedule is kept: {summary:?}");
     assert!(summary.latency_ms.p99 > 0.0 && summary.latency_ms.p50 <= summary.latency_ms.p99);
     let progress = String::from_utf8(progress).expect("utf-8");
     assert_eq!(progress.lines().count(), 2, "a line per step: {progress}");
