@@ -335,9 +335,14 @@ pub struct BackendConfig {
     /// Its name, in the `x-backend` header of every answer.
     pub name: String,
     pub listen: String,
-    /// Time spent on each request (a `cost_ms` query parameter overrides).
+    /// Time spent waiting on each request (a `cost_ms` query parameter
+    /// overrides): latency without load.
     #[serde(with = "humantime_serde")]
     pub cost: Duration,
+    /// CPU burnt on each request (a `cpu_ms` query parameter overrides):
+    /// the load an agent sees.
+    #[serde(with = "humantime_serde")]
+    pub cpu_cost: Duration,
     /// Bytes of body per answer (a `size` query parameter overrides).
     pub size: usize,
     /// Paths under this prefix are answered as cacheable for `cache_max_age`.
@@ -352,6 +357,7 @@ impl Default for BackendConfig {
             name: default_instance(),
             listen: "0.0.0.0:8080".to_owned(),
             cost: Duration::ZERO,
+            cpu_cost: Duration::ZERO,
             size: 256,
             cacheable_prefix: "/static/".to_owned(),
             cache_max_age: Duration::from_secs(60),

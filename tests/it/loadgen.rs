@@ -52,3 +52,31 @@ async fn it_plays_the_profile_and_counts_what_the_backend_saw() {
     assert_eq!(summary.ok, 0);
     shutdown.cancel();
 }
+
+/// CPU time of this process (user + system), from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').expect("stat format").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // The kernel's USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
+#[tokio::test]
+async fn the_sample_backend_burns_the_cpu_it_is_asked_to() {
+    let shutdown = CancellationToken::new();
+    let b = backend("cpu-1", &shutdown).await;
+    let before = cpu_time();
+    let profile = Profile::parse("hold:5:1s").expect("profile");
+    let mut t = target(b.addr);
+    t.paths = vec!["/api/work?cpu_ms=60".into()];
+    let summary = run(&profile, &t, None).await;
+    assert_eq!(summary.ok, 5, "{summary:?}");
+    let used = cpu_time() - before;
+    // 5 × 60 ms of work (the test process hosts the backend).
+    assert!(used >= Duration::from_millis(250), "only {used:?} of CPU");
+    shutdown.cancel();
+}

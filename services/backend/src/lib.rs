@@ -4,7 +4,8 @@
 //!   percentiles, errors), as JSON;
 //! - `POST /hooks/<event>`: a hook target for the agent, answering 200;
 //! - anything else: `size` bytes naming the backend and the path, after
-//!   `cost` (`?cost_ms=`, `?size=` and `?max_age=` override per request);
+//!   `cost` waiting and `cpu_cost` of real CPU work (`?cost_ms=`,
+//!   `?cpu_ms=`, `?size=` and `?max_age=` override per request);
 //!   paths under `cacheable_prefix` say they may be cached.
 //!
 //! It keeps a log of what it was asked (path, the front-end's routing
@@ -177,6 +178,7 @@ async fn answer(
         });
     }
     let cost = query(&request, "cost_ms").map_or(config.cost, Duration::from_millis);
+    let cpu = query(&request, "cpu_ms").map_or(config.cpu_cost, Duration::from_millis);
     let size = query(&request, "size").map_or(config.size, |s| {
         usize::try_from(s).unwrap_or(0).min(64 << 20)
     });
@@ -184,6 +186,11 @@ async fn answer(
     let hook = request.method() == Method::POST && path.starts_with("/hooks/");
     // Read the body through, as a real server would.
     let _ = request.into_body().collect().await;
+    if !cpu.is_zero() {
+        // Real work on a blocking thread, so the CPU the agent reports
+        // follows the load while the server stays responsive.
+        let _ = tokio::task::spawn_blocking(move || burn(cpu)).await;
+    }
     if !cost.is_zero() {
         tokio::time::sleep(cost).await;
     }
@@ -212,6 +219,20 @@ async fn answer(
         }
     }
     Ok(response)
+}
+
+/// Keeps one core busy for `how_long`.
+fn burn(how_long: Duration) {
+    let until = Instant::now() + how_long;
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while Instant::now() < until {
+        for _ in 0..1_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+        std::hint::black_box(x);
+    }
 }
 
 fn stats(state: &State) -> Response<Full<Bytes>> {
