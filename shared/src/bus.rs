@@ -68,7 +68,7 @@ pub enum AdminError {
 }
 
 /// Calls the allocator's admin endpoint `verb` (for example
-/// [`subjects::admin::POOL_LIST`]) and decodes its answer.
+/// [`subjects::admin::POOL_LIST`]) in MessagePack and decodes its answer.
 ///
 /// # Errors
 /// No allocator answers, the call fails, the allocator refuses (with its
@@ -78,10 +78,23 @@ pub async fn admin<Req: Message, Resp: Message>(
     verb: &str,
     request: &Req,
 ) -> Result<Resp, AdminError> {
+    admin_with(client, verb, request, Codec::MsgPack).await
+}
+
+/// [`admin`], with the request in `codec` (the answer comes in the same).
+///
+/// # Errors
+/// As [`admin`].
+pub async fn admin_with<Req: Message, Resp: Message>(
+    client: &async_nats::Client,
+    verb: &str,
+    request: &Req,
+    codec: Codec,
+) -> Result<Resp, AdminError> {
     let subject = format!("{}.{verb}", subjects::ADMIN_GROUP);
-    let body = Codec::MsgPack.encode(request)?;
+    let body = codec.encode(request)?;
     let reply = client
-        .request_with_headers(subject.clone(), Codec::MsgPack.headers(), body)
+        .request_with_headers(subject.clone(), codec.headers(), body)
         .await
         .map_err(|source| match source.kind() {
             async_nats::RequestErrorKind::NoResponders => AdminError::NoAllocator {

@@ -88,36 +88,24 @@ impl Stack {
     }
 }
 
-/// Calls an admin endpoint; on error returns (stable code, message).
+/// Calls an admin endpoint; on a refusal returns (stable code, message).
 pub async fn admin<Req: Message, Resp: Message>(
     client: &async_nats::Client,
     verb: &str,
     request: &Req,
     codec: Codec,
 ) -> Result<Resp, (String, String)> {
-    let subject = format!("{}.{verb}", subjects::ADMIN_GROUP);
-    let body = codec.encode(request).expect("encode admin request");
-    let reply = tokio::time::timeout(
+    let answer = tokio::time::timeout(
         WAIT,
-        client.request_with_headers(subject, codec.headers(), body),
+        headroom_shared::bus::admin_with(client, verb, request, codec),
     )
     .await
-    .expect("admin answers in time")
-    .expect("admin request");
-    if let Some(code) = reply
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(ERROR_CODE_HEADER))
-    {
-        let message = reply
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Service-Error"))
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        return Err((code.to_string(), message));
+    .expect("admin answers in time");
+    match answer {
+        Ok(answer) => Ok(answer),
+        Err(headroom_shared::bus::AdminError::Refused(err)) => Err((err.code, err.message)),
+        Err(err) => panic!("admin call {verb}: {err}"),
     }
-    Ok(codec::decode(reply.headers.as_ref(), &reply.payload).expect("decode admin reply"))
 }
 
 /// Waits until an allocator answers on the admin endpoints.

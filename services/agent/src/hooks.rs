@@ -24,19 +24,22 @@ impl HookEvent {
     }
 }
 
-/// Runs `hook` for `event`; `Err` carries why it failed, for the status
-/// the allocator reads.
+/// Runs `hook` for `event` (no hook: nothing to do, success); `Err` carries
+/// why it failed, for the status the allocator reads.
 ///
 /// # Errors
 /// The program could not start, exited non-zero, or took too long; the
 /// HTTP call failed or answered outside 2xx.
 pub async fn run(
-    hook: &Hook,
+    hook: Option<&Hook>,
     event: HookEvent,
     server: &ServerId,
     cluster: &ClusterId,
     timeout: Duration,
 ) -> Result<(), String> {
+    let Some(hook) = hook else {
+        return Ok(());
+    };
     match hook {
         Hook::Command(argv) => {
             let Some((program, args)) = argv.split_first() else {

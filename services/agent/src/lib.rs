@@ -23,12 +23,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
+use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{AgentConfig, Config};
 use headroom_shared::kv::{ServerRecord, ServerState, SERVERS_BUCKET};
 use headroom_shared::wire::{
     now_ms, Assignment, AssignmentNotice, PerformanceReport, RegisterServer, ReportSource,
-    ServerStatus, ServerStatusKind, ERROR_CODE_HEADER,
+    ServerStatus, ServerStatusKind,
 };
 use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
 use serde::Deserialize;
@@ -204,37 +205,23 @@ async fn register(
         port: settings.port,
         request_types: settings.request_types.clone(),
     };
-    let Ok(body) = Codec::MsgPack.encode(&request) else {
-        warn!("cannot encode the registration");
-        return "register";
-    };
-    let subject = format!(
-        "{}.{}",
-        subjects::ADMIN_GROUP,
-        subjects::admin::POOL_REGISTER
-    );
     let mut attempt = 0;
     loop {
-        let sent = tokio::select! {
+        let answer = tokio::select! {
             _ = stop.cancelled() => return "register",
-            sent = client.request_with_headers(subject.clone(), Codec::MsgPack.headers(), body.clone()) => sent,
+            answer = bus::admin::<_, ServerRecord>(&client, subjects::admin::POOL_REGISTER, &request) => answer,
         };
-        match sent {
-            Ok(reply) => match reply
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(ERROR_CODE_HEADER))
-            {
-                None => {
-                    info!("registered in the pool");
-                    return "register";
-                }
-                Some(code) => {
-                    // A refusal will not change by asking again.
-                    warn!(%code, "registration refused");
-                    return "register";
-                }
-            },
+        match answer {
+            Ok(record) => {
+                info!(state = record.state.name(), "registered in the pool");
+                return "register";
+            }
+            // A refusal, or an answer this build cannot read, will not
+            // change by asking again.
+            Err(err @ (AdminError::Refused(_) | AdminError::Wire(_))) => {
+                warn!(%err, "registration refused");
+                return "register";
+            }
             Err(err) => debug!(%err, "no allocator answered the registration yet"),
         }
         attempt += 1;
@@ -375,19 +362,14 @@ async fn answer(
     match &notice.assignment {
         Assignment::Allocated => {
             info!("allocated; running the allocate hook");
-            let result = match &settings.on_allocate {
-                Some(hook) => {
-                    hooks::run(
-                        hook,
-                        HookEvent::Allocate,
-                        server,
-                        &notice.cluster,
-                        settings.hook_timeout,
-                    )
-                    .await
-                }
-                None => Ok(()),
-            };
+            let result = hooks::run(
+                settings.on_allocate.as_ref(),
+                HookEvent::Allocate,
+                server,
+                &notice.cluster,
+                settings.hook_timeout,
+            )
+            .await;
             Some(outcome(result, ServerStatusKind::Ready))
         }
         Assignment::Draining { deadline_ms } => {
@@ -396,19 +378,14 @@ async fn answer(
                 "draining; waiting for in-flight requests to finish"
             );
             wait_idle(settings, *deadline_ms, stop).await;
-            let result = match &settings.on_release {
-                Some(hook) => {
-                    hooks::run(
-                        hook,
-                        HookEvent::Release,
-                        server,
-                        &notice.cluster,
-                        settings.hook_timeout,
-                    )
-                    .await
-                }
-                None => Ok(()),
-            };
+            let result = hooks::run(
+                settings.on_release.as_ref(),
+                HookEvent::Release,
+                server,
+                &notice.cluster,
+                settings.hook_timeout,
+            )
+            .await;
             Some(outcome(result, ServerStatusKind::Drained))
         }
         Assignment::Released => {
