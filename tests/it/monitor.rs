@@ -290,11 +290,16 @@ impl Sim {
         }
     }
 
-    pub fn allocations(&self) -> Vec<&Seen> {
+    /// The decisions of one action (`allocate`, `release`, ...) so far.
+    pub fn decided(&self, action: &str) -> Vec<&Seen> {
         self.seen
             .iter()
-            .filter(|s| matches!(s.action, ReconfigAction::Allocate { .. }))
+            .filter(|s| s.action.name() == action)
             .collect()
+    }
+
+    pub fn allocations(&self) -> Vec<&Seen> {
+        self.decided("allocate")
     }
 
     /// Requests the monitor put in the reconfig stream.
@@ -423,15 +428,12 @@ async fn noise_around_the_upper_level_does_not_flap_but_a_real_step_scales_up() 
         changes <= 1,
         "at most one change of direction in 10 minutes: {directions:?}"
     );
-    let before = sim.seen.len();
+    let before_ups = sim.allocations().len();
     // A real step: every member 30 % over the upper level.
     let step_at = sim.now;
     let stepped = sim.members().len() as f64 * 0.75 * 1.3;
     sim.run_load(15, &mut rng, 0.2, |_| stepped).await;
-    let after: Vec<&Seen> = sim.seen[before..]
-        .iter()
-        .filter(|s| matches!(s.action, ReconfigAction::Allocate { .. }))
-        .collect();
+    let after: Vec<&Seen> = sim.allocations().split_off(before_ups);
     assert!(!after.is_empty(), "the step scaled up: {:?}", sim.seen);
     let sustain = ClusterPolicy::default().scaling.sustain_ms;
     assert!(
@@ -448,11 +450,7 @@ async fn falling_load_releases_the_idle_member_down_to_min_and_no_further() {
     let mut rng = StdRng::seed_from_u64(4);
     sim.run_load(5, &mut rng, 0.0, |_| 2.0).await;
     sim.run_load(240, &mut rng, 0.0, |_| 0.8).await;
-    let releases: Vec<&Seen> = sim
-        .seen
-        .iter()
-        .filter(|s| matches!(s.action, ReconfigAction::Release { .. }))
-        .collect();
+    let releases = sim.decided("release");
     assert_eq!(releases.len(), 2, "4 → 2 (min): {:?}", sim.seen);
     assert!(sim.allocations().is_empty());
     // The member with the least work in flight (the highest number) first.
@@ -497,11 +495,7 @@ async fn one_hot_member_is_reweighted_not_scaled_and_restored_when_it_cools() {
             .await;
         sim.step().await;
     }
-    let reweights: Vec<&Seen> = sim
-        .seen
-        .iter()
-        .filter(|s| matches!(s.action, ReconfigAction::Reweight { .. }))
-        .collect();
+    let reweights = sim.decided("reweight");
     assert!(
         !reweights.is_empty(),
         "hot member reweighted: {:?}",

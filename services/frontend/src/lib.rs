@@ -333,13 +333,14 @@ async fn report_loop(
             )
         };
         let table = proxy.table.load_full();
+        // Only current members are remembered, so churn does not grow it.
+        let mut seen = std::collections::HashMap::new();
         for backend in table.iter().flat_map(|t| t.backends.iter()) {
             let requests = backend.requests.load(Ordering::Relaxed);
             let errors = backend.errors.load(Ordering::Relaxed);
             // A member first seen here has counted from zero.
-            let (r0, e0) = last
-                .insert(backend.server.clone(), (requests, errors))
-                .unwrap_or((0, 0));
+            let (r0, e0) = last.get(&backend.server).copied().unwrap_or((0, 0));
+            seen.insert(backend.server.clone(), (requests, errors));
             let (_, p50, p99) = backend.latency.take();
             let report = PerformanceReport {
                 in_flight: Some(backend.in_flight.load(Ordering::Relaxed)),
@@ -356,6 +357,7 @@ async fn report_loop(
             )
             .await;
         }
+        last = seen;
         let c = &proxy.counters;
         let (requests, errors) = (
             c.requests.load(Ordering::Relaxed),
