@@ -24,6 +24,7 @@ pub const EXIT_CONFIG: i32 = 64;
 pub struct Config {
     pub nats: NatsConfig,
     pub telemetry: TelemetryConfig,
+    pub ops: OpsConfig,
     pub allocator: AllocatorConfig,
     pub monitor: MonitorConfig,
     pub agent: AgentConfig,
@@ -120,6 +121,15 @@ impl Default for TelemetryConfig {
             filter: "info".to_owned(),
         }
     }
+}
+
+/// The health and metrics endpoint every service can serve.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OpsConfig {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served (for example
+    /// `0.0.0.0:9090`); not served when unset.
+    pub listen: Option<String>,
 }
 
 /// The allocator's settings.

@@ -248,6 +248,16 @@ pub enum MemberState {
     Draining,
 }
 
+impl MemberState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            MemberState::Joining => "joining",
+            MemberState::Active => "active",
+            MemberState::Draining => "draining",
+        }
+    }
+}
+
 /// One member of a cluster, as front-ends route to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Member {

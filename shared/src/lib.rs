@@ -13,6 +13,7 @@
 //! - [`config`]: the one configuration struct, file plus `HEADROOM_*` env.
 //! - [`telemetry`]: tracing set-up.
 //! - [`nats`]: connecting, with credentials, TLS and backoff.
+//! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`shutdown`]: SIGINT / SIGTERM as a cancellation token.
 //! - [`service`]: the common `main` of a service binary.
 
@@ -22,6 +23,7 @@ pub mod config;
 pub mod ids;
 pub mod kv;
 pub mod nats;
+pub mod ops;
 pub mod service;
 pub mod shutdown;
 pub mod subjects;

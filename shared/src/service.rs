@@ -1,15 +1,18 @@
 //! The shape every service binary has, written once: load and check the
 //! configuration before anything else (a bad key exits 64 at once, naming
-//! it), set up tracing, start the runtime, connect to NATS, serve until
-//! SIGINT or SIGTERM, and turn the outcome into an exit code.
+//! it), set up tracing, start the runtime, open the health and metrics
+//! endpoint, connect to NATS, serve until SIGINT or SIGTERM, and turn the
+//! outcome into an exit code.
 
 use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, EXIT_CONFIG};
+use crate::ops::{self, Ops};
 use crate::{nats, shutdown, telemetry};
 
 /// Loads the configuration and sets up tracing, or says why not.
@@ -39,11 +42,35 @@ pub fn runtime(name: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
     })
 }
 
-/// Runs `serve` on a new runtime with a NATS connection named `name` and a
-/// token cancelled on SIGINT or SIGTERM.
+/// Starts the health and metrics endpoint when the configuration asks for
+/// one.
+///
+/// # Errors
+/// Its address cannot be bound, said in words.
+pub async fn start_ops(
+    name: &str,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Arc<Ops>, String> {
+    let handle = Ops::new(name);
+    ops::start(&handle, config.ops.listen.as_deref(), shutdown)
+        .await
+        .map_err(|err| {
+            format!(
+                "cannot serve health and metrics on {}: {err}",
+                config.ops.listen.as_deref().unwrap_or_default()
+            )
+        })?;
+    Ok(handle)
+}
+
+/// Runs `serve` on a new runtime with a NATS connection named `name`, the
+/// service's health and metrics, and a token cancelled on SIGINT or
+/// SIGTERM. The service says when it is ready; while NATS is disconnected
+/// it is not.
 pub fn run<F, Fut, E>(name: &str, config: Config, serve: F) -> ExitCode
 where
-    F: FnOnce(Config, async_nats::Client, CancellationToken) -> Fut,
+    F: FnOnce(Config, async_nats::Client, Arc<Ops>, CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
@@ -52,11 +79,16 @@ where
         Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
-        let (client, _events) = match nats::connect(&config.nats, name).await {
+        let shutdown = shutdown::on_signal();
+        let ops = start_ops(name, &config, &shutdown).await?;
+        ops.set_not_ready("connecting to NATS");
+        let (client, events) = match nats::connect(&config.nats, name).await {
             Ok(connected) => connected,
             Err(err) => return Err(format!("connecting to NATS: {err}")),
         };
-        serve(config, client, shutdown::on_signal())
+        ops.watch_nats(client.clone(), events, true);
+        ops.set_not_ready("starting");
+        serve(config, client, ops, shutdown)
             .await
             .map_err(|err| format!("{err:#}"))
     });
@@ -72,7 +104,7 @@ where
 /// [`configure`] then [`run`]: the whole `main` of a service.
 pub fn main<F, Fut, E>(name: &str, serve: F) -> ExitCode
 where
-    F: FnOnce(Config, async_nats::Client, CancellationToken) -> Fut,
+    F: FnOnce(Config, async_nats::Client, Arc<Ops>, CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {

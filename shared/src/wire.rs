@@ -332,6 +332,17 @@ pub enum Assignment {
     OutOfService { reason: String },
 }
 
+impl Assignment {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Assignment::Allocated => "allocated",
+            Assignment::Draining { .. } => "draining",
+            Assignment::Released => "released",
+            Assignment::OutOfService { .. } => "out_of_service",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssignmentNotice {
     #[serde(default = "schema_version")]

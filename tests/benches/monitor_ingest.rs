@@ -200,6 +200,7 @@ async fn main() {
     let monitor = tokio::spawn(headroom_monitor::run(
         config,
         nats.client().await.expect("connect"),
+        headroom_shared::ops::Ops::new("headroom-monitor"),
         shutdown.clone(),
     ));
     loop {

@@ -9,6 +9,7 @@ use futures::StreamExt;
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::Hook;
 use headroom_shared::kv::ServerState;
+use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
 use headroom_shared::wire::{
     DrainMember, DrainQueued, PerformanceReport, ServerStatus, ServerStatusKind,
@@ -113,9 +114,11 @@ async fn the_agent_registers_reports_and_answers_its_assignments() {
     ]));
     config.agent.on_release = Some(Hook::Http(format!("http://{}/hooks/release", app.addr)));
     let shutdown = CancellationToken::new();
+    let ops = Ops::new("headroom-agent");
     let agent = tokio::spawn(headroom_agent::run(
         config,
         stack.nats.client().await.expect("agent connects"),
+        ops.clone(),
         shutdown.clone(),
     ));
 
@@ -205,6 +208,27 @@ async fn the_agent_registers_reports_and_answers_its_assignments() {
     })
     .await;
     assert!(free.is_some(), "back in the pool before the drain deadline");
+
+    // Its metrics say what it did.
+    assert_eq!(ops.readiness(), Ok(()), "registered, so ready");
+    let metrics = ops.render();
+    for line in [
+        "headroom_agent_hooks_total{event=\"allocate\",outcome=\"ok\"} 1\n",
+        "headroom_agent_hooks_total{event=\"release\",outcome=\"ok\"} 1\n",
+        "headroom_agent_assignments_total{kind=\"allocated\"} 1\n",
+        "headroom_agent_assignments_total{kind=\"draining\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    for placement in ["member", "pool"] {
+        let series = format!("headroom_agent_reports_total{{placement=\"{placement}\"}} ");
+        let count: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(count > 0, "reports as {placement} counted: {metrics}");
+    }
 
     shutdown.cancel();
     tokio::time::timeout(WAIT, agent)

@@ -3,6 +3,7 @@
 //! KV invariants.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -13,6 +14,7 @@ use headroom_shared::kv::{
     ClusterPolicy, ClusterRecord, MemberState, RequestRecord, ServerRecord, ServerState,
     CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
 };
+use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
 use headroom_shared::wire::{
     AuditEvent, DeregisterServer, Empty, PutCluster, ReconfigRequest, RegisterServer,
@@ -36,6 +38,8 @@ pub fn cid(s: &str) -> ClusterId {
 pub struct RunningAllocator {
     pub task: JoinHandle<Result<(), headroom_allocator::AllocatorError>>,
     pub shutdown: CancellationToken,
+    /// Its health and metrics.
+    pub ops: Arc<Ops>,
 }
 
 impl RunningAllocator {
@@ -47,8 +51,19 @@ impl RunningAllocator {
         config.allocator.instance = instance.to_owned();
         let client = nats.client().await.expect("allocator connects");
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(headroom_allocator::run(config, client, shutdown.clone()));
-        Self { task, shutdown }
+        let ops = Ops::new("headroom-allocator");
+        ops.watch_nats(client.clone(), Arc::default(), true);
+        let task = tokio::spawn(headroom_allocator::run(
+            config,
+            client,
+            ops.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            task,
+            shutdown,
+            ops,
+        }
     }
 
     /// Stops it as SIGTERM would, and checks it ended cleanly.

@@ -39,6 +39,8 @@ pub struct Site {
     pub dir: tempfile::TempDir,
     pub http: Http,
     pub config: Config,
+    /// The front-end's health and metrics.
+    pub ops: Arc<headroom_shared::ops::Ops>,
 }
 
 pub fn route(t: &str, prefix: &str, balance: Balance) -> Route {
@@ -110,8 +112,10 @@ impl Site {
         let frontend = Frontend::bind(config.clone()).await.expect("bind");
         let addr = frontend.local_addr().expect("addr");
         let proxy = frontend.proxy();
+        let ops = frontend.ops();
         tokio::spawn(frontend.serve(shutdown.clone()));
         let site = Self {
+            ops,
             stack,
             backends: started,
             addr,

@@ -8,3 +8,4 @@ mod common;
 mod frontend;
 mod loadgen;
 mod monitor;
+mod ops;

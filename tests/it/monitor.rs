@@ -14,6 +14,7 @@ use futures::StreamExt;
 use headroom_monitor::{fetch_stats, Clock, ClockDriver};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
 use headroom_shared::wire::{now_ms, AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::RequestId;
@@ -57,6 +58,8 @@ pub struct Sim {
     pub clock: ClockDriver,
     monitor: JoinHandle<Result<(), headroom_monitor::MonitorError>>,
     shutdown: CancellationToken,
+    /// The monitor's health and metrics.
+    pub ops: Arc<Ops>,
     decided: async_nats::Subscriber,
     pub record: ClusterRecord,
     bucket: jetstream::kv::Store,
@@ -96,11 +99,13 @@ impl Sim {
         config.monitor.instance = "monitor-1".to_owned();
         config.monitor.dry_run = dry_run;
         let (clock, driver) = Clock::manual(START_MS);
+        let ops = Ops::new("headroom-monitor");
         let shutdown = CancellationToken::new();
         let monitor_client = nats.client().await.expect("monitor connects");
         let monitor = tokio::spawn(headroom_monitor::run_with_clock(
             config,
             monitor_client,
+            ops.clone(),
             shutdown.clone(),
             clock,
         ));
@@ -111,6 +116,7 @@ impl Sim {
             clock: driver,
             monitor,
             shutdown,
+            ops,
             decided,
             record,
             bucket,
@@ -387,6 +393,13 @@ async fn rising_load_scales_up_once_after_the_sustain_window() {
     );
     assert_eq!(ups[0].evidence["desired"], 6);
     assert_eq!(sim.requests().await, 1, "one request reached the stream");
+    let metrics = sim.ops.render();
+    assert!(
+        metrics.contains("headroom_monitor_decisions_total{action=\"allocate\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("headroom_monitor_requests_sent_total 1\n"));
+    assert_eq!(sim.ops.readiness(), Ok(()));
     sim.stop().await;
 }
 
@@ -641,6 +654,14 @@ async fn malformed_and_absurd_reports_are_rejected_counted_and_change_nothing() 
     assert_eq!(stats.unknown_cluster, 10);
     assert_eq!(stats.reports, 20, "the good ones were all taken");
     assert!(sim.seen.is_empty(), "decisions unaffected: {:?}", sim.seen);
+    let metrics = sim.ops.render();
+    for line in [
+        "headroom_monitor_reports_rejected_total{reason=\"malformed\"} 20\n",
+        "headroom_monitor_reports_rejected_total{reason=\"invalid\"} 30\n",
+        "headroom_monitor_reports_total{kind=\"member\"} 20\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     sim.stop().await;
 }
 
@@ -765,6 +786,7 @@ async fn with_the_allocator_the_cluster_grows_and_shrinks_for_real() {
     let monitor = tokio::spawn(headroom_monitor::run(
         config,
         stack.nats.client().await.expect("connect"),
+        Ops::new("headroom-monitor"),
         shutdown.clone(),
     ));
 

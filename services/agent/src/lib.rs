@@ -13,11 +13,14 @@
 //! - [`sample`]: the kernel's counters.
 //! - [`http`]: the small client for the application's stats and hooks.
 //! - [`hooks`]: running the allocate and release hooks.
+//! - [`metrics`]: what `/metrics` shows of it.
 
 pub mod hooks;
 pub mod http;
+pub mod metrics;
 pub mod sample;
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +30,7 @@ use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{AgentConfig, Config};
 use headroom_shared::kv::{ServerRecord, ServerState, SERVERS_BUCKET};
+use headroom_shared::ops::Ops;
 use headroom_shared::wire::{
     now_ms, Assignment, AssignmentNotice, PerformanceReport, RegisterServer, ReportSource,
     ServerStatus, ServerStatusKind,
@@ -38,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::hooks::HookEvent;
+use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -93,6 +98,7 @@ fn placement_of(state: &ServerState) -> Option<ClusterId> {
 pub async fn run(
     config: Config,
     client: async_nats::Client,
+    ops: Arc<Ops>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     let settings = config.agent.clone();
@@ -111,6 +117,8 @@ pub async fn run(
             .subscribe(subjects::assign(&server))
             .await
             .map_err(|e| AgentError::Setup("assignment subscription", e.into()))?;
+        let metrics = Arc::new(Metrics::default());
+        metrics.register(&ops);
         info!(address = %settings.address, port = settings.port, "agent starting");
 
         let stop = shutdown.child_token();
@@ -122,29 +130,29 @@ pub async fn run(
             stop.clone(),
         ));
         if settings.register {
+            ops.set_not_ready("registering in the pool");
             tasks.spawn(register(
                 client.clone(),
                 settings.clone(),
                 server.clone(),
+                ops.clone(),
                 stop.clone(),
             ));
+        } else {
+            ops.set_ready();
         }
-        tasks.spawn(report_loop(
-            client.clone(),
-            settings.clone(),
-            server.clone(),
-            placement.clone(),
-            stop.clone(),
-        ));
-        tasks.spawn(assignment_loop(
-            client.clone(),
+        let agent = Agent {
+            client: client.clone(),
             settings,
             server,
-            notices,
-            stop.clone(),
-        ));
+            metrics,
+        };
+        let agent = Arc::new(agent);
+        tasks.spawn(report_loop(agent.clone(), placement.clone(), stop.clone()));
+        tasks.spawn(assignment_loop(agent, notices, stop.clone()));
         shutdown.cancelled().await;
         info!("agent stopping");
+        ops.set_not_ready("stopping");
         stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             while tasks.join_next().await.is_some() {}
@@ -158,6 +166,14 @@ pub async fn run(
     }
     .instrument(span)
     .await
+}
+
+/// What the reporting and assignment tasks share.
+struct Agent {
+    client: async_nats::Client,
+    settings: AgentConfig,
+    server: ServerId,
+    metrics: Arc<Metrics>,
 }
 
 /// Keeps `placement` equal to what the server's KV record says.
@@ -196,6 +212,7 @@ async fn register(
     client: async_nats::Client,
     settings: AgentConfig,
     server: ServerId,
+    ops: Arc<Ops>,
     stop: CancellationToken,
 ) -> &'static str {
     let request = RegisterServer {
@@ -214,12 +231,14 @@ async fn register(
         match answer {
             Ok(record) => {
                 info!(state = record.state.name(), "registered in the pool");
+                ops.set_ready();
                 return "register";
             }
             // A refusal, or an answer this build cannot read, will not
             // change by asking again.
             Err(err @ (AdminError::Refused(_) | AdminError::Wire(_))) => {
                 warn!(%err, "registration refused");
+                ops.set_not_ready(format!("registration refused: {err}"));
                 return "register";
             }
             Err(err) => debug!(%err, "no allocator answered the registration yet"),
@@ -235,12 +254,16 @@ async fn register(
 
 /// Samples and publishes a report every interval.
 async fn report_loop(
-    client: async_nats::Client,
-    settings: AgentConfig,
-    server: ServerId,
+    agent: Arc<Agent>,
     placement: Placement,
     stop: CancellationToken,
 ) -> &'static str {
+    let Agent {
+        client,
+        settings,
+        server,
+        metrics,
+    } = &*agent;
     let mut sampler = sample::Sampler::new(&settings.proc_root, settings.interfaces.clone());
     let interval_ms = u32::try_from(settings.interval.as_millis()).unwrap_or(u32::MAX);
     let mut ticker = tokio::time::interval(settings.interval);
@@ -253,7 +276,10 @@ async fn report_loop(
         let now = now_ms();
         let kernel = sampler.sample(now);
         let app = match &settings.stats_url {
-            Some(url) => app_stats(url, settings.interval).await.unwrap_or_default(),
+            Some(url) => app_stats(url, settings.interval).await.unwrap_or_else(|| {
+                metrics.app_stats_failed.fetch_add(1, Ordering::Relaxed);
+                AppStats::default()
+            }),
             None => AppStats::default(),
         };
         let cluster = placement.lock().ok().and_then(|p| p.clone());
@@ -278,28 +304,44 @@ async fn report_loop(
         // Never send what the monitor would reject: say so here instead.
         if let Err(err) = report.validate() {
             warn!(%err, "not sending an invalid report");
+            metrics.reports_failed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        match Codec::MsgPack.encode(&report) {
+        let sent = match Codec::MsgPack.encode(&report) {
             Ok(body) => {
-                let subject = subjects::metrics(cluster.as_ref(), &server);
-                if let Err(err) = client.publish(subject, body).await {
+                let subject = subjects::metrics(cluster.as_ref(), server);
+                client.publish(subject, body).await.map_err(|err| {
                     debug!(%err, "report not sent");
-                }
+                })
             }
-            Err(err) => warn!(%err, "cannot encode the report"),
+            Err(err) => {
+                warn!(%err, "cannot encode the report");
+                Err(())
+            }
+        };
+        match sent {
+            Ok(()) => metrics
+                .reports
+                .inc(&[if cluster.is_some() { "member" } else { "pool" }]),
+            Err(()) => {
+                metrics.reports_failed.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
 
 /// Answers assignment notices one at a time, in order.
 async fn assignment_loop(
-    client: async_nats::Client,
-    settings: AgentConfig,
-    server: ServerId,
+    agent: Arc<Agent>,
     mut notices: async_nats::Subscriber,
     stop: CancellationToken,
 ) -> &'static str {
+    let Agent {
+        client,
+        settings,
+        server,
+        metrics,
+    } = &*agent;
     loop {
         let message = tokio::select! {
             _ = stop.cancelled() => return "assignments",
@@ -316,12 +358,13 @@ async fn assignment_loop(
                     continue;
                 }
             };
-        if notice.server != server {
+        if notice.server != *server {
             warn!(other = %notice.server, "assignment notice for another server; ignored");
             continue;
         }
         let span = info_span!("assignment", cluster = %notice.cluster);
-        let status = answer(&settings, &server, &notice, &stop)
+        metrics.assignments.inc(&[notice.assignment.name()]);
+        let status = answer(settings, server, metrics, &notice, &stop)
             .instrument(span)
             .await;
         if let Some(status) = status {
@@ -334,7 +377,7 @@ async fn assignment_loop(
             };
             match Codec::MsgPack.encode(&reply) {
                 Ok(body) => {
-                    if let Err(err) = client.publish(subjects::status(&server), body).await {
+                    if let Err(err) = client.publish(subjects::status(server), body).await {
                         warn!(%err, "could not send the server status");
                     }
                     let _ = client.flush().await;
@@ -349,14 +392,26 @@ async fn assignment_loop(
 async fn answer(
     settings: &AgentConfig,
     server: &ServerId,
+    metrics: &Metrics,
     notice: &AssignmentNotice,
     stop: &CancellationToken,
 ) -> Option<ServerStatusKind> {
-    let outcome = |result: Result<(), String>, done: ServerStatusKind| match result {
-        Ok(()) => done,
-        Err(reason) => {
-            warn!(%reason, "hook failed");
-            ServerStatusKind::Failed { reason }
+    let outcome = |result: Result<(), String>, done: ServerStatusKind| {
+        let event = if done == ServerStatusKind::Ready {
+            "allocate"
+        } else {
+            "release"
+        };
+        match result {
+            Ok(()) => {
+                metrics.hooks.inc(&[event, "ok"]);
+                done
+            }
+            Err(reason) => {
+                warn!(%reason, "hook failed");
+                metrics.hooks.inc(&[event, "failed"]);
+                ServerStatusKind::Failed { reason }
+            }
         }
     };
     match &notice.assignment {

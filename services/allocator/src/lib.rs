@@ -13,9 +13,11 @@
 //!   register, repairs) as compare-and-set sequences.
 //! - [`requests`]: the durable request consumer and the outcome ledger.
 //! - [`admin`]: the NATS services API endpoints.
+//! - [`metrics`]: what `/metrics` shows of it.
 //! - [`run`]: wires them together until shutdown.
 
 pub mod admin;
+pub mod metrics;
 pub mod ops;
 pub mod placement;
 pub mod requests;
@@ -29,6 +31,7 @@ use futures::StreamExt;
 use headroom_shared::codec;
 use headroom_shared::config::Config;
 use headroom_shared::kv::ServerState;
+use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
 use headroom_shared::wire::{
     now_ms, ReconfigAction, ReconfigRequest, ServerStatus, ServerStatusKind,
@@ -61,6 +64,7 @@ pub enum AllocatorError {
 pub async fn run(
     config: Config,
     client: async_nats::Client,
+    ops: Arc<Ops>,
     shutdown: CancellationToken,
 ) -> Result<(), AllocatorError> {
     let replicas = config.nats.replicas;
@@ -77,11 +81,13 @@ pub async fn run(
         client.clone(),
         settings.instance.clone(),
     ));
+    allocator.metrics.register(&ops);
     info!(instance = %settings.instance, "allocator starting");
 
     // Repair what a crash left half-done before taking new work. Work
     // younger than `repair_after` may belong to a live peer: it is left to
     // that peer, or to the redelivery of its request.
+    ops.set_not_ready("repairing what an earlier crash left");
     reconcile_once(&allocator, settings.repair_after).await;
 
     let stop = shutdown.child_token();
@@ -108,6 +114,12 @@ pub async fn run(
         stop.clone(),
     ));
     tasks.spawn(status_loop(allocator.clone(), client.clone(), stop.clone()));
+    tasks.spawn(allocator.metrics.clone().follow(
+        allocator.store.servers_bucket(),
+        allocator.store.clusters_bucket(),
+        stop.clone(),
+    ));
+    ops.set_ready();
 
     let mut failure = None;
     tokio::select! {
@@ -125,6 +137,7 @@ pub async fn run(
             }
         }
     }
+    ops.set_not_ready("stopping");
     stop.cancel();
     let drained = tokio::time::timeout(settings.shutdown_grace, async {
         while tasks.join_next().await.is_some() {}

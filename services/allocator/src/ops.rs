@@ -18,6 +18,7 @@
 //! so a redelivered request recognises what it already did.
 
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -36,6 +37,7 @@ use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
 use rand::Rng;
 use tracing::{debug, info, instrument, warn};
 
+use crate::metrics::Metrics;
 use crate::placement::{plan_repairs, rank_candidates, Repair};
 use crate::store::{Store, StoreError, Versioned};
 
@@ -85,6 +87,7 @@ pub struct Allocator {
     pub(crate) js: jetstream::Context,
     client: async_nats::Client,
     instance: String,
+    pub metrics: Arc<Metrics>,
 }
 
 async fn backoff(attempt: u32) {
@@ -107,6 +110,7 @@ impl Allocator {
             js,
             client,
             instance,
+            metrics: Arc::default(),
         }
     }
 
@@ -218,6 +222,7 @@ impl Allocator {
             origin: self.instance.clone(),
             at_ms: now_ms(),
         };
+        self.metrics.events.inc(&[event.kind.token()]);
         let subject = subjects::events(cluster, event.kind.token());
         if let Err(err) =
             bus::publish_durable(&self.js, subject, &dedup, Codec::MsgPack, &event).await

@@ -108,6 +108,7 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
                     format!("malformed.{seq}"),
                 )
                 .await;
+            allocator.metrics.requests.inc(&["unknown", "malformed"]);
             // Nothing to retry: tell JetStream to stop delivering it.
             ack(&message, AckKind::Term).await;
             return;
@@ -116,6 +117,10 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
     match allocator.store.outcome(&request.id).await {
         Ok(Some(done)) => {
             debug!(request = %request.id, outcome = ?done.outcome, "already applied");
+            allocator
+                .metrics
+                .requests
+                .inc(&[request.action.name(), "duplicate"]);
             ack(&message, AckKind::Ack).await;
             return;
         }
@@ -127,6 +132,7 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
         }
     }
 
+    let started = std::time::Instant::now();
     let result = if subject_cluster.as_ref() != Some(&request.cluster) {
         Err(OpError::Rejected(BusError::new(
             codes::SUBJECT_MISMATCH,
@@ -138,10 +144,15 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
     } else {
         allocator.apply(&request).await
     };
+    allocator.metrics.request_seconds.observe(started.elapsed());
     let outcome = match result {
         Ok(outcome) => outcome,
         Err(OpError::Rejected(error)) => Outcome::Rejected { error },
         Err(err) => {
+            allocator
+                .metrics
+                .requests
+                .inc(&[request.action.name(), "retry"]);
             error!(%err, request = %request.id, "request failed; it will be retried");
             ack(&message, AckKind::Nak(Some(Duration::from_millis(500)))).await;
             return;
@@ -169,10 +180,14 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
             return;
         }
     };
-    let error = match &stands.outcome {
-        Outcome::Rejected { error } => Some(error),
-        Outcome::Applied { error, .. } => error.as_ref(),
+    let (error, counted) = match &stands.outcome {
+        Outcome::Rejected { error } => (Some(error), "rejected"),
+        Outcome::Applied { error, .. } => (error.as_ref(), "applied"),
     };
+    allocator
+        .metrics
+        .requests
+        .inc(&[request.action.name(), counted]);
     if let Some(error) = error {
         warn!(request = %request.id, %error, "request not (fully) applied");
         allocator

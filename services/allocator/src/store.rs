@@ -84,6 +84,16 @@ impl Store {
         })
     }
 
+    /// The servers bucket, for watching.
+    pub fn servers_bucket(&self) -> kv::Store {
+        self.servers.clone()
+    }
+
+    /// The clusters bucket, for watching.
+    pub fn clusters_bucket(&self) -> kv::Store {
+        self.clusters.clone()
+    }
+
     async fn get<T: Message>(
         bucket: &kv::Store,
         key: &str,

@@ -141,6 +141,30 @@ impl Backend {
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::Relaxed)
     }
+
+    pub fn in_flight(&self) -> u64 {
+        self.state.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Publishes its counters on `ops` and says it is ready.
+    pub fn register(&self, ops: &headroom_shared::ops::Ops) {
+        let backend = self.clone();
+        ops.register(move |out| {
+            out.counter(
+                "headroom_backend_requests_total",
+                "Requests the sample backend answered.",
+                &[],
+                backend.requests(),
+            );
+            out.gauge(
+                "headroom_backend_in_flight",
+                "Requests being answered now.",
+                &[],
+                backend.in_flight() as f64,
+            );
+        });
+        ops.set_ready();
+    }
 }
 
 fn query(request: &Request<Incoming>, name: &str) -> Option<u64> {

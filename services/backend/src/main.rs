@@ -16,8 +16,16 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         let stop = shutdown::on_signal();
+        let ops = match service::start_ops("headroom-backend", &config, &stop).await {
+            Ok(ops) => ops,
+            Err(err) => {
+                tracing::error!("{err}");
+                return ExitCode::FAILURE;
+            }
+        };
         match Backend::start(config.backend, stop.clone()).await {
             Ok(backend) => {
+                backend.register(&ops);
                 tracing::info!(addr = %backend.addr, name = %backend.name, "sample backend serving");
                 stop.cancelled().await;
                 ExitCode::SUCCESS

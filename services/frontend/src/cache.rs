@@ -68,6 +68,11 @@ impl Cache {
         self.max_object
     }
 
+    /// Bytes held now (keys, headers and bodies).
+    pub fn weight(&self) -> u64 {
+        self.inner.weight()
+    }
+
     /// A fresh response for `key`, if any.
     pub fn get(&self, key: &str) -> Option<Arc<Cached>> {
         match self.lookup(key) {

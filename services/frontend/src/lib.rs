@@ -12,10 +12,12 @@
 //! - [`membership`]: following the cluster record in KV, and the
 //!   last-known-good file.
 //! - [`stats`]: latency histograms.
+//! - [`metrics`]: what `/metrics` shows of it.
 //! - [`Frontend`]: the listener and the tasks around it.
 
 pub mod cache;
 pub mod membership;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod stats;
@@ -27,6 +29,7 @@ use std::time::Duration;
 
 use headroom_shared::codec::Codec;
 use headroom_shared::config::Config;
+use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
 use headroom_shared::{subjects, ClusterId, IdError, ServerId};
 use hyper::service::service_fn;
@@ -59,6 +62,7 @@ pub struct Frontend {
     /// kernel spreads connections over them).
     listeners: Vec<std::net::TcpListener>,
     proxy: Arc<Proxy>,
+    ops: Arc<Ops>,
 }
 
 fn listen(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -114,12 +118,20 @@ impl Frontend {
                 Err(err) => debug!(%err, "no last known good routing"),
             }
         }
+        let ops = Ops::new("headroom-frontend");
+        metrics::register(&proxy, &ops);
         Ok(Self {
             config,
             cluster,
             listeners,
             proxy,
+            ops,
         })
+    }
+
+    /// Its health and metrics, to serve on the operations port.
+    pub fn ops(&self) -> Arc<Ops> {
+        self.ops.clone()
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -142,6 +154,7 @@ impl Frontend {
                 self.config.clone(),
                 self.cluster.clone(),
                 self.proxy.clone(),
+                self.ops.clone(),
                 shutdown.clone(),
             ));
             info!(listen = ?self.local_addr(), workers = self.listeners.len(), "front-end serving");
@@ -261,6 +274,7 @@ async fn control_plane(
     config: Config,
     cluster: ClusterId,
     proxy: Arc<Proxy>,
+    ops: Arc<Ops>,
     shutdown: CancellationToken,
 ) {
     let mut nats = config.nats.clone();
@@ -269,7 +283,11 @@ async fn control_plane(
     let client = tokio::select! {
         _ = shutdown.cancelled() => return,
         connected = headroom_shared::nats::connect(&nats, "headroom-frontend") => match connected {
-            Ok((client, _events)) => client,
+            Ok((client, events)) => {
+                // Not required for readiness: it serves what routing it has.
+                ops.watch_nats(client.clone(), events, false);
+                client
+            }
             Err(err) => {
                 warn!(%err, "cannot reach NATS; serving from what routing there is");
                 return;

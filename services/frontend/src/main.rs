@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use headroom_frontend::Frontend;
-use headroom_shared::{service, shutdown};
+use headroom_shared::{ops, service, shutdown};
 
 fn main() -> ExitCode {
     let config = match service::configure("headroom-frontend") {
@@ -17,9 +17,15 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     runtime.block_on(async {
+        let shutdown = shutdown::on_signal();
+        let listen = config.ops.listen.clone();
         match Frontend::bind(config).await {
             Ok(frontend) => {
-                frontend.serve(shutdown::on_signal()).await;
+                if let Err(err) = ops::start(&frontend.ops(), listen.as_deref(), &shutdown).await {
+                    tracing::error!("cannot serve health and metrics: {err}");
+                    return ExitCode::FAILURE;
+                }
+                frontend.serve(shutdown).await;
                 ExitCode::SUCCESS
             }
             Err(err) => {

@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use headroom_shared::config::FrontendConfig;
+use headroom_shared::ops::Histogram;
 use headroom_shared::wire::now_ms;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
@@ -37,7 +38,13 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 #[derive(Debug, Default)]
 pub struct Counters {
     pub requests: AtomicU64,
+    /// Answers by status code (index = code − 100).
+    pub by_status: StatusCounts,
     pub cache_hits: AtomicU64,
+    /// Cacheable requests the cache could not answer (missing or stale).
+    pub cache_misses: AtomicU64,
+    /// Every request's time, kept for `/metrics` (never reset).
+    pub duration: Histogram,
     pub retries: AtomicU64,
     pub errors: AtomicU64,
     pub in_flight: AtomicU64,
@@ -45,6 +52,24 @@ pub struct Counters {
     /// Times the routing was reloaded from the KV snapshot because changes
     /// were missed or the watch fell behind.
     pub resyncs: AtomicU64,
+}
+
+/// Answers counted by status code.
+#[derive(Debug)]
+pub struct StatusCounts(pub [AtomicU64; 500]);
+
+impl Default for StatusCounts {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl StatusCounts {
+    pub fn record(&self, status: StatusCode) {
+        if let Some(slot) = self.0.get(usize::from(status.as_u16()).wrapping_sub(100)) {
+            slot.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The proxy's state, shared by every connection.
@@ -103,7 +128,10 @@ impl Proxy {
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         let response = self.forward(&upstream, request, client).await;
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.counters.latency.record(started.elapsed());
+        let elapsed = started.elapsed();
+        self.counters.latency.record(elapsed);
+        self.counters.duration.observe(elapsed);
+        self.counters.by_status.record(response.status());
         if response.status().is_server_error() {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -146,7 +174,11 @@ impl Proxy {
         let cache_key = match &self.cache {
             Some(cache) if method == Method::GET && cache::request_allows(request.headers()) => {
                 let key = cache::key(host.as_deref(), &path_and_query);
-                match cache.lookup(&key) {
+                let lookup = cache.lookup(&key);
+                if !matches!(lookup, cache::Lookup::Fresh(_)) {
+                    self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+                }
+                match lookup {
                     cache::Lookup::Fresh(hit) => return self.answer_from_cache(&hit),
                     cache::Lookup::Missing => {}
                     cache::Lookup::Stale => match self.fills.join(&key) {

@@ -4,33 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Upper bounds of the buckets, in microseconds (the last is open).
-const BOUNDS_US: [u64; 24] = [
-    250,
-    500,
-    1_000,
-    2_000,
-    3_000,
-    5_000,
-    7_500,
-    10_000,
-    15_000,
-    20_000,
-    30_000,
-    50_000,
-    75_000,
-    100_000,
-    150_000,
-    200_000,
-    300_000,
-    500_000,
-    750_000,
-    1_000_000,
-    2_000_000,
-    5_000_000,
-    10_000_000,
-    u64::MAX,
-];
+use headroom_shared::ops::{latency_bucket, LATENCY_BOUNDS_US as BOUNDS_US};
 
 #[derive(Debug, Default)]
 pub struct Latency {
@@ -39,9 +13,7 @@ pub struct Latency {
 
 impl Latency {
     pub fn record(&self, elapsed: Duration) {
-        let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let i = BOUNDS_US.partition_point(|&b| b < us);
-        self.buckets[i.min(BOUNDS_US.len() - 1)].fetch_add(1, Ordering::Relaxed);
+        self.buckets[latency_bucket(elapsed)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// The count and the p50 and p99 (bucket upper bounds, in ms) since

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::HeaderMap;
 use headroom_shared::codec::Codec;
+use headroom_shared::ops::{CounterVec, Exposition};
 use headroom_shared::subjects;
 use headroom_shared::wire::{codes, BusError, PerformanceReport};
 use headroom_shared::ClusterId;
@@ -64,6 +65,22 @@ pub struct Counters {
     /// Gauges, set at each evaluation.
     pub tracked_servers: AtomicU64,
     pub clusters: AtomicU64,
+    /// Decisions by action, for `/metrics`.
+    pub decided: DecisionsByAction,
+}
+
+/// Decisions by action (allocate, release, replace, reweight).
+#[derive(Debug)]
+pub struct DecisionsByAction(pub CounterVec);
+
+impl Default for DecisionsByAction {
+    fn default() -> Self {
+        Self(CounterVec::new(
+            "headroom_monitor_decisions_total",
+            "Decisions made, by action.",
+            &["action"],
+        ))
+    }
 }
 
 /// A copy of the counters, as the stats endpoint and replay print them.
@@ -125,6 +142,66 @@ impl Counters {
             + s.unknown_cluster
             + s.not_a_member;
         s
+    }
+}
+
+impl Counters {
+    /// Writes the counters in Prometheus form.
+    pub fn expose(&self, out: &mut Exposition) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        const TAKEN: &str = "headroom_monitor_reports_total";
+        const TAKEN_HELP: &str =
+            "Performance reports ingested: member reports, free servers' pool reports, and other shards' (skipped).";
+        out.counter(TAKEN, TAKEN_HELP, &[("kind", "member")], get(&self.reports));
+        out.counter(
+            TAKEN,
+            TAKEN_HELP,
+            &[("kind", "pool")],
+            get(&self.pool_reports),
+        );
+        out.counter(
+            TAKEN,
+            TAKEN_HELP,
+            &[("kind", "skipped")],
+            get(&self.skipped),
+        );
+        const REJECTED: &str = "headroom_monitor_reports_rejected_total";
+        const REJECTED_HELP: &str = "Performance reports rejected, by reason code.";
+        for (code, counter) in [
+            ("malformed", &self.malformed),
+            (codes::UNSUPPORTED_VERSION, &self.unsupported_version),
+            (codes::INVALID, &self.invalid),
+            (codes::SUBJECT_MISMATCH, &self.subject_mismatch),
+            (codes::UNKNOWN_CLUSTER, &self.unknown_cluster),
+            (codes::NOT_A_MEMBER, &self.not_a_member),
+        ] {
+            out.counter(REJECTED, REJECTED_HELP, &[("reason", code)], get(counter));
+        }
+        self.decided.0.write(out);
+        out.counter(
+            "headroom_monitor_requests_sent_total",
+            "Reconfiguration requests sent to the allocator.",
+            &[],
+            get(&self.requests_sent),
+        );
+        out.counter(
+            "headroom_monitor_send_failures_total",
+            "Decisions that could not be sent (queue full or JetStream refused).",
+            &[],
+            get(&self.send_failures),
+        );
+        out.gauge(
+            "headroom_monitor_tracked_servers",
+            "Servers with a window in this monitor.",
+            &[],
+            get(&self.tracked_servers) as f64,
+        );
+        out.gauge(
+            "headroom_monitor_clusters",
+            "Clusters this monitor decides for.",
+            &[],
+            get(&self.clusters) as f64,
+        );
     }
 }
 

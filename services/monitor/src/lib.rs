@@ -29,6 +29,7 @@ use futures::StreamExt;
 use headroom_shared::codec::Codec;
 use headroom_shared::config::Config;
 use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET};
+use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, AuditEvent, EventKind, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, RequestId, SCHEMA_VERSION};
 use tokio::sync::{mpsc, oneshot};
@@ -134,9 +135,10 @@ enum ClusterUpdate {
 pub async fn run(
     config: Config,
     client: async_nats::Client,
+    ops: Arc<Ops>,
     shutdown: CancellationToken,
 ) -> Result<(), MonitorError> {
-    run_with_clock(config, client, shutdown, Clock::System).await
+    run_with_clock(config, client, ops, shutdown, Clock::System).await
 }
 
 /// [`run`], on the given clock.
@@ -146,6 +148,7 @@ pub async fn run(
 pub async fn run_with_clock(
     config: Config,
     client: async_nats::Client,
+    ops: Arc<Ops>,
     shutdown: CancellationToken,
     clock: Clock,
 ) -> Result<(), MonitorError> {
@@ -185,6 +188,10 @@ pub async fn run_with_clock(
             .await
             .map_err(|e| MonitorError::Setup("metrics subscription", e.into()))?;
         let counters = Arc::new(Counters::default());
+        {
+            let counters = counters.clone();
+            ops.register(move |out| counters.expose(out));
+        }
         let stats = client
             .service_builder()
             .description("Headroom monitor: performance reports in, reconfiguration requests out")
@@ -224,6 +231,7 @@ pub async fn run_with_clock(
             settings.dry_run,
         ));
         tasks.spawn(serve_stats(stats_endpoint, counters, stop.clone()));
+        ops.set_ready();
 
         let mut failure = None;
         tokio::select! {
@@ -239,6 +247,7 @@ pub async fn run_with_clock(
                 }
             }
         }
+        ops.set_not_ready("stopping");
         stop.cancel();
         // The sender ends once the decider is gone and its queue is sent.
         let drained = tokio::time::timeout(Duration::from_secs(10), async {
@@ -326,6 +335,7 @@ async fn decide_loop(
     let evaluate = |decider: &mut Decider, at_ms: u64| {
         for decision in decider.tick(at_ms) {
             counters.decisions.fetch_add(1, Ordering::Relaxed);
+            counters.decided.0.inc(&[decision.action.name()]);
             if decisions.try_send(decision).is_err() {
                 counters.send_failures.fetch_add(1, Ordering::Relaxed);
                 warn!("decision queue full; a decision was dropped");

@@ -77,7 +77,7 @@ fn main() -> ExitCode {
     service::run(
         "headroom-monitor",
         config,
-        |config, client, stop| async move {
+        |config, client, ops, stop| async move {
             match cli.command {
                 Some(Command::Record { out, duration }) => {
                     let sink: Box<dyn Write + Send> = if out.as_os_str() == "-" {
@@ -95,11 +95,12 @@ fn main() -> ExitCode {
                             stop.cancel();
                         });
                     }
+                    ops.set_ready();
                     let written = replay::record(&client, config.nats.replicas, sink, stop).await?;
                     tracing::info!(written, "recording finished");
                     Ok(())
                 }
-                _ => headroom_monitor::run(config, client, stop)
+                _ => headroom_monitor::run(config, client, ops, stop)
                     .await
                     .context("monitor"),
             }

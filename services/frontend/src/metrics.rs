@@ -1,0 +1,127 @@
+//! What the front-end exposes on `/metrics`: requests by status, cache
+//! hits and misses, latency, the routing table's generation and each
+//! member as this front-end sees it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use headroom_shared::ops::{Exposition, Ops};
+use headroom_shared::wire::now_ms;
+
+use crate::Proxy;
+
+/// Registers the proxy's collectors, and a readiness that holds while it
+/// has a routing table (from KV or from the last-known-good file).
+pub fn register(proxy: &Arc<Proxy>, ops: &Ops) {
+    let collected = proxy.clone();
+    ops.register(move |out| expose(&collected, out));
+    let probed = proxy.clone();
+    ops.set_probe(move || match probed.table.load().as_ref() {
+        Some(_) => Ok(()),
+        None => Err("no routing table yet".to_owned()),
+    });
+    // Nothing else to wait for: the probe says the rest.
+    ops.set_ready();
+}
+
+fn expose(proxy: &Proxy, out: &mut Exposition) {
+    let c = &proxy.counters;
+    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    const REQUESTS: &str = "headroom_frontend_requests_total";
+    const REQUESTS_HELP: &str = "Requests answered, by status code (cache hits included).";
+    let mut any = false;
+    for (i, count) in c.by_status.0.iter().enumerate() {
+        let n = count.load(Ordering::Relaxed);
+        if n > 0 {
+            any = true;
+            out.counter(
+                REQUESTS,
+                REQUESTS_HELP,
+                &[("code", &(i + 100).to_string())],
+                n,
+            );
+        }
+    }
+    if !any {
+        out.counter(REQUESTS, REQUESTS_HELP, &[("code", "200")], 0);
+    }
+    const CACHE: &str = "headroom_frontend_cache_total";
+    const CACHE_HELP: &str = "Requests looked up in the cache (GETs that allow it), by result.";
+    out.counter(CACHE, CACHE_HELP, &[("result", "hit")], get(&c.cache_hits));
+    out.counter(
+        CACHE,
+        CACHE_HELP,
+        &[("result", "miss")],
+        get(&c.cache_misses),
+    );
+    out.gauge(
+        "headroom_frontend_cache_bytes",
+        "Bytes of responses held in the cache.",
+        &[],
+        proxy
+            .cache
+            .as_ref()
+            .map_or(0.0, |cache| cache.weight() as f64),
+    );
+    out.counter(
+        "headroom_frontend_retries_total",
+        "Requests retried on another member after a connection failure.",
+        &[],
+        get(&c.retries),
+    );
+    out.counter(
+        "headroom_frontend_resyncs_total",
+        "Times the routing was reloaded from the KV snapshot (missed changes).",
+        &[],
+        get(&c.resyncs),
+    );
+    out.gauge(
+        "headroom_frontend_in_flight",
+        "Requests being answered now.",
+        &[],
+        get(&c.in_flight) as f64,
+    );
+    out.histogram(
+        "headroom_frontend_request_seconds",
+        "Time from a request's head to its response's head.",
+        &[],
+        &c.duration,
+    );
+    let table = proxy.table.load_full();
+    out.gauge(
+        "headroom_membership_generation",
+        "Generation of the routing table in use (the cluster record's).",
+        &[],
+        table.as_ref().map_or(0.0, |t| t.generation as f64),
+    );
+    out.gauge(
+        "headroom_frontend_routing_from_file",
+        "1 while routing comes from the last-known-good file, not NATS.",
+        &[],
+        if proxy.from_file.load(Ordering::Acquire) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    let now = now_ms();
+    let backends = table.as_ref().map(|t| t.backends.as_slice()).unwrap_or(&[]);
+    for backend in backends {
+        let server = [("server", backend.server.as_str())];
+        out.gauge(
+            "headroom_frontend_member_in_flight",
+            "Requests in flight to each member.",
+            &server,
+            f64::from(backend.in_flight.load(Ordering::Relaxed)),
+        );
+    }
+    for backend in backends {
+        let server = [("server", backend.server.as_str())];
+        out.gauge(
+            "headroom_frontend_member_ejected",
+            "1 while a member is ejected by passive health checks.",
+            &server,
+            if backend.is_ejected(now) { 1.0 } else { 0.0 },
+        );
+    }
+}
