@@ -169,6 +169,53 @@ async fn kv_watch_events_and_services_show_the_wire_readably() {
     .expect_err("missing key");
     assert!(err.to_string().contains("no key nope"), "{err}");
 
+    // kv watch: the current value first, then a change as it happens,
+    // each with the revision KV gave it.
+    let kv_watcher = {
+        let client = stack.client.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            headroom_cli::kv_watch(
+                &client,
+                SERVERS_BUCKET,
+                ">",
+                Some(2),
+                Some(Duration::from_secs(10)),
+                &mut out,
+            )
+            .await
+            .expect("kv watch");
+            text(out)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    register(&stack.client, "k2", &["web"]).await;
+    let watched = kv_watcher.await.expect("joined");
+    let lines: Vec<&str> = watched.lines().collect();
+    assert_eq!(lines.len(), 2, "{watched}");
+    let k2 = server_record(&stack.js, "k2").await;
+    let bucket = stack
+        .js
+        .get_key_value(SERVERS_BUCKET)
+        .await
+        .expect("bucket");
+    for (line, key) in lines.iter().zip(["k1", "k2"]) {
+        let revision = bucket
+            .entry(key)
+            .await
+            .expect("entry")
+            .expect("present")
+            .revision;
+        assert!(
+            line.starts_with(&format!("{key} @{revision} Put ")),
+            "{line}"
+        );
+    }
+    assert!(
+        lines[1].contains(&format!("\"address\":\"{}\"", k2.address)),
+        "{watched}"
+    );
+
     // watch: a MessagePack report comes out as JSON with its headers.
     let watcher = {
         let client = stack.client.clone();

@@ -352,6 +352,52 @@ pub async fn kv_get(
     Ok(())
 }
 
+/// `headroom kv watch <bucket> [key pattern]`: the current values, then
+/// every change as it happens, with revisions, for `count` entries or
+/// `duration`, whichever comes first.
+///
+/// # Errors
+/// The bucket does not exist or cannot be watched.
+pub async fn kv_watch(
+    client: &async_nats::Client,
+    bucket: &str,
+    pattern: &str,
+    count: Option<usize>,
+    duration: Option<Duration>,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let store = self::bucket(client, bucket).await?;
+    let mut entries = store
+        .watch_with_history(pattern)
+        .await
+        .map_err(|e| nats(format!("watching {bucket}/{pattern}"))(e.into()))?;
+    let deadline = tokio::time::sleep(duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut seen = 0;
+    while count.is_none_or(|c| seen < c) {
+        let entry = tokio::select! {
+            () = &mut deadline => break,
+            entry = entries.next() => match entry {
+                Some(Ok(entry)) => entry,
+                Some(Err(err)) => return Err(nats(format!("watching {bucket}"))(err.into())),
+                None => break,
+            },
+        };
+        let value = codec::readable(None, &entry.value).unwrap_or(serde_json::Value::Null);
+        writeln!(
+            out,
+            "{} @{} {:?} {}",
+            entry.key,
+            entry.revision,
+            entry.operation,
+            json_line(&value)
+        )?;
+        out.flush()?;
+        seen += 1;
+    }
+    Ok(())
+}
+
 /// `headroom watch <pattern>`: live messages, headers and decoded body, for
 /// `count` messages or `duration`, whichever comes first.
 ///

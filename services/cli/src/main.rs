@@ -91,9 +91,28 @@ enum Pool {
 
 #[derive(Subcommand)]
 enum Kv {
-    List { bucket: String },
-    Get { bucket: String, key: String },
-    History { bucket: String, key: String },
+    List {
+        bucket: String,
+    },
+    Get {
+        bucket: String,
+        key: String,
+    },
+    History {
+        bucket: String,
+        key: String,
+    },
+    /// Current values, then every change as it happens.
+    Watch {
+        bucket: String,
+        /// Keys to follow (`>` for all).
+        #[arg(default_value = ">")]
+        pattern: String,
+        #[arg(long)]
+        count: Option<usize>,
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -151,6 +170,25 @@ fn main() -> ExitCode {
                 action: Kv::History { bucket, key },
             } => {
                 cli::kv_get(&client, &bucket, &key, true, &mut out).await?;
+            }
+            Command::Kv {
+                action:
+                    Kv::Watch {
+                        bucket,
+                        pattern,
+                        count,
+                        seconds,
+                    },
+            } => {
+                cli::kv_watch(
+                    &client,
+                    &bucket,
+                    &pattern,
+                    count,
+                    seconds.map(Duration::from_secs),
+                    &mut out,
+                )
+                .await?;
             }
             Command::Watch {
                 pattern,
