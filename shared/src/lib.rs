@@ -12,6 +12,7 @@
 //! - [`kv`]: the KV buckets, their records and compare-and-set helpers.
 //! - [`config`]: the one configuration struct, file plus `HEADROOM_*` env.
 //! - [`telemetry`]: tracing set-up.
+//! - [`local`]: a local nats-server for the demo and the tests.
 //! - [`nats`]: connecting, with credentials, TLS and backoff.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`shutdown`]: SIGINT / SIGTERM as a cancellation token.
@@ -22,6 +23,7 @@ pub mod codec;
 pub mod config;
 pub mod ids;
 pub mod kv;
+pub mod local;
 pub mod nats;
 pub mod ops;
 pub mod service;

@@ -1,0 +1,205 @@
+//! A local nats-server with JetStream, for the one-command demo and the
+//! integration tests: the pinned binary (`NATS_SERVER_BIN`, then what
+//! `scripts/fetch-nats-server.sh` placed in `target/tools/`, then `PATH`),
+//! started with Headroom's `nats/nats.conf` on an ephemeral port with its
+//! own temporary store, and killed on drop, so several run side by side
+//! and leave nothing behind.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+/// The nats-server version the fixture expects (per-message TTL and the KV
+/// behaviour Headroom relies on need 2.11 or later).
+pub const PINNED_VERSION: &str = "2.15.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalNatsError {
+    #[error(
+        "no nats-server binary found (looked at $NATS_SERVER_BIN, {pinned} and $PATH); \
+         run scripts/fetch-nats-server.sh or scripts/test.sh, which fetch the pinned {PINNED_VERSION}"
+    )]
+    Missing { pinned: String },
+    #[error(
+        "{path} is nats-server {found}; Headroom needs 2.11 or later (pinned {PINNED_VERSION})"
+    )]
+    TooOld { path: String, found: String },
+    #[error("nats-server did not start within {0:?}; its log:\n{1}")]
+    NoStart(Duration, String),
+    #[error("local nats-server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Headroom's nats-server configuration, the one the compose stack mounts.
+const NATS_CONF: &str = include_str!("../../nats/nats.conf");
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where the nats-server binary is.
+///
+/// # Errors
+/// [`LocalNatsError::Missing`] when none is found, [`LocalNatsError::TooOld`]
+/// when it predates 2.11.
+pub fn nats_server_binary() -> Result<PathBuf, LocalNatsError> {
+    let pinned = workspace_root()
+        .join("target/tools")
+        .join(format!("nats-server-{PINNED_VERSION}"))
+        .join("nats-server");
+    let candidates = std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([pinned.clone()])
+        .chain(std::env::var_os("PATH").into_iter().flat_map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("nats-server"))
+                .collect::<Vec<_>>()
+        }));
+    for path in candidates {
+        if path.is_file() {
+            check_version(&path)?;
+            return Ok(path);
+        }
+    }
+    Err(LocalNatsError::Missing {
+        pinned: pinned.display().to_string(),
+    })
+}
+
+fn check_version(path: &Path) -> Result<(), LocalNatsError> {
+    let out = std::process::Command::new(path).arg("--version").output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let found = text
+        .trim()
+        .rsplit('v')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let mut parts = found.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (2, 11) {
+        return Err(LocalNatsError::TooOld {
+            path: path.display().to_string(),
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// A running nats-server with JetStream, private to its owner.
+pub struct NatsServer {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until it accepts clients.
+    ///
+    /// # Errors
+    /// When the binary is missing or too old, or the server does not come up.
+    pub async fn start() -> Result<Self, LocalNatsError> {
+        let binary = nats_server_binary()?;
+        let dir = tempfile::Builder::new()
+            .prefix("headroom-nats-")
+            .tempdir()?;
+        let log = dir.path().join("nats.log");
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(&conf, NATS_CONF)?;
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1"])
+            .arg("-sd")
+            .arg(dir.path().join("store"))
+            .arg("--ports_file_dir")
+            .arg(dir.path())
+            .arg("-l")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or_default();
+        let ports_file = dir.path().join(format!("nats-server_{pid}.ports"));
+        let deadline = Duration::from_secs(15);
+        let url = eventually(deadline, || async {
+            let text = tokio::fs::read_to_string(&ports_file).await.ok()?;
+            let start = text.find("nats://")?;
+            let end = text[start..].find('"')? + start;
+            Some(text[start..end].to_owned())
+        })
+        .await;
+        match url {
+            Some(url) => Ok(Self { child, url, dir }),
+            None => {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                Err(LocalNatsError::NoStart(deadline, log))
+            }
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The server's log so far (for a failure's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+
+    /// A plain client.
+    ///
+    /// # Errors
+    /// When the server does not accept the connection.
+    pub async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::connect(&self.url).await
+    }
+
+    /// Headroom's configuration pointed at this server, with allocator
+    /// timings short enough for tests and demonstrations.
+    pub fn config(&self) -> crate::config::Config {
+        let mut config = crate::config::Config::default();
+        config.nats.url = self.url.clone();
+        config.nats.startup_deadline = Duration::from_secs(10);
+        config.allocator.ack_wait = Duration::from_secs(2);
+        config.allocator.reconcile_interval = Duration::from_millis(200);
+        config.allocator.repair_after = Duration::from_secs(1);
+        config.allocator.shutdown_grace = Duration::from_secs(2);
+        config
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Polls `probe` until it yields `Some`, for at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
