@@ -80,3 +80,27 @@ async fn the_sample_backend_burns_the_cpu_it_is_asked_to() {
     assert!(used >= Duration::from_millis(250), "only {used:?} of CPU");
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn the_sample_backend_reports_its_mean_concurrency() {
+    let shutdown = CancellationToken::new();
+    let b = backend("mean-1", &shutdown).await;
+    let stats_url = format!("http://{}/stats", b.addr);
+    let read = || async {
+        headroom_agent::app_stats(&stats_url, Duration::from_secs(2))
+            .await
+            .expect("stats")
+    };
+    // The first read opens the window.
+    read().await;
+    // 50 requests a second, 40 ms each: 2 in flight on average (Little's law).
+    let mut t = target(b.addr);
+    t.paths = vec!["/api/slow?cost_ms=40".into()];
+    let summary = run(&Profile::parse("hold:50:2s").expect("profile"), &t, None).await;
+    assert_eq!(summary.ok, 100, "{summary:?}");
+    let stats = read().await;
+    let mean = stats.in_flight_mean.expect("mean in flight");
+    assert!((1.5..=2.5).contains(&mean), "mean in flight {mean}");
+    assert_eq!(stats.in_flight, Some(0), "none in flight now");
+    shutdown.cancel();
+}

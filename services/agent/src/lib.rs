@@ -59,7 +59,11 @@ pub enum AgentError {
 /// What the application's stats endpoint may tell; every field optional.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 pub struct AppStats {
+    /// Requests in flight now (what a drain waits to see at 0).
     pub in_flight: Option<u32>,
+    /// The mean in flight since the last read, when the application keeps
+    /// it: reported instead of `in_flight`, which is one noisy instant.
+    pub in_flight_mean: Option<f64>,
     pub requests_per_s: Option<f64>,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -295,7 +299,11 @@ async fn report_loop(
             load1: kernel.load1,
             net_rx_bytes_per_s: kernel.net_rx_bytes_per_s,
             net_tx_bytes_per_s: kernel.net_tx_bytes_per_s,
-            in_flight: app.in_flight,
+            in_flight: app
+                .in_flight_mean
+                .filter(|m| m.is_finite() && *m >= 0.0)
+                .map(|m| m.round().min(f64::from(u32::MAX)) as u32)
+                .or(app.in_flight),
             requests_per_s: app.requests_per_s,
             latency_p50_ms: app.latency_p50_ms,
             latency_p99_ms: app.latency_p99_ms,

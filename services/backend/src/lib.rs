@@ -262,23 +262,27 @@ fn burn(how_long: Duration) {
 fn stats(state: &State) -> Response<Full<Bytes>> {
     let requests = state.requests.load(Ordering::Relaxed);
     let now = Instant::now();
-    let rate = state.last.lock().ok().map(|mut last| {
-        let rate = last.map(|(n, at)| {
-            let secs = now.duration_since(at).as_secs_f64();
-            if secs > 0.0 {
-                requests.saturating_sub(n) as f64 / secs
-            } else {
-                0.0
-            }
-        });
-        *last = Some((requests, now));
-        rate
-    });
     let mut latencies = state
         .latency_us
         .lock()
         .map(|mut l| std::mem::take(&mut *l))
         .unwrap_or_default();
+    // Over the window since the last read: the request rate, and the mean
+    // number in flight (Little's law: the time spent in requests that
+    // ended, over the window), which is steadier than one instant's count.
+    let window = state.last.lock().ok().and_then(|mut last| {
+        let window = last.map(|(n, at)| (requests.saturating_sub(n), now.duration_since(at)));
+        *last = Some((requests, now));
+        window
+    });
+    let (rate, in_flight_mean) = match window {
+        Some((n, elapsed)) if elapsed.as_secs_f64() > 0.0 => {
+            let secs = elapsed.as_secs_f64();
+            let busy_s = latencies.iter().sum::<u64>() as f64 / 1e6;
+            (Some(n as f64 / secs), Some(busy_s / secs))
+        }
+        _ => (None, None),
+    };
     latencies.sort_unstable();
     let pct = |q: f64| {
         (!latencies.is_empty()).then(|| {
@@ -288,7 +292,8 @@ fn stats(state: &State) -> Response<Full<Bytes>> {
     };
     let body = serde_json::json!({
         "in_flight": state.in_flight.load(Ordering::Relaxed),
-        "requests_per_s": rate.flatten(),
+        "in_flight_mean": in_flight_mean,
+        "requests_per_s": rate,
         "latency_p50_ms": pct(0.5),
         "latency_p99_ms": pct(0.99),
         "errors_per_s": 0.0,
