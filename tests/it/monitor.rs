@@ -554,6 +554,20 @@ async fn one_hot_member_is_reweighted_not_scaled_and_restored_when_it_cools() {
 }
 
 #[tokio::test]
+async fn a_member_just_over_the_level_in_a_busy_cluster_is_not_reweighted() {
+    // The cluster sits just under the upper level (0.75) and one member
+    // reads a notch above it, as small in-flight counts do: noise, not a
+    // hot spot, so no reweight (and no scale-up: the cluster is under).
+    let mut sim = Sim::start(scaling_policy(2, 10), 4).await;
+    for _ in 0..20 {
+        sim.report(|s| if s == "s1" { 0.80 } else { 0.65 }).await;
+        sim.step().await;
+    }
+    assert!(sim.decided("reweight").is_empty(), "{:?}", sim.seen);
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn a_silent_member_is_replaced_not_released() {
     let mut sim = Sim::start(scaling_policy(2, 10), 4).await;
     let mut rng = StdRng::seed_from_u64(5);

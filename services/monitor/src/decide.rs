@@ -28,6 +28,11 @@ const WEIGHT_SENSITIVITY: f64 = 0.05;
 /// The least weight a hot member is given: it still gets some traffic, so
 /// it is seen when it recovers.
 const MIN_WEIGHT: f64 = 0.1;
+/// A member is hot, for a reweight, only when it is over the upper level
+/// and this many times the mean of the others: a member a little above a
+/// cluster that sits near the level is noise (in-flight counts are small
+/// integers), not a hot spot.
+const HOT_RATIO: f64 = 1.5;
 /// Scaled measures are capped here so one absurd latency cannot dominate.
 const MEASURE_CAP: f64 = 4.0;
 
@@ -526,7 +531,6 @@ fn evaluate(
             }
         };
         since(u.is_some_and(|u| u < lower), &mut t.below_lower_since);
-        since(u.is_some_and(|u| u >= upper), &mut t.above_upper_since);
         since(
             u.is_some_and(|u| u / m.weight.max(MIN_WEIGHT) < target),
             &mut t.cool_since,
@@ -553,6 +557,23 @@ fn evaluate(
     let known_n = u32::try_from(known.len()).unwrap_or(u32::MAX);
     let mean = (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64);
     let total = mean.map_or(0.0, |m| m * f64::from(active));
+    // Hot, for a reweight: over the upper level and well above the others.
+    let known_sum: f64 = known.iter().sum();
+    for m in &members {
+        let Some(t) = servers.get_mut(m.server) else {
+            continue;
+        };
+        let hot = m.utilisation.is_some_and(|u| {
+            let others = known.len().saturating_sub(1);
+            let others_mean = (others > 0).then(|| (known_sum - u) / others as f64);
+            u >= upper && others_mean.is_some_and(|o| u >= HOT_RATIO * o)
+        });
+        if hot {
+            t.above_upper_since.get_or_insert(now_ms);
+        } else {
+            t.above_upper_since = None;
+        }
+    }
     state.samples.push_back(Sample {
         at_ms: now_ms,
         mean: mean.map(|m| m as f32),
