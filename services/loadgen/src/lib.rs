@@ -166,7 +166,7 @@ struct Tally {
 pub async fn run(
     profile: &Profile,
     target: &Target,
-    mut progress: Option<&mut dyn Write>,
+    mut progress: Option<&mut (dyn Write + Send)>,
 ) -> Summary {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());

@@ -1,0 +1,454 @@
+//! The demo's timeline as a self-contained SVG (offered and served load,
+//! utilisation, cluster size and pool, each decision marked), and the same
+//! series as CSV for whoever wants to plot them another way.
+//!
+//! Each series is a `<polyline>` whose `id` names it and whose
+//! `data-values` attribute holds the plotted values, so the file can be
+//! read back by a program as well as by eye.
+
+use std::fmt::Write as _;
+
+/// What the cluster looked like at one moment of the run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Seconds since the load started.
+    pub t_s: f64,
+    /// Requests per second the profile asked for.
+    pub offered_rps: f64,
+    /// Requests per second the front-end answered.
+    pub served_rps: f64,
+    /// Active members.
+    pub members: u32,
+    /// Members joining or draining.
+    pub changing: u32,
+    /// Mean utilisation of the active members, when known.
+    pub utilisation: Option<f64>,
+    /// Servers free in the pool.
+    pub pool_free: u32,
+}
+
+/// One decision or change, marked on the timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mark {
+    pub t_s: f64,
+    /// `allocate`, `release`, `replace` or `reweight`.
+    pub action: String,
+    /// What to print by the mark, e.g. `+2` or `-1`.
+    pub label: String,
+    /// The whole decision, shown on hover.
+    pub detail: String,
+}
+
+const WIDTH: f64 = 1000.0;
+const LEFT: f64 = 70.0;
+const RIGHT: f64 = 30.0;
+/// (top, height) of the three panels.
+const LOAD: (f64, f64) = (50.0, 150.0);
+const UTIL: (f64, f64) = (240.0, 120.0);
+const SIZE: (f64, f64) = (400.0, 150.0);
+const HEIGHT: f64 = 600.0;
+
+struct Axis {
+    t_max: f64,
+}
+
+impl Axis {
+    fn x(&self, t: f64) -> f64 {
+        LEFT + (WIDTH - LEFT - RIGHT) * (t / self.t_max).clamp(0.0, 1.0)
+    }
+}
+
+fn y(panel: (f64, f64), value: f64, max: f64) -> f64 {
+    let (top, height) = panel;
+    top + height - height * (value / max).clamp(0.0, 1.0)
+}
+
+/// A round upper bound for an axis: 1, 2 or 5 times a power of ten.
+fn nice_max(value: f64) -> f64 {
+    if value <= 0.0 || !value.is_finite() {
+        return 1.0;
+    }
+    let power = 10f64.powf(value.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|m| *m >= value)
+        .unwrap_or(10.0 * power)
+}
+
+fn values(samples: &[Sample], value: impl Fn(&Sample) -> Option<f64>) -> String {
+    samples
+        .iter()
+        .map(|s| value(s).map_or(String::new(), |v| format!("{v:.3}")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A polyline through the known values (a gap where one is unknown
+/// starts a new segment); `step` draws a staircase, for counts.
+#[allow(clippy::too_many_arguments)]
+fn series(
+    out: &mut String,
+    id: &str,
+    colour: &str,
+    samples: &[Sample],
+    axis: &Axis,
+    panel: (f64, f64),
+    max: f64,
+    step: bool,
+    value: impl Fn(&Sample) -> Option<f64> + Copy,
+) {
+    let mut points = Vec::new();
+    let mut previous: Option<f64> = None;
+    for s in samples {
+        match value(s) {
+            Some(v) => {
+                if let (true, Some(p)) = (step, previous) {
+                    points.push(format!("{:.1},{:.1}", axis.x(s.t_s), y(panel, p, max)));
+                }
+                points.push(format!("{:.1},{:.1}", axis.x(s.t_s), y(panel, v, max)));
+                previous = Some(v);
+            }
+            None => previous = None,
+        }
+    }
+    let _ = writeln!(
+        out,
+        r#"<polyline id="{id}" data-values="{}" fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+        values(samples, value),
+        points.join(" ")
+    );
+}
+
+fn panel_frame(out: &mut String, panel: (f64, f64), title: &str, max: f64, unit: &str) {
+    let (top, height) = panel;
+    let _ = writeln!(
+        out,
+        r##"<rect x="{LEFT}" y="{top}" width="{}" height="{height}" fill="#fafafa" stroke="#ccc"/>"##,
+        WIDTH - LEFT - RIGHT
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{LEFT}" y="{}" font-size="13" font-weight="bold">{title}</text>"#,
+        top - 6.0
+    );
+    for fraction in [0.0, 0.5, 1.0] {
+        let v = max * fraction;
+        let _ = writeln!(
+            out,
+            r##"<text x="{}" y="{:.1}" font-size="11" text-anchor="end" fill="#555">{}{unit}</text>"##,
+            LEFT - 6.0,
+            top + height - height * fraction + 4.0,
+            if v.fract() == 0.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        );
+    }
+}
+
+fn legend(out: &mut String, panel: (f64, f64), entries: &[(&str, &str)]) {
+    let mut x = WIDTH - RIGHT - 10.0;
+    for (name, colour) in entries.iter().rev() {
+        x -= 8.0 * name.len() as f64 + 24.0;
+        let _ = writeln!(
+            out,
+            r#"<rect x="{x:.0}" y="{:.0}" width="14" height="4" fill="{colour}"/><text x="{:.0}" y="{:.0}" font-size="11">{name}</text>"#,
+            panel.0 - 12.0,
+            x + 18.0,
+            panel.0 - 7.0
+        );
+    }
+}
+
+/// The timeline as an SVG document.
+pub fn svg(samples: &[Sample], marks: &[Mark], title: &str, upper: f64, lower: f64) -> String {
+    let t_max = samples
+        .iter()
+        .map(|s| s.t_s)
+        .chain(marks.iter().map(|m| m.t_s))
+        .fold(1.0, f64::max);
+    let axis = Axis { t_max };
+    let load_max = nice_max(
+        samples
+            .iter()
+            .map(|s| s.offered_rps.max(s.served_rps))
+            .fold(0.0, f64::max),
+    );
+    let util_max = samples
+        .iter()
+        .filter_map(|s| s.utilisation)
+        .fold(1.0f64, f64::max)
+        .min(3.0);
+    // Whole servers: an even top, so the middle label is whole too.
+    let size_max = {
+        let most = samples
+            .iter()
+            .map(|s| (s.members + s.changing).max(s.pool_free))
+            .max()
+            .unwrap_or(1);
+        f64::from((most + 2) / 2 * 2)
+    };
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
+    );
+    let _ = writeln!(out, "<title>{}</title>", escape(title));
+    let _ = writeln!(
+        out,
+        r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/><text x="{LEFT}" y="22" font-size="16" font-weight="bold">{}</text>"#,
+        escape(title)
+    );
+
+    panel_frame(&mut out, LOAD, "Load (requests/s)", load_max, "");
+    legend(
+        &mut out,
+        LOAD,
+        &[("offered", "#888"), ("served", "#1f77b4")],
+    );
+    series(
+        &mut out,
+        "offered-load",
+        "#888",
+        samples,
+        &axis,
+        LOAD,
+        load_max,
+        false,
+        |s| Some(s.offered_rps),
+    );
+    series(
+        &mut out,
+        "served-load",
+        "#1f77b4",
+        samples,
+        &axis,
+        LOAD,
+        load_max,
+        false,
+        |s| Some(s.served_rps),
+    );
+
+    panel_frame(
+        &mut out,
+        UTIL,
+        "Utilisation (mean of active members)",
+        util_max,
+        "",
+    );
+    for (level, name) in [(upper, "upper"), (lower, "lower")] {
+        let ly = y(UTIL, level, util_max);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{LEFT}" x2="{:.0}" y1="{ly:.1}" y2="{ly:.1}" stroke="#d62728" stroke-dasharray="4 3" stroke-width="1"/><text x="{:.0}" y="{:.1}" font-size="10" fill="#d62728" text-anchor="end">{name} {level}</text>"##,
+            WIDTH - RIGHT,
+            WIDTH - RIGHT - 4.0,
+            ly - 3.0
+        );
+    }
+    series(
+        &mut out,
+        "utilisation",
+        "#ff7f0e",
+        samples,
+        &axis,
+        UTIL,
+        util_max,
+        false,
+        |s| s.utilisation,
+    );
+
+    panel_frame(
+        &mut out,
+        SIZE,
+        "Cluster size and free pool (servers)",
+        size_max,
+        "",
+    );
+    legend(
+        &mut out,
+        SIZE,
+        &[
+            ("members", "#2ca02c"),
+            ("joining/draining", "#9467bd"),
+            ("pool free", "#8c564b"),
+        ],
+    );
+    series(
+        &mut out,
+        "cluster-size",
+        "#2ca02c",
+        samples,
+        &axis,
+        SIZE,
+        size_max,
+        true,
+        |s| Some(f64::from(s.members)),
+    );
+    series(
+        &mut out,
+        "changing",
+        "#9467bd",
+        samples,
+        &axis,
+        SIZE,
+        size_max,
+        true,
+        |s| Some(f64::from(s.changing)),
+    );
+    series(
+        &mut out,
+        "pool-free",
+        "#8c564b",
+        samples,
+        &axis,
+        SIZE,
+        size_max,
+        true,
+        |s| Some(f64::from(s.pool_free)),
+    );
+
+    for (i, mark) in marks.iter().enumerate() {
+        let x = axis.x(mark.t_s);
+        // Staggered on three rows, so marks close in time stay readable.
+        let label_y = SIZE.0 + 12.0 + 12.0 * (i % 3) as f64;
+        let colour = match mark.action.as_str() {
+            "allocate" => "#2ca02c",
+            "release" => "#d62728",
+            _ => "#9467bd",
+        };
+        let _ = writeln!(
+            out,
+            r#"<g class="decision" data-t="{:.2}" data-action="{}"><title>{}</title><line x1="{x:.1}" x2="{x:.1}" y1="{}" y2="{}" stroke="{colour}" stroke-dasharray="2 3" stroke-width="1"/><text x="{:.1}" y="{label_y}" font-size="10" fill="{colour}">{}</text></g>"#,
+            mark.t_s,
+            escape(&mark.action),
+            escape(&mark.detail),
+            LOAD.0,
+            SIZE.0 + SIZE.1,
+            x + 2.0,
+            escape(&mark.label)
+        );
+    }
+
+    // The time axis.
+    let bottom = SIZE.0 + SIZE.1;
+    let tick = nice_max(t_max / 8.0);
+    let mut t = 0.0;
+    while t <= t_max + 1e-9 {
+        let _ = writeln!(
+            out,
+            r##"<text x="{:.1}" y="{:.0}" font-size="11" text-anchor="middle" fill="#555">{t:.0}s</text>"##,
+            axis.x(t),
+            bottom + 16.0
+        );
+        t += tick;
+    }
+    let _ = writeln!(out, "</svg>");
+    out
+}
+
+/// The same series as CSV, one row per sample.
+pub fn csv(samples: &[Sample]) -> String {
+    let mut out = String::from(
+        "t_s,offered_rps,served_rps,members,joining_or_draining,utilisation,pool_free\n",
+    );
+    for s in samples {
+        let _ = writeln!(
+            out,
+            "{:.2},{:.1},{:.1},{},{},{},{}",
+            s.t_s,
+            s.offered_rps,
+            s.served_rps,
+            s.members,
+            s.changing,
+            s.utilisation.map_or(String::new(), |u| format!("{u:.3}")),
+            s.pool_free
+        );
+    }
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// The values of the series `id` in an SVG written by [`svg`] (`None` for
+/// an unknown value).
+pub fn read_series(svg: &str, id: &str) -> Option<Vec<Option<f64>>> {
+    let start = svg.find(&format!(r#"<polyline id="{id}" data-values=""#))?;
+    let rest = &svg[start..];
+    let open = rest.find("data-values=\"")? + "data-values=\"".len();
+    let close = rest[open..].find('"')? + open;
+    Some(
+        rest[open..close]
+            .split(',')
+            .map(|v| v.parse().ok())
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(t_s: f64, members: u32, utilisation: Option<f64>) -> Sample {
+        Sample {
+            t_s,
+            offered_rps: 10.0 * t_s,
+            served_rps: 9.0 * t_s,
+            members,
+            changing: 0,
+            utilisation,
+            pool_free: 4 - members,
+        }
+    }
+
+    #[test]
+    fn the_svg_carries_every_series_and_mark() {
+        let samples = [
+            sample(0.0, 1, Some(0.2)),
+            sample(1.0, 1, None),
+            sample(2.0, 3, Some(0.9)),
+        ];
+        let marks = [Mark {
+            t_s: 1.5,
+            action: "allocate".into(),
+            label: "+2".into(),
+            detail: "allocate 2".into(),
+        }];
+        let svg = svg(&samples, &marks, "demo <run>", 0.75, 0.3);
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(
+            read_series(&svg, "cluster-size"),
+            Some(vec![Some(1.0), Some(1.0), Some(3.0)])
+        );
+        assert_eq!(
+            read_series(&svg, "utilisation"),
+            Some(vec![Some(0.2), None, Some(0.9)])
+        );
+        assert_eq!(
+            read_series(&svg, "pool-free"),
+            Some(vec![Some(3.0), Some(3.0), Some(1.0)])
+        );
+        assert!(svg.contains(r#"data-action="allocate""#));
+        assert!(svg.contains("demo &lt;run&gt;"));
+        let csv = csv(&samples);
+        assert_eq!(csv.lines().count(), 4);
+        assert!(csv.lines().nth(2).is_some_and(|l| l.ends_with(",1,0,,3")));
+    }
+
+    #[test]
+    fn axes_round_up() {
+        assert_eq!(nice_max(0.0), 1.0);
+        assert_eq!(nice_max(3.0), 5.0);
+        assert_eq!(nice_max(180.0), 200.0);
+        assert_eq!(nice_max(1000.0), 1000.0);
+    }
+}
