@@ -10,23 +10,27 @@
 //! # Layout
 //! - [`plot`]: the timeline as SVG and CSV.
 //! - [`Settings`]: the scenario (standard, or short for tests).
-//! - [`run`]: plays it.
+//! - [`System`]: every service started, for the demo and the reaction
+//!   benchmark.
+//! - [`run`]: plays the scenario.
 
 pub mod plot;
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use headroom_backend::Backend;
-use headroom_frontend::Frontend;
+use headroom_frontend::{Frontend, Proxy};
 use headroom_loadgen::{Profile, Summary, Target};
 use headroom_monitor::decide::utilisation;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::config::{BackendConfig, Config};
+use headroom_shared::config::BackendConfig;
 use headroom_shared::kv::{
     ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy, ServerRecord, ServerState,
     CLUSTERS_BUCKET, SERVERS_BUCKET,
@@ -267,24 +271,18 @@ fn display_list(servers: &[ServerId]) -> String {
         .join(", ")
 }
 
-/// Every service's task, stopped together.
-struct Services {
+/// The whole system on one machine: every service running, the cluster
+/// at its minimum, the front-end routing to it.
+pub struct System {
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub cluster: ClusterId,
+    /// The front-end's address.
+    pub address: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    pub backends: Vec<Backend>,
     tasks: JoinSet<()>,
     shutdown: CancellationToken,
-}
-
-impl Services {
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        let all = async { while self.tasks.join_next().await.is_some() {} };
-        if tokio::time::timeout(Duration::from_secs(15), all)
-            .await
-            .is_err()
-        {
-            tracing::warn!("some services did not stop within 15s");
-            self.tasks.abort_all();
-        }
-    }
 }
 
 fn spawn_service<E: std::fmt::Display>(
@@ -310,196 +308,252 @@ pub async fn run(
     nats: &NatsServer,
     out: &mut (dyn Write + Send),
 ) -> Result<Report, DemoError> {
-    let shutdown = CancellationToken::new();
-    let mut services = Services {
-        tasks: JoinSet::new(),
-        shutdown: shutdown.clone(),
-    };
-    let result = play(settings, nats, &mut services, out).await;
-    services.stop().await;
-    result
+    let system = System::start(settings, nats, out).await?;
+    let report = system.play(settings, out).await;
+    system.stop().await;
+    report
 }
 
-fn base_config(settings: &Settings, nats: &NatsServer) -> Config {
-    let mut config = nats.config();
-    config.monitor.instance = "demo-monitor".to_owned();
-    config.monitor.evaluate_interval = settings.interval;
-    config.agent.interval = settings.interval;
-    config
-}
+impl System {
+    /// Starts the allocator, the sample backends and their agents (all
+    /// registered in the pool), the cluster at its minimum, the monitor
+    /// and the front-end; returns once the front-end routes to a member.
+    ///
+    /// # Errors
+    /// A part cannot start in time.
+    pub async fn start(
+        settings: &Settings,
+        nats: &NatsServer,
+        out: &mut (dyn Write + Send),
+    ) -> Result<Self, DemoError> {
+        let mut tasks = JoinSet::new();
+        let shutdown = CancellationToken::new();
+        let started = Self::start_parts(settings, nats, out, &mut tasks, &shutdown).await;
+        match started {
+            Ok((client, cluster, address, proxy, backends)) => Ok(Self {
+                js: async_nats::jetstream::new(client.clone()),
+                client,
+                cluster,
+                address,
+                proxy,
+                backends,
+                tasks,
+                shutdown,
+            }),
+            Err(err) => {
+                stop_all(tasks, shutdown).await;
+                Err(err)
+            }
+        }
+    }
 
-async fn play(
-    settings: &Settings,
-    nats: &NatsServer,
-    services: &mut Services,
-    out: &mut (dyn Write + Send),
-) -> Result<Report, DemoError> {
-    let config = base_config(settings, nats);
-    let shutdown = services.shutdown.clone();
-    let cluster = ClusterId::new(CLUSTER).map_err(|e| DemoError::Start {
-        what: "the cluster".into(),
-        why: e.to_string(),
-    })?;
-    let client = nats.client().await?;
-    let _ = writeln!(
-        out,
-        "nats-server {} (JetStream, temporary store)",
-        nats.url()
-    );
+    /// Stops every service, as SIGTERM would.
+    pub async fn stop(self) {
+        stop_all(self.tasks, self.shutdown).await;
+    }
 
-    spawn_service(
-        &mut services.tasks,
-        "allocator".into(),
-        headroom_allocator::run(
-            config.clone(),
-            nats.client().await?,
-            Ops::new("headroom-allocator"),
-            shutdown.clone(),
+    #[allow(clippy::type_complexity)]
+    async fn start_parts(
+        settings: &Settings,
+        nats: &NatsServer,
+        out: &mut (dyn Write + Send),
+        tasks: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> Result<
+        (
+            async_nats::Client,
+            ClusterId,
+            SocketAddr,
+            Arc<Proxy>,
+            Vec<Backend>,
         ),
-    );
-
-    // Sample backends, and an agent for each that registers it.
-    for n in 1..=settings.backends {
-        let name = format!("backend-{n}");
-        let backend = Backend::start(
-            BackendConfig {
-                name: name.clone(),
-                listen: "127.0.0.1:0".to_owned(),
-                cost: settings.cost,
-                ..BackendConfig::default()
-            },
-            shutdown.clone(),
-        )
-        .await
-        .map_err(|e| DemoError::Start {
-            what: name.clone(),
+        DemoError,
+    > {
+        let mut config = nats.config();
+        config.monitor.instance = "demo-monitor".to_owned();
+        config.monitor.evaluate_interval = settings.interval;
+        config.agent.interval = settings.interval;
+        let cluster = ClusterId::new(CLUSTER).map_err(|e| DemoError::Start {
+            what: "the cluster".into(),
             why: e.to_string(),
         })?;
-        let mut agent = config.clone();
-        agent.agent.server = name.clone();
-        agent.agent.address = backend.addr.ip().to_string();
-        agent.agent.port = backend.addr.port();
-        agent.agent.stats_url = Some(format!("http://{}/stats", backend.addr));
+        let client = nats.client().await?;
+        let _ = writeln!(
+            out,
+            "nats-server {} (JetStream, temporary store)",
+            nats.url()
+        );
+
         spawn_service(
-            &mut services.tasks,
-            format!("agent {name}"),
-            headroom_agent::run(
-                agent,
+            tasks,
+            "allocator".into(),
+            headroom_allocator::run(
+                config.clone(),
                 nats.client().await?,
-                Ops::new("headroom-agent"),
+                Ops::new("headroom-allocator"),
                 shutdown.clone(),
             ),
         );
-    }
-    let js = async_nats::jetstream::new(client.clone());
-    let servers = wait_bucket(&js, SERVERS_BUCKET).await?;
-    let registered = wait_until(START_WITHIN, "every backend registered", || async {
-        let keys: Vec<String> = servers
-            .keys()
+
+        // Sample backends, and an agent for each that registers it.
+        let mut backends = Vec::new();
+        for n in 1..=settings.backends {
+            let name = format!("backend-{n}");
+            let backend = Backend::start(
+                BackendConfig {
+                    name: name.clone(),
+                    listen: "127.0.0.1:0".to_owned(),
+                    cost: settings.cost,
+                    ..BackendConfig::default()
+                },
+                shutdown.clone(),
+            )
             .await
-            .ok()?
-            .filter_map(|k| async { k.ok() })
-            .collect()
-            .await;
-        (keys.len() >= settings.backends).then_some(())
-    })
-    .await;
-    registered?;
-    let _ = writeln!(
-        out,
-        "{} sample backends registered in the pool ({} ms per request)",
-        settings.backends,
-        settings.cost.as_millis()
-    );
-
-    put_cluster(&client, &cluster, &settings.policy).await?;
-    spawn_service(
-        &mut services.tasks,
-        "monitor".into(),
-        headroom_monitor::run(
-            config.clone(),
-            nats.client().await?,
-            Ops::new("headroom-monitor"),
-            shutdown.clone(),
-        ),
-    );
-
-    let mut frontend_config = config.clone();
-    frontend_config.frontend.cluster = CLUSTER.to_owned();
-    frontend_config.frontend.instance = "demo-frontend".to_owned();
-    frontend_config.frontend.listen = settings.listen.clone();
-    frontend_config.frontend.workers = 1;
-    frontend_config.frontend.report_interval = settings.interval;
-    frontend_config.frontend.slow_start = settings.interval * 4;
-    let frontend = Frontend::bind(frontend_config)
-        .await
-        .map_err(|e| DemoError::Start {
-            what: "the front-end".into(),
-            why: e.to_string(),
-        })?;
-    let address = frontend.local_addr().ok_or_else(|| DemoError::Start {
-        what: "the front-end".into(),
-        why: "no address".into(),
-    })?;
-    let proxy = frontend.proxy();
-    {
-        let shutdown = shutdown.clone();
-        services.tasks.spawn(frontend.serve(shutdown));
-    }
-    wait_until(
-        START_WITHIN,
-        "the front-end routing to a member",
-        || async {
-            let table = proxy.table.load_full()?;
-            (!table.backends.is_empty()).then_some(())
-        },
-    )
-    .await?;
-    let _ = writeln!(
-        out,
-        "cluster {CLUSTER}: min {} max {}; front-end on http://{address}",
-        settings.policy.min_size, settings.policy.max_size
-    );
-    let _ = writeln!(
-        out,
-        "playing {} s of load; upper level {}, target {}, lower {}\n",
-        settings.profile.duration().as_secs(),
-        settings.policy.scaling.upper,
-        settings.policy.scaling.target,
-        settings.policy.scaling.lower
-    );
-
-    // Load starts now: the timeline's zero.
-    let start = Instant::now();
-    let start_ms = now_ms();
-    let load = {
-        let profile = settings.profile.clone();
-        let target = Target {
-            base: format!("http://{address}"),
-            paths: vec!["/api/item".to_owned()],
-            timeout: Duration::from_secs(10),
-            max_in_flight: 4096,
-        };
-        tokio::spawn(async move { headroom_loadgen::run(&profile, &target, None).await })
-    };
-
-    let view = View::new(settings, start, start_ms);
-    let report = view
-        .follow(
-            &client,
-            &js,
-            &cluster,
-            || {
-                proxy
-                    .counters
-                    .requests
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            },
-            load,
+            .map_err(|e| DemoError::Start {
+                what: name.clone(),
+                why: e.to_string(),
+            })?;
+            let mut agent = config.clone();
+            agent.agent.server = name.clone();
+            agent.agent.address = backend.addr.ip().to_string();
+            agent.agent.port = backend.addr.port();
+            agent.agent.stats_url = Some(format!("http://{}/stats", backend.addr));
+            spawn_service(
+                tasks,
+                format!("agent {name}"),
+                headroom_agent::run(
+                    agent,
+                    nats.client().await?,
+                    Ops::new("headroom-agent"),
+                    shutdown.clone(),
+                ),
+            );
+            backends.push(backend);
+        }
+        let js = async_nats::jetstream::new(client.clone());
+        let servers = wait_bucket(&js, SERVERS_BUCKET).await?;
+        wait_until(START_WITHIN, "every backend registered", || async {
+            let keys: Vec<String> = servers
+                .keys()
+                .await
+                .ok()?
+                .filter_map(|k| async { k.ok() })
+                .collect()
+                .await;
+            (keys.len() >= settings.backends).then_some(())
+        })
+        .await?;
+        let _ = writeln!(
             out,
+            "{} sample backends registered in the pool ({} ms per request)",
+            settings.backends,
+            settings.cost.as_millis()
+        );
+
+        put_cluster(&client, &cluster, &settings.policy).await?;
+        spawn_service(
+            tasks,
+            "monitor".into(),
+            headroom_monitor::run(
+                config.clone(),
+                nats.client().await?,
+                Ops::new("headroom-monitor"),
+                shutdown.clone(),
+            ),
+        );
+
+        let mut frontend_config = config.clone();
+        frontend_config.frontend.cluster = CLUSTER.to_owned();
+        frontend_config.frontend.instance = "demo-frontend".to_owned();
+        frontend_config.frontend.listen = settings.listen.clone();
+        frontend_config.frontend.workers = 1;
+        frontend_config.frontend.report_interval = settings.interval;
+        frontend_config.frontend.slow_start = settings.interval * 4;
+        let frontend = Frontend::bind(frontend_config)
+            .await
+            .map_err(|e| DemoError::Start {
+                what: "the front-end".into(),
+                why: e.to_string(),
+            })?;
+        let address = frontend.local_addr().ok_or_else(|| DemoError::Start {
+            what: "the front-end".into(),
+            why: "no address".into(),
+        })?;
+        let proxy = frontend.proxy();
+        tasks.spawn(frontend.serve(shutdown.clone()));
+        wait_until(
+            START_WITHIN,
+            "the front-end routing to a member",
+            || async {
+                let table = proxy.table.load_full()?;
+                (!table.backends.is_empty()).then_some(())
+            },
         )
         .await?;
-    Ok(report)
+        let _ = writeln!(
+            out,
+            "cluster {CLUSTER}: min {} max {}; front-end on http://{address}",
+            settings.policy.min_size, settings.policy.max_size
+        );
+        Ok((client, cluster, address, proxy, backends))
+    }
+
+    /// Plays the load profile, showing what happens, then writes the plot.
+    async fn play(
+        &self,
+        settings: &Settings,
+        out: &mut (dyn Write + Send),
+    ) -> Result<Report, DemoError> {
+        let _ = writeln!(
+            out,
+            "playing {} s of load; upper level {}, target {}, lower {}\n",
+            settings.profile.duration().as_secs(),
+            settings.policy.scaling.upper,
+            settings.policy.scaling.target,
+            settings.policy.scaling.lower
+        );
+        // Load starts now: the timeline's zero.
+        let start = Instant::now();
+        let start_ms = now_ms();
+        let load = {
+            let profile = settings.profile.clone();
+            let target = Target {
+                base: format!("http://{}", self.address),
+                paths: vec!["/api/item".to_owned()],
+                timeout: Duration::from_secs(10),
+                max_in_flight: 4096,
+            };
+            tokio::spawn(async move { headroom_loadgen::run(&profile, &target, None).await })
+        };
+        let proxy = self.proxy.clone();
+        View::new(settings, start, start_ms)
+            .follow(
+                &self.client,
+                &self.js,
+                &self.cluster,
+                || {
+                    proxy
+                        .counters
+                        .requests
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                },
+                load,
+                out,
+            )
+            .await
+    }
+}
+
+async fn stop_all(mut tasks: JoinSet<()>, shutdown: CancellationToken) {
+    shutdown.cancel();
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(15), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!("some services did not stop within 15s");
+        tasks.abort_all();
+    }
 }
 
 async fn wait_bucket(

@@ -36,9 +36,7 @@ pub fn install(proxy: &Proxy, record: &ClusterRecord) {
         .as_ref()
         .map(|t| t.backends_by_server())
         .unwrap_or_default();
-    proxy
-        .table
-        .store(Some(Arc::new(Table::build(record, &previous))));
+    proxy.set_table(Table::build(record, &previous));
 }
 
 /// The last-known-good file: the servers available for each request type,

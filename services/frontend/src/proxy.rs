@@ -81,6 +81,9 @@ pub struct Proxy {
     pub counters: Counters,
     /// Routing came from the last-known-good file, not from NATS.
     pub from_file: AtomicBool,
+    /// The generation of the table in use, for whoever waits on a change
+    /// (tests, the reaction benchmark).
+    applied: tokio::sync::watch::Sender<u64>,
     settings: FrontendConfig,
 }
 
@@ -97,8 +100,21 @@ impl Proxy {
             fills: cache::Fills::default(),
             counters: Counters::default(),
             from_file: AtomicBool::new(false),
+            applied: tokio::sync::watch::Sender::new(0),
             settings,
         }
+    }
+
+    /// Swaps in a routing table, and tells whoever watches.
+    pub fn set_table(&self, table: Table) {
+        let generation = table.generation;
+        self.table.store(Some(Arc::new(table)));
+        self.applied.send_replace(generation);
+    }
+
+    /// Follows the generation of the table in use.
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     /// A new connection pool to members, for one worker thread.
