@@ -266,12 +266,19 @@ async fn kv_watch_events_and_services_show_the_wire_readably() {
     let events = text(out);
     assert!(events.contains("registered - k1"), "{events}");
 
-    // services: the allocator answers discovery.
-    let mut out = Vec::new();
-    headroom_cli::services(&stack.client, Duration::from_millis(500), &mut out)
-        .await
-        .expect("services");
-    let services = text(out);
-    assert!(services.contains("headroom-allocator"), "{services}");
-    assert!(services.contains("1 services answered"), "{services}");
+    // services: the allocator answers discovery, each way.
+    for (ask, shows) in [
+        (headroom_cli::Discover::Stats, "req "),
+        (headroom_cli::Discover::Info, " on headroom.admin."),
+        (headroom_cli::Discover::Ping, "answered in"),
+    ] {
+        let mut out = Vec::new();
+        headroom_cli::services(&stack.client, ask, Duration::from_millis(500), &mut out)
+            .await
+            .expect("services");
+        let services = text(out);
+        assert!(services.contains("headroom-allocator"), "{services}");
+        assert!(services.contains(shows), "{ask:?}: {services}");
+        assert!(services.contains("1 services answered"), "{services}");
+    }
 }

@@ -506,13 +506,35 @@ pub async fn events(
     Ok(())
 }
 
-/// `headroom services`: every Headroom service that answers the NATS
-/// services API within `window`, with its stats.
+/// What `headroom services` asks every service (the NATS services API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discover {
+    /// `$SRV.PING`: who is there, and how long each took to answer.
+    Ping,
+    /// `$SRV.INFO`: description, metadata and endpoint subjects.
+    Info,
+    /// `$SRV.STATS`: requests and errors per endpoint.
+    Stats,
+}
+
+impl Discover {
+    fn subject(self) -> &'static str {
+        match self {
+            Discover::Ping => "$SRV.PING",
+            Discover::Info => "$SRV.INFO",
+            Discover::Stats => "$SRV.STATS",
+        }
+    }
+}
+
+/// `headroom services [ping|info|stats]`: every running service that
+/// answers within `window`, one line each.
 ///
 /// # Errors
-/// The discovery request cannot be sent.
+/// NATS cannot be asked.
 pub async fn services(
     client: &async_nats::Client,
+    ask: Discover,
     window: Duration,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
@@ -521,8 +543,9 @@ pub async fn services(
         .subscribe(inbox.clone())
         .await
         .map_err(|e| nats("subscribing to replies")(e.into()))?;
+    let asked = std::time::Instant::now();
     client
-        .publish_with_reply("$SRV.STATS", inbox, bytes::Bytes::new())
+        .publish_with_reply(ask.subject(), inbox, bytes::Bytes::new())
         .await
         .map_err(|e| nats("asking for services")(e.into()))?;
     client
@@ -537,38 +560,52 @@ pub async fn services(
             () = &mut deadline => break,
             reply = replies.next() => {
                 let Some(reply) = reply else { break };
-                if let Ok(stats) = serde_json::from_slice::<serde_json::Value>(&reply.payload) {
-                    found.push(stats);
+                if let Ok(answer) = serde_json::from_slice::<serde_json::Value>(&reply.payload) {
+                    found.push((answer, asked.elapsed()));
                 }
             }
         }
     }
-    found.sort_by_key(|s| (s["name"].to_string(), s["id"].to_string()));
-    for s in &found {
-        let endpoints: Vec<String> = s["endpoints"]
-            .as_array()
-            .map(|e| {
-                e.iter()
-                    .map(|e| {
-                        format!(
-                            "{} {}req {}err",
-                            e["name"].as_str().unwrap_or("?"),
-                            e["num_requests"],
-                            e["num_errors"]
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        writeln!(
-            out,
-            "{} {} {} started {}  {}",
-            s["name"].as_str().unwrap_or("?"),
-            s["version"].as_str().unwrap_or("?"),
-            s["id"].as_str().unwrap_or("?"),
-            s["started"].as_str().unwrap_or("?"),
-            endpoints.join("; ")
-        )?;
+    found.sort_by_key(|(s, _)| (s["name"].to_string(), s["id"].to_string()));
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_owned();
+    for (s, took) in &found {
+        let head = format!(
+            "{} {} {}",
+            text(&s["name"]),
+            text(&s["version"]),
+            text(&s["id"])
+        );
+        let endpoints = |each: &dyn Fn(&serde_json::Value) -> String| -> String {
+            s["endpoints"]
+                .as_array()
+                .map(|e| e.iter().map(each).collect::<Vec<_>>().join("; "))
+                .unwrap_or_default()
+        };
+        match ask {
+            Discover::Ping => writeln!(
+                out,
+                "{head}  answered in {:.1} ms",
+                took.as_secs_f64() * 1e3
+            )?,
+            Discover::Info => writeln!(
+                out,
+                "{head}  {}  metadata {}  endpoints: {}",
+                text(&s["description"]),
+                json_line(&s["metadata"]),
+                endpoints(&|e| format!("{} on {}", text(&e["name"]), text(&e["subject"])))
+            )?,
+            Discover::Stats => writeln!(
+                out,
+                "{head} started {}  {}",
+                text(&s["started"]),
+                endpoints(&|e| format!(
+                    "{} {}req {}err",
+                    text(&e["name"]),
+                    e["num_requests"],
+                    e["num_errors"]
+                ))
+            )?,
+        }
     }
     writeln!(out, "{} services answered", found.len())?;
     Ok(())

@@ -1,6 +1,7 @@
 //! `headroom`: the operator's command line. NATS comes from the usual
 //! configuration (`HEADROOM_NATS__URL`, or `--server`).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -58,10 +59,23 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         last: u64,
     },
-    /// Running Headroom services (NATS services API), with their stats.
+    /// Running Headroom services (NATS services API): ping, info or stats.
     Services {
+        #[arg(value_enum, default_value_t = Ask::Stats)]
+        ask: Ask,
         #[arg(long, default_value_t = 500)]
         window_ms: u64,
+    },
+    /// Judge a recording by a policy and print every decision (offline; see
+    /// headroom-monitor replay).
+    Replay {
+        input: PathBuf,
+        /// A cluster policy (TOML or JSON) instead of the recorded one.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        /// Evaluation interval of the replay.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
     },
     /// Record the live reports and cluster records (see headroom-monitor record).
     Record {
@@ -70,6 +84,23 @@ enum Command {
         #[arg(long)]
         seconds: Option<u64>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Ask {
+    Ping,
+    Info,
+    Stats,
+}
+
+impl From<Ask> for cli::Discover {
+    fn from(ask: Ask) -> Self {
+        match ask {
+            Ask::Ping => cli::Discover::Ping,
+            Ask::Info => cli::Discover::Info,
+            Ask::Stats => cli::Discover::Stats,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -117,6 +148,28 @@ enum Kv {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Command::Replay {
+        input,
+        policy,
+        interval_ms,
+    } = &args.command
+    {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let replayed =
+            headroom_monitor::replay::replay_file(input, policy.as_deref(), *interval_ms, &mut out);
+        return match replayed.map_err(anyhow::Error::from).and_then(|summary| {
+            out.flush()?;
+            eprintln!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("headroom replay: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut config = match Config::from_env() {
         Ok(config) => config,
         Err(err) => {
@@ -207,9 +260,17 @@ fn main() -> ExitCode {
             Command::Events { cluster, last } => {
                 cli::events(&client, cluster.as_deref(), last, &mut out).await?
             }
-            Command::Services { window_ms } => {
-                cli::services(&client, Duration::from_millis(window_ms), &mut out).await?;
+            Command::Services { ask, window_ms } => {
+                cli::services(
+                    &client,
+                    ask.into(),
+                    Duration::from_millis(window_ms),
+                    &mut out,
+                )
+                .await?;
             }
+            // Offline: answered before connecting.
+            Command::Replay { .. } => {}
             Command::Record { out: path, seconds } => {
                 let file = std::fs::File::create(&path)?;
                 let stop = headroom_shared::shutdown::on_signal();

@@ -2,7 +2,7 @@
 //! the live report stream to a file) and `replay` (judge a recording by a
 //! policy and print the decisions).
 
-use std::io::{BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,7 +10,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use headroom_monitor::replay;
-use headroom_shared::kv::ClusterPolicy;
 use headroom_shared::service;
 
 #[derive(Parser)]
@@ -113,26 +112,10 @@ fn replay_file(
     policy: Option<&std::path::Path>,
     interval_ms: u64,
 ) -> anyhow::Result<()> {
-    let policy = policy.map(read_policy).transpose()?;
-    let file =
-        std::fs::File::open(input).with_context(|| format!("opening {}", input.display()))?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let summary = replay::replay(BufReader::new(file), policy.as_ref(), interval_ms, &mut out)?;
+    let summary = replay::replay_file(input, policy, interval_ms, &mut out)?;
     out.flush()?;
     eprintln!("{}", serde_json::to_string(&summary)?);
     Ok(())
-}
-
-fn read_policy(path: &std::path::Path) -> anyhow::Result<ClusterPolicy> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let policy: ClusterPolicy = if text.trim_start().starts_with('{') {
-        serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a policy", path.display()))?
-    } else {
-        toml::from_str(&text).with_context(|| format!("{} is not a policy", path.display()))?
-    };
-    policy.validate().context("policy")?;
-    Ok(policy)
 }
