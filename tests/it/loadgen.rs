@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use headroom_loadgen::{run, Profile, Target};
+use headroom_loadgen::{run, Profile, Progress, Target};
 use tokio_util::sync::CancellationToken;
 
 use crate::frontend::backend;
@@ -22,7 +22,15 @@ async fn it_plays_the_profile_and_counts_what_the_backend_saw() {
     let b = backend("load-1", &shutdown).await;
     let profile = Profile::parse("ramp:0-100:1s,hold:100:1s").expect("profile");
     let mut progress = Vec::new();
-    let summary = run(&profile, &target(b.addr), Some(&mut progress)).await;
+    let summary = run(
+        &profile,
+        &target(b.addr),
+        Some(Progress {
+            out: &mut progress,
+            redraw: false,
+        }),
+    )
+    .await;
     // 50 in the ramp's one second (its mid-point rate), 100 in the hold.
     assert_eq!(summary.sent, 150, "{summary:?}");
     assert_eq!(summary.ok, b.requests(), "every answer counted once");
@@ -32,6 +40,10 @@ async fn it_plays_the_profile_and_counts_what_the_backend_saw() {
     assert!(summary.latency_ms.p99 > 0.0 && summary.latency_ms.p50 <= summary.latency_ms.p99);
     let progress = String::from_utf8(progress).expect("utf-8");
     assert_eq!(progress.lines().count(), 2, "a line per step: {progress}");
+    assert!(
+        progress.starts_with("[###############---------------]"),
+        "{progress}"
+    );
 
     // A file profile at 4x: two lines of 40 and 80 take half a second.
     let fast = Profile::from_lines("40\n80\n", 4.0).expect("profile");

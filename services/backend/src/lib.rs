@@ -245,17 +245,38 @@ async fn answer(
     Ok(response)
 }
 
-/// Keeps one core busy for `how_long`.
+/// This thread's CPU time so far, from the scheduler's account (the first
+/// field of `/proc/thread-self/schedstat`, in nanoseconds).
+fn thread_cpu_time() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
+/// Burns `how_long` of CPU time on this thread: CPU time, not wall time,
+/// so a busy machine makes a request slower rather than cheaper. Without
+/// the scheduler's account it burns wall time instead; either way it gives
+/// up after ten times `how_long` of wall time.
 fn burn(how_long: Duration) {
-    let until = Instant::now() + how_long;
+    let started = Instant::now();
+    let give_up = started + how_long * 10;
+    let cpu_start = thread_cpu_time();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    while Instant::now() < until {
-        for _ in 0..1_000 {
+    loop {
+        for _ in 0..20_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
         }
         std::hint::black_box(x);
+        let now = Instant::now();
+        let done = match (cpu_start, thread_cpu_time()) {
+            (Some(from), Some(to)) => to.saturating_sub(from) >= how_long,
+            _ => now.duration_since(started) >= how_long,
+        };
+        if done || now >= give_up {
+            return;
+        }
     }
 }
 

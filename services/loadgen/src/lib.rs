@@ -161,12 +161,28 @@ struct Tally {
     latencies_us: Vec<u32>,
 }
 
+/// Where progress goes: a line per step, or one line redrawn in place
+/// (for a terminal).
+pub struct Progress<'a> {
+    pub out: &'a mut (dyn Write + Send),
+    pub redraw: bool,
+}
+
+/// A bar of `width` cells, `done` of `total` filled.
+fn bar(done: usize, total: usize, width: usize) -> String {
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
 /// Plays `profile` against `target`; with `progress`, writes a line per
 /// step (the rate asked, what was sent and answered, p99 so far).
 pub async fn run(
     profile: &Profile,
     target: &Target,
-    mut progress: Option<&mut (dyn Write + Send)>,
+    mut progress: Option<Progress<'_>>,
 ) -> Summary {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
@@ -228,22 +244,32 @@ pub async fn run(
             }
             while tasks.try_join_next().is_some() {}
         }
-        if let Some(out) = progress.as_mut() {
+        if let Some(Progress { out, redraw }) = progress.as_mut() {
             if let Ok(t) = tally.lock() {
                 let p99 = percentile(&mut t.latencies_us.clone(), 0.99);
-                let _ = writeln!(
-                    out,
-                    "[{:>4}/{}] {:>7.1} req/s asked  sent {sent}  ok {}  errors {}  p99 {p99:.1} ms",
+                let line = format!(
+                    "{} {:>4}/{} {:>7.1} req/s asked  sent {sent}  ok {}  errors {}  p99 {p99:.1} ms",
+                    bar(step + 1, profile.rates.len(), 30),
                     step + 1,
                     profile.rates.len(),
                     rate,
                     t.ok,
                     t.failed + t.statuses.values().sum::<u64>()
                 );
+                let _ = if *redraw {
+                    // Back to the line's start and clear it: one line, redrawn.
+                    write!(out, "\r\x1b[2K{line}")
+                } else {
+                    writeln!(out, "{line}")
+                };
+                let _ = out.flush();
             }
         }
     }
     while tasks.join_next().await.is_some() {}
+    if let Some(Progress { out, redraw: true }) = progress.as_mut() {
+        let _ = writeln!(out);
+    }
     let seconds = started.elapsed().as_secs_f64();
     let mut t = tally
         .lock()
@@ -278,6 +304,14 @@ fn percentile(samples: &mut [u32], q: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bar_fills_with_the_steps() {
+        assert_eq!(bar(0, 4, 8), "[--------]");
+        assert_eq!(bar(2, 4, 8), "[####----]");
+        assert_eq!(bar(4, 4, 8), "[########]");
+        assert_eq!(bar(1, 0, 4), "[####]");
+    }
 
     #[test]
     fn profiles_parse_into_rates_per_second() {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use headroom_loadgen::{run, Profile, Target};
+use headroom_loadgen::{run, Profile, Progress, Target};
 
 #[derive(Parser)]
 #[command(name = "headroom-load", version, about)]
@@ -68,7 +68,12 @@ fn main() -> ExitCode {
     };
     let summary = runtime.block_on(async {
         let mut stderr = std::io::stderr();
-        run(&profile, &target, Some(&mut stderr)).await
+        let redraw = std::io::IsTerminal::is_terminal(&stderr);
+        let progress = Progress {
+            out: &mut stderr,
+            redraw,
+        };
+        run(&profile, &target, Some(progress)).await
     });
     println!(
         "{}",
