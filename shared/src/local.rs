@@ -35,6 +35,14 @@ pub enum LocalNatsError {
 
 /// Headroom's nats-server configuration, the one the compose stack mounts.
 const NATS_CONF: &str = include_str!("../../nats/nats.conf");
+/// One user per service (`nats/users.conf`) and the configuration that adds
+/// them (`nats/secure.conf`).
+const USERS_CONF: &str = include_str!("../../nats/users.conf");
+const SECURE_CONF: &str = include_str!("../../nats/secure.conf");
+
+/// The users `nats/users.conf` defines; each password comes from
+/// `HEADROOM_<USER>_PASSWORD` in the server's environment.
+pub const USERS: [&str; 5] = ["allocator", "monitor", "agent", "frontend", "operator"];
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -97,6 +105,8 @@ fn check_version(path: &Path) -> Result<(), LocalNatsError> {
 pub struct NatsServer {
     child: Child,
     url: String,
+    /// (user, password) when started with [`NatsServer::start_secure`].
+    users: Vec<(String, String)>,
     dir: tempfile::TempDir,
 }
 
@@ -106,14 +116,48 @@ impl NatsServer {
     /// # Errors
     /// When the binary is missing or too old, or the server does not come up.
     pub async fn start() -> Result<Self, LocalNatsError> {
+        Self::launch(false).await
+    }
+
+    /// Starts a server with one user per service (`nats/secure.conf`), each
+    /// with a fresh random password; [`NatsServer::config_as`] logs in as
+    /// one of them.
+    ///
+    /// # Errors
+    /// As [`NatsServer::start`].
+    pub async fn start_secure() -> Result<Self, LocalNatsError> {
+        Self::launch(true).await
+    }
+
+    async fn launch(secure: bool) -> Result<Self, LocalNatsError> {
         let binary = nats_server_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("headroom-nats-")
             .tempdir()?;
+        let users: Vec<(String, String)> = if secure {
+            USERS
+                .iter()
+                .map(|user| ((*user).to_owned(), nuid::next().to_string()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let log = dir.path().join("nats.log");
-        let conf = dir.path().join("nats.conf");
+        let mut conf = dir.path().join("nats.conf");
         std::fs::write(&conf, NATS_CONF)?;
-        let child = Command::new(binary)
+        if secure {
+            std::fs::write(dir.path().join("users.conf"), USERS_CONF)?;
+            conf = dir.path().join("secure.conf");
+            std::fs::write(&conf, SECURE_CONF)?;
+        }
+        let mut command = Command::new(binary);
+        for (user, password) in &users {
+            command.env(
+                format!("HEADROOM_{}_PASSWORD", user.to_uppercase()),
+                password,
+            );
+        }
+        let child = command
             .arg("-c")
             .arg(&conf)
             .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1"])
@@ -139,7 +183,12 @@ impl NatsServer {
         })
         .await;
         match url {
-            Some(url) => Ok(Self { child, url, dir }),
+            Some(url) => Ok(Self {
+                child,
+                url,
+                users,
+                dir,
+            }),
             None => {
                 let log = std::fs::read_to_string(&log).unwrap_or_default();
                 Err(LocalNatsError::NoStart(deadline, log))
@@ -156,12 +205,49 @@ impl NatsServer {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 
-    /// A plain client.
+    /// The password of `user`, on a server started with
+    /// [`NatsServer::start_secure`].
+    pub fn password(&self, user: &str) -> Option<&str> {
+        self.users
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, p)| p.as_str())
+    }
+
+    /// [`NatsServer::config`], logged in as `user`.
+    pub fn config_as(&self, user: &str) -> crate::config::Config {
+        let mut config = self.config();
+        config.nats.user = Some(user.to_owned());
+        config.nats.password = self.password(user).map(str::to_owned);
+        config
+    }
+
+    /// A client logged in as `user`.
+    ///
+    /// # Errors
+    /// When the server refuses the connection.
+    pub async fn client_as(
+        &self,
+        user: &str,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        async_nats::ConnectOptions::with_user_and_password(
+            user.to_owned(),
+            self.password(user).unwrap_or_default().to_owned(),
+        )
+        .connect(&self.url)
+        .await
+    }
+
+    /// A plain client (the operator's, on a secure server).
     ///
     /// # Errors
     /// When the server does not accept the connection.
     pub async fn client(&self) -> Result<async_nats::Client, async_nats::ConnectError> {
-        async_nats::connect(&self.url).await
+        if self.users.is_empty() {
+            async_nats::connect(&self.url).await
+        } else {
+            self.client_as("operator").await
+        }
     }
 
     /// Headroom's configuration pointed at this server, with allocator

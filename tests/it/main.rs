@@ -10,3 +10,4 @@ mod frontend;
 mod loadgen;
 mod monitor;
 mod ops;
+mod security;
