@@ -419,7 +419,43 @@ pub struct PolicyError {
     pub reason: String,
 }
 
+/// A policy file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable policy: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
 impl ClusterPolicy {
+    /// Reads a policy from a TOML or JSON file, and checks it.
+    ///
+    /// # Errors
+    /// The file cannot be read, is neither, or the policy is invalid.
+    pub fn read(path: &std::path::Path) -> Result<Self, PolicyFileError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyFileError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let bad = |reason: String| PolicyFileError::Invalid {
+            path: shown.clone(),
+            reason,
+        };
+        let policy: Self = if text.trim_start().starts_with('{') {
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
+        } else {
+            toml::from_str(&text).map_err(|e| bad(e.to_string()))?
+        };
+        policy.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(policy)
+    }
+
     /// The distinct request types the routes name, in order.
     pub fn request_types(&self) -> Vec<String> {
         let mut types: Vec<String> = Vec::new();

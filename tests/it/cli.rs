@@ -282,3 +282,61 @@ async fn kv_watch_events_and_services_show_the_wire_readably() {
         assert!(services.contains("1 services answered"), "{services}");
     }
 }
+
+#[tokio::test]
+async fn cluster_put_list_and_get_go_through_the_allocator() {
+    let stack = Stack::start().await;
+    register(&stack.client, "c1", &[]).await;
+    register(&stack.client, "c2", &[]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("policy.toml");
+    std::fs::write(
+        &file,
+        "min_size = 2\nmax_size = 3\n[scaling]\nupper = 0.8\nlower = 0.2\ntarget = 0.6\n",
+    )
+    .expect("policy file");
+    let mut out = Vec::new();
+    headroom_cli::cluster_put(&stack.client, "shop", &file, &mut out)
+        .await
+        .expect("cluster put");
+    assert!(text(out).starts_with("shop generation "));
+    let filled = headroom_tests::eventually(WAIT, || async {
+        let snapshot = Snapshot::read(&stack.js).await;
+        (snapshot.active_members("shop").len() == 2).then_some(snapshot)
+    })
+    .await
+    .expect("filled to its minimum");
+
+    let mut out = Vec::new();
+    headroom_cli::cluster_show(&stack.client, Some("shop"), &mut out)
+        .await
+        .expect("cluster get");
+    let shown: serde_json::Value = serde_json::from_str(text(out).trim()).expect("JSON");
+    let record = filled.cluster("shop");
+    assert_eq!(shown["policy"]["min_size"], 2);
+    assert_eq!(shown["policy"]["scaling"]["upper"], 0.8);
+    assert_eq!(
+        shown["members"].as_array().map(Vec::len),
+        Some(record.members.len())
+    );
+    let mut out = Vec::new();
+    headroom_cli::cluster_show(&stack.client, None, &mut out)
+        .await
+        .expect("cluster list");
+    assert_eq!(text(out).lines().count(), 1);
+
+    // A bad policy or an unknown cluster: clear errors, nothing changed.
+    std::fs::write(&file, "min_size = 5\nmax_size = 3\n").expect("policy file");
+    let err = headroom_cli::cluster_put(&stack.client, "shop", &file, &mut Vec::new())
+        .await
+        .expect_err("min over max");
+    assert!(err.to_string().contains("not a usable policy"), "{err}");
+    let err = headroom_cli::cluster_show(&stack.client, Some("nope"), &mut Vec::new())
+        .await
+        .expect_err("unknown");
+    assert!(err.to_string().contains("nope"), "{err}");
+    assert_eq!(
+        Snapshot::read(&stack.js).await.cluster("shop").generation,
+        record.generation
+    );
+}

@@ -15,8 +15,8 @@ use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{ClusterRecord, ServerRecord, CLUSTERS_BUCKET, SERVERS_BUCKET};
 use headroom_shared::wire::{
-    AuditEvent, DeregisterServer, DrainMember, DrainQueued, Empty, PerformanceReport,
-    RegisterServer, ReportSource, ServerList,
+    AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, GetCluster,
+    PerformanceReport, PutCluster, RegisterServer, ReportSource, ServerList,
 };
 use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
 
@@ -36,6 +36,8 @@ pub enum CliError {
     NoKey { bucket: String, key: String },
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Policy(#[from] headroom_shared::kv::PolicyFileError),
 }
 
 fn nats(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> CliError {
@@ -236,6 +238,66 @@ pub async fn pool_add(
         record.address,
         record.port
     )?;
+    Ok(())
+}
+
+/// `headroom cluster put <id> --policy <file>`: creates the cluster or
+/// changes its policy (the allocator fills it to its minimum).
+///
+/// # Errors
+/// A bad id or policy file, or the allocator does not answer or refuses.
+pub async fn cluster_put(
+    client: &async_nats::Client,
+    id: &str,
+    policy: &std::path::Path,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let request = PutCluster {
+        v: SCHEMA_VERSION,
+        id: ClusterId::new(id)?,
+        policy: headroom_shared::kv::ClusterPolicy::read(policy)?,
+    };
+    let record: ClusterRecord = bus::admin(client, subjects::admin::CLUSTER_PUT, &request).await?;
+    writeln!(
+        out,
+        "{} generation {} min {} max {} members {}",
+        record.id,
+        record.generation,
+        record.policy.min_size,
+        record.policy.max_size,
+        record.members.len()
+    )?;
+    Ok(())
+}
+
+/// `headroom cluster get <id>` (one record) or `headroom cluster list`
+/// (every record), as JSON lines.
+///
+/// # Errors
+/// A bad id, or the allocator does not answer or refuses (unknown cluster).
+pub async fn cluster_show(
+    client: &async_nats::Client,
+    id: Option<&str>,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let records = match id {
+        Some(id) => {
+            let get = GetCluster {
+                v: SCHEMA_VERSION,
+                id: ClusterId::new(id)?,
+            };
+            vec![bus::admin::<_, ClusterRecord>(client, subjects::admin::CLUSTER_GET, &get).await?]
+        }
+        None => {
+            bus::admin::<_, ClusterList>(client, subjects::admin::CLUSTER_LIST, &Empty::new())
+                .await?
+                .clusters
+        }
+    };
+    for record in &records {
+        let value = serde_json::to_value(record).unwrap_or(serde_json::Value::Null);
+        writeln!(out, "{}", json_line(&value))?;
+    }
     Ok(())
 }
 

@@ -37,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         action: Pool,
     },
+    /// Clusters: create one or change its policy, list them, show one.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterCommand,
+    },
     /// Release a member: drain it and return it to the pool.
     Drain { cluster: String, server: String },
     /// Headroom's KV buckets, decoded.
@@ -101,6 +106,20 @@ impl From<Ask> for cli::Discover {
             Ask::Stats => cli::Discover::Stats,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create a cluster, or change its policy, from a TOML or JSON file.
+    Put {
+        id: String,
+        #[arg(long)]
+        policy: PathBuf,
+    },
+    List,
+    Get {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -196,6 +215,15 @@ fn main() -> ExitCode {
                 cli::status(&client, Duration::from_millis(sample_ms), &mut out).await?;
             }
             Command::Pool { action: Pool::List } => cli::pool_list(&client, &mut out).await?,
+            Command::Cluster { action } => match action {
+                ClusterCommand::Put { id, policy } => {
+                    cli::cluster_put(&client, &id, &policy, &mut out).await?;
+                }
+                ClusterCommand::List => cli::cluster_show(&client, None, &mut out).await?,
+                ClusterCommand::Get { id } => {
+                    cli::cluster_show(&client, Some(&id), &mut out).await?;
+                }
+            },
             Command::Pool {
                 action:
                     Pool::Add {

@@ -106,45 +106,23 @@ pub enum ReplayError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a usable policy: {reason}")]
-    Policy { path: String, reason: String },
-}
-
-/// Reads a cluster policy from a TOML or JSON file, and checks it.
-///
-/// # Errors
-/// The file cannot be read, is neither, or the policy is invalid.
-pub fn read_policy(path: &std::path::Path) -> Result<ClusterPolicy, ReplayError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Open {
-        path: shown.clone(),
-        source,
-    })?;
-    let bad = |reason: String| ReplayError::Policy {
-        path: shown.clone(),
-        reason,
-    };
-    let policy: ClusterPolicy = if text.trim_start().starts_with('{') {
-        serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?
-    } else {
-        toml::from_str(&text).map_err(|e| bad(e.to_string()))?
-    };
-    policy.validate().map_err(|e| bad(e.to_string()))?;
-    Ok(policy)
+    #[error(transparent)]
+    Policy(#[from] headroom_shared::kv::PolicyFileError),
 }
 
 /// [`replay`] of the recording in `input`, judged by the policy in
 /// `policy` when given, decisions written to `log`.
 ///
 /// # Errors
-/// As [`replay`] and [`read_policy`], or the file cannot be opened.
+/// As [`replay`] and [`ClusterPolicy::read`], or the file cannot be
+/// opened.
 pub fn replay_file(
     input: &std::path::Path,
     policy: Option<&std::path::Path>,
     interval_ms: u64,
     log: &mut impl Write,
 ) -> Result<ReplaySummary, ReplayError> {
-    let policy = policy.map(read_policy).transpose()?;
+    let policy = policy.map(ClusterPolicy::read).transpose()?;
     let file = std::fs::File::open(input).map_err(|source| ReplayError::Open {
         path: input.display().to_string(),
         source,
