@@ -70,6 +70,9 @@ pub struct Sim {
     /// Play the allocator: apply decisions to the cluster record.
     pub apply: bool,
     pub silent: Vec<String>,
+    /// A front-end keeps reporting the silent servers (in flight 0), as it
+    /// does a dead server it can no longer reach.
+    pub frontend_sees_silent: bool,
 }
 
 impl Sim {
@@ -126,6 +129,7 @@ impl Sim {
             seen: Vec::new(),
             apply: true,
             silent: Vec::new(),
+            frontend_sees_silent: false,
         };
         sim.publish_record().await;
         sim
@@ -159,6 +163,22 @@ impl Sim {
         self.clock.set(self.now);
         for server in self.members() {
             if self.silent.contains(&server) {
+                if self.frontend_sees_silent {
+                    let seen = PerformanceReport {
+                        in_flight: Some(0),
+                        ..PerformanceReport::new(
+                            sid(&server),
+                            Some(cid("web")),
+                            ReportSource::Frontend {
+                                frontend: "fe-1".to_owned(),
+                            },
+                            self.now,
+                            1_000,
+                        )
+                    };
+                    self.publish(&subjects::metrics(Some(&cid("web")), &sid(&server)), &seen)
+                        .await;
+                }
                 continue;
             }
             // Later servers have less work in flight, so "least in
@@ -574,6 +594,8 @@ async fn a_silent_member_is_replaced_not_released() {
     // Quiet enough that a release would be on the table for an idle one.
     sim.run_load(5, &mut rng, 0.0, |_| 0.4).await;
     sim.silent.push("s2".to_owned());
+    // The front-end still reports it: silence is the server's own.
+    sim.frontend_sees_silent = true;
     let silenced = sim.now;
     sim.run_load(20, &mut rng, 0.0, |_| 0.4).await;
     let about_s2: Vec<&Seen> = sim

@@ -193,7 +193,10 @@ struct Tracked {
     /// When it became a member as far as this monitor knows: its silence is
     /// counted from here until its first report.
     first_seen_ms: u64,
-    last_report_ms: Option<u64>,
+    /// The server's own last word: silence is the agent's. Front-ends keep
+    /// reporting a dead server (it answers them nothing), so their reports
+    /// do not count as it being alive.
+    last_agent_ms: Option<u64>,
     below_lower_since: Option<u64>,
     above_upper_since: Option<u64>,
     /// Since when it would stay under target at full weight.
@@ -211,7 +214,7 @@ impl Tracked {
             agent: None,
             frontends: Vec::new(),
             first_seen_ms: now_ms,
-            last_report_ms: None,
+            last_agent_ms: None,
             below_lower_since: None,
             above_upper_since: None,
             cool_since: None,
@@ -459,7 +462,11 @@ impl Decider {
         };
         let reading = Reading::of(report, now_ms, silent_after);
         match &report.source {
-            ReportSource::Agent => tracked.agent = Some(reading),
+            ReportSource::Agent => {
+                tracked.agent = Some(reading);
+                tracked.last_agent_ms = Some(now_ms);
+                tracked.replace_asked = false;
+            }
             ReportSource::Frontend { frontend } => {
                 let key = fnv1a(frontend.as_bytes());
                 if let Some(slot) = tracked.frontends.iter_mut().find(|(k, _)| *k == key) {
@@ -473,8 +480,6 @@ impl Decider {
                 }
             }
         }
-        tracked.last_report_ms = Some(now_ms);
-        tracked.replace_asked = false;
         self.last_report_ms = Some(now_ms);
         Ok(())
     }
@@ -522,7 +527,16 @@ fn evaluate(
             continue;
         };
         let (cpu, in_flight, latency) = t.current(now_ms);
-        let u = utilisation(&s.measures, cpu, in_flight, latency);
+        let quiet_since = t.last_agent_ms.unwrap_or(t.first_seen_ms);
+        let quiet_ms = now_ms.saturating_sub(quiet_since);
+        let is_silent = quiet_ms >= s.silent_after_ms;
+        // A silent server's load is unknown, whatever the front-ends see of
+        // it: no release is judged on it.
+        let u = if is_silent {
+            None
+        } else {
+            utilisation(&s.measures, cpu, in_flight, latency)
+        };
         let since = |flag: bool, at: &mut Option<u64>| {
             if flag {
                 at.get_or_insert(now_ms);
@@ -535,12 +549,8 @@ fn evaluate(
             u.is_some_and(|u| u / m.weight.max(MIN_WEIGHT) < target),
             &mut t.cool_since,
         );
-        let quiet_since = t.last_report_ms.unwrap_or(t.first_seen_ms);
-        if u.is_none()
-            && now_ms.saturating_sub(quiet_since) >= s.silent_after_ms
-            && !t.replace_asked
-        {
-            silent.push((m.server.clone(), now_ms - quiet_since));
+        if is_silent && !t.replace_asked {
+            silent.push((m.server.clone(), quiet_ms));
         }
         members.push(Now {
             server: &m.server,
