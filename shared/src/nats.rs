@@ -113,12 +113,14 @@ pub async fn connect(
     name: &str,
 ) -> Result<(Client, Arc<ConnectionEvents>), ConnectError> {
     let events = Arc::new(ConnectionEvents::default());
-    let urls = config.urls().join(",");
+    // Each URL on its own: a comma-joined string is parsed as one address.
+    let servers = config.urls();
+    let urls = servers.join(",");
     let started = tokio::time::Instant::now();
     let mut attempt = 0usize;
     loop {
         let options = options(config, name, events.clone()).await?;
-        match options.connect(urls.as_str()).await {
+        match options.connect(servers.as_slice()).await {
             Ok(client) => return Ok((client, events)),
             Err(source) => {
                 let delay = reconnect_delay(attempt, config.max_reconnect_delay);

@@ -197,3 +197,21 @@ async fn metrics_move_when_the_system_acts() {
     shutdown.cancel();
     site.shutdown.cancel();
 }
+
+#[tokio::test]
+async fn services_connect_through_a_list_of_urls() {
+    // The 3-node stack gives every service all three URLs; one may be down.
+    let nats = headroom_tests::NatsServer::start()
+        .await
+        .expect("nats-server");
+    let mut config = nats.config();
+    config.nats.url = format!("nats://127.0.0.1:1, {}", nats.url());
+    let (client, _) = headroom_shared::nats::connect(&config.nats, "list-test")
+        .await
+        .expect("connects through the URL that answers");
+    client.flush().await.expect("flush");
+    assert_eq!(
+        client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+}
