@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# Builds the static binaries the images need, then runs docker compose with
-# the given arguments, e.g. `scripts/compose.sh up` or `scripts/compose.sh down -v`.
+# Builds the static binaries and the images, then runs docker compose with
+# the given arguments, e.g. `scripts/compose.sh up -d` or
+# `scripts/compose.sh down -v`. `--cluster` first selects the 3-node NATS
+# variant (docker-compose.cluster.yml, KV replicated R3).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if docker compose version >/dev/null 2>&1; then compose=(docker compose); else compose=(docker-compose); fi
-case "${1:-}" in
-  up|build|create|run)
-    ./scripts/fetch-nats-server.sh >/dev/null
-    # The explicit --target keeps +crt-static away from proc-macro crates.
-    RUSTFLAGS="-C target-feature=+crt-static" \
-      cargo build --release --target x86_64-unknown-linux-gnu \
-        -p headroom-allocator -p headroom-monitor -p headroom-agent \
-        -p headroom-frontend -p headroom-backend
-    ;;
-esac
-exec "${compose[@]}" "$@"
+files=(-f docker-compose.yml)
+if [[ "${1:-}" == "--cluster" ]]; then
+  shift
+  files+=(-f docker-compose.cluster.yml)
+  export HEADROOM_NATS_URLS="nats://nats:4222,nats://nats-2:4222,nats://nats-3:4222"
+  export HEADROOM_NATS_REPLICAS=3
+fi
+# Images are built from the static binaries, so those come first; the
+# load profile is included so the loadgen image is built too.
+for arg in "$@"; do
+  case "$arg" in
+    build)
+      ./scripts/build-static.sh
+      exec "${compose[@]}" "${files[@]}" --profile load "$@"
+      ;;
+    up|create|run)
+      ./scripts/build-static.sh
+      "${compose[@]}" "${files[@]}" --profile load build
+      break
+      ;;
+  esac
+done
+exec "${compose[@]}" "${files[@]}" "$@"
