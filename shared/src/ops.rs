@@ -78,17 +78,24 @@ impl Histogram {
     }
 }
 
-/// Counters of low-rate events by label values (a mutex per increment:
-/// for decisions and allocations, not for requests on a hot path).
+/// A family of series told apart by label values: counters of low-rate
+/// events (a mutex per change: for decisions and allocations, not for
+/// requests on a hot path), or gauges replaced whole by each observation
+/// (pool sizes by state, members by cluster).
 #[derive(Debug)]
-pub struct CounterVec {
+pub struct Family<V> {
     name: &'static str,
     help: &'static str,
     labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, u64>>,
+    values: Mutex<BTreeMap<Vec<String>, V>>,
 }
 
-impl CounterVec {
+/// Counts by label values.
+pub type CounterVec = Family<u64>;
+/// Gauges by label values.
+pub type GaugeVec = Family<f64>;
+
+impl<V: Copy> Family<V> {
     pub const fn new(
         name: &'static str,
         help: &'static str,
@@ -102,111 +109,62 @@ impl CounterVec {
         }
     }
 
+    fn values(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<String>, V>> {
+        self.values.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Each series in turn, through `sample`; the family is declared even
+    /// before its first series.
+    fn write_with(
+        &self,
+        out: &mut Exposition,
+        kind: &str,
+        mut sample: impl FnMut(&mut Exposition, &[(&str, &str)], V),
+    ) {
+        let values = self.values();
+        out.family(self.name, self.help, kind);
+        for (key, value) in values.iter() {
+            let labels: Vec<(&str, &str)> = self
+                .labels
+                .iter()
+                .copied()
+                .zip(key.iter().map(String::as_str))
+                .collect();
+            sample(out, &labels, *value);
+        }
+    }
+}
+
+fn key(values: &[&str]) -> Vec<String> {
+    values.iter().map(|v| (*v).to_owned()).collect()
+}
+
+impl Family<u64> {
     /// Adds one to the series with these label values (in the order of
     /// the label names).
     pub fn inc(&self, values: &[&str]) {
-        self.add(values, 1);
-    }
-
-    pub fn add(&self, values: &[&str], n: u64) {
-        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        *self
-            .values
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(key)
-            .or_default() += n;
-    }
-
-    /// The count of one series (0 when never incremented).
-    pub fn get(&self, values: &[&str]) -> u64 {
-        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        self.values
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .copied()
-            .unwrap_or(0)
+        *self.values().entry(key(values)).or_default() += 1;
     }
 
     pub fn write(&self, out: &mut Exposition) {
-        let values = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-        if values.is_empty() {
-            // Say the family exists even before its first event.
-            out.family(self.name, self.help, "counter");
-        }
-        for (key, n) in values.iter() {
-            let labels: Vec<(&str, &str)> = self
-                .labels
-                .iter()
-                .copied()
-                .zip(key.iter().map(String::as_str))
-                .collect();
-            out.counter(self.name, self.help, &labels, *n);
-        }
+        let (name, help) = (self.name, self.help);
+        self.write_with(out, "counter", |out, labels, n| {
+            out.counter(name, help, labels, n);
+        });
     }
 }
 
-/// Gauges by label values, replaced whole by each observation (pool sizes
-/// by state, members by cluster).
-#[derive(Debug)]
-pub struct GaugeVec {
-    name: &'static str,
-    help: &'static str,
-    labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, f64>>,
-}
-
-impl GaugeVec {
-    pub const fn new(
-        name: &'static str,
-        help: &'static str,
-        labels: &'static [&'static str],
-    ) -> Self {
-        Self {
-            name,
-            help,
-            labels,
-            values: Mutex::new(BTreeMap::new()),
-        }
-    }
-
+impl Family<f64> {
     /// Replaces every series with `series`.
     pub fn replace(&self, series: impl IntoIterator<Item = (Vec<String>, f64)>) {
-        *self.values.lock().unwrap_or_else(PoisonError::into_inner) = series.into_iter().collect();
-    }
-
-    pub fn set(&self, values: &[&str], value: f64) {
-        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        self.values
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, value);
-    }
-
-    pub fn get(&self, values: &[&str]) -> Option<f64> {
-        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
-        self.values
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .copied()
+        *self.values() = series.into_iter().collect();
     }
 
     pub fn write(&self, out: &mut Exposition) {
-        let values = self.values.lock().unwrap_or_else(PoisonError::into_inner);
-        if values.is_empty() {
-            out.family(self.name, self.help, "gauge");
-        }
-        for (key, v) in values.iter() {
-            let labels: Vec<(&str, &str)> = self
-                .labels
-                .iter()
-                .copied()
-                .zip(key.iter().map(String::as_str))
-                .collect();
-            out.gauge(self.name, self.help, &labels, *v);
-        }
+        let (name, help) = (self.name, self.help);
+        self.write_with(out, "gauge", |out, labels, v| {
+            out.gauge(name, help, labels, v)
+        });
     }
 }
 
@@ -578,6 +536,34 @@ mod tests {
         assert!(text.contains("lat_seconds_count 2\n"));
         assert!(text.contains("lat_seconds_sum 0.0407\n"), "{text}");
         assert!(text.contains("headroom_ready{service=\"test\"} 0\n"));
+    }
+
+    #[test]
+    fn families_write_their_series_and_declare_themselves_when_empty() {
+        let counts = CounterVec::new("c_total", "C.", &["kind", "outcome"]);
+        let gauges = GaugeVec::new("g", "G.", &["state"]);
+        let mut out = Exposition::default();
+        counts.write(&mut out);
+        gauges.write(&mut out);
+        let empty = out.into_string();
+        assert!(empty.contains("# TYPE c_total counter\n") && empty.contains("# TYPE g gauge\n"));
+        assert!(!empty.contains("c_total{"), "{empty}");
+        counts.inc(&["a", "ok"]);
+        counts.inc(&["a", "ok"]);
+        counts.inc(&["b", "failed"]);
+        gauges.replace([(vec!["free".to_owned()], 3.0)]);
+        gauges.replace([(vec!["allocated".to_owned()], 1.0)]);
+        let mut out = Exposition::default();
+        counts.write(&mut out);
+        gauges.write(&mut out);
+        let text = out.into_string();
+        assert!(
+            text.contains("c_total{kind=\"a\",outcome=\"ok\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("c_total{kind=\"b\",outcome=\"failed\"} 1\n"));
+        assert!(text.contains("g{state=\"allocated\"} 1\n"));
+        assert!(!text.contains("free"), "replaced whole: {text}");
     }
 
     #[test]

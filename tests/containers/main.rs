@@ -22,8 +22,8 @@ use futures::StreamExt;
 use headroom_loadgen::{Profile, Summary, Target};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{ClusterRecord, MemberState, ServerState, CLUSTERS_BUCKET};
-use headroom_shared::wire::{AuditEvent, EventKind, ReconfigAction, ReconfigRequest};
-use headroom_shared::{subjects, ClusterId, ServerId};
+use headroom_shared::wire::{AuditEvent, EventKind};
+use headroom_shared::{subjects, ServerId};
 use headroom_tests::eventually;
 
 use common::Snapshot;
@@ -438,33 +438,12 @@ async fn the_stack_scales_survives_crashes_and_keeps_agents_in_their_place() {
                 .expect("agent password"),
         )
         .await;
-    let mut agent_js = jetstream::new(agent);
-    agent_js.set_timeout(Duration::from_secs(2));
-    let request = ReconfigRequest::new(
-        ClusterId::new("web").expect("id"),
-        ReconfigAction::Allocate {
-            count: 1,
-            request_type: None,
-        },
-        "intruder",
-    );
+    let (asked, wrote) = common::act_as_intruder(agent, "backend-1").await;
     assert!(
-        headroom_shared::bus::request_reconfig(&agent_js, &request)
-            .await
-            .is_err(),
+        asked.is_err(),
         "an agent's reconfiguration request is refused"
     );
-    let write = async {
-        let bucket = agent_js
-            .get_key_value(headroom_shared::kv::SERVERS_BUCKET)
-            .await?;
-        bucket
-            .put("backend-1", bytes::Bytes::from_static(b"x"))
-            .await?;
-        Ok::<_, async_nats::Error>(())
-    }
-    .await;
-    assert!(write.is_err(), "an agent's KV write is refused");
+    assert!(wrote.is_err(), "an agent's KV write is refused");
     eprintln!("single-node stack tests took {:?}", started.elapsed());
 }
 

@@ -17,8 +17,8 @@ use headroom_shared::kv::{
 use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
 use headroom_shared::wire::{
-    AuditEvent, DeregisterServer, Empty, PutCluster, ReconfigRequest, RegisterServer,
-    ERROR_CODE_HEADER,
+    AuditEvent, DeregisterServer, Empty, PutCluster, ReconfigAction, ReconfigRequest,
+    RegisterServer, ERROR_CODE_HEADER,
 };
 use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
 use headroom_tests::{eventually, NatsServer};
@@ -381,4 +381,49 @@ pub async fn audit_log(js: &jetstream::Context) -> Vec<AuditEvent> {
         }
     }
     events
+}
+
+/// What an agent's user gets when it acts above its station, in cluster
+/// `web`: (asking for a reconfiguration, writing `server`'s KV record).
+/// Both should be refused by the server.
+pub async fn act_as_intruder(
+    agent: async_nats::Client,
+    server: &str,
+) -> (Result<(), String>, Result<(), String>) {
+    let mut js = jetstream::new(agent);
+    js.set_timeout(Duration::from_secs(2));
+    let request = ReconfigRequest::new(
+        cid("web"),
+        ReconfigAction::Allocate {
+            count: 1,
+            request_type: None,
+        },
+        "intruder",
+    );
+    let asked = headroom_shared::bus::request_reconfig(&js, &request)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    let wrote = async {
+        let bucket = js.get_key_value(SERVERS_BUCKET).await?;
+        bucket
+            .put(server, bytes::Bytes::from_static(b"forged"))
+            .await?;
+        Ok::<_, async_nats::Error>(())
+    }
+    .await
+    .map_err(|e| e.to_string());
+    (asked, wrote)
+}
+
+/// Messages in a stream now.
+pub async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
 }

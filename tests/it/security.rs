@@ -8,12 +8,13 @@ use futures::StreamExt;
 use headroom_frontend::Frontend;
 use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
-use headroom_shared::wire::{ReconfigAction, ReconfigRequest};
 use headroom_tests::{eventually, NatsServer};
 use hyper::StatusCode;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{cid, policy, put_cluster, wait_for_admin, Snapshot, WAIT};
+use crate::common::{
+    act_as_intruder, policy, put_cluster, stream_messages, wait_for_admin, Snapshot, WAIT,
+};
 use crate::frontend::backend;
 
 #[tokio::test]
@@ -131,49 +132,16 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
 
     // The agent's user: no reconfiguration request, no KV write.
     let agent = nats.client_as("agent").await.expect("agent connects");
-    let mut agent_js = async_nats::jetstream::new(agent.clone());
-    agent_js.set_timeout(Duration::from_secs(2));
-    let stream_before = js
-        .get_stream(subjects::RECONFIG_STREAM)
-        .await
-        .expect("stream")
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages;
-    let request = ReconfigRequest::new(
-        cid("web"),
-        ReconfigAction::Allocate {
-            count: 1,
-            request_type: None,
-        },
-        "intruder",
-    );
-    let sent = headroom_shared::bus::request_reconfig(&agent_js, &request).await;
-    assert!(sent.is_err(), "an agent cannot ask for a reconfiguration");
+    let stream_before = stream_messages(&js, subjects::RECONFIG_STREAM).await;
     let servers_before = Snapshot::read(&js).await;
-    let write = async {
-        let bucket = agent_js
-            .get_key_value(headroom_shared::kv::SERVERS_BUCKET)
-            .await?;
-        bucket
-            .put("sec-1", bytes::Bytes::from_static(b"forged"))
-            .await?;
-        Ok::<_, async_nats::Error>(())
-    }
-    .await;
-    assert!(write.is_err(), "an agent cannot write KV");
-    let stream_after = js
-        .get_stream(subjects::RECONFIG_STREAM)
-        .await
-        .expect("stream")
-        .info()
-        .await
-        .expect("info")
-        .state
-        .messages;
-    assert_eq!(stream_after, stream_before, "nothing reached the stream");
+    let (asked, wrote) = act_as_intruder(agent.clone(), "sec-1").await;
+    assert!(asked.is_err(), "an agent cannot ask for a reconfiguration");
+    assert!(wrote.is_err(), "an agent cannot write KV");
+    assert_eq!(
+        stream_messages(&js, subjects::RECONFIG_STREAM).await,
+        stream_before,
+        "nothing reached the stream"
+    );
     let servers_after = Snapshot::read(&js).await;
     assert_eq!(
         servers_after

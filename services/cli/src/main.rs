@@ -1,7 +1,6 @@
 //! `headroom`: the operator's command line. NATS comes from the usual
 //! configuration (`HEADROOM_NATS__URL`, or `--server`).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -73,15 +72,7 @@ enum Command {
     },
     /// Judge a recording by a policy and print every decision (offline; see
     /// headroom-monitor replay).
-    Replay {
-        input: PathBuf,
-        /// A cluster policy (TOML or JSON) instead of the recorded one.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Evaluation interval of the replay.
-        #[arg(long, default_value_t = 1000)]
-        interval_ms: u64,
-    },
+    Replay(headroom_monitor::replay::ReplayArgs),
     /// Record the live reports and cluster records (see headroom-monitor record).
     Record {
         #[arg(long, short)]
@@ -167,24 +158,11 @@ enum Kv {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Command::Replay {
-        input,
-        policy,
-        interval_ms,
-    } = &args.command
-    {
-        let stdout = std::io::stdout();
-        let mut out = std::io::BufWriter::new(stdout.lock());
-        let replayed =
-            headroom_monitor::replay::replay_file(input, policy.as_deref(), *interval_ms, &mut out);
-        return match replayed.map_err(anyhow::Error::from).and_then(|summary| {
-            out.flush()?;
-            eprintln!("{}", serde_json::to_string(&summary)?);
-            Ok(())
-        }) {
+    if let Command::Replay(replay) = &args.command {
+        return match replay.run_to_stdout() {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("headroom replay: {err:#}");
+                eprintln!("headroom replay: {:#}", anyhow::Error::from(err));
                 ExitCode::FAILURE
             }
         };
@@ -298,7 +276,7 @@ fn main() -> ExitCode {
                 .await?;
             }
             // Offline: answered before connecting.
-            Command::Replay { .. } => {}
+            Command::Replay(_) => {}
             Command::Record { out: path, seconds } => {
                 let file = std::fs::File::create(&path)?;
                 let stop = headroom_shared::shutdown::on_signal();

@@ -34,17 +34,7 @@ enum Command {
     },
     /// Judge a recording by a policy and print every decision, one JSON
     /// line each; the same input always gives the same bytes.
-    Replay {
-        /// The recording (JSON lines).
-        input: PathBuf,
-        /// A cluster policy (TOML or JSON) to use instead of the recorded
-        /// ones.
-        #[arg(long)]
-        policy: Option<PathBuf>,
-        /// Evaluate every this many milliseconds of recorded time.
-        #[arg(long, default_value_t = 1000)]
-        interval_ms: u64,
-    },
+    Replay(replay::ReplayArgs),
 }
 
 fn humantime_duration(text: &str) -> Result<Duration, String> {
@@ -54,14 +44,9 @@ fn humantime_duration(text: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Replay {
-        input,
-        policy,
-        interval_ms,
-    }) = &cli.command
-    {
+    if let Some(Command::Replay(args)) = &cli.command {
         // Replay is offline: no configuration, no NATS.
-        return match replay_file(input, policy.as_deref(), *interval_ms) {
+        return match args.run_to_stdout() {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("headroom-monitor replay: {err:#}");
@@ -105,17 +90,4 @@ fn main() -> ExitCode {
             }
         },
     )
-}
-
-fn replay_file(
-    input: &std::path::Path,
-    policy: Option<&std::path::Path>,
-    interval_ms: u64,
-) -> anyhow::Result<()> {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
-    let summary = replay::replay_file(input, policy, interval_ms, &mut out)?;
-    out.flush()?;
-    eprintln!("{}", serde_json::to_string(&summary)?);
-    Ok(())
 }

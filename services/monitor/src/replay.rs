@@ -110,6 +110,44 @@ pub enum ReplayError {
     Policy(#[from] headroom_shared::kv::PolicyFileError),
 }
 
+/// The arguments of a replay, the same for `headroom-monitor replay` and
+/// `headroom replay`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// The recording (JSON lines).
+    pub input: std::path::PathBuf,
+    /// A cluster policy (TOML or JSON) to use instead of the recorded ones.
+    #[arg(long)]
+    pub policy: Option<std::path::PathBuf>,
+    /// Evaluate every this many milliseconds of recorded time.
+    #[arg(long, default_value_t = 1000)]
+    pub interval_ms: u64,
+}
+
+impl ReplayArgs {
+    /// Replays to standard output (a decision per line) and says what it
+    /// did on standard error. Offline: no configuration, no NATS.
+    ///
+    /// # Errors
+    /// As [`replay_file`], or standard output cannot be written.
+    pub fn run_to_stdout(&self) -> Result<(), ReplayError> {
+        let stdout = std::io::stdout();
+        let mut out = std::io::BufWriter::new(stdout.lock());
+        let summary = replay_file(
+            &self.input,
+            self.policy.as_deref(),
+            self.interval_ms,
+            &mut out,
+        )?;
+        out.flush()?;
+        eprintln!(
+            "{}",
+            serde_json::to_string(&summary).unwrap_or_else(|_| "{}".to_owned())
+        );
+        Ok(())
+    }
+}
+
 /// [`replay`] of the recording in `input`, judged by the policy in
 /// `policy` when given, decisions written to `log`.
 ///
