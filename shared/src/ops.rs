@@ -398,14 +398,6 @@ impl Ops {
         out.into_string()
     }
 
-    /// Binds the endpoint's port.
-    ///
-    /// # Errors
-    /// When the address cannot be bound.
-    pub async fn bind(listen: &str) -> std::io::Result<TcpListener> {
-        TcpListener::bind(listen).await
-    }
-
     /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until
     /// `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
@@ -498,7 +490,7 @@ pub async fn start(
     let Some(listen) = listen else {
         return Ok(None);
     };
-    let listener = Ops::bind(listen).await?;
+    let listener = TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(ops.clone().serve(listener, shutdown.clone()));
     Ok(Some(addr))

@@ -404,20 +404,29 @@ async fn answer(
     notice: &AssignmentNotice,
     stop: &CancellationToken,
 ) -> Option<ServerStatusKind> {
-    let outcome = |result: Result<(), String>, done: ServerStatusKind| {
-        let event = if done == ServerStatusKind::Ready {
-            "allocate"
-        } else {
-            "release"
+    // The hook for `event`, counted; its success is `done`, its failure
+    // the reason the allocator reads.
+    let hook = |event: HookEvent, done: ServerStatusKind| async move {
+        let configured = match event {
+            HookEvent::Allocate => settings.on_allocate.as_ref(),
+            HookEvent::Release => settings.on_release.as_ref(),
         };
+        let result = hooks::run(
+            configured,
+            event,
+            server,
+            &notice.cluster,
+            settings.hook_timeout,
+        )
+        .await;
         match result {
             Ok(()) => {
-                metrics.hooks.inc(&[event, "ok"]);
+                metrics.hooks.inc(&[event.name(), "ok"]);
                 done
             }
             Err(reason) => {
                 warn!(%reason, "hook failed");
-                metrics.hooks.inc(&[event, "failed"]);
+                metrics.hooks.inc(&[event.name(), "failed"]);
                 ServerStatusKind::Failed { reason }
             }
         }
@@ -425,15 +434,7 @@ async fn answer(
     match &notice.assignment {
         Assignment::Allocated => {
             info!("allocated; running the allocate hook");
-            let result = hooks::run(
-                settings.on_allocate.as_ref(),
-                HookEvent::Allocate,
-                server,
-                &notice.cluster,
-                settings.hook_timeout,
-            )
-            .await;
-            Some(outcome(result, ServerStatusKind::Ready))
+            Some(hook(HookEvent::Allocate, ServerStatusKind::Ready).await)
         }
         Assignment::Draining { deadline_ms } => {
             info!(
@@ -441,15 +442,7 @@ async fn answer(
                 "draining; waiting for in-flight requests to finish"
             );
             wait_idle(settings, *deadline_ms, stop).await;
-            let result = hooks::run(
-                settings.on_release.as_ref(),
-                HookEvent::Release,
-                server,
-                &notice.cluster,
-                settings.hook_timeout,
-            )
-            .await;
-            Some(outcome(result, ServerStatusKind::Drained))
+            Some(hook(HookEvent::Release, ServerStatusKind::Drained).await)
         }
         Assignment::Released => {
             info!("back in the free pool");
