@@ -33,6 +33,7 @@ export HEADROOM_TELEMETRY__FILTER=warn
 HEADROOM_BACKEND__NAME=bench HEADROOM_BACKEND__LISTEN="127.0.0.1:$BACKEND" \
   HEADROOM_BACKEND__SIZE=1024 target/release/headroom-backend &
 pids+=($!)
+backend_pid=$!
 
 # The front-end routes from a last-known-good file: no NATS needed, and
 # none of its traffic in the figures.
@@ -48,6 +49,7 @@ HEADROOM_NATS__URL=nats://127.0.0.1:1 HEADROOM_FRONTEND__CLUSTER=bench \
   HEADROOM_FRONTEND__LAST_KNOWN_GOOD="$work/routing.json" \
   target/release/headroom-frontend 2>"$work/frontend.log" &
 pids+=($!)
+headroom_pid=$!
 
 mkdir -p "$work/nginx/cache"
 # nginx's workers run as an unprivileged user.
@@ -79,6 +81,7 @@ http {
 CONF
 nginx -c "$work/nginx.conf" -g 'daemon off;' &
 pids+=($!)
+nginx_pid=$!
 
 cat >"$work/haproxy.cfg" <<CONF
 global
@@ -98,6 +101,7 @@ backend app
 CONF
 haproxy -f "$work/haproxy.cfg" &
 pids+=($!)
+haproxy_pid=$!
 
 for port in $BACKEND $HEADROOM $NGINX $HAPROXY $NGINX_CACHE; do
   for _ in $(seq 100); do
@@ -106,34 +110,55 @@ for port in $BACKEND $HEADROOM $NGINX $HAPROXY $NGINX_CACHE; do
   done
 done
 
-# Runs wrk; prints "requests_per_s p50_ms p99_ms".
+# CPU time (user + system, in clock ticks) of a process and its children
+# (nginx's workers), all threads included.
+ticks() {
+  local total=0 pid
+  for pid in "$@" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$total"
+}
+hz="$(getconf CLK_TCK)"
+
+# Runs wrk against a URL while counting the CPU the proxy (pid) and the
+# backend spend; prints "requests_per_s p50_ms p99_ms non2xx proxy_us backend_us",
+# the last two being CPU microseconds per request.
 measure() {
-  local out
-  out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$1")"
-  awk '
+  local url="$1" pid="$2" out p0 b0 p1 b1
+  p0="$(ticks "$pid")" b0="$(ticks "$backend_pid")"
+  out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")"
+  p1="$(ticks "$pid")" b1="$(ticks "$backend_pid")"
+  awk -v pt=$((p1 - p0)) -v bt=$((b1 - b0)) -v hz="$hz" -v own="$pid" -v backend="$backend_pid" '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /requests in/ { n = $1 }
     /Requests\/sec/ { rps = $2 }
     $1 == "50%" { p50 = ms($2) }
     $1 == "99%" { p99 = ms($2) }
     /Non-2xx/ { bad = $NF }
-    END { printf "%.0f %.3f %.3f %s\n", rps, p50, p99, (bad == "" ? 0 : bad) }' <<<"$out"
+    END {
+      per = (n > 0 ? 1e6 / hz / n : 0)
+      printf "%.0f %.3f %.3f %s %s %.1f\n", rps, p50, p99, (bad == "" ? 0 : bad),
+        (own == backend ? "-" : sprintf("%.1f", pt * per)), bt * per
+    }' <<<"$out"
 }
 
-printf '%-28s %12s %9s %9s %8s\n' "proxy ($CONNECTIONS conns, $DURATION)" "requests/s" "p50 ms" "p99 ms" "non-2xx"
+printf '%-28s %12s %9s %9s %8s %10s %10s\n' "proxy ($CONNECTIONS conns, $DURATION)" "requests/s" "p50 ms" "p99 ms" "non-2xx" "proxy CPU" "backend CPU"
+printf '%-28s %12s %9s %9s %8s %10s %10s\n' "" "" "" "" "" "us/req" "us/req"
 declare -A rps p99
 run() {
-  local name="$1" url="$2" r
-  r=($(measure "$url"))
+  local name="$1" url="$2" pid="$3" r
+  r=($(measure "$url" "$pid"))
   rps[$name]=${r[0]}
   p99[$name]=${r[2]}
-  printf '%-28s %12s %9s %9s %8s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}"
+  printf '%-28s %12s %9s %9s %8s %10s %10s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}" "${r[5]}"
 }
-run "backend, direct" "http://127.0.0.1:$BACKEND/api/item"
-run "headroom front-end" "http://127.0.0.1:$HEADROOM/api/item"
-run "nginx" "http://127.0.0.1:$NGINX/api/item"
-run "haproxy" "http://127.0.0.1:$HAPROXY/api/item"
-run "headroom, cache hit" "http://127.0.0.1:$HEADROOM/static/logo"
-run "nginx proxy_cache, hit" "http://127.0.0.1:$NGINX_CACHE/static/logo"
+run "backend, direct" "http://127.0.0.1:$BACKEND/api/item" "$backend_pid"
+run "headroom front-end" "http://127.0.0.1:$HEADROOM/api/item" "$headroom_pid"
+run "nginx" "http://127.0.0.1:$NGINX/api/item" "$nginx_pid"
+run "haproxy" "http://127.0.0.1:$HAPROXY/api/item" "$haproxy_pid"
+run "headroom, cache hit" "http://127.0.0.1:$HEADROOM/static/logo" "$headroom_pid"
+run "nginx proxy_cache, hit" "http://127.0.0.1:$NGINX_CACHE/static/logo" "$nginx_pid"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 best=nginx
