@@ -11,6 +11,7 @@
 //! - [`proxy`]: one request, end to end.
 //! - [`membership`]: following the cluster record in KV, and the
 //!   last-known-good file.
+//! - [`upstream`]: the HTTP/1.1 client to members and its connection pool.
 //! - [`stats`]: latency histograms.
 //! - [`metrics`]: what `/metrics` shows of it.
 //! - [`Frontend`]: the listener and the tasks around it.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod stats;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -209,11 +211,13 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
     // header timeout far in the future; when no earlier timer exists,
     // arming one wakes the I/O driver (an eventfd write and an extra
     // epoll_wait per request, measured with strace). With this one always
-    // nearer, arming never does.
-    let heartbeat = tokio::spawn(async {
+    // nearer, arming never does. It also closes idle member connections.
+    let pool = upstream.clone();
+    let heartbeat = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
+            pool.prune();
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());

@@ -8,31 +8,29 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
+
+use std::fmt::Write as _;
 
 use arc_swap::ArcSwapOption;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use headroom_shared::config::FrontendConfig;
 use headroom_shared::ops::Histogram;
 use headroom_shared::wire::now_ms;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
 use crate::cache::{self, Cache};
 use crate::routing::{Backend, Table};
 use crate::stats::Latency;
+use crate::upstream::{
+    self, is_hop_by_hop, named_by_connection, RequestBody, Upstream, UpstreamBody, UpstreamError,
+};
 
 /// Header on requests to members naming the routing table's generation.
 pub const GENERATION_HEADER: &str = "x-headroom-generation";
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// What the proxy counts of itself.
 #[derive(Debug, Default)]
@@ -87,11 +85,6 @@ pub struct Proxy {
     settings: FrontendConfig,
 }
 
-/// A pool of connections to members. Each worker thread has its own, so a
-/// request and its upstream connection stay on one thread (no cross-thread
-/// wake-ups on the hot path).
-pub type Upstream = Client<HttpConnector, ProxyBody>;
-
 impl Proxy {
     pub fn new(settings: FrontendConfig) -> Self {
         Self {
@@ -117,15 +110,13 @@ impl Proxy {
         self.applied.subscribe()
     }
 
-    /// A new connection pool to members, for one worker thread.
+    /// A new connection pool to members, for one worker thread: a request
+    /// and its connection to the member stay on one thread (no
+    /// cross-thread wake-ups on the hot path).
     pub fn upstream(&self) -> Upstream {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(self.settings.connect_timeout));
-        connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .pool_max_idle_per_host(1024)
-            .build(connector)
+        // Below the 30 s or more most servers keep an idle connection, so
+        // the member rarely closes one just as it is reused.
+        Upstream::new(self.settings.connect_timeout, Duration::from_secs(20))
     }
 
     pub fn settings(&self) -> &FrontendConfig {
@@ -156,31 +147,28 @@ impl Proxy {
 
     async fn forward(
         &self,
-        upstream_pool: &Upstream,
+        upstream: &Upstream,
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Response<ProxyBody> {
-        let length = content_length(request.headers());
+        let (parts, body) = request.into_parts();
+        let length = upstream::content_length(&parts.headers).ok().flatten();
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
         }
         let Some(table) = self.table.load_full() else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet");
         };
-        let host = request
-            .headers()
+        // HTTP/2 carries the host in the request target, not a header.
+        let authority = parts.uri.authority().map(|a| a.as_str());
+        let host = parts
+            .headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| request.uri().authority().map(|a| a.to_string()));
-        let method = request.method().clone();
-        let path_and_query = request
-            .uri()
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
-        let Some(route) = table.route(method.as_str(), host.as_deref(), request.uri().path())
-        else {
+            .or(authority);
+        let method = &parts.method;
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let Some(route) = table.route(method.as_str(), host, parts.uri.path()) else {
             return error(StatusCode::NOT_FOUND, "no route for this request");
         };
 
@@ -188,8 +176,8 @@ impl Proxy {
         // stored; others asking for it meanwhile wait instead of fetching.
         let mut _filling = None;
         let cache_key = match &self.cache {
-            Some(cache) if method == Method::GET && cache::request_allows(request.headers()) => {
-                let key = cache::key(host.as_deref(), &path_and_query);
+            Some(cache) if method == Method::GET && cache::request_allows(&parts.headers) => {
+                let key = cache::key(host, path_and_query);
                 let lookup = cache.lookup(&key);
                 if !matches!(lookup, cache::Lookup::Fresh(_)) {
                     self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
@@ -216,10 +204,21 @@ impl Proxy {
             _ => None,
         };
 
-        let bodyless =
-            length.unwrap_or(0) == 0 && !request.headers().contains_key(header::TRANSFER_ENCODING);
+        let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
+        let mut request_body = match length {
+            Some(0) => RequestBody::None,
+            Some(n) => RequestBody::Length(n, Limited::new(body, limit)),
+            // HTTP/1 chunked, or an HTTP/2 stream without a length.
+            None if parts.headers.contains_key(header::TRANSFER_ENCODING)
+                || !body.is_end_stream() =>
+            {
+                RequestBody::Chunked(Limited::new(body, limit))
+            }
+            None => RequestBody::None,
+        };
+        let bodyless = matches!(request_body, RequestBody::None);
         let idempotent = matches!(
-            method,
+            *method,
             Method::GET
                 | Method::HEAD
                 | Method::OPTIONS
@@ -227,12 +226,6 @@ impl Proxy {
                 | Method::DELETE
                 | Method::TRACE
         );
-        let (parts, body) = request.into_parts();
-        let mut body = Some(body);
-        let mut headers = forward_headers(&parts.headers, client, host.as_deref());
-        // Which membership generation routed it: members and tests can tell
-        // a request routed before a change from one routed after.
-        headers.insert(GENERATION_HEADER, HeaderValue::from(table.generation));
         let mut exclude = None;
         for attempt in 0..2 {
             let Some(backend) = table.pick(
@@ -250,31 +243,26 @@ impl Proxy {
                     ),
                 );
             };
-            let upstream_body: ProxyBody = match (bodyless, body.take()) {
-                (false, Some(b)) => Limited::new(
-                    b,
-                    usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX),
-                )
-                .map_err(BoxError::from)
-                .boxed(),
-                _ => Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            };
-            let uri: Uri = match format!("http://{}{}", backend.authority, path_and_query).parse() {
-                Ok(uri) => uri,
-                Err(_) => return error(StatusCode::BAD_REQUEST, "request target is not a path"),
-            };
-            let mut upstream = Request::new(upstream_body);
-            *upstream.method_mut() = method.clone();
-            *upstream.uri_mut() = uri;
-            *upstream.headers_mut() = headers.clone();
-
+            let head = request_head(
+                &parts,
+                path_and_query,
+                host,
+                &backend.authority,
+                client,
+                table.generation,
+                matches!(request_body, RequestBody::Chunked(_)),
+            );
             let guard = InFlight::start(backend.clone());
             let sent = Instant::now();
             let answer = tokio::time::timeout(
                 self.settings.request_timeout,
-                upstream_pool.request(upstream),
+                upstream.send(
+                    &backend.authority,
+                    &head,
+                    std::mem::replace(&mut request_body, RequestBody::None),
+                    method == Method::HEAD,
+                    idempotent && bodyless,
+                ),
             )
             .await;
             let failed = |backend: &Backend| {
@@ -297,7 +285,7 @@ impl Proxy {
                             response,
                             guard,
                             cache_key.as_deref(),
-                            &method,
+                            method,
                             _filling.is_some(),
                         )
                         .await;
@@ -333,7 +321,7 @@ impl Proxy {
 
     fn answer_from_cache(&self, hit: &cache::Cached) -> Response<ProxyBody> {
         self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
-        let mut response = Response::new(full(hit.body.clone()));
+        let mut response = Response::new(ProxyBody::full(hit.body.clone()));
         *response.status_mut() = hit.status;
         *response.headers_mut() = hit.headers.clone();
         let headers = response.headers_mut();
@@ -347,19 +335,21 @@ impl Proxy {
     /// has been passed on).
     async fn respond(
         &self,
-        response: Response<Incoming>,
+        response: Response<UpstreamBody>,
         guard: InFlight,
         cache_key: Option<&str>,
         method: &Method,
         refilling: bool,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
         let storable = match (&self.cache, cache_key) {
             (Some(cache), Some(key)) if *method == Method::GET => {
                 cache::freshness(parts.status, &parts.headers, SystemTime::now())
                     .filter(|_| {
-                        content_length(&parts.headers).is_some_and(|n| n <= cache.max_object())
+                        upstream::content_length(&parts.headers)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|n| n <= cache.max_object())
                     })
                     .map(|ttl| (cache, key, ttl))
             }
@@ -370,17 +360,20 @@ impl Proxy {
                 Ok(collected) => {
                     let bytes = collected.to_bytes();
                     drop(guard);
+                    // Copies: what was read shares memory with the
+                    // connection's buffer, which a cached object must not
+                    // keep alive.
                     cache.put(
                         key.to_owned(),
                         parts.status,
-                        parts.headers.clone(),
-                        bytes.clone(),
+                        detached(&parts.headers),
+                        Bytes::copy_from_slice(&bytes),
                         ttl,
                     );
                     parts
                         .headers
                         .insert("x-cache", HeaderValue::from_static("miss"));
-                    return Response::from_parts(parts, full(bytes));
+                    return Response::from_parts(parts, ProxyBody::full(bytes));
                 }
                 Err(_) => return error(StatusCode::BAD_GATEWAY, "the member's answer broke off"),
             }
@@ -390,16 +383,18 @@ impl Proxy {
             // not wait on each other for an object that is not kept.
             cache.forget(key);
         }
-        let body = Guarded {
-            inner: body,
-            _guard: guard,
-        };
-        Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+        Response::from_parts(
+            parts,
+            ProxyBody::Member {
+                body,
+                _in_flight: guard,
+            },
+        )
     }
 }
 
 /// Counts a request in flight at a member until dropped.
-struct InFlight(Arc<Backend>);
+pub struct InFlight(Arc<Backend>);
 
 impl InFlight {
     fn start(backend: Arc<Backend>) -> Self {
@@ -414,39 +409,54 @@ impl Drop for InFlight {
     }
 }
 
-/// A member's response body, holding its in-flight count until done.
-struct Guarded {
-    inner: Incoming,
-    _guard: InFlight,
+/// What the proxy answers with: its own bytes (errors, cache hits) or a
+/// member's body, streamed, holding the member's in-flight count until done.
+pub enum ProxyBody {
+    Full(Option<Bytes>),
+    Member {
+        body: UpstreamBody,
+        _in_flight: InFlight,
+    },
 }
 
-impl Body for Guarded {
+impl ProxyBody {
+    fn full(bytes: Bytes) -> Self {
+        Self::Full(Some(bytes))
+    }
+}
+
+impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamError>>> {
+        match self.get_mut() {
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Self::Member { body, .. } => Pin::new(body).poll_frame(cx),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            Self::Full(bytes) => bytes.is_none(),
+            Self::Member { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Member { body, .. } => body.size_hint(),
+        }
     }
-}
-
-fn full(bytes: Bytes) -> ProxyBody {
-    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 /// A short, clear error answer.
 pub fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let mut response = Response::new(full(Bytes::from(format!("{message}\n"))));
+    let mut response = Response::new(ProxyBody::full(Bytes::from(format!("{message}\n"))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -455,53 +465,136 @@ pub fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
     response
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
+/// Headers that share no memory with anything else (see `respond`).
+fn detached(headers: &HeaderMap) -> HeaderMap {
+    let mut copy = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+            copy.append(name.clone(), value);
+        }
+    }
+    copy
 }
 
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(named.iter()) {
-        headers.remove(name);
-    }
+/// Headers the proxy writes itself, so a client's are not passed on.
+fn set_by_proxy(name: &HeaderName) -> bool {
+    name == header::HOST
+        || name == header::EXPECT
+        || name.as_str() == "x-forwarded-for"
+        || name.as_str() == "x-forwarded-proto"
+        || name.as_str() == "x-forwarded-host"
+        || name.as_str() == GENERATION_HEADER
 }
 
-/// The headers sent to the member: the client's, less hop-by-hop ones,
-/// plus who asked and through what.
-fn forward_headers(incoming: &HeaderMap, client: SocketAddr, host: Option<&str>) -> HeaderMap {
-    let mut headers = incoming.clone();
-    strip_hop_by_hop(&mut headers);
-    let ip = client.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", v);
+/// The request head for the member, written once as HTTP/1.1: the
+/// client's end-to-end headers plus who asked and through what, and which
+/// membership generation routed it (so members and tests can tell a
+/// request routed before a change from one routed after).
+fn request_head(
+    parts: &http::request::Parts,
+    path_and_query: &str,
+    host: Option<&str>,
+    member: &str,
+    client: SocketAddr,
+    generation: u64,
+    chunked: bool,
+) -> BytesMut {
+    fn line(head: &mut BytesMut, name: &[u8], value: &[u8]) {
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    if let Some(v) = host.and_then(|h| HeaderValue::from_str(h).ok()) {
-        headers.insert("x-forwarded-host", v);
+    let mut head = BytesMut::with_capacity(512 + path_and_query.len());
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.extend_from_slice(b" ");
+    head.extend_from_slice(path_and_query.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    line(&mut head, b"host", host.unwrap_or(member).as_bytes());
+    let connection = parts.headers.get_all(header::CONNECTION);
+    let connection_named = parts.headers.contains_key(header::CONNECTION);
+    for (name, value) in &parts.headers {
+        if is_hop_by_hop(name)
+            || set_by_proxy(name)
+            || (connection_named && named_by_connection(&connection, name))
+        {
+            continue;
+        }
+        line(&mut head, name.as_str().as_bytes(), value.as_bytes());
     }
-    headers.append(header::VIA, HeaderValue::from_static("1.1 headroom"));
-    headers
+    // Earlier proxies' addresses, then the client's.
+    head.extend_from_slice(b"x-forwarded-for: ");
+    for value in parts.headers.get_all("x-forwarded-for") {
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b", ");
+    }
+    let _ = write!(head, "{}\r\n", client.ip());
+    line(&mut head, b"x-forwarded-proto", b"http");
+    if let Some(host) = host {
+        line(&mut head, b"x-forwarded-host", host.as_bytes());
+    }
+    line(&mut head, b"via", b"1.1 headroom");
+    let _ = write!(head, "{GENERATION_HEADER}: {generation}\r\n");
+    if chunked {
+        line(&mut head, b"transfer-encoding", b"chunked");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_member_gets_end_to_end_headers_and_who_asked() {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/cart?id=7")
+            .header("host", "shop.example")
+            .header("connection", "keep-alive, x-secret")
+            .header("x-secret", "hop")
+            .header("keep-alive", "timeout=5")
+            .header("transfer-encoding", "chunked")
+            .header("expect", "100-continue")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-for", "10.0.0.2")
+            .header("x-headroom-generation", "999")
+            .header("accept", "text/plain")
+            .header("via", "1.0 edge")
+            .body(())
+            .expect("request");
+        let (parts, ()) = request.into_parts();
+        let client: SocketAddr = "192.0.2.9:5000".parse().expect("addr");
+        let head = request_head(
+            &parts,
+            "/cart?id=7",
+            Some("shop.example"),
+            "127.0.0.1:9000",
+            client,
+            42,
+            true,
+        );
+        let head = String::from_utf8(head.to_vec()).expect("text");
+        assert_eq!(
+            head,
+            "POST /cart?id=7 HTTP/1.1\r\n\
+             host: shop.example\r\n\
+             accept: text/plain\r\n\
+             via: 1.0 edge\r\n\
+             x-forwarded-for: 10.0.0.1, 10.0.0.2, 192.0.2.9\r\n\
+             x-forwarded-proto: http\r\n\
+             x-forwarded-host: shop.example\r\n\
+             via: 1.1 headroom\r\n\
+             x-headroom-generation: 42\r\n\
+             transfer-encoding: chunked\r\n\r\n"
+        );
+
+        // Without a host (HTTP/1.0, or HTTP/2 without an authority) the
+        // member's own address is the host.
+        let (parts, ()) = Request::get("/").body(()).expect("request").into_parts();
+        let head = request_head(&parts, "/", None, "127.0.0.1:9000", client, 1, false);
+        assert!(String::from_utf8_lossy(&head)
+            .starts_with("GET / HTTP/1.1\r\nhost: 127.0.0.1:9000\r\n"));
+    }
 }
