@@ -69,13 +69,22 @@ http {
   scgi_temp_path $work/nginx;
   proxy_cache_path $work/nginx/cache keys_zone=bench:10m;
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 128; }
+  # Keep-alive to the backend, and the forwarding headers the front-end
+  # also sends, so both do the same work.
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  proxy_set_header Host \$host;
+  proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+  proxy_set_header X-Forwarded-Proto \$scheme;
+  proxy_set_header X-Forwarded-Host \$host;
+  proxy_set_header Via "1.1 nginx";
   server {
     listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location / { proxy_pass http://backend; }
   }
   server {
     listen 127.0.0.1:$NGINX_CACHE;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_cache bench; }
+    location / { proxy_pass http://backend; proxy_cache bench; }
   }
 }
 CONF
@@ -97,6 +106,10 @@ frontend bench
   bind 127.0.0.1:$HAPROXY
   default_backend app
 backend app
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-request add-header Via "1.1 haproxy"
   server b1 127.0.0.1:$BACKEND
 CONF
 haproxy -f "$work/haproxy.cfg" &

@@ -63,8 +63,15 @@ impl Backend {
 
     /// A request reached it and got an answer.
     pub fn succeeded(&self) {
-        self.consecutive_failures.store(0, Ordering::Release);
-        if self.ejections.swap(0, Ordering::AcqRel) != 0 {
+        // Read before writing: every worker thread calls this on every
+        // answer, and a write would move the cache line between cores
+        // each time when there is nothing to reset.
+        if self.consecutive_failures.load(Ordering::Acquire) != 0 {
+            self.consecutive_failures.store(0, Ordering::Release);
+        }
+        if self.ejections.load(Ordering::Acquire) != 0
+            && self.ejections.swap(0, Ordering::AcqRel) != 0
+        {
             self.ejected_until_ms.store(0, Ordering::Release);
             tracing::info!(server = %self.server, "member answers again; back in rotation");
         }
