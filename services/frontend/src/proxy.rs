@@ -116,7 +116,11 @@ impl Proxy {
     pub fn upstream(&self) -> Upstream {
         // Below the 30 s or more most servers keep an idle connection, so
         // the member rarely closes one just as it is reused.
-        Upstream::new(self.settings.connect_timeout, Duration::from_secs(20))
+        Upstream::new(
+            self.settings.connect_timeout,
+            self.settings.request_timeout,
+            Duration::from_secs(20),
+        )
     }
 
     pub fn settings(&self) -> &FrontendConfig {

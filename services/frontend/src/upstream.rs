@@ -9,6 +9,7 @@
 //! top of the front-end's own time per request.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -48,6 +49,8 @@ pub enum UpstreamError {
     Io(#[from] io::Error),
     #[error("the member closed the connection before its answer was complete")]
     Closed,
+    #[error("the member sent nothing of its answer for {0:?}")]
+    Stalled(Duration),
     #[error("the member's answer is not valid HTTP/1.1: {0}")]
     Protocol(&'static str),
     #[error("the client's request body failed: {0}")]
@@ -124,16 +127,22 @@ pub struct Upstream {
 struct Inner {
     idle: Mutex<HashMap<Arc<str>, Vec<Idle>>>,
     connect_timeout: Duration,
+    /// Longest wait for the next bytes of an answer's body.
+    read_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_member: usize,
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    /// `read_timeout` bounds each wait for more of an answer's body (the
+    /// head is the caller's to bound); connections idle for `idle_timeout`
+    /// are closed.
+    pub fn new(connect_timeout: Duration, read_timeout: Duration, idle_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
                 idle: Mutex::new(HashMap::new()),
                 connect_timeout,
+                read_timeout,
                 idle_timeout,
                 max_idle_per_member: 1024,
             }),
@@ -267,6 +276,7 @@ impl Upstream {
             framing: parsed.framing,
             keep_alive: parsed.keep_alive,
             pool: self.clone(),
+            stall: None,
         };
         // An empty body is done before it is polled: the connection goes
         // back to the pool at once.
@@ -634,6 +644,10 @@ pub struct UpstreamBody {
     framing: Framing,
     keep_alive: bool,
     pool: Upstream,
+    /// Armed while waiting on the socket: a member that goes quiet in the
+    /// middle of a body would otherwise hold the client for ever. Made
+    /// only when a body has to wait (most arrive with their head).
+    stall: Option<(Pin<Box<tokio::time::Sleep>>, bool)>,
 }
 
 impl UpstreamBody {
@@ -692,11 +706,32 @@ impl UpstreamBody {
                 }
                 Step::NeedMore => {
                     conn.buf.reserve(READ_CHUNK);
-                    let read = ready!(tokio_util::io::poll_read_buf(
+                    let polled = tokio_util::io::poll_read_buf(
                         Pin::new(&mut conn.stream),
                         cx,
-                        &mut conn.buf
-                    ));
+                        &mut conn.buf,
+                    );
+                    let timeout = self.pool.inner.read_timeout;
+                    let read = match polled {
+                        Poll::Ready(read) => {
+                            if let Some((_, armed)) = &mut self.stall {
+                                *armed = false;
+                            }
+                            read
+                        }
+                        Poll::Pending => {
+                            let (sleep, armed) = self.stall.get_or_insert_with(|| {
+                                (Box::pin(tokio::time::sleep(timeout)), true)
+                            });
+                            if !*armed {
+                                sleep.as_mut().reset(tokio::time::Instant::now() + timeout);
+                                *armed = true;
+                            }
+                            ready!(sleep.as_mut().poll(cx));
+                            self.conn = None;
+                            return Poll::Ready(Some(Err(UpstreamError::Stalled(timeout))));
+                        }
+                    };
                     match read {
                         Ok(0) => {
                             self.conn = None;

@@ -133,7 +133,11 @@ fn head(method: &str, path: &str) -> Vec<u8> {
 }
 
 fn pool() -> Upstream {
-    Upstream::new(Duration::from_secs(1), Duration::from_secs(20))
+    Upstream::new(
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+        Duration::from_secs(20),
+    )
 }
 
 const NO_BODY: RequestBody<Full<Bytes>> = RequestBody::None;
@@ -350,6 +354,28 @@ async fn a_body_left_unread_closes_its_connection() {
         Some((StatusCode::OK, Bytes::from_static(b"ok")))
     );
     assert_eq!(member.connections(), 2);
+}
+
+#[tokio::test]
+async fn a_member_that_goes_quiet_in_the_middle_of_a_body_is_cut_off() {
+    let member = Member::start(|_, _, _| {
+        Reply::SendAndStall(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf!")
+    })
+    .await;
+    let upstream = Upstream::new(
+        Duration::from_secs(1),
+        Duration::from_millis(200),
+        Duration::from_secs(20),
+    );
+    let response = upstream
+        .send(&member.authority(), &head("GET", "/"), NO_BODY, false, true)
+        .await
+        .expect("head");
+    let started = std::time::Instant::now();
+    let body = response.into_body().collect().await;
+    assert!(matches!(body, Err(UpstreamError::Stalled(_))));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(upstream.idle(), 0);
 }
 
 #[tokio::test]
