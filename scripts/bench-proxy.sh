@@ -123,26 +123,31 @@ for port in $BACKEND $HEADROOM $NGINX $HAPROXY $NGINX_CACHE; do
   done
 done
 
-# CPU time (user + system, in clock ticks) of a process and its children
-# (nginx's workers), all threads included.
+# CPU time of a process and its children (nginx's workers), all threads
+# included, in clock ticks: "user system".
 ticks() {
-  local total=0 pid
-  for pid in "$@" $(pgrep -P "$1" || true); do
-    total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+  local user=0 system=0 pid u s
+  for pid in "$1" $(pgrep -P "$1" || true); do
+    read -r u s < <(awk '{ print $14, $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0 0)
+    user=$((user + u)) system=$((system + s))
   done
-  echo "$total"
+  echo "$user $system"
 }
 hz="$(getconf CLK_TCK)"
 
 # Runs wrk against a URL while counting the CPU the proxy (pid) and the
-# backend spend; prints "requests_per_s p50_ms p99_ms non2xx proxy_us backend_us",
-# the last two being CPU microseconds per request.
+# backend spend; prints "requests_per_s p50_ms p99_ms non2xx proxy_us
+# proxy_user_us backend_us", the last three being CPU microseconds per
+# request (all of the proxy's, its user-space part, the backend's).
 measure() {
   local url="$1" pid="$2" out p0 b0 p1 b1
-  p0="$(ticks "$pid")" b0="$(ticks "$backend_pid")"
+  read -r -a p0 <<<"$(ticks "$pid")"
+  read -r -a b0 <<<"$(ticks "$backend_pid")"
   out="$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$url")"
-  p1="$(ticks "$pid")" b1="$(ticks "$backend_pid")"
-  awk -v pt=$((p1 - p0)) -v bt=$((b1 - b0)) -v hz="$hz" -v own="$pid" -v backend="$backend_pid" '
+  read -r -a p1 <<<"$(ticks "$pid")"
+  read -r -a b1 <<<"$(ticks "$backend_pid")"
+  awk -v pu=$((p1[0] - p0[0])) -v ps=$((p1[1] - p0[1])) \
+    -v bt=$((b1[0] + b1[1] - b0[0] - b0[1])) -v hz="$hz" -v own="$pid" -v backend="$backend_pid" '
     function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
     /requests in/ { n = $1 }
     /Requests\/sec/ { rps = $2 }
@@ -151,20 +156,21 @@ measure() {
     /Non-2xx/ { bad = $NF }
     END {
       per = (n > 0 ? 1e6 / hz / n : 0)
-      printf "%.0f %.3f %.3f %s %s %.1f\n", rps, p50, p99, (bad == "" ? 0 : bad),
-        (own == backend ? "-" : sprintf("%.1f", pt * per)), bt * per
+      printf "%.0f %.3f %.3f %s %s %s %.1f\n", rps, p50, p99, (bad == "" ? 0 : bad),
+        (own == backend ? "-" : sprintf("%.1f", (pu + ps) * per)),
+        (own == backend ? "-" : sprintf("%.1f", pu * per)), bt * per
     }' <<<"$out"
 }
 
-printf '%-28s %12s %9s %9s %8s %10s %10s\n' "proxy ($CONNECTIONS conns, $DURATION)" "requests/s" "p50 ms" "p99 ms" "non-2xx" "proxy CPU" "backend CPU"
-printf '%-28s %12s %9s %9s %8s %10s %10s\n' "" "" "" "" "" "us/req" "us/req"
+printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "proxy ($CONNECTIONS conns, $DURATION)" "requests/s" "p50 ms" "p99 ms" "non-2xx" "proxy CPU" "of it user" "backend CPU"
+printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "" "" "" "" "" "us/req" "us/req" "us/req"
 declare -A rps p99
 run() {
   local name="$1" url="$2" pid="$3" r
   r=($(measure "$url" "$pid"))
   rps[$name]=${r[0]}
   p99[$name]=${r[2]}
-  printf '%-28s %12s %9s %9s %8s %10s %10s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}" "${r[5]}"
+  printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}" "${r[5]}" "${r[6]}"
 }
 run "backend, direct" "http://127.0.0.1:$BACKEND/api/item" "$backend_pid"
 run "headroom front-end" "http://127.0.0.1:$HEADROOM/api/item" "$headroom_pid"
