@@ -2,14 +2,19 @@
 # Headroom's front-end against nginx and HAProxy as reverse proxies in front
 # of the same sample backend, driven by the same load generator (wrk), in
 # one run on this machine; then a cache hit against nginx's proxy_cache.
+# First flat out (wrk: a closed loop of CONNECTIONS), then at one offered
+# load (headroom-load: an open loop of RATE requests a second), where the
+# latencies are the proxies' own and not the queue of a saturated machine.
 # Installs nginx, haproxy and wrk from Debian's packages when missing.
 #
-#   scripts/bench-proxy.sh            # DURATION=10s CONNECTIONS=64 THREADS=2
+#   scripts/bench-proxy.sh   # DURATION=10s CONNECTIONS=64 THREADS=2 RATE=10000 RATE_SECONDS=10
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION="${DURATION:-10s}"
 CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
+RATE="${RATE:-10000}"
+RATE_SECONDS="${RATE_SECONDS:-10}"
 missing=()
 command -v nginx >/dev/null || missing+=(nginx)
 command -v haproxy >/dev/null || missing+=(haproxy)
@@ -20,7 +25,7 @@ if ((${#missing[@]})); then
   apt-get update -qq >/dev/null
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-cargo build --release -q -p headroom-frontend -p headroom-backend
+cargo build --release -q -p headroom-frontend -p headroom-backend -p headroom-loadgen
 
 work="$(mktemp -d)"
 pids=()
@@ -57,6 +62,8 @@ chmod 755 "$work"
 chmod -R 777 "$work/nginx"
 cat >"$work/nginx.conf" <<CONF
 worker_processes 2;
+# Each worker on a CPU of its own, as the front-end's are by default.
+worker_cpu_affinity auto;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log warn;
 events { worker_connections 4096; }
@@ -95,6 +102,7 @@ nginx_pid=$!
 cat >"$work/haproxy.cfg" <<CONF
 global
   nbthread 2
+  cpu-map auto:1/1-2 0-1
   maxconn 8192
 defaults
   mode http
@@ -185,3 +193,43 @@ best=nginx
 echo
 echo "headroom / $best (the better of nginx and haproxy): throughput $(ratio "${rps[headroom front-end]}" "${rps[$best]}"), p99 $(ratio "${p99[headroom front-end]}" "${p99[$best]}")"
 echo "headroom / nginx, cache hit: throughput $(ratio "${rps[headroom, cache hit]}" "${rps[nginx proxy_cache, hit]}"), p99 $(ratio "${p99[headroom, cache hit]}" "${p99[nginx proxy_cache, hit]}")"
+
+# The same targets at one offered load. Prints "p50_ms p90_ms p99_ms
+# errors proxy_us".
+at_rate() {
+  local base="$1" path="$2" pid="$3" p0 p1
+  read -r -a p0 <<<"$(ticks "$pid")"
+  target/release/headroom-load --url "$base" --paths "$path" \
+    --profile "hold:$RATE:${RATE_SECONDS}s" 2>/dev/null >"$work/load.json"
+  read -r -a p1 <<<"$(ticks "$pid")"
+  python3 - "$work/load.json" $((p1[0] + p1[1] - p0[0] - p0[1])) "$hz" "$pid" "$backend_pid" <<'PY'
+import json, sys
+summary = json.load(open(sys.argv[1]))
+ticks, hz, own, backend = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+latency = summary["latency_ms"]
+errors = summary["failed"] + summary["skipped"] + sum(summary["statuses"].values())
+cpu = "-" if own == backend else "%.1f" % (ticks * 1e6 / hz / max(summary["ok"], 1))
+print("%.3f %.3f %.3f %d %s" % (latency["p50"], latency["p90"], latency["p99"], errors, cpu))
+PY
+}
+
+echo
+printf '%-28s %9s %9s %9s %8s %10s\n' "at $RATE requests/s, open loop" "p50 ms" "p90 ms" "p99 ms" "errors" "proxy CPU"
+printf '%-28s %9s %9s %9s %8s %10s\n' "(headroom-load, ${RATE_SECONDS}s)" "" "" "" "" "us/req"
+declare -A fixed99
+fixed() {
+  local name="$1" port="$2" path="$3" pid="$4" r
+  r=($(at_rate "http://127.0.0.1:$port" "$path" "$pid"))
+  fixed99[$name]=${r[2]}
+  printf '%-28s %9s %9s %9s %8s %10s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}"
+}
+fixed "backend, direct" "$BACKEND" /api/item "$backend_pid"
+fixed "headroom front-end" "$HEADROOM" /api/item "$headroom_pid"
+fixed "nginx" "$NGINX" /api/item "$nginx_pid"
+fixed "haproxy" "$HAPROXY" /api/item "$haproxy_pid"
+fixed "headroom, cache hit" "$HEADROOM" /static/logo "$headroom_pid"
+fixed "nginx proxy_cache, hit" "$NGINX_CACHE" /static/logo "$nginx_pid"
+lower=nginx
+awk -v h="${fixed99[haproxy]}" -v n="${fixed99[nginx]}" 'BEGIN { exit !(h < n) }' && lower=haproxy
+echo
+echo "at $RATE requests/s, p99: headroom / $lower (the lower of nginx and haproxy) $(ratio "${fixed99[headroom front-end]}" "${fixed99[$lower]}"); cache hit, headroom / nginx $(ratio "${fixed99[headroom, cache hit]}" "${fixed99[nginx proxy_cache, hit]}")"

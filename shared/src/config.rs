@@ -279,6 +279,10 @@ pub struct FrontendConfig {
     /// Worker threads, each with its own listener on the port, runtime and
     /// upstream connections; defaults to the number of cores.
     pub workers: usize,
+    /// Pin each worker thread to a CPU of its own (of those the process
+    /// may run on), so the scheduler does not move workers onto one core
+    /// while another idles. Skipped when there are more workers than CPUs.
+    pub pin_workers: bool,
     /// Every routing change is written here; at start without NATS it
     /// serves from it.
     pub last_known_good: Option<PathBuf>,
@@ -321,6 +325,7 @@ impl Default for FrontendConfig {
             cluster: String::new(),
             listen: "0.0.0.0:8080".to_owned(),
             workers: std::thread::available_parallelism().map_or(1, usize::from),
+            pin_workers: true,
             last_known_good: None,
             cache_bytes: 64 << 20,
             cache_max_object: 1 << 20,

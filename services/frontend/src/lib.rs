@@ -162,14 +162,21 @@ impl Frontend {
             info!(listen = ?self.local_addr(), workers = self.listeners.len(), "front-end serving");
             // Thread per core: each worker accepts, proxies and keeps its
             // own upstream connections on one current-thread runtime.
+            let cpus = worker_cpus(&self.config.frontend, self.listeners.len());
             let mut workers = Vec::new();
             for (n, listener) in self.listeners.into_iter().enumerate() {
+                let cpu = cpus.get(n).copied();
                 let (proxy, shutdown) = (self.proxy.clone(), shutdown.clone());
                 let (done, finished) = tokio::sync::oneshot::channel::<()>();
                 let span = tracing::Span::current();
                 let spawned = std::thread::Builder::new()
                     .name(format!("frontend-{n}"))
                     .spawn(move || {
+                        if let Some(cpu) = cpu {
+                            if !core_affinity::set_for_current(cpu) {
+                                warn!(cpu = cpu.id, "cannot pin the worker to its CPU");
+                            }
+                        }
                         let runtime = tokio::runtime::Builder::new_current_thread()
                             .enable_all()
                             .build();
@@ -201,6 +208,33 @@ impl Frontend {
         }
         .instrument(span)
         .await;
+    }
+}
+
+/// The CPU for each worker when they are pinned: one each, from those the
+/// process may run on (its affinity mask, so a container's cpuset is
+/// honoured); none when pinning is off or there are too few.
+fn worker_cpus(
+    settings: &headroom_shared::config::FrontendConfig,
+    workers: usize,
+) -> Vec<core_affinity::CoreId> {
+    if !settings.pin_workers {
+        return Vec::new();
+    }
+    match core_affinity::get_core_ids() {
+        Some(cpus) if cpus.len() >= workers => cpus.into_iter().take(workers).collect(),
+        Some(cpus) => {
+            info!(
+                workers,
+                cpus = cpus.len(),
+                "more workers than CPUs; workers are not pinned"
+            );
+            Vec::new()
+        }
+        None => {
+            warn!("cannot read the CPUs this process may run on; workers are not pinned");
+            Vec::new()
+        }
     }
 }
 
