@@ -156,7 +156,14 @@ impl Proxy {
         client: SocketAddr,
     ) -> Response<ProxyBody> {
         let (parts, body) = request.into_parts();
-        let length = upstream::content_length(&parts.headers).ok().flatten();
+        // A transfer coding decides the length, whatever content-length
+        // says (RFC 9112 §6.3); the body goes on chunked.
+        let coded = parts.headers.contains_key(header::TRANSFER_ENCODING);
+        let length = if coded {
+            None
+        } else {
+            upstream::content_length(&parts.headers).ok().flatten()
+        };
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
         }
@@ -213,9 +220,7 @@ impl Proxy {
             Some(0) => RequestBody::None,
             Some(n) => RequestBody::Length(n, Limited::new(body, limit)),
             // HTTP/1 chunked, or an HTTP/2 stream without a length.
-            None if parts.headers.contains_key(header::TRANSFER_ENCODING)
-                || !body.is_end_stream() =>
-            {
+            None if coded || !body.is_end_stream() => {
                 RequestBody::Chunked(Limited::new(body, limit))
             }
             None => RequestBody::None,
@@ -552,6 +557,7 @@ fn request_head(
     for (name, value) in &parts.headers {
         if is_hop_by_hop(name)
             || set_by_proxy(name)
+            || (chunked && name == header::CONTENT_LENGTH)
             || (connection_named && named_by_connection(&connection, name))
         {
             continue;
@@ -596,6 +602,7 @@ mod tests {
             .header("x-secret", "hop")
             .header("keep-alive", "timeout=5")
             .header("transfer-encoding", "chunked")
+            .header("content-length", "12")
             .header("expect", "100-continue")
             .header("x-forwarded-for", "10.0.0.1")
             .header("x-forwarded-for", "10.0.0.2")
