@@ -9,6 +9,7 @@
 //! top of the front-end's own time per request.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -81,17 +82,23 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// The tokens of a message's `Connection` header(s).
+fn connection_tokens<'a>(
+    connection: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    connection
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
 /// Whether `name` is listed in the message's `Connection` header(s).
 pub fn named_by_connection(
     connection: &header::GetAll<'_, HeaderValue>,
     name: &HeaderName,
 ) -> bool {
-    connection.iter().any(|value| {
-        value.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-        })
-    })
+    connection_tokens(connection).any(|token| token.eq_ignore_ascii_case(name.as_str()))
 }
 
 /// How a request body is framed on the way to the member.
@@ -361,10 +368,11 @@ where
                     if data.is_empty() {
                         continue;
                     }
-                    let size = format!("{:x}\r\n", data.len());
-                    conn.stream.write_all(size.as_bytes()).await?;
-                    conn.stream.write_all(&data).await?;
-                    conn.stream.write_all(b"\r\n").await?;
+                    // Size line, data and CRLF in one (vectored) write.
+                    let mut size = BytesMut::with_capacity(18);
+                    let _ = write!(size, "{:x}\r\n", data.len());
+                    let mut chunk = size.chain(data).chain(&b"\r\n"[..]);
+                    conn.stream.write_all_buf(&mut chunk).await?;
                 }
             }
             conn.stream.write_all(b"0\r\n\r\n").await?;
@@ -458,13 +466,9 @@ fn framing(
     version_11: bool,
     head_request: bool,
 ) -> Result<Parsed, UpstreamError> {
-    let connection: Vec<HeaderValue> = all.get_all(header::CONNECTION).iter().cloned().collect();
-    let has_token = |token: &str| {
-        connection.iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
+    let connection = all.get_all(header::CONNECTION);
+    let has_token =
+        |token: &str| connection_tokens(&connection).any(|t| t.eq_ignore_ascii_case(token));
     let keep_alive = if version_11 {
         !has_token("close")
     } else {
@@ -496,6 +500,15 @@ fn framing(
     } else {
         (Framing::Close, false)
     };
+    // The headers `Connection` names go too (only looked for when there
+    // is a hop-by-hop header, as `Connection` is one).
+    let named: Vec<HeaderName> = if hop_by_hop {
+        connection_tokens(&connection)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut headers = all;
     if transfer_coded {
         // The coding decides the length (RFC 9112 §6.3): a content-length
@@ -503,12 +516,6 @@ fn framing(
         headers.remove(header::CONTENT_LENGTH);
     }
     if hop_by_hop {
-        let named: Vec<HeaderName> = connection
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
         for name in named.iter().chain(HOP_BY_HOP.iter()) {
             headers.remove(name);
         }
@@ -727,7 +734,6 @@ impl UpstreamBody {
                                 *armed = true;
                             }
                             ready!(sleep.as_mut().poll(cx));
-                            self.conn = None;
                             return Poll::Ready(Some(Err(UpstreamError::Stalled(timeout))));
                         }
                     };
@@ -740,10 +746,7 @@ impl UpstreamBody {
                             });
                         }
                         Ok(_) => {}
-                        Err(error) => {
-                            self.conn = None;
-                            return Poll::Ready(Some(Err(error.into())));
-                        }
+                        Err(error) => return Poll::Ready(Some(Err(error.into()))),
                     }
                 }
             }
@@ -763,6 +766,7 @@ impl Body for UpstreamBody {
         match ready!(this.next(cx)) {
             Some(Ok(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
             Some(Err(error)) => {
+                // A connection that failed mid-body is not used again.
                 this.conn = None;
                 Poll::Ready(Some(Err(error)))
             }
