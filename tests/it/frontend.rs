@@ -109,6 +109,7 @@ impl Site {
         config.frontend.eject_for = Duration::from_secs(30);
         config.frontend.report_interval = Duration::from_millis(200);
         config.frontend.header_timeout = Duration::from_secs(1);
+        config.frontend.max_body_bytes = 1 << 20;
         let frontend = Frontend::bind(config.clone()).await.expect("bind");
         let addr = frontend.local_addr().expect("addr");
         let proxy = frontend.proxy();
@@ -509,6 +510,43 @@ async fn oversized_headers_slow_clients_and_garbage_get_clear_errors() {
     let answer = raw(site.addr, huge.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
     assert!(answer.contains("request body too large"));
+    // A chunked body gives no length up front: it goes to the member as it
+    // comes, until it passes the limit. That is the client's doing, so a
+    // 413, and nothing is held against the member.
+    let mut stream = TcpStream::connect(site.addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.split();
+    let send = async {
+        let chunk = vec![b'a'; 2 << 20];
+        let _ = writer
+            .write_all(
+                b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n200000\r\n",
+            )
+            .await;
+        let _ = writer.write_all(&chunk).await;
+        let _ = writer.write_all(b"\r\n0\r\n\r\n").await;
+    };
+    let receive = async {
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let ((), answer) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(send, receive)
+    })
+    .await
+    .expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer:?}");
+    let table = site.proxy.table.load_full().expect("table");
+    assert!(table
+        .backends
+        .iter()
+        .all(|b| b.errors.load(Ordering::Relaxed) == 0));
     // A slow client that never finishes its headers holds nothing up, and
     // is cut off after the header timeout (1 s here).
     let mut slow = TcpStream::connect(site.addr).await.expect("connect");

@@ -3,14 +3,13 @@
 //! and the answer, streamed or stored.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
-
-use std::fmt::Write as _;
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
@@ -19,7 +18,7 @@ use headroom_shared::ops::Histogram;
 use headroom_shared::wire::now_ms;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::cache::{self, Cache};
@@ -299,10 +298,19 @@ impl Proxy {
                         )
                         .await;
                 }
+                Ok(Err(UpstreamError::RequestBody(cause))) => {
+                    // The client's body, not the member: not held against
+                    // it, and not sent again (it is spent).
+                    tracing::debug!(%cause, "the request body failed");
+                    return if cause.is::<LengthLimitError>() {
+                        error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+                    } else {
+                        error(StatusCode::BAD_REQUEST, "the request body broke off")
+                    };
+                }
                 Ok(Err(err)) => {
                     // Only a member that cannot be connected to counts
-                    // towards ejection: a broken request body is the
-                    // client's doing, not the member's.
+                    // towards ejection; other failures are its errors.
                     if err.is_connect() {
                         failed(&backend);
                     } else {
