@@ -17,6 +17,7 @@ use headroom_shared::wire::{
 };
 use headroom_shared::{RequestId, ServerId, SCHEMA_VERSION};
 
+use headroom_tests::{eventually, NatsServer};
 use rand::Rng;
 
 use crate::common::*;
@@ -725,5 +726,41 @@ async fn replace_reweight_and_deregister() {
         .await
         .expect("an out-of-service server can be deregistered");
     assert!(!Snapshot::read(&js).await.servers.contains_key(&dead));
+    allocator.stop().await;
+}
+
+/// JetStream that cannot yet do what set-up asks (here a stream squatting
+/// on the servers bucket's subjects; in a new 3-node cluster, placement
+/// before the peers know each other) is waited out: the allocator says why
+/// it is not ready, tries again, and serves once set-up goes through.
+#[tokio::test]
+async fn set_up_that_jetstream_refuses_at_first_is_tried_again() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("client");
+    let js = jetstream::new(client.clone());
+    let squatter = format!("$KV.{}.>", headroom_shared::kv::SERVERS_BUCKET);
+    js.create_stream(jetstream::stream::Config {
+        name: "squatter".to_owned(),
+        subjects: vec![squatter],
+        ..Default::default()
+    })
+    .await
+    .expect("squatting stream");
+
+    let allocator = RunningAllocator::start(&nats, "a-1").await;
+    let waiting = eventually(WAIT, || async {
+        match allocator.ops.readiness() {
+            Err(why) if why.contains("setting up") => Some(why),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(waiting.is_some(), "not ready while set-up fails");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!allocator.task.is_finished(), "it did not give up at once");
+
+    js.delete_stream("squatter").await.expect("delete squatter");
+    let ready = eventually(WAIT, || async { allocator.ops.readiness().ok() }).await;
+    assert!(ready.is_some(), "ready once set-up goes through");
     allocator.stop().await;
 }

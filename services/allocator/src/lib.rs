@@ -24,12 +24,12 @@ pub mod requests;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use headroom_shared::codec;
-use headroom_shared::config::Config;
+use headroom_shared::config::{AllocatorConfig, Config};
 use headroom_shared::kv::ServerState;
 use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
@@ -59,8 +59,9 @@ pub enum AllocatorError {
 /// test aborts it), they all stop with it.
 ///
 /// # Errors
-/// When KV, the streams, the consumer or the admin service cannot be set
-/// up, or a task fails.
+/// When KV, the streams or the consumer cannot be set up within
+/// `nats.startup_deadline`, the admin service cannot be set up, or a task
+/// fails.
 pub async fn run(
     config: Config,
     client: async_nats::Client,
@@ -68,13 +69,30 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AllocatorError> {
     let replicas = config.nats.replicas;
+    let deadline = config.nats.startup_deadline;
     let settings = config.allocator;
     let js = jetstream::new(client.clone());
-    let store = store::Store::open(&js, replicas).await?;
-    js.get_or_create_stream(subjects::events_stream(replicas))
-        .await
-        .map_err(|e| AllocatorError::Setup("events stream", e.into()))?;
-    let consumer = requests::consumer(&js, replicas, &settings).await?;
+    // JetStream can answer before it can place what is asked of it (a
+    // cluster still electing its meta leader, or not yet knowing all its
+    // peers for R3): try again until the start-up deadline instead of
+    // exiting at once.
+    ops.set_not_ready("setting up KV and streams");
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    let (store, consumer) = loop {
+        match set_up(&js, replicas, &settings).await {
+            Ok(done) => break done,
+            Err(err) if started.elapsed() + delay < deadline => {
+                warn!(%err, retry_in = ?delay, "cannot set up KV and streams yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err),
+        }
+    };
     let allocator = Arc::new(Allocator::new(
         store,
         js,
@@ -184,6 +202,26 @@ pub async fn reconcile_once(allocator: &Allocator, repair_after: Duration) -> us
         }
     }
     changed
+}
+
+/// The buckets, the events stream and the request consumer.
+async fn set_up(
+    js: &jetstream::Context,
+    replicas: usize,
+    settings: &AllocatorConfig,
+) -> Result<
+    (
+        store::Store,
+        jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
+    ),
+    AllocatorError,
+> {
+    let store = store::Store::open(js, replicas).await?;
+    js.get_or_create_stream(subjects::events_stream(replicas))
+        .await
+        .map_err(|e| AllocatorError::Setup("events stream", e.into()))?;
+    let consumer = requests::consumer(js, replicas, settings).await?;
+    Ok((store, consumer))
 }
 
 async fn reconcile_loop(
