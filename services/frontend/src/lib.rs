@@ -9,6 +9,8 @@
 //!   passive health.
 //! - [`cache`]: the response cache and HTTP's rules on what may be kept.
 //! - [`proxy`]: one request, end to end.
+//! - [`server`]: a client's connection: HTTP/1 read and written here,
+//!   HTTP/2 handed to hyper.
 //! - [`membership`]: following the cluster record in KV, and the
 //!   last-known-good file.
 //! - [`upstream`]: the HTTP/1.1 client to members and its connection pool.
@@ -21,6 +23,7 @@ pub mod membership;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
+pub mod server;
 pub mod stats;
 pub mod upstream;
 
@@ -34,9 +37,7 @@ use headroom_shared::config::Config;
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
 use headroom_shared::{subjects, ClusterId, IdError, ServerId};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -254,19 +255,19 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
             pool.prune();
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .max_buf_size(settings.max_header_bytes)
-        .keep_alive(true);
-    builder
-        .http2()
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-    let builder = Arc::new(builder);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let shared = server::Shared {
+        proxy,
+        upstream,
+        http2: Arc::new(http2),
+    };
+    // This worker's own token: its connections wait on it, so they never
+    // share a lock with another worker's.
+    let connections = shutdown.child_token();
+    let tracker = tokio_util::task::TaskTracker::new();
     loop {
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -281,24 +282,18 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
             },
         };
         let _ = stream.set_nodelay(true);
-        let (proxy, upstream) = (proxy.clone(), upstream.clone());
-        let service =
-            service_fn(move |request| proxy.clone().handle(upstream.clone(), request, client));
-        let builder = builder.clone();
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                debug!(%err, %client, "connection ended with an error");
-            }
-        });
+        tracker.spawn(server::serve(
+            stream,
+            client,
+            shared.clone(),
+            connections.clone(),
+        ));
     }
     drop(listener);
     heartbeat.abort();
     info!("front-end stopping; letting open requests finish");
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
         .await
         .is_err()
     {

@@ -2,7 +2,6 @@
 //! idempotent request once on another member when the connection fails),
 //! and the answer, streamed or stored.
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -19,13 +18,14 @@ use headroom_shared::wire::now_ms;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 use crate::cache::{self, Cache};
 use crate::routing::{Backend, Table};
 use crate::stats::Latency;
 use crate::upstream::{
-    self, is_hop_by_hop, named_by_connection, RequestBody, Upstream, UpstreamBody, UpstreamError,
+    self, is_hop_by_hop, named_by_connection, BoxError, RequestBody, Upstream, UpstreamBody,
+    UpstreamError,
 };
 
 /// Header on requests to members naming the routing table's generation.
@@ -126,17 +126,23 @@ impl Proxy {
         &self.settings
     }
 
-    /// Answers one request; never fails (errors are responses).
-    pub async fn handle(
-        self: Arc<Self>,
-        upstream: Upstream,
-        request: Request<Incoming>,
+    /// Answers one request, whichever connection it came on (HTTP/1 from
+    /// [`crate::server`], HTTP/2 through hyper); never fails (errors are
+    /// responses).
+    pub async fn handle<B>(
+        &self,
+        upstream: &Upstream,
+        request: Request<B>,
         client: SocketAddr,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let started = Instant::now();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let response = self.forward(&upstream, request, client).await;
+        let response = self.forward(upstream, request, client).await;
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         let elapsed = started.elapsed();
         self.counters.latency.record(elapsed);
@@ -145,15 +151,19 @@ impl Proxy {
         if response.status().is_server_error() {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(response)
+        response
     }
 
-    async fn forward(
+    async fn forward<B>(
         &self,
         upstream: &Upstream,
-        request: Request<Incoming>,
+        request: Request<B>,
         client: SocketAddr,
-    ) -> Response<ProxyBody> {
+    ) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let (parts, body) = request.into_parts();
         // A transfer coding decides the length, whatever content-length
         // says (RFC 9112 §6.3); the body goes on chunked.
@@ -509,7 +519,7 @@ fn set_by_proxy(name: &HeaderName) -> bool {
 /// request routed before a change from one routed after).
 // Numbers and addresses are written by hand: `fmt` stood out in the
 // proxy's profile (about 4 % of its user-space time per request).
-fn write_decimal(head: &mut BytesMut, mut n: u64) {
+pub(crate) fn write_decimal(head: &mut BytesMut, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {

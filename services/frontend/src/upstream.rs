@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bytes read from a member at a time.
-const READ_CHUNK: usize = 16 << 10;
+pub(crate) const READ_CHUNK: usize = 16 << 10;
 /// Largest response head accepted from a member.
 const MAX_HEAD: usize = 64 << 10;
 /// Most headers in a member's response.
@@ -532,10 +532,13 @@ fn framing(
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, UpstreamError> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        let n: u64 = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
+        // Digits only: `u64::from_str` also takes a leading `+`, which
+        // another hop may read differently (request smuggling).
+        let digits = value.as_bytes().trim_ascii();
+        let n: u64 = Some(digits)
+            .filter(|d| !d.is_empty() && d.iter().all(u8::is_ascii_digit))
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse().ok())
             .ok_or(UpstreamError::Protocol("invalid content-length"))?;
         if length.is_some_and(|l| l != n) {
             return Err(UpstreamError::Protocol("conflicting content-length"));
@@ -553,9 +556,10 @@ enum Framing {
     Close,
 }
 
-/// Where a chunked body's decoder is.
+/// Where a chunked body's decoder is (a member's answer, or a client's
+/// request body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
+pub(crate) enum Chunked {
     Size,
     Data(u64),
     /// The CRLF after a chunk's data.
@@ -566,14 +570,14 @@ enum Chunked {
 
 /// What one step of decoding gave.
 #[derive(Debug, PartialEq, Eq)]
-enum Step {
+pub(crate) enum Step {
     Data(Bytes),
     NeedMore,
     Done,
 }
 
 impl Chunked {
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, UpstreamError> {
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Step, UpstreamError> {
         loop {
             match *self {
                 Self::Size => {

@@ -1,0 +1,442 @@
+//! The front-end's HTTP/1 server, driven in-process over real sockets by a
+//! raw client, in front of a scripted member: keep-alive and pipelining,
+//! every body framing both ways, HTTP/1.0, `Expect: 100-continue`, bodies
+//! left unread, ambiguous framing, and shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use headroom_frontend::Frontend;
+use headroom_shared::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A member that answers by path, and remembers every request it read.
+async fn member() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Some(request) = read_request(&mut stream, &mut buf).await {
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    recorded.lock().expect("lock").push(text.clone());
+                    let path = text.split(' ').nth(1).unwrap_or("").to_owned();
+                    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                    let answer = if text.starts_with("HEAD ") {
+                        "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_owned()
+                    } else if path == "/chunked" {
+                        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                         5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+                            .to_owned()
+                    } else if path == "/close" {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\n\r\nto the close")
+                            .await;
+                        return;
+                    } else {
+                        if path == "/slow" {
+                            tokio::time::sleep(Duration::from_millis(400)).await;
+                        }
+                        let echo = format!("{path} {body}");
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{echo}",
+                            echo.len()
+                        )
+                    };
+                    if stream.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// One whole request (head, and a body by length or chunked, raw).
+async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let at = end + 4;
+            let body = if head.contains("transfer-encoding: chunked") {
+                find(&buf[at..], b"0\r\n\r\n").map(|n| n + 5)
+            } else {
+                let n = header(&head, "content-length").map_or(0, |v| v.parse().unwrap_or(0));
+                (buf.len() >= at + n).then_some(n)
+            };
+            if let Some(n) = body {
+                return Some(buf.drain(..at + n).collect());
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A header's value in a lowercased head.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        (n.trim() == name).then(|| v.trim())
+    })
+}
+
+/// A front-end on its own port, routing everything to `member` from a
+/// last-known-good file (no NATS).
+struct Proxy {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    dir: PathBuf,
+}
+
+impl Proxy {
+    async fn start(member: SocketAddr) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "headroom-server-test-{}-{}",
+            std::process::id(),
+            member.port()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("routing.json");
+        let port = member.port();
+        std::fs::write(
+            &file,
+            format!(
+                r#"{{"cluster":"t","generation":1,"saved_ms":0,"servers":{{"":["{member}"]}},
+ "record":{{"v":1,"id":"t","generation":1,"updated_ms":0,"recent":[],
+  "policy":{{"min_size":1,"max_size":1}},
+  "members":[{{"server":"m","address":"127.0.0.1","port":{port},"request_types":[],
+   "state":"active","weight":1.0,"request":"r","since_ms":0}}]}}}}"#
+            ),
+        )
+        .expect("write the routing file");
+        let mut config = Config::default();
+        config.nats.url = "nats://127.0.0.1:1".to_owned();
+        config.frontend.cluster = "t".to_owned();
+        config.frontend.listen = "127.0.0.1:0".to_owned();
+        config.frontend.last_known_good = Some(file);
+        config.frontend.workers = 1;
+        config.frontend.pin_workers = false;
+        config.frontend.slow_start = Duration::ZERO;
+        config.frontend.header_timeout = Duration::from_secs(2);
+        config.frontend.max_body_bytes = 1024;
+        let frontend = Frontend::bind(config).await.expect("bind");
+        let addr = frontend.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        tokio::spawn(frontend.serve(shutdown.clone()));
+        Self {
+            addr,
+            shutdown,
+            dir,
+        }
+    }
+
+    async fn connect(&self) -> Client {
+        Client {
+            stream: TcpStream::connect(self.addr).await.expect("connect"),
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Client {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// An answer: its head (lowercased) and its body (chunks decoded).
+#[derive(Debug)]
+struct Answer {
+    head: String,
+    body: String,
+}
+
+impl Answer {
+    fn status(&self) -> u16 {
+        self.head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        header(&self.head, name)
+    }
+}
+
+impl Client {
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("send");
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => false,
+            Ok(Ok(n)) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+            Err(_) => panic!("no answer within 5 s"),
+        }
+    }
+
+    /// The next answer; `head_request` when it answers a HEAD.
+    async fn answer(&mut self, head_request: bool) -> Answer {
+        let end = loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                break end;
+            }
+            assert!(self.fill().await, "closed before an answer: {:?}", self.buf);
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_ascii_lowercase();
+        self.buf.drain(..end + 4);
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut body = Vec::new();
+        if head_request || status == 100 || status == 204 || status == 304 {
+        } else if header(&head, "transfer-encoding") == Some("chunked") {
+            loop {
+                let line = loop {
+                    if let Some(at) = find(&self.buf, b"\r\n") {
+                        break at;
+                    }
+                    assert!(self.fill().await, "closed inside a chunked body");
+                };
+                let size = usize::from_str_radix(
+                    std::str::from_utf8(&self.buf[..line]).expect("size"),
+                    16,
+                )
+                .expect("hex size");
+                while self.buf.len() < line + 2 + size + 2 {
+                    assert!(self.fill().await, "closed inside a chunk");
+                }
+                body.extend_from_slice(&self.buf[line + 2..line + 2 + size]);
+                assert_eq!(&self.buf[line + 2 + size..line + 4 + size], b"\r\n");
+                self.buf.drain(..line + 4 + size);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else if let Some(n) = header(&head, "content-length") {
+            let n: usize = n.parse().expect("length");
+            while self.buf.len() < n {
+                assert!(self.fill().await, "closed inside a body");
+            }
+            body = self.buf.drain(..n).collect();
+        } else {
+            while self.fill().await {}
+            body = std::mem::take(&mut self.buf);
+        }
+        Answer {
+            head,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        }
+    }
+
+    /// Whether the proxy closed the connection (nothing more comes).
+    async fn closed(&mut self) -> bool {
+        !self.fill().await && self.buf.is_empty()
+    }
+}
+
+#[tokio::test]
+async fn one_connection_carries_pipelined_requests_and_every_body_framing() {
+    let (member, seen) = member().await;
+    let proxy = Proxy::start(member).await;
+    let mut client = proxy.connect().await;
+    // Two requests in one write: answered in order.
+    client
+        .send(b"GET /a HTTP/1.1\r\nHost: shop\r\n\r\nGET /b HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    let (a, b) = (client.answer(false).await, client.answer(false).await);
+    assert_eq!((a.status(), a.body.as_str()), (200, "/a "));
+    assert_eq!((b.status(), b.body.as_str()), (200, "/b "));
+    assert!(a.header("date").is_some(), "{a:?}");
+    assert_eq!(a.header("connection"), None, "kept alive: {a:?}");
+    // The member's chunked answer is passed on chunked.
+    client
+        .send(b"GET /chunked HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    let chunked = client.answer(false).await;
+    assert_eq!(chunked.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(chunked.body, "hello world");
+    // HEAD: the member's length, and no body.
+    client.send(b"HEAD /h HTTP/1.1\r\nHost: shop\r\n\r\n").await;
+    let head = client.answer(true).await;
+    assert_eq!(
+        (head.status(), head.header("content-length")),
+        (200, Some("5"))
+    );
+    // Request bodies by length and chunked reach the member.
+    client
+        .send(b"POST /len HTTP/1.1\r\nHost: shop\r\nContent-Length: 5\r\n\r\nhello")
+        .await;
+    assert_eq!(client.answer(false).await.body, "/len hello");
+    client
+        .send(b"POST /te HTTP/1.1\r\nHost: shop\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        .await;
+    let te = client.answer(false).await;
+    assert_eq!(te.status(), 200);
+    let to_member = seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        to_member.contains("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+        "{to_member:?}"
+    );
+    // An answer to the member's close has no length: chunked for HTTP/1.1,
+    // and the client's connection lives on.
+    client
+        .send(b"GET /close HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    let close = client.answer(false).await;
+    assert_eq!(close.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(close.body, "to the close");
+    client
+        .send(b"GET /after HTTP/1.1\r\nHost: shop\r\n\r\n")
+        .await;
+    assert_eq!(client.answer(false).await.body, "/after ");
+    // Asked to close: answered, then closed.
+    client
+        .send(b"GET /last HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n")
+        .await;
+    let last = client.answer(false).await;
+    assert_eq!(last.header("connection"), Some("close"));
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn http10_clients_get_what_http10_can_read() {
+    let (member, _) = member().await;
+    let proxy = Proxy::start(member).await;
+    // Without a length: no chunked coding, the body runs to the close.
+    let mut client = proxy.connect().await;
+    client.send(b"GET /close HTTP/1.0\r\n\r\n").await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.header("transfer-encoding"), None, "{answer:?}");
+    assert_eq!(answer.body, "to the close");
+    // Keep-alive only when asked for.
+    let mut client = proxy.connect().await;
+    client
+        .send(b"GET /one HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let one = client.answer(false).await;
+    assert_eq!(one.header("connection"), Some("keep-alive"));
+    client.send(b"GET /two HTTP/1.0\r\n\r\n").await;
+    let two = client.answer(false).await;
+    assert_eq!(two.body, "/two ");
+    assert_eq!(two.header("connection"), Some("close"));
+    assert!(client.closed().await);
+}
+
+#[tokio::test]
+async fn a_client_that_expects_100_continue_gets_it_before_sending_its_body() {
+    let (member, _) = member().await;
+    let proxy = Proxy::start(member).await;
+    let mut client = proxy.connect().await;
+    client
+        .send(b"PUT /up HTTP/1.1\r\nHost: s\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        .await;
+    let interim = client.answer(false).await;
+    assert_eq!(interim.status(), 100);
+    client.send(b"data").await;
+    let answer = client.answer(false).await;
+    assert_eq!((answer.status(), answer.body.as_str()), (200, "/up data"));
+}
+
+#[tokio::test]
+async fn requests_that_leave_the_connection_out_of_step_are_answered_and_closed() {
+    let (member, seen) = member().await;
+    let proxy = Proxy::start(member).await;
+    // A body over the limit is not read: refused, then closed.
+    let mut client = proxy.connect().await;
+    client
+        .send(b"POST /big HTTP/1.1\r\nHost: s\r\nContent-Length: 5000\r\n\r\n")
+        .await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status(), 413);
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(client.closed().await);
+    // Both framings: read by the coding, then closed.
+    let mut client = proxy.connect().await;
+    client
+        .send(b"POST /both HTTP/1.1\r\nHost: s\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+        .await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(client.closed().await);
+    let to_member = seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !to_member.to_ascii_lowercase().contains("content-length"),
+        "{to_member:?}"
+    );
+    // Framings that cannot be read one way only: 400, nothing forwarded.
+    let before = seen.lock().expect("lock").len();
+    for request in [
+        &b"POST /x HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n"[..],
+        b"POST /x HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
+        b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    ] {
+        let mut client = proxy.connect().await;
+        client.send(request).await;
+        let answer = client.answer(false).await;
+        assert_eq!(answer.status(), 400, "{answer:?}");
+        assert!(client.closed().await);
+    }
+    assert_eq!(seen.lock().expect("lock").len(), before);
+}
+
+#[tokio::test]
+async fn on_shutdown_idle_connections_close_and_requests_in_progress_finish() {
+    let (member, _) = member().await;
+    let proxy = Proxy::start(member).await;
+    let mut idle = proxy.connect().await;
+    idle.send(b"GET /a HTTP/1.1\r\nHost: s\r\n\r\n").await;
+    assert_eq!(idle.answer(false).await.status(), 200);
+    let mut busy = proxy.connect().await;
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: s\r\n\r\n").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.shutdown.cancel();
+    assert!(idle.closed().await, "the idle connection is closed");
+    let answer = busy.answer(false).await;
+    assert_eq!((answer.status(), answer.body.as_str()), (200, "/slow "));
+    assert_eq!(answer.header("connection"), Some("close"));
+    assert!(busy.closed().await);
+}
