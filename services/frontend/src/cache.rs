@@ -192,47 +192,53 @@ pub fn key(host: Option<&str>, path_and_query: &str) -> String {
     format!("{}{}", host.unwrap_or(""), path_and_query)
 }
 
-fn directives(headers: &HeaderMap) -> Vec<String> {
+/// The `Cache-Control` directives, trimmed; compared without regard to
+/// case, so nothing is copied (this runs for every GET a member answers).
+fn directives(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CACHE_CONTROL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(|d| d.trim().to_ascii_lowercase())
-        .collect()
+        .map(str::trim)
+}
+
+fn has_directive(headers: &HeaderMap, names: &[&str]) -> bool {
+    directives(headers).any(|d| names.iter().any(|n| d.eq_ignore_ascii_case(n)))
 }
 
 /// Whether a request may be answered from the cache (and its answer
 /// stored): no `no-store`/`no-cache`, no credentials.
 pub fn request_allows(headers: &HeaderMap) -> bool {
-    if headers.contains_key(header::AUTHORIZATION) {
-        return false;
-    }
-    !directives(headers)
-        .iter()
-        .any(|d| d == "no-store" || d == "no-cache")
+    !headers.contains_key(header::AUTHORIZATION)
+        && !has_directive(headers, &["no-store", "no-cache"])
 }
 
 /// How long a response may be served from a shared cache, or `None` when
 /// it may not be stored: `s-maxage`, then `max-age`, then `Expires`;
 /// never with `no-store`, `no-cache`, `private`, `Set-Cookie` or `Vary`.
-pub fn freshness(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+/// The clock is read only for `Expires`.
+pub fn freshness(
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: impl FnOnce() -> SystemTime,
+) -> Option<Duration> {
     if !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 404 | 410) {
         return None;
     }
     if headers.contains_key(header::SET_COOKIE) || headers.contains_key(header::VARY) {
         return None;
     }
-    let d = directives(headers);
-    if d.iter()
-        .any(|d| d == "no-store" || d == "no-cache" || d == "private")
-    {
+    if has_directive(headers, &["no-store", "no-cache", "private"]) {
         return None;
     }
     let age = |name: &str| {
-        d.iter()
-            .find_map(|d| d.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.trim_matches('"').parse::<u64>().ok())
+        directives(headers)
+            .find_map(|d| {
+                let (key, value) = d.split_once('=')?;
+                key.trim().eq_ignore_ascii_case(name).then_some(value)
+            })
+            .and_then(|v| v.trim().trim_matches('"').parse::<u64>().ok())
     };
     let ttl = match age("s-maxage").or_else(|| age("max-age")) {
         Some(secs) => Duration::from_secs(secs),
@@ -241,7 +247,7 @@ pub fn freshness(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Op
                 .get(header::EXPIRES)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| httpdate::parse_http_date(v).ok())?;
-            expires.duration_since(now).ok()?
+            expires.duration_since(now()).ok()?
         }
     };
     (!ttl.is_zero()).then_some(ttl)
@@ -275,7 +281,7 @@ mod tests {
             freshness(
                 ok,
                 &headers(&[("cache-control", "public, max-age=60")]),
-                now
+                || now
             ),
             Some(Duration::from_secs(60))
         );
@@ -283,12 +289,12 @@ mod tests {
             freshness(
                 ok,
                 &headers(&[("cache-control", "max-age=60, s-maxage=10")]),
-                now
+                || now
             ),
             Some(Duration::from_secs(10))
         );
         let later = httpdate::fmt_http_date(now + Duration::from_secs(120));
-        let ttl = freshness(ok, &headers(&[("expires", &later)]), now).expect("expires");
+        let ttl = freshness(ok, &headers(&[("expires", &later)]), || now).expect("expires");
         assert!(ttl > Duration::from_secs(118) && ttl <= Duration::from_secs(120));
         for refused in [
             &[("cache-control", "no-store")][..],
@@ -298,18 +304,30 @@ mod tests {
             &[("cache-control", "max-age=0")],
             &[],
         ] {
-            assert_eq!(freshness(ok, &headers(refused), now), None, "{refused:?}");
+            assert_eq!(
+                freshness(ok, &headers(refused), || now),
+                None,
+                "{refused:?}"
+            );
         }
         assert_eq!(
             freshness(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &headers(&[("cache-control", "max-age=60")]),
-                now
+                || now
             ),
             None
         );
         assert!(request_allows(&headers(&[])));
         assert!(!request_allows(&headers(&[("cache-control", "no-cache")])));
+        assert!(!request_allows(&headers(&[(
+            "cache-control",
+            "max-age=0, No-Store"
+        )])));
+        assert_eq!(
+            freshness(ok, &headers(&[("cache-control", "Max-Age = 30")]), || now),
+            Some(Duration::from_secs(30))
+        );
         assert!(!request_allows(&headers(&[("authorization", "Bearer x")])));
     }
 

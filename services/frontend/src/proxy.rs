@@ -142,7 +142,7 @@ impl Proxy {
         let started = Instant::now();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let response = self.forward(upstream, request, client).await;
+        let response = self.forward(upstream, request, client, started).await;
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         let elapsed = started.elapsed();
         self.counters.latency.record(elapsed);
@@ -159,6 +159,7 @@ impl Proxy {
         upstream: &Upstream,
         request: Request<B>,
         client: SocketAddr,
+        started: Instant,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -195,6 +196,9 @@ impl Proxy {
         // Held by the request that fetches a missing object, until it is
         // stored; others asking for it meanwhile wait instead of fetching.
         let mut _filling = None;
+        // When it waited on another request's fetch, the member's time
+        // starts after the wait.
+        let mut waited = None;
         let cache_key = match &self.cache {
             Some(cache) if method == Method::GET && cache::request_allows(&parts.headers) => {
                 let key = cache::key(host, path_and_query);
@@ -211,6 +215,7 @@ impl Proxy {
                             let _ =
                                 tokio::time::timeout(self.settings.request_timeout, done.changed())
                                     .await;
+                            waited = Some(Instant::now());
                             if let Some(hit) = cache.get(&key) {
                                 return self.answer_from_cache(&hit);
                             }
@@ -271,7 +276,14 @@ impl Proxy {
                 matches!(request_body, RequestBody::Chunked(_)),
             );
             let guard = InFlight::start(backend.clone());
-            let sent = Instant::now();
+            // The first attempt goes out within microseconds of the
+            // request's arrival (unless it waited): one clock read less
+            // per request.
+            let sent = match (attempt, waited) {
+                (0, None) => started,
+                (0, Some(at)) => at,
+                _ => Instant::now(),
+            };
             let answer = tokio::time::timeout(
                 self.settings.request_timeout,
                 upstream.send(
@@ -371,7 +383,7 @@ impl Proxy {
         let (mut parts, body) = response.into_parts();
         let storable = match (&self.cache, cache_key) {
             (Some(cache), Some(key)) if *method == Method::GET => {
-                cache::freshness(parts.status, &parts.headers, SystemTime::now())
+                cache::freshness(parts.status, &parts.headers, SystemTime::now)
                     .filter(|_| {
                         upstream::content_length(&parts.headers)
                             .ok()
