@@ -2,6 +2,7 @@
 //! idempotent request once on another member when the connection fails),
 //! and the answer, streamed or stored.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -295,6 +296,7 @@ impl Proxy {
                 ),
             )
             .await;
+            recycle_head(head);
             let failed = |backend: &Backend| {
                 backend.failed(
                     now_ms(),
@@ -561,6 +563,17 @@ fn write_ip(head: &mut BytesMut, ip: IpAddr) {
     }
 }
 
+thread_local! {
+    /// A worker's buffer for request heads, used again from one request to
+    /// the next instead of allocated for each (see `recycle_head`).
+    static HEADS: Cell<Option<BytesMut>> = const { Cell::new(None) };
+}
+
+/// Gives a request head's buffer back once it has been sent.
+fn recycle_head(head: BytesMut) {
+    HEADS.with(|heads| heads.set(Some(head)));
+}
+
 fn request_head(
     parts: &http::request::Parts,
     path_and_query: &str,
@@ -576,7 +589,9 @@ fn request_head(
         head.extend_from_slice(value);
         head.extend_from_slice(b"\r\n");
     }
-    let mut head = BytesMut::with_capacity(512 + path_and_query.len());
+    let mut head = HEADS.with(Cell::take).unwrap_or_default();
+    head.clear();
+    head.reserve(512 + path_and_query.len());
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.extend_from_slice(b" ");
     head.extend_from_slice(path_and_query.as_bytes());
