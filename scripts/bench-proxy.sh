@@ -7,10 +7,11 @@
 # latencies are the proxies' own and not the queue of a saturated machine.
 # Installs nginx, haproxy and wrk from Debian's packages when missing.
 #
-#   scripts/bench-proxy.sh   # DURATION=10s CONNECTIONS=64 THREADS=2 RATE=10000 RATE_SECONDS=10
+#   scripts/bench-proxy.sh   # ROUNDS=3 DURATION=8s CONNECTIONS=64 THREADS=2 RATE=10000 RATE_SECONDS=10
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-DURATION="${DURATION:-10s}"
+DURATION="${DURATION:-8s}"
+ROUNDS="${ROUNDS:-3}"
 CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
 RATE="${RATE:-10000}"
@@ -170,29 +171,81 @@ measure() {
     }' <<<"$out"
 }
 
-printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "proxy ($CONNECTIONS conns, $DURATION)" "requests/s" "p50 ms" "p99 ms" "non-2xx" "proxy CPU" "of it user" "backend CPU"
-printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "" "" "" "" "" "us/req" "us/req" "us/req"
+# Rounds: every target once per round, in turn, so that a change in what
+# else the shared machine is doing touches all of them alike; the table is
+# each target's median over the rounds, and the ratios are also given per
+# round (the targets of one round ran back to back).
+targets=(
+  "backend, direct|http://127.0.0.1:$BACKEND/api/item|$backend_pid"
+  "headroom front-end|http://127.0.0.1:$HEADROOM/api/item|$headroom_pid"
+  "nginx|http://127.0.0.1:$NGINX/api/item|$nginx_pid"
+  "haproxy|http://127.0.0.1:$HAPROXY/api/item|$haproxy_pid"
+  "headroom, cache hit|http://127.0.0.1:$HEADROOM/static/logo|$headroom_pid"
+  "nginx proxy_cache, hit|http://127.0.0.1:$NGINX_CACHE/static/logo|$nginx_pid"
+)
+header() {
+  printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "$1" "requests/s" "p50 ms" "p99 ms" "non-2xx" "proxy CPU" "of it user" "backend CPU"
+  printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "" "" "" "" "" "us/req" "us/req" "us/req"
+}
+declare -A results
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+# Field k (1-based) of a result line.
+field() { echo "$1" | awk -v k="$2" '{ print $k }'; }
+proxy_rounds="" cache_rounds=""
+for round in $(seq "$ROUNDS"); do
+  echo "round $round of $ROUNDS"
+  header "proxy ($CONNECTIONS conns, $DURATION)"
+  declare -A this=()
+  for target in "${targets[@]}"; do
+    IFS='|' read -r name url pid <<<"$target"
+    line="$(measure "$url" "$pid")"
+    this[$name]="$line"
+    results[$name]+="$line"$'\n'
+    read -r -a r <<<"$line"
+    printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}" "${r[5]}" "${r[6]}"
+  done
+  best=nginx
+  (($(field "${this[haproxy]}" 1) > $(field "${this[nginx]}" 1))) && best=haproxy
+  proxy_rounds+=" $(ratio "$(field "${this[headroom front-end]}" 1)" "$(field "${this[$best]}" 1)")/$(ratio "$(field "${this[headroom front-end]}" 3)" "$(field "${this[$best]}" 3)")"
+  cache_rounds+=" $(ratio "$(field "${this[headroom, cache hit]}" 1)" "$(field "${this[nginx proxy_cache, hit]}" 1)")/$(ratio "$(field "${this[headroom, cache hit]}" 3)" "$(field "${this[nginx proxy_cache, hit]}" 3)")"
+  echo
+done
+
+# The median of each column over the rounds.
+median_line() {
+  awk 'BEGIN { n = 0 }
+    NF {
+      for (k = 1; k <= NF; k++) v[k, n] = $k
+      cols = NF; n++
+    }
+    END {
+      for (k = 1; k <= cols; k++) {
+        if (v[k, 0] == "-") { printf "%s ", "-"; continue }
+        for (i = 0; i < n; i++) a[i] = v[k, i] + 0
+        for (i = 1; i < n; i++) for (j = i; j > 0 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+        printf "%s ", (n % 2 ? a[int(n / 2)] : (a[n / 2 - 1] + a[n / 2]) / 2)
+      }
+      print ""
+    }' <<<"$1"
+}
+echo "median of $ROUNDS rounds"
+header "proxy ($CONNECTIONS conns, $DURATION)"
 declare -A rps p99
-run() {
-  local name="$1" url="$2" pid="$3" r
-  r=($(measure "$url" "$pid"))
+for target in "${targets[@]}"; do
+  IFS='|' read -r name _ _ <<<"$target"
+  read -r -a r <<<"$(median_line "${results[$name]}")"
   rps[$name]=${r[0]}
   p99[$name]=${r[2]}
-  printf '%-28s %12s %9s %9s %8s %10s %10s %10s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}" "${r[5]}" "${r[6]}"
-}
-run "backend, direct" "http://127.0.0.1:$BACKEND/api/item" "$backend_pid"
-run "headroom front-end" "http://127.0.0.1:$HEADROOM/api/item" "$headroom_pid"
-run "nginx" "http://127.0.0.1:$NGINX/api/item" "$nginx_pid"
-run "haproxy" "http://127.0.0.1:$HAPROXY/api/item" "$haproxy_pid"
-run "headroom, cache hit" "http://127.0.0.1:$HEADROOM/static/logo" "$headroom_pid"
-run "nginx proxy_cache, hit" "http://127.0.0.1:$NGINX_CACHE/static/logo" "$nginx_pid"
+  printf '%-28s %12.0f %9.3f %9.3f %8s %10s %10s %10s\n' "$name" "${r[0]}" "${r[1]}" "${r[2]}" "${r[3]}" "${r[4]}" "${r[5]}" "${r[6]}"
+done
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
 best=nginx
-(( ${rps[haproxy]} > ${rps[nginx]} )) && best=haproxy
+awk -v h="${rps[haproxy]}" -v n="${rps[nginx]}" 'BEGIN { exit !(h > n) }' && best=haproxy
 echo
 echo "headroom / $best (the better of nginx and haproxy): throughput $(ratio "${rps[headroom front-end]}" "${rps[$best]}"), p99 $(ratio "${p99[headroom front-end]}" "${p99[$best]}")"
+echo "  per round, throughput/p99 against that round's better:$proxy_rounds"
 echo "headroom / nginx, cache hit: throughput $(ratio "${rps[headroom, cache hit]}" "${rps[nginx proxy_cache, hit]}"), p99 $(ratio "${p99[headroom, cache hit]}" "${p99[nginx proxy_cache, hit]}")"
+echo "  per round:$cache_rounds"
 
 # The same targets at one offered load. Prints "p50_ms p90_ms p99_ms
 # errors proxy_us".
