@@ -14,6 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+mod common;
+use common::{find, header, read_request};
+
 /// A member that answers by path, and remembers every request it read.
 async fn member() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -59,42 +62,6 @@ async fn member() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
         }
     });
     (addr, seen)
-}
-
-/// One whole request (head, and a body by length or chunked, raw).
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-    loop {
-        if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let at = end + 4;
-            let body = if head.contains("transfer-encoding: chunked") {
-                find(&buf[at..], b"0\r\n\r\n").map(|n| n + 5)
-            } else {
-                let n = header(&head, "content-length").map_or(0, |v| v.parse().unwrap_or(0));
-                (buf.len() >= at + n).then_some(n)
-            };
-            if let Some(n) = body {
-                return Some(buf.drain(..at + n).collect());
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A header's value in a lowercased head.
-fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.lines().find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        (n.trim() == name).then(|| v.trim())
-    })
 }
 
 /// A front-end on its own port, routing everything to `member` from a

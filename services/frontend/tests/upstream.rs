@@ -13,8 +13,13 @@ use headroom_frontend::upstream::{RequestBody, Upstream, UpstreamError};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+// Not every helper is used here.
+#[allow(dead_code)]
+mod common;
+use common::read_request;
 
 /// What a scripted member does with one request.
 enum Reply {
@@ -93,39 +98,6 @@ impl Member {
         let requests = self.requests.lock().expect("lock");
         String::from_utf8_lossy(requests.last().map_or(&[][..], Vec::as_slice)).into_owned()
     }
-}
-
-/// One whole request off the socket (head, and a body by length or
-/// chunked), raw; `None` at the close.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
-    loop {
-        if let Some(end) = find(buf, b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let head_len = end + 4;
-            let body_len = if head.contains("transfer-encoding: chunked") {
-                find(&buf[head_len..], b"0\r\n\r\n").map(|at| at + 5)
-            } else {
-                let length = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                (buf.len() >= head_len + length).then_some(length)
-            };
-            if let Some(body_len) = body_len {
-                return Some(buf.drain(..head_len + body_len).collect());
-            }
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn head(method: &str, path: &str) -> Vec<u8> {
