@@ -162,15 +162,12 @@ pub async fn serve(
         };
         // A body not read to its end leaves the connection out of step.
         keep_alive &= body == BodyState::Done && !shutdown.is_cancelled();
-        let written = write_response(
-            &mut stream,
-            &mut out,
-            response,
-            head_request,
-            http10,
-            keep_alive,
-        )
-        .await;
+        let sink = Sink {
+            stream: &stream,
+            stall: settings.request_timeout,
+        };
+        let written =
+            write_response(&sink, &mut out, response, head_request, http10, keep_alive).await;
         if !(written && keep_alive) {
             if written {
                 let _ = stream.shutdown().await;
@@ -422,7 +419,7 @@ enum Framing {
 /// Writes the answer; `false` when the connection cannot carry another
 /// (the client is gone, or the member's body broke off midway).
 async fn write_response(
-    stream: &mut TcpStream,
+    sink: &Sink<'_>,
     out: &mut BytesMut,
     response: Response<ProxyBody>,
     head_request: bool,
@@ -450,7 +447,7 @@ async fn write_response(
     // waited for below (this poll's waker is replaced by that one).
     let first = if framing == Framing::None {
         drop(body);
-        return write_head(stream, out, &parts, framing, http10, keep_alive, None).await;
+        return write_head(sink, out, &parts, framing, http10, keep_alive, None).await;
     } else {
         match poll_now(&mut body) {
             Poll::Ready(Some(Ok(frame))) => frame.into_data().ok(),
@@ -460,7 +457,7 @@ async fn write_response(
                 let message = Bytes::from_static(b"the member's answer broke off\n");
                 let (parts, _) = crate::proxy::error(StatusCode::BAD_GATEWAY, "").into_parts();
                 let framing = Framing::Length(message.len() as u64);
-                write_head(stream, out, &parts, framing, http10, false, Some(message)).await;
+                write_head(sink, out, &parts, framing, http10, false, Some(message)).await;
                 return false;
             }
             Poll::Ready(None) => None,
@@ -469,7 +466,7 @@ async fn write_response(
     };
     let mut sent = first.as_ref().map_or(0, |b| b.len() as u64);
     let ended = body.is_end_stream();
-    if !write_head(stream, out, &parts, framing, http10, keep_alive, first).await {
+    if !write_head(sink, out, &parts, framing, http10, keep_alive, first).await {
         return false;
     }
     if !ended {
@@ -489,10 +486,10 @@ async fn write_response(
             let written = if framing == Framing::Chunked {
                 out.clear();
                 chunk_size_line(out, data.len());
-                let mut chunk = Buf::chain(&out[..], data).chain(&b"\r\n"[..]);
-                stream.write_all_buf(&mut chunk).await
+                let chunk = Buf::chain(&out[..], data).chain(&b"\r\n"[..]);
+                send(sink, chunk).await
             } else {
-                stream.write_all(&data).await
+                send(sink, data).await
             };
             if written.is_err() {
                 return false;
@@ -500,7 +497,7 @@ async fn write_response(
         }
     }
     match framing {
-        Framing::Chunked => stream.write_all(b"0\r\n\r\n").await.is_ok(),
+        Framing::Chunked => send(sink, &b"0\r\n\r\n"[..]).await.is_ok(),
         Framing::Length(n) => sent == n,
         Framing::None | Framing::Close => true,
     }
@@ -515,7 +512,7 @@ fn poll_now(body: &mut ProxyBody) -> Poll<Option<Result<Frame<Bytes>, UpstreamEr
 /// Writes the status line, the headers and the framing, with the first
 /// body data (chunk-framed if need be) in the same write.
 async fn write_head(
-    stream: &mut TcpStream,
+    sink: &Sink<'_>,
     out: &mut BytesMut,
     parts: &http::response::Parts,
     framing: Framing,
@@ -576,16 +573,49 @@ async fn write_head(
                 if chunked {
                     out.extend_from_slice(b"\r\n");
                 }
-                stream.write_all(out).await
+                send(sink, &out[..]).await
             } else {
                 let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
-                let mut all = Buf::chain(&out[..], data).chain(tail);
-                stream.write_all_buf(&mut all).await
+                send(sink, Buf::chain(&out[..], data).chain(tail)).await
             }
         }
-        _ => stream.write_all(out).await,
+        _ => send(sink, &out[..]).await,
     };
     written.is_ok()
+}
+
+/// The client's side of the connection, for writing answers.
+struct Sink<'a> {
+    stream: &'a TcpStream,
+    /// Longest the client may take none of its answer.
+    stall: Duration,
+}
+
+/// Writes all of `buf`, giving up when the client takes none of it for
+/// `sink.stall`: a client that stops reading would otherwise hold its
+/// answer, and the member's connection streaming it, for ever. The timer
+/// is made only when the socket is full, so a write that fits costs none.
+async fn send(sink: &Sink<'_>, mut buf: impl Buf) -> io::Result<()> {
+    let Sink { stream, stall } = *sink;
+    while buf.has_remaining() {
+        let mut slices = [io::IoSlice::new(&[]); 4];
+        let n = buf.chunks_vectored(&mut slices);
+        match stream.try_write_vectored(&slices[..n]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => buf.advance(written),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                match tokio::time::timeout(stall, stream.writable()).await {
+                    Ok(ready) => ready?,
+                    Err(_) => {
+                        debug!(?stall, "the client read nothing of its answer; cut off");
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
 }
 
 fn header_line(out: &mut BytesMut, name: &[u8], value: &[u8]) {

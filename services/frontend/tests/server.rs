@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 mod common;
 use common::{find, header, read_request};
 
+/// The size of `/big`: more than the kernel's socket buffers on both sides
+/// hold.
+const BIG: usize = 32 << 20;
+
 /// A member that answers by path, and remembers every request it read.
 async fn member() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -39,6 +43,15 @@ async fn member() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                         "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
                          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
                             .to_owned()
+                    } else if path == "/big" {
+                        let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {BIG}\r\n\r\n");
+                        let body = vec![b'x'; BIG];
+                        if stream.write_all(head.as_bytes()).await.is_err()
+                            || stream.write_all(&body).await.is_err()
+                        {
+                            return;
+                        }
+                        continue;
                     } else if path == "/close" {
                         let _ = stream
                             .write_all(b"HTTP/1.1 200 OK\r\n\r\nto the close")
@@ -103,6 +116,7 @@ impl Proxy {
         config.frontend.slow_start = Duration::ZERO;
         config.frontend.header_timeout = Duration::from_secs(2);
         config.frontend.max_body_bytes = 1024;
+        config.frontend.request_timeout = Duration::from_secs(1);
         let frontend = Frontend::bind(config).await.expect("bind");
         let addr = frontend.local_addr().expect("addr");
         let shutdown = CancellationToken::new();
@@ -406,4 +420,30 @@ async fn on_shutdown_idle_connections_close_and_requests_in_progress_finish() {
     assert_eq!((answer.status(), answer.body.as_str()), (200, "/slow "));
     assert_eq!(answer.header("connection"), Some("close"));
     assert!(busy.closed().await);
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_of_its_answer_is_cut_off() {
+    let (member, _) = member().await;
+    let proxy = Proxy::start(member).await;
+    let mut client = proxy.connect().await;
+    client.send(b"GET /big HTTP/1.1\r\nHost: s\r\n\r\n").await;
+    // Reads nothing for three times the stall limit (request_timeout, 1 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut got = 0usize;
+    let mut chunk = vec![0u8; 1 << 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the connection was closed");
+    assert!(
+        got < BIG,
+        "cut off before the end of the answer: {got} bytes"
+    );
 }
