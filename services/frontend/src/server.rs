@@ -170,7 +170,12 @@ pub async fn serve(
             write_response(&sink, &mut out, response, head_request, http10, keep_alive).await;
         if !(written && keep_alive) {
             if written {
-                let _ = stream.shutdown().await;
+                if body == BodyState::Done {
+                    let _ = stream.shutdown().await;
+                } else {
+                    // The client may still be sending the body.
+                    linger(stream).await;
+                }
             }
             return;
         }
@@ -683,7 +688,15 @@ async fn refuse(mut stream: TcpStream, out: &mut BytesMut, Refusal(status, why):
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(why.as_bytes());
     out.put_u8(b'\n');
-    if stream.write_all(out).await.is_err() || stream.shutdown().await.is_err() {
+    if stream.write_all(out).await.is_ok() {
+        linger(stream).await;
+    }
+}
+
+/// Closes the connection after the answer has been written, reading and
+/// throwing away what the client still sends for a while (see [`LINGER`]).
+async fn linger(mut stream: TcpStream) {
+    if stream.shutdown().await.is_err() {
         return;
     }
     let mut sink = [0u8; 4096];
