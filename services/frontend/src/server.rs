@@ -295,6 +295,15 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
             Err(_) => return Err(bad("invalid content-length")),
         },
     };
+    // RFC 9112 §3.2: an HTTP/1.1 request names its host, and only once;
+    // two could be read one way here (routing, the cache key) and
+    // another by the member.
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == Version::HTTP_11 => return Err(bad("no Host header")),
+        (Some(_), Some(_)) => return Err(bad("more than one Host header")),
+        _ => {}
+    }
     let expects_continue = version == Version::HTTP_11
         && headers
             .get(header::EXPECT)
@@ -845,30 +854,32 @@ mod tests {
             .flatten()
             .expect("a head");
         assert!(parsed.keep_alive);
-        let parsed = head(b"GET / HTTP/1.1\r\nConnection: upgrade, close\r\n\r\n")
+        let parsed = head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade, close\r\n\r\n")
             .ok()
             .flatten()
             .expect("a head");
         assert!(!parsed.keep_alive);
 
-        let parsed = head(b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
-            .ok()
-            .flatten()
-            .expect("a head");
+        let parsed =
+            head(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+                .ok()
+                .flatten()
+                .expect("a head");
         assert_eq!(parsed.body, BodyState::Chunked(Chunked::Size));
         assert!(parsed.keep_alive);
         // Both framings: the coding wins and the connection closes after.
         let parsed =
-            head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
+            head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
                 .ok()
                 .flatten()
                 .expect("a head");
         assert_eq!(parsed.body, BodyState::Chunked(Chunked::Size));
         assert!(!parsed.keep_alive);
-        let parsed = head(b"PUT / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
-            .ok()
-            .flatten()
-            .expect("a head");
+        let parsed =
+            head(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
+                .ok()
+                .flatten()
+                .expect("a head");
         assert!(parsed.expects_continue);
     }
 
@@ -877,46 +888,65 @@ mod tests {
         let bad = StatusCode::BAD_REQUEST;
         assert_eq!(refused(b"\x16\x03\x01\x02\x00garbage\r\n\r\n"), bad);
         assert_eq!(
-            refused(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
+            refused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
             bad
         );
         assert_eq!(
-            refused(b"POST / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n"),
+            refused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n"),
             bad
         );
         assert_eq!(
-            refused(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"),
+            refused(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n"),
             bad
         );
         assert_eq!(
-            refused(b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n"),
+            refused(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n"),
             bad
         );
         assert_eq!(
-            refused(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"),
+            refused(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"
+            ),
             bad
         );
         assert_eq!(
-            refused(b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n"),
+            refused(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"),
             bad
         );
-        assert_eq!(refused(b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n"), bad);
-        assert_eq!(refused(b"GET / HTTP/1.1\r\n Folded: x\r\n\r\n"), bad);
+        assert_eq!(
+            refused(b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n"),
+            bad
+        );
+        assert_eq!(
+            refused(b"GET / HTTP/1.1\r\nHost: x\r\n Folded: x\r\n\r\n"),
+            bad
+        );
         assert_eq!(
             refused(b"GET / HTTP/2.0\r\n\r\n"),
             StatusCode::HTTP_VERSION_NOT_SUPPORTED
         );
-        let mut many = b"GET / HTTP/1.1\r\n".to_vec();
+        assert_eq!(
+            refused(b"GET / HTTP/1.1\r\n\r\n"),
+            bad,
+            "HTTP/1.1 names its host"
+        );
+        assert_eq!(
+            refused(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            bad,
+            "one host only"
+        );
+        let mut many = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
         for i in 0..=MAX_HEADERS {
             many.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
         }
         many.extend_from_slice(b"\r\n");
         assert_eq!(refused(&many), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         // Repeats that agree are one length.
-        let parsed = head(b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n")
-            .ok()
-            .flatten()
-            .expect("a head");
+        let parsed =
+            head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n")
+                .ok()
+                .flatten()
+                .expect("a head");
         assert_eq!(parsed.body, BodyState::Length(2));
     }
 
@@ -924,7 +954,7 @@ mod tests {
     fn http2_is_told_by_its_preface() {
         assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), None);
         assert_eq!(sniff(H2_PREFACE), Some(true));
-        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Some(false));
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\nHost: x\r\n"), Some(false));
         assert_eq!(sniff(b"P"), None);
         assert_eq!(sniff(b"POST"), Some(false));
     }

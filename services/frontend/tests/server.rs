@@ -388,12 +388,15 @@ async fn requests_that_leave_the_connection_out_of_step_are_answered_and_closed(
         !to_member.to_ascii_lowercase().contains("content-length"),
         "{to_member:?}"
     );
-    // Framings that cannot be read one way only: 400, nothing forwarded.
+    // Heads that cannot be read one way only: 400, nothing forwarded.
     let before = seen.lock().expect("lock").len();
     for request in [
         &b"POST /x HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n"[..],
         b"POST /x HTTP/1.1\r\nContent-Length: +3\r\n\r\nabc",
         b"POST /x HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        // Which host, for routing and the cache, and which for the member?
+        b"GET /x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /x HTTP/1.1\r\n\r\n",
     ] {
         let mut client = proxy.connect().await;
         client.send(request).await;
