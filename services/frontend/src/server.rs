@@ -258,12 +258,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
         headers.append(name, value);
     }
     let connection = |token: &str| {
-        headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
+        upstream::connection_tokens(&headers.get_all(header::CONNECTION))
+            .any(|t| t.eq_ignore_ascii_case(token))
     };
     let mut keep_alive = if version == Version::HTTP_11 {
         !connection("close")
@@ -274,16 +270,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Refusal> {
     // must be the last one; with a content-length beside it, the request
     // is answered and the connection closed (one of them may be what
     // another hop went by).
-    let body = match headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        Some(coding) => {
-            let last = coding.to_str().ok().and_then(|v| v.rsplit(',').next());
-            if !last.is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked")) {
-                return Err(bad("unsupported transfer coding"));
-            }
+    let body = match upstream::transfer_coding(&headers) {
+        Some(false) => return Err(bad("unsupported transfer coding")),
+        Some(true) => {
             if version == Version::HTTP_10 || headers.contains_key(header::CONTENT_LENGTH) {
                 keep_alive = false;
             }
@@ -468,8 +457,8 @@ async fn write_response(
             Poll::Ready(Some(Err(err))) => {
                 // Nothing has been sent: the client gets a clear error.
                 debug!(%err, "the member's answer broke off before its body");
-                let message = Bytes::from_static(b"the member's answer broke off\n");
-                let (parts, _) = crate::proxy::error(StatusCode::BAD_GATEWAY, "").into_parts();
+                let (parts, message) =
+                    own_answer(StatusCode::BAD_GATEWAY, "the member's answer broke off");
                 let framing = Framing::Length(message.len() as u64);
                 write_head(sink, out, &parts, framing, http10, false, Some(message)).await;
                 return false;
@@ -682,22 +671,27 @@ fn http_date(out: &mut BytesMut) {
     });
 }
 
+/// One of the proxy's short error answers, as its head and its body.
+fn own_answer(status: StatusCode, why: &str) -> (http::response::Parts, Bytes) {
+    let (parts, body) = crate::proxy::error(status, why).into_parts();
+    let message = match body {
+        ProxyBody::Full(Some(message)) => message,
+        _ => Bytes::new(),
+    };
+    (parts, message)
+}
+
 /// Answers with an error of the server's own and closes the connection.
-async fn refuse(mut stream: TcpStream, out: &mut BytesMut, Refusal(status, why): Refusal) {
+async fn refuse(stream: TcpStream, out: &mut BytesMut, Refusal(status, why): Refusal) {
     debug!(%status, why, "request refused");
-    out.clear();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.put_u8(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
-    crate::proxy::write_decimal(out, why.len() as u64 + 1);
-    out.extend_from_slice(b"\r\nconnection: close\r\ndate: ");
-    http_date(out);
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(why.as_bytes());
-    out.put_u8(b'\n');
-    if stream.write_all(out).await.is_ok() {
+    let (parts, message) = own_answer(status, why);
+    let framing = Framing::Length(message.len() as u64);
+    // The client has this long to take the answer, as it has to linger.
+    let sink = Sink {
+        stream: &stream,
+        stall: LINGER,
+    };
+    if write_head(&sink, out, &parts, framing, false, false, Some(message)).await {
         linger(stream).await;
     }
 }
@@ -815,6 +809,14 @@ mod tests {
         parse_head(&mut buf)
     }
 
+    fn accepted(text: &[u8]) -> Head {
+        match head(text) {
+            Ok(Some(parsed)) => parsed,
+            Ok(None) => panic!("incomplete {:?}", String::from_utf8_lossy(text)),
+            Err(Refusal(status, why)) => panic!("refused with {status}: {why}"),
+        }
+    }
+
     fn refused(text: &[u8]) -> StatusCode {
         match head(text) {
             Err(Refusal(status, _)) => status,
@@ -843,43 +845,26 @@ mod tests {
         assert!(parsed.keep_alive);
         assert_eq!(&buf[..], b"helloGET", "the body and what follows stay");
 
-        let parsed = head(b"GET / HTTP/1.0\r\n\r\n")
-            .ok()
-            .flatten()
-            .expect("a head");
+        let parsed = accepted(b"GET / HTTP/1.0\r\n\r\n");
         assert!(!parsed.keep_alive, "HTTP/1.0 closes unless asked");
         assert_eq!(parsed.body, BodyState::Done);
-        let parsed = head(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
-            .ok()
-            .flatten()
-            .expect("a head");
+        let parsed = accepted(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
         assert!(parsed.keep_alive);
-        let parsed = head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade, close\r\n\r\n")
-            .ok()
-            .flatten()
-            .expect("a head");
+        let parsed = accepted(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade, close\r\n\r\n");
         assert!(!parsed.keep_alive);
 
         let parsed =
-            head(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
-                .ok()
-                .flatten()
-                .expect("a head");
+            accepted(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
         assert_eq!(parsed.body, BodyState::Chunked(Chunked::Size));
         assert!(parsed.keep_alive);
         // Both framings: the coding wins and the connection closes after.
         let parsed =
-            head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n")
-                .ok()
-                .flatten()
-                .expect("a head");
+            accepted(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(parsed.body, BodyState::Chunked(Chunked::Size));
         assert!(!parsed.keep_alive);
-        let parsed =
-            head(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n")
-                .ok()
-                .flatten()
-                .expect("a head");
+        let parsed = accepted(
+            b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        );
         assert!(parsed.expects_continue);
     }
 
@@ -942,11 +927,9 @@ mod tests {
         many.extend_from_slice(b"\r\n");
         assert_eq!(refused(&many), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         // Repeats that agree are one length.
-        let parsed =
-            head(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n")
-                .ok()
-                .flatten()
-                .expect("a head");
+        let parsed = accepted(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+        );
         assert_eq!(parsed.body, BodyState::Length(2));
     }
 

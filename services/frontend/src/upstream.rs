@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bytes read from a member at a time.
-pub(crate) const READ_CHUNK: usize = 16 << 10;
+const READ_CHUNK: usize = 16 << 10;
 /// Largest response head accepted from a member.
 const MAX_HEAD: usize = 64 << 10;
 /// Most headers in a member's response.
@@ -86,7 +86,7 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// The tokens of a message's `Connection` header(s).
-fn connection_tokens<'a>(
+pub(crate) fn connection_tokens<'a>(
     connection: impl IntoIterator<Item = &'a HeaderValue>,
 ) -> impl Iterator<Item = &'a str> {
     connection
@@ -508,15 +508,13 @@ fn framing(
     };
     // Chunked only when it is the last coding; any other leaves the body
     // running to the close.
-    let chunked = hop_by_hop
-        && all
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-    let transfer_coded = hop_by_hop && all.contains_key(header::TRANSFER_ENCODING);
+    let coding = if hop_by_hop {
+        transfer_coding(&all)
+    } else {
+        None
+    };
+    let chunked = coding == Some(true);
+    let transfer_coded = coding.is_some();
     let length = if transfer_coded {
         None
     } else {
@@ -562,6 +560,22 @@ fn framing(
         framing,
         keep_alive,
     })
+}
+
+/// Whether a message has a transfer coding and, if it has, whether
+/// `chunked` is the last one (RFC 9112 §6.3: only then does the coding
+/// frame the body).
+pub(crate) fn transfer_coding(headers: &HeaderMap) -> Option<bool> {
+    let last = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()?;
+    Some(
+        last.to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked")),
+    )
 }
 
 /// The `content-length` of a message: one value (repeats must agree).
