@@ -305,6 +305,12 @@ pub struct FrontendConfig {
     /// clients keep idle connections).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// A kept-alive connection to a member idle this long is not used
+    /// again: keep it below the members' own keep-alive timeout, or a
+    /// member may close one just as a request goes out on it (a GET is
+    /// sent again on a new connection, a POST gets a 502).
+    #[serde(with = "humantime_serde")]
+    pub member_idle_timeout: Duration,
     /// A new member's share ramps up over this long.
     #[serde(with = "humantime_serde")]
     pub slow_start: Duration,
@@ -334,6 +340,9 @@ impl Default for FrontendConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(60),
+            // Below the 30 s or more most servers keep an idle connection
+            // (nginx 75 s, Apache 5 s being the exception to know).
+            member_idle_timeout: Duration::from_secs(20),
             slow_start: Duration::from_secs(10),
             eject_after: 3,
             eject_for: Duration::from_secs(5),
@@ -535,6 +544,10 @@ impl Config {
             ("frontend.connect_timeout", self.frontend.connect_timeout),
             ("frontend.request_timeout", self.frontend.request_timeout),
             ("frontend.header_timeout", self.frontend.header_timeout),
+            (
+                "frontend.member_idle_timeout",
+                self.frontend.member_idle_timeout,
+            ),
             ("frontend.report_interval", self.frontend.report_interval),
             ("frontend.eject_for", self.frontend.eject_for),
         ] {

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
@@ -114,12 +114,10 @@ impl Proxy {
     /// and its connection to the member stay on one thread (no
     /// cross-thread wake-ups on the hot path).
     pub fn upstream(&self) -> Upstream {
-        // Below the 30 s or more most servers keep an idle connection, so
-        // the member rarely closes one just as it is reused.
         Upstream::new(
             self.settings.connect_timeout,
             self.settings.request_timeout,
-            Duration::from_secs(20),
+            self.settings.member_idle_timeout,
         )
     }
 

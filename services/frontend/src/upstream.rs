@@ -366,6 +366,113 @@ where
             silent: true,
         });
     }
+    // The write that failed under the body: the member may have answered
+    // (a refusal) and closed before it, and that answer is still to read.
+    let mut cut = None;
+    if !matches!(body, RequestBody::None) {
+        match send_body_watching(conn, body, head_request).await {
+            Ok(Some(answered)) => return Ok(answered),
+            Ok(None) => {}
+            Err(UpstreamError::Io(error)) => cut = Some(error),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let mut received = false;
+    loop {
+        if !conn.buf.is_empty() {
+            received = true;
+            if let Some(mut parsed) = parse_head(&mut conn.buf, head_request)? {
+                // The member did not read the whole request.
+                parsed.keep_alive &= cut.is_none();
+                return Ok(parsed);
+            }
+            if conn.buf.len() > MAX_HEAD {
+                return Err(UpstreamError::Protocol("response head too large").into());
+            }
+        }
+        conn.buf.reserve(READ_CHUNK);
+        let error = match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(0) => UpstreamError::Closed,
+            Ok(_) => continue,
+            Err(error) => error.into(),
+        };
+        return Err(Failure {
+            error: cut.map_or(error, UpstreamError::Io),
+            silent: !received,
+        });
+    }
+}
+
+/// Sends the request body while reading what the member says meanwhile.
+///
+/// A member may answer before it has read the whole body: to refuse it
+/// (413 for an upload over its limit, 401, a redirect), often closing at
+/// once. Writing on into a member that stopped reading would end in a
+/// timeout or a reset, and the client would get a 504 or a 502 instead of
+/// the member's own answer. So an answer of 300 or more that comes early
+/// is returned at once: the rest of the body is not sent, and the
+/// connection is not used again. An early success still waits for the
+/// body to be sent, since the member may be reading it as it answers.
+async fn send_body_watching<B>(
+    conn: &mut Conn,
+    body: &mut RequestBody<B>,
+    head_request: bool,
+) -> Result<Option<Parsed>, UpstreamError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let (mut reader, mut writer) = conn.stream.split();
+    let buf = &mut conn.buf;
+    let sending = send_body(&mut writer, body);
+    tokio::pin!(sending);
+    let mut watching = true;
+    let mut early = None;
+    loop {
+        if watching {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            read = reader.read_buf(buf), if watching => match read {
+                Ok(n) if n > 0 => {
+                    if let Some(mut parsed) = parse_head(buf, head_request)? {
+                        if parsed.status.as_u16() >= 300 {
+                            parsed.keep_alive = false;
+                            return Ok(Some(parsed));
+                        }
+                        early = Some(parsed);
+                        watching = false;
+                    } else if buf.len() > MAX_HEAD {
+                        return Err(UpstreamError::Protocol("response head too large"));
+                    }
+                }
+                // Closed or failed: what the writes get next tells.
+                _ => watching = false,
+            },
+            sent = &mut sending => {
+                return match (sent, early) {
+                    (Ok(()), early) => Ok(early),
+                    // Answered, then stopped reading: it is done with the
+                    // request.
+                    (Err(UpstreamError::Io(_)), Some(mut answered)) => {
+                        answered.keep_alive = false;
+                        Ok(Some(answered))
+                    }
+                    (Err(error), _) => Err(error),
+                };
+            }
+        }
+    }
+}
+
+/// Writes the request body as its head framed it.
+async fn send_body<B, W>(writer: &mut W, body: &mut RequestBody<B>) -> Result<(), UpstreamError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    W: AsyncWriteExt + Unpin,
+{
     match body {
         RequestBody::None => {}
         RequestBody::Length(declared, body) => {
@@ -377,17 +484,15 @@ where
                     if sent > *declared {
                         return Err(UpstreamError::RequestBody(
                             "body longer than its content-length".into(),
-                        )
-                        .into());
+                        ));
                     }
-                    conn.stream.write_all(&data).await?;
+                    writer.write_all(&data).await?;
                 }
             }
             if sent != *declared {
                 return Err(UpstreamError::RequestBody(
                     "body shorter than its content-length".into(),
-                )
-                .into());
+                ));
             }
         }
         RequestBody::Chunked(body) => {
@@ -401,40 +506,13 @@ where
                     let mut size = BytesMut::with_capacity(18);
                     let _ = write!(size, "{:x}\r\n", data.len());
                     let mut chunk = size.chain(data).chain(&b"\r\n"[..]);
-                    conn.stream.write_all_buf(&mut chunk).await?;
+                    writer.write_all_buf(&mut chunk).await?;
                 }
             }
-            conn.stream.write_all(b"0\r\n\r\n").await?;
+            writer.write_all(b"0\r\n\r\n").await?;
         }
     }
-    let mut received = false;
-    loop {
-        if !conn.buf.is_empty() {
-            received = true;
-            if let Some(parsed) = parse_head(&mut conn.buf, head_request)? {
-                return Ok(parsed);
-            }
-            if conn.buf.len() > MAX_HEAD {
-                return Err(UpstreamError::Protocol("response head too large").into());
-            }
-        }
-        conn.buf.reserve(READ_CHUNK);
-        match conn.stream.read_buf(&mut conn.buf).await {
-            Ok(0) => {
-                return Err(Failure {
-                    error: UpstreamError::Closed,
-                    silent: !received,
-                })
-            }
-            Ok(_) => {}
-            Err(error) => {
-                return Err(Failure {
-                    error: error.into(),
-                    silent: !received,
-                })
-            }
-        }
-    }
+    Ok(())
 }
 
 /// Parses a complete response head off the front of `buf`, skipping

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use headroom_frontend::upstream::{RequestBody, Upstream, UpstreamError};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 // Not every helper is used here.
@@ -369,4 +370,153 @@ async fn garbage_from_a_member_is_a_clear_error() {
         matches!(answer, Err(UpstreamError::Protocol(_))),
         "{answer:?}"
     );
+}
+
+/// What a member that answers after the request head, before the body,
+/// does next.
+#[derive(Clone, Copy)]
+enum AfterAnswer {
+    /// Closes at once, on a body it has not read (the client sees a reset).
+    Close,
+    /// Keeps the connection but reads nothing more.
+    StopReading,
+    /// Reads the whole body, then reports how much it got.
+    ReadBody,
+}
+
+/// A member that answers `answer` as soon as it has a request head; the
+/// body bytes it read come back on the returned channel (for `ReadBody`).
+async fn early_member(
+    answer: &'static [u8],
+    after: AfterAnswer,
+) -> (String, tokio::sync::oneshot::Receiver<usize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let authority = listener.local_addr().expect("addr").to_string();
+    let (got, read) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 << 10];
+        let at = loop {
+            if let Some(end) = common::find(&buf, b"\r\n\r\n") {
+                break end + 4;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        if stream.write_all(answer).await.is_err() {
+            return;
+        }
+        match after {
+            AfterAnswer::Close => {}
+            AfterAnswer::StopReading => tokio::time::sleep(Duration::from_secs(30)).await,
+            AfterAnswer::ReadBody => {
+                let mut body = buf.len() - at;
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    body += n;
+                }
+                let _ = got.send(body);
+            }
+        }
+    });
+    (authority, read)
+}
+
+const UPLOAD: usize = 8 << 20;
+
+fn upload_head() -> Vec<u8> {
+    format!("PUT /upload HTTP/1.1\r\nhost: member\r\ncontent-length: {UPLOAD}\r\n\r\n").into_bytes()
+}
+
+#[tokio::test]
+async fn a_member_that_refuses_an_upload_early_has_its_answer_passed_on() {
+    const REFUSAL: &[u8] = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+    for after in [AfterAnswer::Close, AfterAnswer::StopReading] {
+        let (authority, _) = early_member(REFUSAL, after).await;
+        let upstream = pool();
+        // Far more than the sockets' buffers hold: without reading the
+        // member's answer meanwhile, the write would wait for a member
+        // that no longer reads.
+        let body = Full::new(Bytes::from(vec![b'x'; UPLOAD]));
+        let head = upload_head();
+        let sending = upstream.send(
+            &authority,
+            &head,
+            RequestBody::Length(UPLOAD as u64, body),
+            false,
+            false,
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(4), sending)
+            .await
+            .expect("the answer came before the body was sent")
+            .expect("the member's own answer");
+        assert_eq!(answer.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let text = answer.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&text[..], b"too large");
+        // The member did not read the request: its connection is not
+        // used again.
+        assert_eq!(upstream.idle(), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_body_still_streaming_when_the_member_refuses_is_not_waited_for() {
+    let (authority, _) = early_member(
+        b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n",
+        AfterAnswer::StopReading,
+    )
+    .await;
+    // The client sends a little, then nothing: the refusal must not wait
+    // for the rest.
+    let first = Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"a little")));
+    let body = StreamBody::new(futures::stream::iter([first]).chain(futures::stream::pending()));
+    let upstream = pool();
+    let sending = upstream.send(
+        &authority,
+        b"POST /in HTTP/1.1\r\nhost: member\r\ntransfer-encoding: chunked\r\n\r\n",
+        RequestBody::Chunked(body),
+        false,
+        false,
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(4), sending)
+        .await
+        .expect("not waiting for the body")
+        .expect("the member's own answer");
+    assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn an_early_success_still_gets_the_whole_body() {
+    let (authority, read) = early_member(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+        AfterAnswer::ReadBody,
+    )
+    .await;
+    let upstream = pool();
+    let body = Full::new(Bytes::from(vec![b'x'; UPLOAD]));
+    let answer = upstream
+        .send(
+            &authority,
+            &upload_head(),
+            RequestBody::Length(UPLOAD as u64, body),
+            false,
+            false,
+        )
+        .await
+        .expect("answer");
+    assert_eq!(answer.status(), StatusCode::OK);
+    let text = answer.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&text[..], b"ok");
+    let received = tokio::time::timeout(Duration::from_secs(4), read)
+        .await
+        .expect("the member read to the end")
+        .expect("count");
+    assert_eq!(received, UPLOAD);
 }
