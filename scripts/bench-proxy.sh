@@ -3,18 +3,20 @@
 # of the same sample backend, driven by the same load generator (wrk), in
 # one run on this machine; then a cache hit against nginx's proxy_cache.
 # First flat out (wrk: a closed loop of CONNECTIONS), then at one offered
-# load (headroom-load: an open loop of RATE requests a second), where the
-# latencies are the proxies' own and not the queue of a saturated machine.
+# load (headroom-load: an open loop of RATE requests a second; by default a
+# quarter of what the slowest of the three proxies served flat out), where
+# the latencies are the proxies' own and not the queue of a saturated
+# machine.
 # Installs nginx, haproxy and wrk from Debian's packages when missing.
 #
-#   scripts/bench-proxy.sh   # ROUNDS=3 DURATION=8s CONNECTIONS=64 THREADS=2 RATE=10000 RATE_SECONDS=10
+#   scripts/bench-proxy.sh   # ROUNDS=3 DURATION=8s CONNECTIONS=64 THREADS=2 RATE= RATE_SECONDS=10
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DURATION="${DURATION:-8s}"
 ROUNDS="${ROUNDS:-3}"
 CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
-RATE="${RATE:-10000}"
+RATE="${RATE:-}"
 RATE_SECONDS="${RATE_SECONDS:-10}"
 missing=()
 command -v nginx >/dev/null || missing+=(nginx)
@@ -171,8 +173,9 @@ measure() {
     }' <<<"$out"
 }
 
-# Rounds: every target once per round, in turn, so that a change in what
-# else the shared machine is doing touches all of them alike; the table is
+# Rounds: every target once per round, in an order that turns from one
+# round to the next, so that a change in what else the shared machine is
+# doing touches all of them alike; the table is
 # each target's median over the rounds, and the ratios are also given per
 # round (the targets of one round ran back to back).
 targets=(
@@ -196,7 +199,18 @@ for round in $(seq "$ROUNDS"); do
   echo "round $round of $ROUNDS"
   header "proxy ($CONNECTIONS conns, $DURATION)"
   declare -A this=()
-  for target in "${targets[@]}"; do
+  # The three proxies, and the two caches, take turns at going first: a
+  # target that always ran right after another (or in the same second of
+  # the machine's day) would carry that into every round.
+  k=$(((round - 1) % 3))
+  proxies=("${targets[@]:1:3}")
+  order=("${targets[0]}" "${proxies[@]:k}" "${proxies[@]:0:k}")
+  if ((round % 2)); then
+    order+=("${targets[4]}" "${targets[5]}")
+  else
+    order+=("${targets[5]}" "${targets[4]}")
+  fi
+  for target in "${order[@]}"; do
     IFS='|' read -r name url pid <<<"$target"
     line="$(measure "$url" "$pid")"
     this[$name]="$line"
@@ -246,6 +260,15 @@ echo "headroom / $best (the better of nginx and haproxy): throughput $(ratio "${
 echo "  per round, throughput/p99 against that round's better:$proxy_rounds"
 echo "headroom / nginx, cache hit: throughput $(ratio "${rps[headroom, cache hit]}" "${rps[nginx proxy_cache, hit]}"), p99 $(ratio "${p99[headroom, cache hit]}" "${p99[nginx proxy_cache, hit]}")"
 echo "  per round:$cache_rounds"
+
+# A fixed rate that suits one machine saturates a slower one (where the
+# open loop's queue then grows without bound and measures nothing of the
+# proxies): by default, a quarter of the slowest proxy's flat-out rate, as
+# the open-loop generator spends more CPU per request than wrk.
+if [[ -z "$RATE" ]]; then
+  RATE="$(awk -v a="${rps[headroom front-end]}" -v b="${rps[nginx]}" -v c="${rps[haproxy]}" \
+    'BEGIN { m = a; if (b < m) m = b; if (c < m) m = c; r = int(m / 4 / 100) * 100; print (r > 100 ? r : 100) }')"
+fi
 
 # The same targets at one offered load. Prints "p50_ms p90_ms p99_ms
 # errors proxy_us".
