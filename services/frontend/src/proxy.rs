@@ -1,6 +1,7 @@
 //! One client request: limits, cache, route, member, forward (retrying an
 //! idempotent request once on another member when the connection fails),
-//! and the answer, streamed or stored.
+//! and the answer, streamed or stored, or the member's connection when it
+//! switches protocols (WebSocket).
 
 use std::cell::Cell;
 use std::fmt::Write as _;
@@ -17,9 +18,10 @@ use headroom_shared::config::FrontendConfig;
 use headroom_shared::ops::Histogram;
 use headroom_shared::wire::now_ms;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::net::TcpStream;
 
 use crate::cache::{self, Cache};
 use crate::routing::{Backend, Table};
@@ -176,6 +178,9 @@ impl Proxy {
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
         }
+        let upgrade = (!coded && length.unwrap_or(0) == 0)
+            .then(|| upgrade_asked(&parts))
+            .flatten();
         let Some(table) = self.table.load_full() else {
             return error(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet");
         };
@@ -199,7 +204,11 @@ impl Proxy {
         // starts after the wait.
         let mut waited = None;
         let cache_key = match &self.cache {
-            Some(cache) if method == Method::GET && cache::request_allows(&parts.headers) => {
+            Some(cache)
+                if upgrade.is_none()
+                    && method == Method::GET
+                    && cache::request_allows(&parts.headers) =>
+            {
                 let key = cache::key(host, path_and_query);
                 let lookup = cache.lookup(&key);
                 if !matches!(lookup, cache::Lookup::Fresh(_)) {
@@ -272,7 +281,11 @@ impl Proxy {
                 &backend.authority,
                 client,
                 table.generation,
-                matches!(request_body, RequestBody::Chunked(_)),
+                match (&request_body, upgrade) {
+                    (_, Some(protocol)) => Then::Upgrade(protocol),
+                    (RequestBody::Chunked(_), None) => Then::Chunked,
+                    _ => Then::AsIs,
+                },
             );
             let guard = InFlight::start(backend.clone());
             // The first attempt goes out within microseconds of the
@@ -283,17 +296,21 @@ impl Proxy {
                 (0, Some(at)) => at,
                 _ => Instant::now(),
             };
-            let answer = tokio::time::timeout(
-                self.settings.request_timeout,
-                upstream.send(
-                    &backend.authority,
-                    &head,
-                    std::mem::replace(&mut request_body, RequestBody::None),
-                    method == Method::HEAD,
-                    idempotent && bodyless,
-                ),
-            )
-            .await;
+            let exchange = async {
+                if upgrade.is_some() {
+                    return upstream.send_upgrade(&backend.authority, &head).await;
+                }
+                upstream
+                    .send(
+                        &backend.authority,
+                        &head,
+                        std::mem::replace(&mut request_body, RequestBody::None),
+                        method == Method::HEAD,
+                        idempotent && bodyless,
+                    )
+                    .await
+            };
+            let answer = tokio::time::timeout(self.settings.request_timeout, exchange).await;
             recycle_head(head);
             let failed = |backend: &Backend| {
                 backend.failed(
@@ -309,6 +326,18 @@ impl Proxy {
                     backend.latency.record(sent.elapsed());
                     if response.status().is_server_error() {
                         backend.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        let (parts, body) = response.into_parts();
+                        let Some((member, early)) = body.into_tunnel() else {
+                            return error(StatusCode::BAD_GATEWAY, "the member's switch broke off");
+                        };
+                        let tunnel = Tunnel {
+                            member,
+                            early,
+                            in_flight: guard,
+                        };
+                        return Response::from_parts(parts, ProxyBody::Tunnel(tunnel));
                     }
                     return self
                         .respond(
@@ -449,13 +478,48 @@ impl Drop for InFlight {
 }
 
 /// What the proxy answers with: its own bytes (errors, cache hits) or a
-/// member's body, streamed, holding the member's in-flight count until done.
+/// member's body, streamed, holding the member's in-flight count until done;
+/// or, with a `101`, no body but the member's connection.
 pub enum ProxyBody {
     Full(Option<Bytes>),
     Member {
         body: UpstreamBody,
         _in_flight: InFlight,
     },
+    Tunnel(Tunnel),
+}
+
+/// A member's connection after it switched protocols for a client
+/// (WebSocket): the client's connection is joined to it. It counts as a
+/// request in flight at the member for as long as it is open, so the
+/// balancing sees long-lived tunnels and a drain waits for them.
+pub struct Tunnel {
+    pub member: TcpStream,
+    /// What the member sent after its `101`, for the client.
+    pub early: BytesMut,
+    pub in_flight: InFlight,
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to: `Upgrade`, named
+/// by `Connection` (RFC 9110 §7.8). HTTP/2 has no such switch.
+fn upgrade_asked(parts: &http::request::Parts) -> Option<&HeaderValue> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let protocol = parts.headers.get(header::UPGRADE)?;
+    named_by_connection(&parts.headers.get_all(header::CONNECTION), &header::UPGRADE)
+        .then_some(protocol)
+}
+
+/// What follows the request head on the connection to the member.
+#[derive(Clone, Copy)]
+enum Then<'a> {
+    /// Nothing, or a body as long as the client's `content-length` says.
+    AsIs,
+    /// A body, chunked.
+    Chunked,
+    /// Another protocol, if the member agrees to switch (`Upgrade`).
+    Upgrade(&'a HeaderValue),
 }
 
 impl ProxyBody {
@@ -475,6 +539,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Self::Member { body, .. } => Pin::new(body).poll_frame(cx),
+            Self::Tunnel(_) => Poll::Ready(None),
         }
     }
 
@@ -482,6 +547,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(bytes) => bytes.is_none(),
             Self::Member { body, .. } => body.is_end_stream(),
+            Self::Tunnel(_) => true,
         }
     }
 
@@ -489,6 +555,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Member { body, .. } => body.size_hint(),
+            Self::Tunnel(_) => SizeHint::with_exact(0),
         }
     }
 }
@@ -579,8 +646,9 @@ fn request_head(
     member: &str,
     client: SocketAddr,
     generation: u64,
-    chunked: bool,
+    then: Then<'_>,
 ) -> BytesMut {
+    let chunked = matches!(then, Then::Chunked);
     fn line(head: &mut BytesMut, name: &[u8], value: &[u8]) {
         head.extend_from_slice(name);
         head.extend_from_slice(b": ");
@@ -624,8 +692,13 @@ fn request_head(
     head.extend_from_slice(b": ");
     write_decimal(&mut head, generation);
     head.extend_from_slice(b"\r\n");
-    if chunked {
-        line(&mut head, b"transfer-encoding", b"chunked");
+    match then {
+        Then::AsIs => {}
+        Then::Chunked => line(&mut head, b"transfer-encoding", b"chunked"),
+        Then::Upgrade(protocol) => {
+            line(&mut head, b"connection", b"upgrade");
+            line(&mut head, b"upgrade", protocol.as_bytes());
+        }
     }
     head.extend_from_slice(b"\r\n");
     head
@@ -663,7 +736,7 @@ mod tests {
             "127.0.0.1:9000",
             client,
             42,
-            true,
+            Then::Chunked,
         );
         let head = String::from_utf8(head.to_vec()).expect("text");
         assert_eq!(
@@ -681,7 +754,7 @@ mod tests {
         );
 
         let v6: SocketAddr = "[2001:db8::1]:5000".parse().expect("addr");
-        let head = request_head(&parts, "/cart?id=7", None, "m:1", v6, 0, false);
+        let head = request_head(&parts, "/cart?id=7", None, "m:1", v6, 0, Then::AsIs);
         let head = String::from_utf8_lossy(&head).into_owned();
         assert!(head.contains("x-forwarded-for: 10.0.0.1, 10.0.0.2, 2001:db8::1\r\n"));
         assert!(head.contains("x-headroom-generation: 0\r\n"));
@@ -692,7 +765,7 @@ mod tests {
         // Without a host (HTTP/1.0, or HTTP/2 without an authority) the
         // member's own address is the host.
         let (parts, ()) = Request::get("/").body(()).expect("request").into_parts();
-        let head = request_head(&parts, "/", None, "127.0.0.1:9000", client, 1, false);
+        let head = request_head(&parts, "/", None, "127.0.0.1:9000", client, 1, Then::AsIs);
         assert!(String::from_utf8_lossy(&head)
             .starts_with("GET / HTTP/1.1\r\nhost: 127.0.0.1:9000\r\n"));
     }

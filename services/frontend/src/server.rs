@@ -4,7 +4,8 @@
 //! by their preface, go to hyper.
 //!
 //! Why HTTP/1 is not hyper's: a proxy needs little of a general server
-//! (no upgrades, no service stack, one request at a time), and hyper's
+//! (no service stack, one request at a time; an upgrade is a splice of two
+//! sockets), and hyper's
 //! dispatcher, its per-request header timer and its request body channel
 //! were most of the proxy's own CPU time per request once the client to
 //! members was its own (see the README's benchmark). The parsing is still
@@ -32,7 +33,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::proxy::{Proxy, ProxyBody};
+use crate::proxy::{Proxy, ProxyBody, Tunnel};
 use crate::upstream::{self, Chunked, Step, Upstream, UpstreamError};
 
 /// What an HTTP/2 connection opens with (RFC 9113 §3.4).
@@ -152,7 +153,7 @@ pub async fn serve(
                 return;
             }
         }
-        let response = {
+        let mut response = {
             let request = request.map(|()| ClientBody {
                 stream: &mut stream,
                 buf: &mut buf,
@@ -160,12 +161,22 @@ pub async fn serve(
             });
             shared.proxy.handle(&shared.upstream, request, client).await
         };
-        // A body not read to its end leaves the connection out of step.
-        keep_alive &= body == BodyState::Done && !shutdown.is_cancelled();
         let sink = Sink {
             stream: &stream,
             stall: settings.request_timeout,
         };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let (parts, body) = response.into_parts();
+            if let ProxyBody::Tunnel(tunnel) = body {
+                if write_head(&sink, &mut out, &parts, Framing::None, false, true, None).await {
+                    join(stream, buf, tunnel, cancelled).await;
+                }
+                return;
+            }
+            response = Response::from_parts(parts, body);
+        }
+        // A body not read to its end leaves the connection out of step.
+        keep_alive &= body == BodyState::Done && !shutdown.is_cancelled();
         let written =
             write_response(&sink, &mut out, response, head_request, http10, keep_alive).await;
         if !(written && keep_alive) {
@@ -559,7 +570,9 @@ async fn write_head(
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::None | Framing::Close => {}
     }
-    if !keep_alive {
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
     } else if http10 {
         out.extend_from_slice(b"connection: keep-alive\r\n");
@@ -585,6 +598,39 @@ async fn write_head(
         _ => send(sink, &out[..]).await,
     };
     written.is_ok()
+}
+
+/// Joins the client's connection to the member's once the member has
+/// switched protocols: bytes go both ways as they come, and when one side
+/// is done sending the other is told (its write side shut down) while the
+/// other way goes on, until both are done, either fails, or shutdown.
+/// A tunnel has no idle limit: WebSocket connections idle for long
+/// stretches, and keep themselves alive (pings) if they need to.
+async fn join(
+    mut client: TcpStream,
+    from_client: BytesMut,
+    tunnel: Tunnel,
+    cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
+) {
+    let Tunnel {
+        mut member,
+        early,
+        in_flight,
+    } = tunnel;
+    // What either side sent after its head, before the switch was through.
+    if !from_client.is_empty() && member.write_all(&from_client).await.is_err() {
+        return;
+    }
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
+    tokio::select! {
+        carried = tokio::io::copy_bidirectional(&mut client, &mut member) => {
+            debug!(?carried, "tunnel closed");
+        }
+        () = cancelled => debug!("tunnel closed on shutdown"),
+    }
+    drop(in_flight);
 }
 
 /// The client's side of the connection, for writing answers.

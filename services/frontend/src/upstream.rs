@@ -196,9 +196,41 @@ impl Upstream {
         &self,
         authority: &str,
         head: &[u8],
+        body: RequestBody<B>,
+        head_request: bool,
+        replayable: bool,
+    ) -> Result<Response<UpstreamBody>, UpstreamError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        self.exchange_on_pool(authority, head, body, head_request, replayable, false)
+            .await
+    }
+
+    /// Sends a request that asks to switch protocols (`head` carries
+    /// `Connection: upgrade` and `Upgrade`, and the request has no body).
+    /// A `101 Switching Protocols` answer hands over the connection: take
+    /// it with [`UpstreamBody::into_tunnel`]. Any other answer is an
+    /// ordinary one, the member having declined.
+    pub async fn send_upgrade(
+        &self,
+        authority: &str,
+        head: &[u8],
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let none: RequestBody<http_body_util::Empty<Bytes>> = RequestBody::None;
+        self.exchange_on_pool(authority, head, none, false, true, true)
+            .await
+    }
+
+    async fn exchange_on_pool<B>(
+        &self,
+        authority: &str,
+        head: &[u8],
         mut body: RequestBody<B>,
         head_request: bool,
         replayable: bool,
+        upgrade: bool,
     ) -> Result<Response<UpstreamBody>, UpstreamError>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -210,7 +242,7 @@ impl Upstream {
                 Some(conn) => (conn, true),
                 None => (self.connect(authority).await?, false),
             };
-            match exchange(&mut conn, head, &mut body, head_request).await {
+            match exchange(&mut conn, head, &mut body, head_request, upgrade).await {
                 Ok(parsed) => return Ok(self.response(conn, parsed)),
                 Err(Failure { error, silent }) => {
                     if reused && silent && replayable && !fresh_only {
@@ -354,6 +386,7 @@ async fn exchange<B>(
     head: &[u8],
     body: &mut RequestBody<B>,
     head_request: bool,
+    upgrade: bool,
 ) -> Result<Parsed, Failure>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -381,7 +414,7 @@ where
     loop {
         if !conn.buf.is_empty() {
             received = true;
-            if let Some(mut parsed) = parse_head(&mut conn.buf, head_request)? {
+            if let Some(mut parsed) = parse_head(&mut conn.buf, head_request, upgrade)? {
                 // The member did not read the whole request.
                 parsed.keep_alive &= cut.is_none();
                 return Ok(parsed);
@@ -436,7 +469,7 @@ where
             biased;
             read = reader.read_buf(buf), if watching => match read {
                 Ok(n) if n > 0 => {
-                    if let Some(mut parsed) = parse_head(buf, head_request)? {
+                    if let Some(mut parsed) = parse_head(buf, head_request, false)? {
                         if parsed.status.as_u16() >= 300 {
                             parsed.keep_alive = false;
                             return Ok(Some(parsed));
@@ -516,8 +549,13 @@ where
 }
 
 /// Parses a complete response head off the front of `buf`, skipping
-/// interim (1xx) answers; `None` while more bytes are needed.
-fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, UpstreamError> {
+/// interim (1xx) answers but for a `101` to a request that asked to
+/// `upgrade`; `None` while more bytes are needed.
+fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    upgrade: bool,
+) -> Result<Option<Parsed>, UpstreamError> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut slots);
@@ -532,10 +570,10 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, 
         let code = response.code.unwrap_or(0);
         let status = StatusCode::from_u16(code)
             .map_err(|_| UpstreamError::Protocol("invalid status code"))?;
-        if status == StatusCode::SWITCHING_PROTOCOLS {
+        if status == StatusCode::SWITCHING_PROTOCOLS && !upgrade {
             return Err(UpstreamError::Protocol("unexpected protocol switch"));
         }
-        if status.is_informational() {
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             buf.advance(length);
             continue;
         }
@@ -600,7 +638,19 @@ fn framing(
     };
     let no_body =
         head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    let (framing, keep_alive) = if no_body {
+    // What the member switches to, which the client is told too.
+    let switched = if status == StatusCode::SWITCHING_PROTOCOLS {
+        Some(
+            all.get(header::UPGRADE)
+                .cloned()
+                .ok_or(UpstreamError::Protocol("a protocol switch without Upgrade"))?,
+        )
+    } else {
+        None
+    };
+    let (framing, keep_alive) = if switched.is_some() {
+        (Framing::Tunnel, false)
+    } else if no_body {
         (Framing::Length(0), keep_alive)
     } else if chunked {
         (Framing::Chunked(Chunked::Size), keep_alive)
@@ -631,6 +681,9 @@ fn framing(
         for name in HOP_BY_HOP {
             headers.remove(name);
         }
+    }
+    if let Some(protocol) = switched {
+        headers.insert(header::UPGRADE, protocol);
     }
     Ok(Parsed {
         status,
@@ -682,6 +735,8 @@ enum Framing {
     Chunked(Chunked),
     /// Until the member closes the connection.
     Close,
+    /// No body: after a `101` the connection carries another protocol.
+    Tunnel,
 }
 
 /// Where a chunked body's decoder is (a member's answer, or a client's
@@ -789,11 +844,20 @@ pub struct UpstreamBody {
 }
 
 impl UpstreamBody {
+    /// After a `101 Switching Protocols`: the member's connection, and
+    /// what it sent after the head (already the new protocol's bytes).
+    pub fn into_tunnel(mut self) -> Option<(TcpStream, BytesMut)> {
+        match self.framing {
+            Framing::Tunnel => self.conn.take().map(|conn| (conn.stream, conn.buf)),
+            _ => None,
+        }
+    }
+
     fn finish_if_done(&mut self) {
         let done = match self.framing {
             Framing::Length(n) => n == 0,
             Framing::Chunked(state) => state == Chunked::Done,
-            Framing::Close => false,
+            Framing::Close | Framing::Tunnel => false,
         };
         if done {
             if let Some(conn) = self.conn.take() {
@@ -812,6 +876,8 @@ impl UpstreamBody {
                 return Poll::Ready(None);
             };
             let step = match &mut self.framing {
+                // The connection is the tunnel's, not a body's.
+                Framing::Tunnel => return Poll::Ready(None),
                 Framing::Length(0) => Step::Done,
                 Framing::Length(left) => {
                     if conn.buf.is_empty() {
@@ -907,12 +973,12 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none()
+        self.conn.is_none() || matches!(self.framing, Framing::Tunnel)
     }
 
     fn size_hint(&self) -> SizeHint {
         match (&self.framing, &self.conn) {
-            (_, None) => SizeHint::with_exact(0),
+            (_, None) | (Framing::Tunnel, _) => SizeHint::with_exact(0),
             (Framing::Length(n), _) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),
         }
@@ -969,7 +1035,7 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: x-private\r\nx-private: 1\r\nkeep-alive: timeout=5\r\nx-kept: yes\r\n\r\nhello"[..],
         );
-        let parsed = parse_head(&mut buf, false).ok().flatten();
+        let parsed = parse_head(&mut buf, false, false).ok().flatten();
         let Some(parsed) = parsed else {
             panic!("head not parsed")
         };
@@ -986,12 +1052,12 @@ mod tests {
         assert_eq!(&buf[..], b"hello");
 
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
-        assert!(matches!(parse_head(&mut partial, false), Ok(None)));
+        assert!(matches!(parse_head(&mut partial, false, false), Ok(None)));
 
         let mut chunked = BytesMut::from(
             &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"[..],
         );
-        let parsed = parse_head(&mut chunked, false).ok().flatten();
+        let parsed = parse_head(&mut chunked, false, false).ok().flatten();
         assert!(parsed
             .as_ref()
             .is_some_and(|p| !p.headers.contains_key(header::CONTENT_LENGTH)));
@@ -1001,14 +1067,14 @@ mod tests {
         ));
 
         let mut close = BytesMut::from(&b"HTTP/1.0 200 OK\r\n\r\n"[..]);
-        let parsed = parse_head(&mut close, false).ok().flatten();
+        let parsed = parse_head(&mut close, false, false).ok().flatten();
         assert!(matches!(
             parsed.map(|p| (p.framing, p.keep_alive)),
             Some((Framing::Close, false))
         ));
 
         let mut head = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n"[..]);
-        let parsed = parse_head(&mut head, true).ok().flatten();
+        let parsed = parse_head(&mut head, true, false).ok().flatten();
         assert!(matches!(
             parsed.map(|p| p.framing),
             Some(Framing::Length(0))
@@ -1020,7 +1086,28 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
             b"SSH-2.0-OpenSSH\r\n\r\n",
         ] {
-            assert!(parse_head(&mut BytesMut::from(bad), false).is_err());
+            assert!(parse_head(&mut BytesMut::from(bad), false, false).is_err());
         }
+
+        // Asked for, a switch is the answer: the connection is the
+        // tunnel's, and the client is told what it switched to.
+        let mut switch = BytesMut::from(
+            &b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+               Upgrade: websocket\r\nSec-WebSocket-Accept: k\r\n\r\nframe"[..],
+        );
+        let parsed = parse_head(&mut switch, false, true).ok().flatten();
+        assert!(parsed
+            .as_ref()
+            .is_some_and(|p| p.status == StatusCode::SWITCHING_PROTOCOLS
+                && matches!(p.framing, Framing::Tunnel)
+                && !p.keep_alive
+                && p.headers
+                    .get(header::UPGRADE)
+                    .is_some_and(|v| v == "websocket")
+                && p.headers.contains_key("sec-websocket-accept")
+                && !p.headers.contains_key(header::CONNECTION)));
+        assert_eq!(&switch[..], b"frame");
+        let mut unnamed = BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..]);
+        assert!(parse_head(&mut unnamed, false, true).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! The front-end's HTTP/1 server, driven in-process over real sockets by a
 //! raw client, in front of a scripted member: keep-alive and pipelining,
 //! every body framing both ways, HTTP/1.0, `Expect: 100-continue`, bodies
-//! left unread, ambiguous framing, and shutdown.
+//! left unread, ambiguous framing, protocol switches (WebSocket), and
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,35 @@ async fn member() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
                     recorded.lock().expect("lock").push(text.clone());
                     let path = text.split(' ').nth(1).unwrap_or("").to_owned();
                     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+                    let switch = path == "/ws"
+                        && text
+                            .to_ascii_lowercase()
+                            .contains("\r\nupgrade: websocket\r\n");
+                    if switch {
+                        // Switches, sends a greeting, then echoes in
+                        // capitals (from what came behind the head) until
+                        // the client is done, and closes.
+                        let switched = b"HTTP/1.1 101 Switching Protocols\r\n\
+                            upgrade: websocket\r\nconnection: upgrade\r\n\
+                            sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhello ";
+                        if stream.write_all(switched).await.is_err() {
+                            return;
+                        }
+                        let mut chunk = [0u8; 1024];
+                        loop {
+                            if !buf.is_empty() {
+                                let echo = buf.to_ascii_uppercase();
+                                buf.clear();
+                                if stream.write_all(&echo).await.is_err() {
+                                    return;
+                                }
+                            }
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                    }
                     let answer = if text.starts_with("HEAD ") {
                         "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n".to_owned()
                     } else if path == "/chunked" {
@@ -202,7 +232,7 @@ impl Client {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         let mut body = Vec::new();
-        if head_request || status == 100 || status == 204 || status == 304 {
+        if head_request || status == 100 || status == 101 || status == 204 || status == 304 {
         } else if header(&head, "transfer-encoding") == Some("chunked") {
             loop {
                 let line = loop {
@@ -449,4 +479,89 @@ async fn a_client_that_reads_nothing_of_its_answer_is_cut_off() {
         got < BIG,
         "cut off before the end of the answer: {got} bytes"
     );
+}
+
+/// Reads until `want` bytes have come past the answers, or the connection
+/// closes.
+async fn read_tunnel(client: &mut Client, want: usize) -> String {
+    while client.buf.len() < want && client.fill().await {}
+    String::from_utf8_lossy(&std::mem::take(&mut client.buf)).into_owned()
+}
+
+const SWITCH: &[u8] = b"GET /ws HTTP/1.1\r\nHost: chat\r\nConnection: keep-alive, Upgrade\r\n\
+    Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
+#[tokio::test]
+async fn a_protocol_switch_joins_the_client_to_the_member() {
+    let (member, seen) = member().await;
+    let proxy = Proxy::start(member).await;
+    let mut client = proxy.connect().await;
+    // Bytes right behind the head, before the switch is through, go too.
+    client.send(&[SWITCH, b"early "].concat()).await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status(), 101, "{answer:?}");
+    assert_eq!(answer.header("upgrade"), Some("websocket"));
+    assert_eq!(answer.header("connection"), Some("upgrade"));
+    assert_eq!(
+        answer.header("sec-websocket-accept"),
+        Some("s3pplmbitxaq9kygzzhzrbk+xoo=")
+    );
+    // The member's greeting (sent behind its 101), then its echo.
+    assert_eq!(read_tunnel(&mut client, 12).await, "hello EARLY ");
+    client.send(b"ping").await;
+    assert_eq!(read_tunnel(&mut client, 4).await, "PING");
+    // The member saw the switch asked for, with the key, and none of the
+    // client's other hop-by-hop tokens.
+    let asked = seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    let asked = asked.to_ascii_lowercase();
+    assert!(asked.contains("\r\nconnection: upgrade\r\n"), "{asked}");
+    assert!(asked.contains("\r\nupgrade: websocket\r\n"), "{asked}");
+    assert!(asked.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n"));
+    assert!(!asked.contains("keep-alive"), "{asked}");
+    // The client is done sending: the member is told, closes, and so does
+    // the client's connection.
+    client.stream.shutdown().await.expect("shutdown");
+    assert!(client.closed().await, "the tunnel closes with the member");
+}
+
+#[tokio::test]
+async fn a_switch_the_member_declines_is_an_ordinary_answer() {
+    let (member, _) = member().await;
+    let proxy = Proxy::start(member).await;
+    let mut client = proxy.connect().await;
+    // The member switches only on /ws: elsewhere its answer is ordinary,
+    // and the connection carries on as HTTP/1.1.
+    let declined = String::from_utf8_lossy(SWITCH).replace("/ws", "/plain");
+    client.send(declined.as_bytes()).await;
+    let answer = client.answer(false).await;
+    assert_eq!((answer.status(), answer.body.as_str()), (200, "/plain "));
+    client.send(b"GET /after HTTP/1.1\r\nHost: s\r\n\r\n").await;
+    assert_eq!(client.answer(false).await.body, "/after ");
+    // HTTP/1.0 has no switch: the request goes as an ordinary one.
+    let mut old = proxy.connect().await;
+    old.send(
+        String::from_utf8_lossy(SWITCH)
+            .replace("HTTP/1.1", "HTTP/1.0")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(old.answer(false).await.status(), 200);
+}
+
+#[tokio::test]
+async fn on_shutdown_open_tunnels_close() {
+    let (member, _) = member().await;
+    let proxy = Proxy::start(member).await;
+    let mut client = proxy.connect().await;
+    client.send(SWITCH).await;
+    assert_eq!(client.answer(false).await.status(), 101);
+    assert_eq!(read_tunnel(&mut client, 6).await, "hello ");
+    proxy.shutdown.cancel();
+    assert!(client.closed().await, "the tunnel is closed on shutdown");
 }
