@@ -502,13 +502,22 @@ pub struct Tunnel {
 
 /// The protocol an HTTP/1.1 request asks to switch to: `Upgrade`, named
 /// by `Connection` (RFC 9110 §7.8). HTTP/2 has no such switch.
+///
+/// A switch to cleartext HTTP/2 (`h2c`) is about the client's connection
+/// to the front-end, not the member's: passed on, the member would take
+/// the client's connection over and its requests would go by routing,
+/// cache and balancing. So it is not passed on (the request goes as an
+/// ordinary one), as RFC 9113 has since dropped that switch anyway.
 fn upgrade_asked(parts: &http::request::Parts) -> Option<&HeaderValue> {
     if parts.version != Version::HTTP_11 {
         return None;
     }
     let protocol = parts.headers.get(header::UPGRADE)?;
-    named_by_connection(&parts.headers.get_all(header::CONNECTION), &header::UPGRADE)
-        .then_some(protocol)
+    let h2c = protocol.to_str().map_or(true, |p| {
+        p.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"))
+    });
+    let named = named_by_connection(&parts.headers.get_all(header::CONNECTION), &header::UPGRADE);
+    (named && !h2c).then_some(protocol)
 }
 
 /// What follows the request head on the connection to the member.

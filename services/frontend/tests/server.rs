@@ -532,7 +532,7 @@ async fn a_protocol_switch_joins_the_client_to_the_member() {
 
 #[tokio::test]
 async fn a_switch_the_member_declines_is_an_ordinary_answer() {
-    let (member, _) = member().await;
+    let (member, seen) = member().await;
     let proxy = Proxy::start(member).await;
     let mut client = proxy.connect().await;
     // The member switches only on /ws: elsewhere its answer is ordinary,
@@ -543,6 +543,20 @@ async fn a_switch_the_member_declines_is_an_ordinary_answer() {
     assert_eq!((answer.status(), answer.body.as_str()), (200, "/plain "));
     client.send(b"GET /after HTTP/1.1\r\nHost: s\r\n\r\n").await;
     assert_eq!(client.answer(false).await.body, "/after ");
+    // A switch to h2c is the client's connection to the front-end, not
+    // the member's: the member gets an ordinary request.
+    let h2c = String::from_utf8_lossy(SWITCH)
+        .replace("Upgrade: websocket", "Upgrade: h2c")
+        .replace("/ws", "/h2c");
+    client.send(h2c.as_bytes()).await;
+    assert_eq!(client.answer(false).await.body, "/h2c ");
+    let asked = seen
+        .lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!asked.to_ascii_lowercase().contains("upgrade"), "{asked}");
     // HTTP/1.0 has no switch: the request goes as an ordinary one.
     let mut old = proxy.connect().await;
     old.send(
