@@ -657,13 +657,13 @@ fn request_head(
     generation: u64,
     then: Then<'_>,
 ) -> BytesMut {
-    let chunked = matches!(then, Then::Chunked);
     fn line(head: &mut BytesMut, name: &[u8], value: &[u8]) {
         head.extend_from_slice(name);
         head.extend_from_slice(b": ");
         head.extend_from_slice(value);
         head.extend_from_slice(b"\r\n");
     }
+    let chunked = matches!(then, Then::Chunked);
     let mut head = HEADS.with(Cell::take).unwrap_or_default();
     head.clear();
     head.reserve(512 + path_and_query.len());

@@ -5,11 +5,10 @@
 //!
 //! Why HTTP/1 is not hyper's: a proxy needs little of a general server
 //! (no service stack, one request at a time; an upgrade is a splice of two
-//! sockets), and hyper's
-//! dispatcher, its per-request header timer and its request body channel
-//! were most of the proxy's own CPU time per request once the client to
-//! members was its own (see the README's benchmark). The parsing is still
-//! httparse, hyper's parser.
+//! sockets), and hyper's dispatcher, its per-request header timer and its
+//! request body channel were most of the proxy's own CPU time per request
+//! once the client to members was its own (see the README's benchmark).
+//! The parsing is still httparse, hyper's parser.
 
 use std::convert::Infallible;
 use std::io;
