@@ -574,6 +574,56 @@ async fn one_hot_member_is_reweighted_not_scaled_and_restored_when_it_cools() {
 }
 
 #[tokio::test]
+async fn a_member_carrying_more_while_a_new_one_ramps_up_is_not_reweighted() {
+    let mut sim = Sim::start(scaling_policy(1, 10), 1).await;
+    // 1.2 servers' worth on one: saturated, so one more is asked for.
+    let load = 1.2;
+    for _ in 0..10 {
+        sim.report(|_| 1.0).await;
+        if !sim.step().await.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(sim.members().len(), 2, "scaled up: {:?}", sim.seen);
+    // The front-ends ramp the new member's share from 10 % to all of it
+    // over their slow start (10 s): meanwhile the first carries more, over
+    // the upper level and well above the new one for seconds, while the
+    // cluster is under the level.
+    let slow_start = 10 * SECOND;
+    for _ in 0..30 {
+        let shares: Vec<(String, f64)> = sim
+            .record
+            .members
+            .iter()
+            .map(|m| {
+                let ramp = if m.since_ms == 0 {
+                    1.0
+                } else {
+                    let t = sim.now.saturating_sub(m.since_ms) as f64 / slow_start as f64;
+                    0.1 + 0.9 * t.min(1.0)
+                };
+                (m.server.as_str().to_owned(), m.weight * ramp)
+            })
+            .collect();
+        let total: f64 = shares.iter().map(|(_, w)| w).sum();
+        sim.report(|s| {
+            shares
+                .iter()
+                .find(|(server, _)| server == s)
+                .map_or(0.0, |(_, w)| (load * w / total).min(1.0))
+        })
+        .await;
+        sim.step().await;
+    }
+    assert!(
+        sim.decided("reweight").is_empty(),
+        "the ramp is not a hot spot: {:?}",
+        sim.seen
+    );
+    sim.stop().await;
+}
+
+#[tokio::test]
 async fn a_member_just_over_the_level_in_a_busy_cluster_is_not_reweighted() {
     // The cluster sits just under the upper level (0.75) and one member
     // reads a notch above it, as small in-flight counts do: noise, not a

@@ -680,8 +680,12 @@ fn evaluate(
     }
 
     // 5. Reweight: one member hot while the cluster is not; restore it once
-    // it would stay under target at full weight.
+    // it would stay under target at full weight. Not within the scale-up
+    // cooldown after a member came: the front-ends ramp a new member's
+    // share up (slow start), so for a while the others carry more and
+    // look hot by comparison; sending them less would fight the ramp.
     let cluster_hot = mean.is_some_and(|m| m >= upper);
+    let settling = cooling(last_up, s.cooldown_up_ms);
     for m in &members {
         let Some(t) = servers.get_mut(m.server) else {
             continue;
@@ -696,31 +700,32 @@ fn evaluate(
         };
         let held =
             |since: Option<u64>| since.filter(|&at| now_ms.saturating_sub(at) >= s.sustain_ms);
-        let change = if let (false, Some(at)) = (cluster_hot, held(t.above_upper_since)) {
-            let weight = round_step(m.weight * target / u).max(MIN_WEIGHT);
-            (weight < m.weight - WEIGHT_SENSITIVITY).then(|| {
-                (
-                    weight,
-                    at,
-                    format!(
+        let change =
+            if let (false, false, Some(at)) = (cluster_hot, settling, held(t.above_upper_since)) {
+                let weight = round_step(m.weight * target / u).max(MIN_WEIGHT);
+                (weight < m.weight - WEIGHT_SENSITIVITY).then(|| {
+                    (
+                        weight,
+                        at,
+                        format!(
                         "member at {:.2} above {upper} while the cluster is at {:.2}: send it less",
                         u,
                         mean.unwrap_or(0.0)
                     ),
-                )
-            })
-        } else if let (true, Some(at)) = (m.weight < 1.0, held(t.cool_since)) {
-            Some((
-                1.0,
-                at,
-                format!(
-                    "member cooled: {:.2} at weight {:.2} stays under target at full weight",
-                    u, m.weight
-                ),
-            ))
-        } else {
-            None
-        };
+                    )
+                })
+            } else if let (true, Some(at)) = (m.weight < 1.0, held(t.cool_since)) {
+                Some((
+                    1.0,
+                    at,
+                    format!(
+                        "member cooled: {:.2} at weight {:.2} stays under target at full weight",
+                        u, m.weight
+                    ),
+                ))
+            } else {
+                None
+            };
         if let Some((weight, since, reason)) = change {
             t.asked_weight = Some((weight as f32, now_ms));
             t.above_upper_since = None;
