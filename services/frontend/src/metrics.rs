@@ -81,6 +81,18 @@ fn expose(proxy: &Proxy, out: &mut Exposition) {
         &[],
         get(&c.in_flight) as f64,
     );
+    out.counter(
+        "headroom_frontend_tunnels_total",
+        "Protocol switches (WebSocket) joined to a member.",
+        &[],
+        get(&c.tunnels),
+    );
+    out.gauge(
+        "headroom_frontend_tunnels_open",
+        "Protocol switches (WebSocket) open now.",
+        &[],
+        get(&c.tunnels_open) as f64,
+    );
     out.histogram(
         "headroom_frontend_request_seconds",
         "Time from a request's head to its response's head.",

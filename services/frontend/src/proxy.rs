@@ -52,6 +52,9 @@ pub struct Counters {
     /// Times the routing was reloaded from the KV snapshot because changes
     /// were missed or the watch fell behind.
     pub resyncs: AtomicU64,
+    /// Protocol switches (WebSocket) joined to a member, and those open.
+    pub tunnels: AtomicU64,
+    pub tunnels_open: AtomicU64,
 }
 
 /// Answers counted by status code.

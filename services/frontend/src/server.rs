@@ -15,6 +15,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -168,7 +169,11 @@ pub async fn serve(
             let (parts, body) = response.into_parts();
             if let ProxyBody::Tunnel(tunnel) = body {
                 if write_head(&sink, &mut out, &parts, Framing::None, false, true, None).await {
+                    let counters = &shared.proxy.counters;
+                    counters.tunnels.fetch_add(1, Ordering::Relaxed);
+                    counters.tunnels_open.fetch_add(1, Ordering::Relaxed);
                     join(stream, buf, tunnel, cancelled).await;
+                    counters.tunnels_open.fetch_sub(1, Ordering::Relaxed);
                 }
                 return;
             }

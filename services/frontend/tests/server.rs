@@ -6,6 +6,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,6 +114,8 @@ struct Proxy {
     addr: SocketAddr,
     shutdown: CancellationToken,
     dir: PathBuf,
+    /// The front-end's own state, for its counters.
+    inner: Arc<headroom_frontend::Proxy>,
 }
 
 impl Proxy {
@@ -149,12 +152,14 @@ impl Proxy {
         config.frontend.request_timeout = Duration::from_secs(1);
         let frontend = Frontend::bind(config).await.expect("bind");
         let addr = frontend.local_addr().expect("addr");
+        let inner = frontend.proxy();
         let shutdown = CancellationToken::new();
         tokio::spawn(frontend.serve(shutdown.clone()));
         Self {
             addr,
             shutdown,
             dir,
+            inner,
         }
     }
 
@@ -511,6 +516,9 @@ async fn a_protocol_switch_joins_the_client_to_the_member() {
     assert_eq!(read_tunnel(&mut client, 12).await, "hello EARLY ");
     client.send(b"ping").await;
     assert_eq!(read_tunnel(&mut client, 4).await, "PING");
+    let counters = &proxy.inner.counters;
+    assert_eq!(counters.tunnels.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.tunnels_open.load(Ordering::Relaxed), 1);
     // The member saw the switch asked for, with the key, and none of the
     // client's other hop-by-hop tokens.
     let asked = seen
@@ -528,6 +536,13 @@ async fn a_protocol_switch_joins_the_client_to_the_member() {
     // the client's connection.
     client.stream.shutdown().await.expect("shutdown");
     assert!(client.closed().await, "the tunnel closes with the member");
+    for _ in 0..100 {
+        if counters.tunnels_open.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counters.tunnels_open.load(Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
