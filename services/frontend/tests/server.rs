@@ -108,6 +108,15 @@ async fn member() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
     (addr, seen)
 }
 
+/// The last request the member read.
+fn last_request(seen: &Mutex<Vec<String>>) -> String {
+    seen.lock()
+        .expect("lock")
+        .last()
+        .cloned()
+        .unwrap_or_default()
+}
+
 /// A front-end on its own port, routing everything to `member` from a
 /// last-known-good file (no NATS).
 struct Proxy {
@@ -321,12 +330,7 @@ async fn one_connection_carries_pipelined_requests_and_every_body_framing() {
         .await;
     let te = client.answer(false).await;
     assert_eq!(te.status(), 200);
-    let to_member = seen
-        .lock()
-        .expect("lock")
-        .last()
-        .cloned()
-        .unwrap_or_default();
+    let to_member = last_request(&seen);
     assert!(
         to_member.contains("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
         "{to_member:?}"
@@ -413,12 +417,7 @@ async fn requests_that_leave_the_connection_out_of_step_are_answered_and_closed(
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.header("connection"), Some("close"));
     assert!(client.closed().await);
-    let to_member = seen
-        .lock()
-        .expect("lock")
-        .last()
-        .cloned()
-        .unwrap_or_default();
+    let to_member = last_request(&seen);
     assert!(
         !to_member.to_ascii_lowercase().contains("content-length"),
         "{to_member:?}"
@@ -521,12 +520,7 @@ async fn a_protocol_switch_joins_the_client_to_the_member() {
     assert_eq!(counters.tunnels_open.load(Ordering::Relaxed), 1);
     // The member saw the switch asked for, with the key, and none of the
     // client's other hop-by-hop tokens.
-    let asked = seen
-        .lock()
-        .expect("lock")
-        .last()
-        .cloned()
-        .unwrap_or_default();
+    let asked = last_request(&seen);
     let asked = asked.to_ascii_lowercase();
     assert!(asked.contains("\r\nconnection: upgrade\r\n"), "{asked}");
     assert!(asked.contains("\r\nupgrade: websocket\r\n"), "{asked}");
@@ -565,12 +559,7 @@ async fn a_switch_the_member_declines_is_an_ordinary_answer() {
         .replace("/ws", "/h2c");
     client.send(h2c.as_bytes()).await;
     assert_eq!(client.answer(false).await.body, "/h2c ");
-    let asked = seen
-        .lock()
-        .expect("lock")
-        .last()
-        .cloned()
-        .unwrap_or_default();
+    let asked = last_request(&seen);
     assert!(!asked.to_ascii_lowercase().contains("upgrade"), "{asked}");
     // HTTP/1.0 has no switch: the request goes as an ordinary one.
     let mut old = proxy.connect().await;
