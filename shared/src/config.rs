@@ -294,6 +294,11 @@ pub struct FrontendConfig {
     pub max_header_bytes: usize,
     /// Largest request body.
     pub max_body_bytes: u64,
+    /// Most client connections open at once (shared evenly by the
+    /// workers). At the limit no more are accepted until one closes: new
+    /// ones wait in the listen queue, rather than the process running out
+    /// of file descriptors or memory. Open WebSocket tunnels count.
+    pub max_connections: usize,
     /// Connecting to a member.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -337,6 +342,7 @@ impl Default for FrontendConfig {
             cache_max_object: 1 << 20,
             max_header_bytes: 16 << 10,
             max_body_bytes: 10 << 20,
+            max_connections: 16_384,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(60),
@@ -539,6 +545,9 @@ impl Config {
         }
         if self.frontend.max_header_bytes < 8192 {
             return invalid("frontend.max_header_bytes", "must be at least 8192");
+        }
+        if self.frontend.max_connections == 0 {
+            return invalid("frontend.max_connections", "must be above zero");
         }
         for (key, d) in [
             ("frontend.connect_timeout", self.frontend.connect_timeout),

@@ -268,7 +268,36 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
     // share a lock with another worker's.
     let connections = shutdown.child_token();
     let tracker = tokio_util::task::TaskTracker::new();
+    // This worker's share of the connection limit (the kernel spreads
+    // connections evenly over the workers' listeners).
+    let share = settings
+        .max_connections
+        .div_ceil(settings.workers.max(1))
+        .max(1);
+    let open = Arc::new(tokio::sync::Semaphore::new(share));
+    // At most one warning a minute: a front-end held at its limit would
+    // otherwise log at the rate connections close.
+    let mut warned: Option<std::time::Instant> = None;
     loop {
+        let permit = match open.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                    warned = Some(std::time::Instant::now());
+                    warn!(
+                        limit = share,
+                        "this worker is at its connection limit; accepting again when one closes"
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = open.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -282,12 +311,19 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
             },
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(server::serve(
-            stream,
-            client,
-            shared.clone(),
-            connections.clone(),
-        ));
+        let counters = &shared.proxy.counters;
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        counters.connections_open.fetch_add(1, Ordering::Relaxed);
+        let (shared, connections) = (shared.clone(), connections.clone());
+        tracker.spawn(async move {
+            let proxy = shared.proxy.clone();
+            server::serve(stream, client, shared, connections).await;
+            proxy
+                .counters
+                .connections_open
+                .fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
     }
     drop(listener);
     heartbeat.abort();

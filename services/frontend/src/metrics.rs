@@ -82,6 +82,18 @@ fn expose(proxy: &Proxy, out: &mut Exposition) {
         get(&c.in_flight) as f64,
     );
     out.counter(
+        "headroom_frontend_connections_total",
+        "Client connections accepted.",
+        &[],
+        get(&c.connections),
+    );
+    out.gauge(
+        "headroom_frontend_connections_open",
+        "Client connections open now (up to frontend.max_connections).",
+        &[],
+        get(&c.connections_open) as f64,
+    );
+    out.counter(
         "headroom_frontend_tunnels_total",
         "Protocol switches (WebSocket) joined to a member.",
         &[],

@@ -55,6 +55,9 @@ pub struct Counters {
     /// Protocol switches (WebSocket) joined to a member, and those open.
     pub tunnels: AtomicU64,
     pub tunnels_open: AtomicU64,
+    /// Client connections accepted, and those open.
+    pub connections: AtomicU64,
+    pub connections_open: AtomicU64,
 }
 
 /// Answers counted by status code.

@@ -129,6 +129,10 @@ struct Proxy {
 
 impl Proxy {
     async fn start(member: SocketAddr) -> Self {
+        Self::start_with(member, |_| {}).await
+    }
+
+    async fn start_with(member: SocketAddr, settings: impl FnOnce(&mut Config)) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "headroom-server-test-{}-{}",
             std::process::id(),
@@ -159,6 +163,7 @@ impl Proxy {
         config.frontend.header_timeout = Duration::from_secs(2);
         config.frontend.max_body_bytes = 1024;
         config.frontend.request_timeout = Duration::from_secs(1);
+        settings(&mut config);
         let frontend = Frontend::bind(config).await.expect("bind");
         let addr = frontend.local_addr().expect("addr");
         let inner = frontend.proxy();
@@ -582,4 +587,30 @@ async fn on_shutdown_open_tunnels_close() {
     assert_eq!(read_tunnel(&mut client, 6).await, "hello ");
     proxy.shutdown.cancel();
     assert!(client.closed().await, "the tunnel is closed on shutdown");
+}
+
+#[tokio::test]
+async fn at_its_connection_limit_it_accepts_again_when_one_closes() {
+    let (member, _) = member().await;
+    let proxy = Proxy::start_with(member, |c| c.frontend.max_connections = 2).await;
+    let mut first = proxy.connect().await;
+    first.send(b"GET /1 HTTP/1.1\r\nHost: s\r\n\r\n").await;
+    assert_eq!(first.answer(false).await.body, "/1 ");
+    let mut second = proxy.connect().await;
+    second.send(b"GET /2 HTTP/1.1\r\nHost: s\r\n\r\n").await;
+    assert_eq!(second.answer(false).await.body, "/2 ");
+    let counters = &proxy.inner.counters;
+    assert_eq!(counters.connections_open.load(Ordering::Relaxed), 2);
+    // The third connects (the kernel queues it) but is not taken up while
+    // two are open: no answer, where one takes a millisecond.
+    let mut third = proxy.connect().await;
+    third.send(b"GET /3 HTTP/1.1\r\nHost: s\r\n\r\n").await;
+    let mut chunk = [0u8; 64];
+    let early =
+        tokio::time::timeout(Duration::from_millis(300), third.stream.read(&mut chunk)).await;
+    assert!(early.is_err(), "answered over the limit: {early:?}");
+    // One closes: the third is taken up and answered.
+    drop(first);
+    assert_eq!(third.answer(false).await.body, "/3 ");
+    assert_eq!(counters.connections.load(Ordering::Relaxed), 3);
 }
