@@ -342,7 +342,7 @@ impl Default for FrontendConfig {
             cache_max_object: 1 << 20,
             max_header_bytes: 16 << 10,
             max_body_bytes: 10 << 20,
-            max_connections: 16_384,
+            max_connections: 8_192,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(30),
             header_timeout: Duration::from_secs(60),

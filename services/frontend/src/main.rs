@@ -16,6 +16,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
+    raise_open_file_limit(config.frontend.max_connections);
     runtime.block_on(async {
         let shutdown = shutdown::on_signal();
         let listen = config.ops.listen.clone();
@@ -34,4 +35,27 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Raises the soft limit on open files towards what `max_connections`
+/// needs, as far as the hard limit allows (as nginx's
+/// `worker_rlimit_nofile` does): systemd starts services with a soft limit
+/// of 1024, which a proxy would hit long before its own limit.
+fn raise_open_file_limit(max_connections: usize) {
+    // Each connection with a request in flight holds two descriptors, the
+    // client's and the member's; the rest is for idle member connections,
+    // NATS and files.
+    let wanted = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        .saturating_add(1024);
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(soft) if soft < wanted => tracing::warn!(
+            soft,
+            wanted,
+            "the open-file limit is below what frontend.max_connections needs; raise the hard limit (ulimit -n, LimitNOFILE) or lower max_connections"
+        ),
+        Ok(soft) => tracing::debug!(soft, "open-file limit"),
+        Err(err) => tracing::warn!(%err, "cannot raise the open-file limit"),
+    }
 }
