@@ -279,24 +279,21 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, shutdown: Cancell
     // otherwise log at the rate connections close.
     let mut warned: Option<std::time::Instant> = None;
     loop {
-        let permit = match open.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
-                    warned = Some(std::time::Instant::now());
-                    warn!(
-                        limit = share,
-                        "this worker is at its connection limit; accepting again when one closes"
-                    );
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    permit = open.clone().acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
-                }
-            }
+        if open.available_permits() == 0
+            && warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60))
+        {
+            warned = Some(std::time::Instant::now());
+            warn!(
+                limit = share,
+                "this worker is at its connection limit; accepting again when one closes"
+            );
+        }
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            permit = open.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
         };
         let (stream, client) = tokio::select! {
             _ = shutdown.cancelled() => break,

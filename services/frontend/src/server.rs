@@ -153,7 +153,7 @@ pub async fn serve(
                 return;
             }
         }
-        let mut response = {
+        let response = {
             let request = request.map(|()| ClientBody {
                 stream: &mut stream,
                 buf: &mut buf,
@@ -165,19 +165,19 @@ pub async fn serve(
             stream: &stream,
             stall: settings.request_timeout,
         };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (parts, body) = response.into_parts();
-            if let ProxyBody::Tunnel(tunnel) = body {
-                if write_head(&sink, &mut out, &parts, Framing::None, false, true, None).await {
-                    let counters = &shared.proxy.counters;
-                    counters.tunnels.fetch_add(1, Ordering::Relaxed);
-                    counters.tunnels_open.fetch_add(1, Ordering::Relaxed);
-                    join(stream, buf, tunnel, cancelled).await;
-                    counters.tunnels_open.fetch_sub(1, Ordering::Relaxed);
-                }
+        // The member switched protocols: the connection is a tunnel now.
+        if matches!(response.body(), ProxyBody::Tunnel(_)) {
+            let (parts, ProxyBody::Tunnel(tunnel)) = response.into_parts() else {
                 return;
+            };
+            if write_head(&sink, &mut out, &parts, Framing::None, false, true, None).await {
+                let counters = &shared.proxy.counters;
+                counters.tunnels.fetch_add(1, Ordering::Relaxed);
+                counters.tunnels_open.fetch_add(1, Ordering::Relaxed);
+                join(stream, buf, tunnel, cancelled).await;
+                counters.tunnels_open.fetch_sub(1, Ordering::Relaxed);
             }
-            response = Response::from_parts(parts, body);
+            return;
         }
         // A body not read to its end leaves the connection out of step.
         keep_alive &= body == BodyState::Done && !shutdown.is_cancelled();
@@ -616,10 +616,11 @@ async fn join(
     tunnel: Tunnel,
     cancelled: Pin<&mut tokio_util::sync::WaitForCancellationFutureOwned>,
 ) {
+    // The in-flight count is held until the tunnel closes.
     let Tunnel {
         mut member,
         early,
-        in_flight,
+        in_flight: _in_flight,
     } = tunnel;
     // What either side sent after its head, before the switch was through.
     if !from_client.is_empty() && member.write_all(&from_client).await.is_err() {
@@ -634,7 +635,6 @@ async fn join(
         }
         () = cancelled => debug!("tunnel closed on shutdown"),
     }
-    drop(in_flight);
 }
 
 /// The client's side of the connection, for writing answers.
