@@ -277,6 +277,31 @@ pub struct Member {
     pub drain_request: Option<RequestId>,
     /// When it entered its current state.
     pub since_ms: u64,
+    /// The cluster generation whose write reserved this entry. With the
+    /// server id it names this join and no other: a server that leaves
+    /// and joins again comes back under a higher one, so a request can
+    /// tell the entry it acted on from a later one for the same server.
+    #[serde(default)]
+    pub joined: u64,
+}
+
+impl Member {
+    /// This entry's join: which server, reserved at which generation.
+    pub fn join(&self) -> Join {
+        Join {
+            server: self.server.clone(),
+            joined: self.joined,
+        }
+    }
+}
+
+/// One join of a server to a cluster: the server and the generation of the
+/// cluster write that reserved its entry. Requests count their effects in
+/// joins, not servers, because one server may leave and join again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Join {
+    pub server: ServerId,
+    pub joined: u64,
 }
 
 /// Which requests a cluster's front-ends send to members serving
@@ -564,12 +589,27 @@ pub struct RecentChange {
     pub request: RequestId,
     pub server: ServerId,
     pub change: MemberChange,
+    /// The generation of the entry it changed ([`Member::joined`]).
+    #[serde(default)]
+    pub joined: u64,
+    /// The generation of the cluster write that recorded it.
+    #[serde(default)]
+    pub generation: u64,
+}
+
+impl RecentChange {
+    pub fn join(&self) -> Join {
+        Join {
+            server: self.server.clone(),
+            joined: self.joined,
+        }
+    }
 }
 
 /// How many member changes a cluster record remembers. A request delivered
-/// again recognises its own earlier work here even after the members it
-/// added have left; this many later changes to the same cluster within one
-/// redelivery delay would be needed to forget it.
+/// again finds its own earlier joins here after the members have left;
+/// [`ClusterRecord::complete_after`] says when the log no longer reaches
+/// back far enough for that, so a redelivery can stop instead of guessing.
 pub const RECENT_CHANGES: usize = 128;
 
 /// A cluster, in `headroom-clusters`.
@@ -588,6 +628,10 @@ pub struct ClusterRecord {
     /// written in the same compare-and-set as the change itself.
     #[serde(default)]
     pub recent: Vec<RecentChange>,
+    /// `recent` holds every change written at a generation above this one:
+    /// the highest generation among the changes it has forgotten.
+    #[serde(default)]
+    pub complete_after: u64,
     pub updated_ms: u64,
 }
 impl Message for ClusterRecord {
@@ -606,46 +650,66 @@ impl ClusterRecord {
             members: Vec::new(),
             generation: 0,
             recent: Vec::new(),
+            complete_after: 0,
             updated_ms: now_ms,
         }
     }
 
-    /// Remembers that `request` made `change` to `server`.
-    pub fn remember(&mut self, request: &RequestId, server: &ServerId, change: MemberChange) {
-        self.recent.push(RecentChange {
-            request: request.clone(),
-            server: server.clone(),
-            change,
-        });
-        let excess = self.recent.len().saturating_sub(RECENT_CHANGES);
-        self.recent.drain(..excess);
+    /// The generation the next write of this record will have (the store
+    /// advances it by one on every write).
+    pub fn next_generation(&self) -> u64 {
+        self.generation + 1
     }
 
-    /// Whether `request` made `change` to `server` recently.
+    /// Remembers, in the write about to be made, that `request` made
+    /// `change` to the join `join`.
+    pub fn remember(&mut self, request: &RequestId, join: &Join, change: MemberChange) {
+        self.recent.push(RecentChange {
+            request: request.clone(),
+            server: join.server.clone(),
+            change,
+            joined: join.joined,
+            generation: self.next_generation(),
+        });
+        let excess = self.recent.len().saturating_sub(RECENT_CHANGES);
+        for forgotten in self.recent.drain(..excess) {
+            self.complete_after = self.complete_after.max(forgotten.generation);
+        }
+    }
+
+    /// Whether the log still holds every change written after generation
+    /// `since`.
+    pub fn remembers_since(&self, since: u64) -> bool {
+        self.complete_after <= since
+    }
+
+    /// Whether `request` made `change` to a join of `server` that the log
+    /// still holds.
     pub fn remembers(&self, request: &RequestId, server: &ServerId, change: MemberChange) -> bool {
         self.recent
             .iter()
             .any(|r| &r.request == request && &r.server == server && r.change == change)
     }
 
-    /// The servers `request` allocated to this cluster: those it added that
-    /// are still listed (joining included), and those that have left since.
-    pub fn allocated_by(&self, request: &RequestId) -> Vec<ServerId> {
-        let mut servers: Vec<ServerId> = self
+    /// The joins `request` made to this cluster: its entries still listed
+    /// (joining included), and those the log remembers that have left
+    /// since. A server that left and joined again counts twice.
+    pub fn joins_by(&self, request: &RequestId) -> Vec<Join> {
+        let mut joins: Vec<Join> = self
             .members
             .iter()
             .filter(|m| &m.request == request)
-            .map(|m| m.server.clone())
+            .map(Member::join)
             .collect();
         for r in &self.recent {
-            if &r.request == request
-                && r.change == MemberChange::Allocated
-                && !servers.contains(&r.server)
-            {
-                servers.push(r.server.clone());
+            if &r.request == request && r.change == MemberChange::Allocated {
+                let join = r.join();
+                if !joins.contains(&join) {
+                    joins.push(join);
+                }
             }
         }
-        servers
+        joins
     }
 
     pub fn member(&self, server: &ServerId) -> Option<&Member> {
@@ -714,6 +778,38 @@ impl Message for RequestRecord {
     const KIND: &'static str = "request_record";
     fn schema_version(&self) -> u16 {
         self.v
+    }
+}
+
+/// The ledger's mark that a request has been taken up, in
+/// `headroom-requests` under [`RequestStarted::key`]. Created once, before
+/// the request's first write, by whichever delivery comes first; every
+/// later delivery reads it. Whatever the request changes happens after the
+/// cluster generation it names, so a redelivery can tell its own past
+/// work, and entries that were not there yet, from what came before.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestStarted {
+    #[serde(default = "schema_version")]
+    pub v: u16,
+    pub id: RequestId,
+    pub cluster: ClusterId,
+    /// The cluster's generation when the request was first taken up (0 if
+    /// the cluster did not exist).
+    pub generation: u64,
+    pub by: String,
+    pub at_ms: u64,
+}
+impl Message for RequestStarted {
+    const KIND: &'static str = "request_started";
+    fn schema_version(&self) -> u16 {
+        self.v
+    }
+}
+
+impl RequestStarted {
+    /// Its key: apart from the outcomes (request ids have no '.').
+    pub fn key(id: &RequestId) -> String {
+        format!("started.{id}")
     }
 }
 
@@ -806,19 +902,29 @@ mod tests {
             0,
         );
         let r = RequestId::new("r").expect("id");
-        let s = |n: u32| ServerId::new(format!("s{n}")).expect("id");
-        cluster.remember(&r, &s(1), MemberChange::Allocated);
-        cluster.remember(&r, &s(2), MemberChange::DrainStarted);
-        assert_eq!(cluster.allocated_by(&r), vec![s(1)]);
-        assert!(cluster.remembers(&r, &s(2), MemberChange::DrainStarted));
+        let join = |n: u32, joined: u64| Join {
+            server: ServerId::new(format!("s{n}")).expect("id"),
+            joined,
+        };
+        cluster.remember(&r, &join(1, 1), MemberChange::Allocated);
+        cluster.generation += 1;
+        cluster.remember(&r, &join(2, 1), MemberChange::DrainStarted);
+        cluster.generation += 1;
+        // s1 left and joined again for the same request: two joins.
+        cluster.remember(&r, &join(1, 3), MemberChange::Allocated);
+        cluster.generation += 1;
+        assert_eq!(cluster.joins_by(&r), vec![join(1, 1), join(1, 3)]);
+        assert!(cluster.remembers(&r, &join(2, 1).server, MemberChange::DrainStarted));
+        assert!(cluster.remembers_since(0));
         for n in 0..RECENT_CHANGES as u32 {
-            cluster.remember(&RequestId::random(), &s(n), MemberChange::Allocated);
+            cluster.remember(&RequestId::random(), &join(n, 9), MemberChange::Allocated);
+            cluster.generation += 1;
         }
         assert_eq!(cluster.recent.len(), RECENT_CHANGES);
-        assert!(
-            cluster.allocated_by(&r).is_empty(),
-            "the oldest are forgotten"
-        );
+        assert!(cluster.joins_by(&r).is_empty(), "the oldest are forgotten");
+        assert_eq!(cluster.complete_after, 3, "and the log says how far back");
+        assert!(!cluster.remembers_since(2));
+        assert!(cluster.remembers_since(3));
     }
 
     #[test]
@@ -846,6 +952,7 @@ mod tests {
                 request: RequestId::random(),
                 drain_request: None,
                 since_ms: 0,
+                joined: 0,
             });
         }
         assert_eq!(cluster.size(), 2);

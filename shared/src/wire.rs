@@ -27,6 +27,9 @@ pub mod codes {
     pub const AT_MIN_SIZE: &str = "at_min_size";
     pub const SERVER_IN_USE: &str = "server_in_use";
     pub const CONFLICT: &str = "conflict";
+    /// A redelivered request whose earlier work the cluster's log no
+    /// longer reaches back to: it stops rather than risk acting twice.
+    pub const PROGRESS_UNKNOWN: &str = "progress_unknown";
     pub const INTERNAL: &str = "internal";
 }
 
@@ -566,6 +569,7 @@ mod tests {
             request: RequestId::new("r1").expect("id"),
             drain_request: Some(RequestId::new("r2").expect("id")),
             since_ms: 1_700_000_000_000,
+            joined: 3,
         }
     }
     fn record() -> ClusterRecord {

@@ -150,6 +150,7 @@ async fn main() {
                 request: RequestId::new("bench").expect("id"),
                 drain_request: None,
                 since_ms: 0,
+                joined: 0,
             });
         }
         bucket

@@ -14,6 +14,7 @@ use headroom_shared::subjects;
 use headroom_shared::wire::{
     codes, now_ms, Assignment, AssignmentNotice, ClusterList, EventKind, MembershipChange,
     ReconfigAction, ReconfigRequest, RegisterServer, ServerList, ServerStatus, ServerStatusKind,
+    ERROR_CODE_HEADER,
 };
 use headroom_shared::{RequestId, ServerId, SCHEMA_VERSION};
 
@@ -626,23 +627,65 @@ async fn admin_speaks_json_and_xml_and_is_discoverable() {
         "{endpoints:?}"
     );
 
-    // A drain by hand goes through the same request path.
-    let queued: headroom_shared::wire::DrainQueued = admin(
-        &client,
-        subjects::admin::MEMBER_DRAIN,
-        &headroom_shared::wire::DrainMember {
-            v: SCHEMA_VERSION,
-            cluster: cid("web"),
-            server: sid("x1"),
-        },
-        Codec::MsgPack,
-    )
-    .await
-    .expect("drain queued");
-    let done = wait_outcome(&js, &queued.request).await;
-    assert!(
-        matches!(&done.outcome, Outcome::Rejected { error } if error.code == codes::NOT_A_MEMBER),
-        "x1 is in the pool, not in web: {done:?}"
+    // A drain by hand that could never apply is refused at once, with the
+    // stable code, and queues nothing.
+    let queued_before = stream_messages(&js, subjects::RECONFIG_STREAM).await;
+    for (cluster, server, code) in [
+        ("web", "x1", codes::NOT_A_MEMBER),
+        ("nope", "x1", codes::UNKNOWN_CLUSTER),
+        ("web", "ghost", codes::UNKNOWN_SERVER),
+    ] {
+        let refused = admin::<_, headroom_shared::wire::DrainQueued>(
+            &client,
+            subjects::admin::MEMBER_DRAIN,
+            &headroom_shared::wire::DrainMember {
+                v: SCHEMA_VERSION,
+                cluster: cid(cluster),
+                server: sid(server),
+            },
+            Codec::MsgPack,
+        )
+        .await;
+        assert_eq!(
+            refused.map_err(|(code, _)| code).err().as_deref(),
+            Some(code),
+            "drain of {server} from {cluster}"
+        );
+    }
+    assert_eq!(
+        stream_messages(&js, subjects::RECONFIG_STREAM).await,
+        queued_before,
+        "a refused drain queues no request"
+    );
+    // The list calls take an empty body or an empty message, nothing else.
+    let listed = client
+        .request(
+            format!(
+                "{}.{}",
+                subjects::ADMIN_GROUP,
+                subjects::admin::CLUSTER_LIST
+            ),
+            "".into(),
+        )
+        .await
+        .expect("answered");
+    assert!(listed
+        .headers
+        .is_none_or(|h| h.get(ERROR_CODE_HEADER).is_none()));
+    let garbage = client
+        .request(
+            format!("{}.{}", subjects::ADMIN_GROUP, subjects::admin::POOL_LIST),
+            "\u{1}garbage".into(),
+        )
+        .await
+        .expect("answered");
+    assert_eq!(
+        garbage
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(ERROR_CODE_HEADER))
+            .map(|v| v.as_str()),
+        Some(codes::MALFORMED)
     );
     allocator.stop().await;
 }

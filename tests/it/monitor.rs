@@ -357,6 +357,7 @@ fn member(n: u32, since_ms: u64) -> Member {
         request: RequestId::new(format!("r{n}")).expect("id"),
         drain_request: None,
         since_ms,
+        joined: 0,
     }
 }
 

@@ -10,6 +10,7 @@ use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
 use futures::StreamExt;
 use headroom_shared::codec::{Codec, Message, WireError};
+use headroom_shared::kv::MemberState;
 use headroom_shared::subjects::{self, admin};
 use headroom_shared::wire::{
     codes, BusError, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, GetCluster,
@@ -140,6 +141,60 @@ fn status_of(code: &str) -> usize {
     }
 }
 
+/// The list calls take no arguments: an empty body, or an empty message
+/// in the request's codec. Anything else is refused like any bad body.
+fn no_arguments(codec: Codec, body: &[u8]) -> Result<(), AdminError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    codec.decode::<Empty>(body)?;
+    Ok(())
+}
+
+/// Refuses at once, with the stable code, a drain the request consumer
+/// would only reject later: an unknown cluster or server, or a server that
+/// is not an active member. The consumer still decides on the state it
+/// finds (this is only a check, not a reservation).
+async fn drainable(allocator: &Allocator, drain: &DrainMember) -> Result<(), AdminError> {
+    let refuse =
+        |code, message: String| AdminError::Op(OpError::Rejected(BusError::new(code, message)));
+    let (cluster, server) = (&drain.cluster, &drain.server);
+    let record = allocator
+        .store
+        .cluster(cluster)
+        .await
+        .map_err(OpError::from)?
+        .ok_or_else(|| {
+            refuse(
+                codes::UNKNOWN_CLUSTER,
+                format!("no cluster named {cluster}"),
+            )
+        })?;
+    match record.value.member(server).map(|m| m.state) {
+        Some(MemberState::Active) => Ok(()),
+        Some(state) => Err(refuse(
+            codes::NOT_A_MEMBER,
+            format!("{server} is {} in {cluster}, not active", state.name()),
+        )),
+        None => {
+            let known = allocator
+                .store
+                .server(server)
+                .await
+                .map_err(OpError::from)?
+                .is_some();
+            Err(if known {
+                refuse(
+                    codes::NOT_A_MEMBER,
+                    format!("{server} is not a member of {cluster}"),
+                )
+            } else {
+                refuse(codes::UNKNOWN_SERVER, format!("no server named {server}"))
+            })
+        }
+    }
+}
+
 fn reply<T: Message>(codec: Codec, message: &T) -> Result<Bytes, AdminError> {
     Ok(codec.encode(message)?)
 }
@@ -152,6 +207,7 @@ async fn dispatch(
 ) -> Result<Bytes, AdminError> {
     match subject {
         admin::POOL_LIST => {
+            no_arguments(codec, body)?;
             let servers = allocator.store.servers().await.map_err(OpError::from)?;
             reply(
                 codec,
@@ -171,6 +227,7 @@ async fn dispatch(
             reply(codec, &Empty::new())
         }
         admin::CLUSTER_LIST => {
+            no_arguments(codec, body)?;
             let clusters = allocator.store.clusters().await.map_err(OpError::from)?;
             reply(
                 codec,
@@ -201,6 +258,7 @@ async fn dispatch(
         }
         admin::MEMBER_DRAIN => {
             let drain: DrainMember = codec.decode(body)?;
+            drainable(allocator, &drain).await?;
             let request = ReconfigRequest {
                 reason: "drained by an operator".to_owned(),
                 ..ReconfigRequest::new(

@@ -112,9 +112,9 @@ pub async fn run(
     let mut tasks: JoinSet<Result<&'static str, AllocatorError>> = JoinSet::new();
     {
         let (allocator, stop) = (allocator.clone(), stop.clone());
-        let max_in_flight = settings.max_in_flight;
+        let (max_in_flight, ack_wait) = (settings.max_in_flight, settings.ack_wait);
         tasks.spawn(async move {
-            requests::serve(allocator, consumer, max_in_flight, stop).await?;
+            requests::serve(allocator, consumer, max_in_flight, ack_wait, stop).await?;
             Ok("requests")
         });
     }

@@ -14,8 +14,14 @@
 //! So a server listed in a cluster always has a server record naming that
 //! cluster (or out of service), and a crash between two writes leaves state
 //! the reconciler can complete or undo. Every write is compare-and-set; a
-//! lost race re-reads and decides again. Each write carries the request id,
-//! so a redelivered request recognises what it already did.
+//! lost race re-reads and decides again.
+//!
+//! A request is applied at most once however it is redelivered: before its
+//! first write it is marked taken up in the ledger with the cluster's
+//! generation then ([`RequestStarted`]). Each entry names the request that
+//! added it, the release that drains it, and the generation that reserved
+//! it (its join), so a redelivery recognises its own past work and leaves
+//! alone an entry that joined after it was taken up.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -25,8 +31,8 @@ use async_nats::jetstream;
 use headroom_shared::bus;
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{
-    ClusterPolicy, ClusterRecord, Member, MemberChange, MemberState, Outcome, ServerRecord,
-    ServerState,
+    ClusterPolicy, ClusterRecord, Join, Member, MemberChange, MemberState, Outcome, RequestStarted,
+    ServerRecord, ServerState,
 };
 use headroom_shared::subjects;
 use headroom_shared::wire::{
@@ -75,8 +81,9 @@ use Attempt::{Done, Retry};
 /// How much to allocate.
 #[derive(Debug, Clone, Copy)]
 enum Goal {
-    /// This many members carrying the request id.
-    Count(u32),
+    /// This many joins by the request, which was taken up at cluster
+    /// generation `since`: each of them is later.
+    Count { count: u32, since: u64 },
     /// Until the cluster reaches its minimum size.
     MinSize,
 }
@@ -249,15 +256,46 @@ impl Allocator {
                 if *count == 0 {
                     return Err(reject(codes::INVALID, "allocate count must be at least 1"));
                 }
-                self.allocate(c, id, Goal::Count(*count), request_type.as_deref())
-                    .await
+                let since = self.take_up(request).await?;
+                let goal = Goal::Count {
+                    count: *count,
+                    since,
+                };
+                self.allocate(c, id, goal, request_type.as_deref()).await
             }
-            ReconfigAction::Release { server } => self.release(c, server, id).await,
-            ReconfigAction::Replace { server } => self.replace(c, server, id).await,
+            ReconfigAction::Release { server } => {
+                let since = self.take_up(request).await?;
+                self.release(c, server, id, since).await
+            }
+            ReconfigAction::Replace { server } => {
+                let since = self.take_up(request).await?;
+                self.replace(c, server, id, since).await
+            }
+            // Setting a weight again changes nothing: no mark needed.
             ReconfigAction::Reweight { server, weight } => {
                 self.reweight(c, server, *weight, id).await
             }
         }
+    }
+
+    /// Marks `request` taken up, before anything it changes, and returns the
+    /// cluster generation of the first delivery to get here: whatever this
+    /// request did, or will do, is written after it.
+    async fn take_up(&self, request: &ReconfigRequest) -> Result<u64, OpError> {
+        let generation = self
+            .store
+            .cluster(&request.cluster)
+            .await?
+            .map_or(0, |c| c.value.generation);
+        let mark = RequestStarted {
+            v: SCHEMA_VERSION,
+            id: request.id.clone(),
+            cluster: request.cluster.clone(),
+            generation,
+            by: self.instance.clone(),
+            at_ms: now_ms(),
+        };
+        Ok(self.store.start(&mark).await?.generation)
     }
 
     async fn load_cluster(&self, c: &ClusterId) -> Result<Versioned<ClusterRecord>, OpError> {
@@ -289,11 +327,11 @@ impl Allocator {
                 self.settle_own_joining(c, &joining.server, id).await?;
                 return Ok(Retry);
             }
-            let mine = cluster.value.allocated_by(id);
+            let mine = cluster.value.joins_by(id);
             let size = u32::try_from(cluster.value.size()).unwrap_or(u32::MAX);
             let policy = &cluster.value.policy;
             let (reached, wanted) = match goal {
-                Goal::Count(n) => (mine.len() >= n as usize, n as usize),
+                Goal::Count { count, .. } => (mine.len() >= count as usize, count as usize),
                 Goal::MinSize => (
                     size >= policy.min_size,
                     policy.min_size.saturating_sub(size) as usize + mine.len(),
@@ -301,9 +339,23 @@ impl Allocator {
             };
             if reached {
                 return Ok(Done(Outcome::Applied {
-                    servers: mine,
+                    servers: servers_of(mine),
                     error: None,
                 }));
+            }
+            if let Goal::Count { since, .. } = goal {
+                // Joins of ours that have left are counted from the log; if
+                // it no longer reaches back to when this request was taken
+                // up, more would risk allocating twice.
+                if !cluster.value.remembers_since(since) {
+                    return shortfall(
+                        mine,
+                        wanted,
+                        codes::PROGRESS_UNKNOWN,
+                        format!("{c}'s change log no longer reaches back to generation {since}, when this request was taken up"),
+                    )
+                    .map(Done);
+                }
             }
             if size >= policy.max_size {
                 return shortfall(
@@ -351,6 +403,7 @@ impl Allocator {
                 request: id.clone(),
                 drain_request: None,
                 since_ms: now_ms(),
+                joined: record.next_generation(),
             });
             match self
                 .commit_cluster(&mut record, cluster.revision, Some(id))
@@ -427,10 +480,10 @@ impl Allocator {
             }
             entry.state = MemberState::Active;
             entry.since_ms = now_ms();
-            let request = entry.request.clone();
+            let (request, join) = (entry.request.clone(), entry.join());
             cluster
                 .value
-                .remember(&request, server, MemberChange::Allocated);
+                .remember(&request, &join, MemberChange::Allocated);
             self.commit_cluster(&mut cluster.value, cluster.revision, cause)
                 .await?;
             info!(%server, cluster = %c, "allocated");
@@ -442,7 +495,7 @@ impl Allocator {
                 Some(server),
                 Some(&request),
                 format!("{server} joined {c}"),
-                format!("{request}.{server}.allocated"),
+                format!("{request}.{server}.{}.allocated", join.joined),
             )
             .await;
             Ok(Done(()))
@@ -504,11 +557,15 @@ impl Allocator {
         .await
     }
 
+    /// Drains `server`'s entry, as it was when the request was taken up
+    /// (generation `since`): an entry that joined later is another join of
+    /// the same server, never this request's to end.
     async fn release(
         &self,
         c: &ClusterId,
         server: &ServerId,
         id: &RequestId,
+        since: u64,
     ) -> Result<Outcome, OpError> {
         let what = || format!("release of {server} from {c}");
         self.with_retries(what, |_| async move {
@@ -519,15 +576,22 @@ impl Allocator {
             let released_before = cluster
                 .value
                 .remembers(id, server, MemberChange::DrainStarted);
-            let Some(entry) = cluster.value.member_mut(server) else {
+            let entry = cluster
+                .value
+                .member_mut(server)
+                .filter(|m| m.joined <= since);
+            let Some(entry) = entry else {
                 if released_before {
                     return Ok(Done(applied(server)));
                 }
                 return Err(reject(
                     codes::NOT_A_MEMBER,
-                    format!("{server} is not a member of {c}"),
+                    format!(
+                        "{server} is not a member of {c} as it was when this request was taken up"
+                    ),
                 ));
             };
+            let join = entry.join();
             match entry.state {
                 MemberState::Joining => Err(reject(
                     codes::NOT_A_MEMBER,
@@ -536,7 +600,7 @@ impl Allocator {
                 MemberState::Draining => {
                     let deadline = entry.since_ms.saturating_add(timeout);
                     if entry.drain_request.as_ref() == Some(id) {
-                        self.drain_server(c, server, deadline, id).await?;
+                        self.drain_server(c, &join, deadline, id).await?;
                     }
                     // Draining already, by this request or another: the
                     // state asked for holds.
@@ -555,10 +619,10 @@ impl Allocator {
                     let deadline = entry.since_ms.saturating_add(timeout);
                     cluster
                         .value
-                        .remember(id, server, MemberChange::DrainStarted);
+                        .remember(id, &join, MemberChange::DrainStarted);
                     self.commit_cluster(&mut cluster.value, cluster.revision, Some(id))
                         .await?;
-                    self.drain_server(c, server, deadline, id).await?;
+                    self.drain_server(c, &join, deadline, id).await?;
                     Ok(Done(applied(server)))
                 }
             }
@@ -566,14 +630,16 @@ impl Allocator {
         .await
     }
 
-    /// Marks the server record draining and tells the server and the log.
+    /// Marks the server record of `join` draining and tells the server and
+    /// the log.
     async fn drain_server(
         &self,
         c: &ClusterId,
-        server: &ServerId,
+        join: &Join,
         deadline_ms: u64,
         id: &RequestId,
     ) -> Result<(), OpError> {
+        let server = &join.server;
         let what = || format!("drain of {server}");
         self.with_retries(what, |_| async move {
             let Some(current) = self.store.server(server).await? else {
@@ -601,7 +667,7 @@ impl Allocator {
                 Some(server),
                 Some(id),
                 format!("{server} draining from {c}"),
-                format!("{id}.{server}.drain"),
+                format!("{id}.{server}.{}.drain", join.joined),
             )
             .await;
             Ok(Done(()))
@@ -657,11 +723,14 @@ impl Allocator {
         .await
     }
 
+    /// Takes `server` out of service, as it was in `c` when the request was
+    /// taken up (generation `since`), and allocates one in its place.
     async fn replace(
         &self,
         c: &ClusterId,
         server: &ServerId,
         id: &RequestId,
+        since: u64,
     ) -> Result<Outcome, OpError> {
         self.load_cluster(c).await?;
         let what = || format!("taking {server} out of service");
@@ -672,7 +741,15 @@ impl Allocator {
                 })?;
                 let done = matches!(current.value.state, ServerState::OutOfService { .. })
                     && current.value.last_request.as_ref() == Some(id);
-                if done {
+                // A later join of the server: the one this request replaced
+                // was taken out before it returned through the pool.
+                let rejoined = self
+                    .load_cluster(c)
+                    .await?
+                    .value
+                    .member(server)
+                    .is_some_and(|m| m.joined > since);
+                if done || rejoined {
                     return Ok(Done(false));
                 }
                 if current.value.state.cluster() != Some(c) {
@@ -694,7 +771,7 @@ impl Allocator {
                 Ok(Done(true))
             })
             .await?;
-        self.drop_entry(c, server, |_| true).await?;
+        self.drop_entry(c, server, |m| m.joined <= since).await?;
         if removed {
             warn!(%server, cluster = %c, "out of service");
             self.notify(
@@ -716,7 +793,8 @@ impl Allocator {
             format!("{id}.{server}.out"),
         )
         .await;
-        self.allocate(c, id, Goal::Count(1), None).await
+        let goal = Goal::Count { count: 1, since };
+        self.allocate(c, id, goal, None).await
     }
 
     async fn reweight(
@@ -895,10 +973,15 @@ impl Allocator {
     }
 
     /// Creates a cluster or replaces its policy, keeping its members, then
-    /// fills it to its minimum size.
+    /// fills it to its minimum size. Returns the record as this write made
+    /// it, with the members the fill added, unless another write of the
+    /// policy came after it (then as it was written here).
+    ///
+    /// A pool too small for the minimum does not undo the write: the policy
+    /// stands, the shortfall is logged, and the reconciler keeps filling.
     ///
     /// # Errors
-    /// [`OpError::Rejected`] for an invalid policy.
+    /// [`OpError::Rejected`] for an invalid policy (nothing is written).
     pub async fn put_cluster(
         &self,
         c: &ClusterId,
@@ -908,33 +991,44 @@ impl Allocator {
             .validate()
             .map_err(|e| reject(codes::INVALID, e.to_string()))?;
         let what = || format!("policy of {c}");
-        self.with_retries(what, |_| async move {
-            let (mut record, revision) = match self.store.cluster(c).await? {
-                Some(current) => (current.value, current.revision),
-                None => (ClusterRecord::new(c.clone(), policy.clone(), now_ms()), 0),
-            };
-            record.policy = policy.clone();
-            let rev = self.commit_cluster(&mut record, revision, None).await?;
-            info!(cluster = %c, min = policy.min_size, max = policy.max_size, "policy set");
-            self.event(
-                EventKind::PolicyUpdated,
-                Some(c),
-                None,
-                None,
-                format!("min {} max {}", policy.min_size, policy.max_size),
-                format!("{c}.{rev}.policy"),
+        let written = self
+            .with_retries(what, |_| async move {
+                let (mut record, revision) = match self.store.cluster(c).await? {
+                    Some(current) => (current.value, current.revision),
+                    None => (ClusterRecord::new(c.clone(), policy.clone(), now_ms()), 0),
+                };
+                record.policy = policy.clone();
+                let rev = self.commit_cluster(&mut record, revision, None).await?;
+                info!(cluster = %c, min = policy.min_size, max = policy.max_size, "policy set");
+                self.event(
+                    EventKind::PolicyUpdated,
+                    Some(c),
+                    None,
+                    None,
+                    format!("min {} max {}", policy.min_size, policy.max_size),
+                    format!("{c}.{rev}.policy"),
+                )
+                .await;
+                Ok(Done(record))
+            })
+            .await?;
+        match self.fill_to_min(c).await {
+            Ok(Outcome::Applied { error: None, .. }) => {}
+            Ok(
+                Outcome::Applied {
+                    error: Some(error), ..
+                }
+                | Outcome::Rejected { error },
             )
-            .await;
-            Ok(Done(()))
-        })
-        .await?;
-        if let Outcome::Applied {
-            error: Some(error), ..
-        } = self.fill_to_min(c).await?
-        {
-            warn!(cluster = %c, %error, "cluster stays below its minimum size");
+            | Err(OpError::Rejected(error)) => {
+                warn!(cluster = %c, %error, "cluster stays below its minimum size for now");
+            }
+            Err(err) => warn!(cluster = %c, %err, "could not fill to the minimum yet"),
         }
-        Ok(self.load_cluster(c).await?.value)
+        match self.store.cluster(c).await {
+            Ok(Some(now)) if now.value.policy == written.policy => Ok(now.value),
+            _ => Ok(written),
+        }
     }
 
     // ---- repairs ----
@@ -988,10 +1082,14 @@ impl Allocator {
                 server,
                 deadline_ms,
             } => {
-                let id = entry(server)
-                    .and_then(|m| m.drain_request)
+                let Some(member) = entry(server) else {
+                    return Ok(false);
+                };
+                let id = member
+                    .drain_request
+                    .clone()
                     .unwrap_or_else(RequestId::random);
-                self.drain_server(cluster, server, *deadline_ms, &id)
+                self.drain_server(cluster, &member.join(), *deadline_ms, &id)
                     .await?;
                 true
             }
@@ -1084,6 +1182,10 @@ fn repair_subject(repair: &Repair) -> (Option<&ClusterId>, Option<&ServerId>) {
     }
 }
 
+fn servers_of(joins: Vec<Join>) -> Vec<ServerId> {
+    joins.into_iter().map(|j| j.server).collect()
+}
+
 fn applied(server: &ServerId) -> Outcome {
     Outcome::Applied {
         servers: vec![server.clone()],
@@ -1094,7 +1196,7 @@ fn applied(server: &ServerId) -> Outcome {
 /// The outcome when fewer servers than wanted could be allocated: a partial
 /// success if some were, a rejection if none.
 fn shortfall(
-    mine: Vec<ServerId>,
+    mine: Vec<Join>,
     wanted: usize,
     code: &str,
     message: String,
@@ -1104,7 +1206,7 @@ fn shortfall(
     }
     let message = format!("allocated {} of {wanted}: {message}", mine.len());
     Ok(Outcome::Applied {
-        servers: mine,
+        servers: servers_of(mine),
         error: Some(BusError::new(code, message)),
     })
 }

@@ -238,6 +238,7 @@ mod tests {
             request: RequestId::new("r").expect("id"),
             drain_request: None,
             since_ms,
+            joined: 0,
         }
     }
     fn allocated(c: &str) -> ServerState {

@@ -55,10 +55,14 @@ pub async fn consumer(
 }
 
 /// Pulls and applies requests until `shutdown`, `max_in_flight` at a time.
+/// While one is worked on, JetStream is told so every third of `ack_wait`,
+/// so a slow request is not handed to another instance while this one is
+/// alive (a crash still hands it on after `ack_wait`).
 pub async fn serve(
     allocator: Arc<Allocator>,
     consumer: jetstream::consumer::Consumer<pull::Config>,
     max_in_flight: usize,
+    ack_wait: Duration,
     shutdown: CancellationToken,
 ) -> Result<(), AllocatorError> {
     let messages = consumer
@@ -75,7 +79,7 @@ pub async fn serve(
             let allocator = allocator.clone();
             async move {
                 match message {
-                    Ok(message) => handle(&allocator, message).await,
+                    Ok(message) => working(&message, ack_wait, handle(&allocator, &message)).await,
                     // Missed heartbeats and the like: the stream carries on.
                     Err(err) => warn!(%err, "request consumer"),
                 }
@@ -85,7 +89,28 @@ pub async fn serve(
     Ok(())
 }
 
-async fn handle(allocator: &Allocator, message: jetstream::Message) {
+/// Runs `work` on `message`, telling JetStream it is in progress until done.
+async fn working(
+    message: &jetstream::Message,
+    ack_wait: Duration,
+    work: impl std::future::Future<Output = ()>,
+) {
+    let every = (ack_wait / 3).max(Duration::from_millis(100));
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            () = &mut work => return,
+            _ = progress.tick() => {
+                if let Err(err) = message.ack_with(AckKind::Progress).await {
+                    debug!(%err, "could not extend a request's ack wait");
+                }
+            }
+        }
+    }
+}
+
+async fn handle(allocator: &Allocator, message: &jetstream::Message) {
     let subject_cluster =
         subjects::reconfig_cluster(&message.subject).and_then(|token| ClusterId::new(token).ok());
     let request: ReconfigRequest = match codec::decode(message.headers.as_ref(), &message.payload) {
@@ -110,7 +135,7 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
                 .await;
             allocator.metrics.requests.inc(&["unknown", "malformed"]);
             // Nothing to retry: tell JetStream to stop delivering it.
-            ack(&message, AckKind::Term).await;
+            ack(message, AckKind::Term).await;
             return;
         }
     };
@@ -121,13 +146,13 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
                 .metrics
                 .requests
                 .inc(&[request.action.name(), "duplicate"]);
-            ack(&message, AckKind::Ack).await;
+            ack(message, AckKind::Ack).await;
             return;
         }
         Ok(None) => {}
         Err(err) => {
             warn!(%err, "cannot read the outcome ledger; will retry");
-            ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
             return;
         }
     }
@@ -154,7 +179,7 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
                 .requests
                 .inc(&[request.action.name(), "retry"]);
             error!(%err, request = %request.id, "request failed; it will be retried");
-            ack(&message, AckKind::Nak(Some(Duration::from_millis(500)))).await;
+            ack(message, AckKind::Nak(Some(Duration::from_millis(500)))).await;
             return;
         }
     };
@@ -176,7 +201,7 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
         Ok(stands) => stands,
         Err(err) => {
             warn!(%err, "cannot record the outcome; will retry");
-            ack(&message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
             return;
         }
     };
@@ -207,7 +232,7 @@ async fn handle(allocator: &Allocator, message: jetstream::Message) {
             )
             .await;
     }
-    ack(&message, AckKind::Ack).await;
+    ack(message, AckKind::Ack).await;
 }
 
 async fn ack(message: &jetstream::Message, kind: AckKind) {

@@ -5,8 +5,8 @@ use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
 use headroom_shared::codec::{self, Message, WireError};
 use headroom_shared::kv::{
-    is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord, ServerRecord,
-    CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
+    is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord, RequestStarted,
+    ServerRecord, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
 };
 use headroom_shared::{ClusterId, RequestId, ServerId};
 
@@ -274,6 +274,24 @@ impl Store {
                 .outcome(&record.id)
                 .await?
                 .unwrap_or_else(|| record.clone())),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Marks a request as taken up, once: the mark that stands is returned,
+    /// this one or the one an earlier (or concurrent) delivery made.
+    ///
+    /// # Errors
+    /// On a KV failure or an undecodable record.
+    pub async fn start(&self, started: &RequestStarted) -> Result<RequestStarted, StoreError> {
+        let key = RequestStarted::key(&started.id);
+        match Self::cas(&self.requests, &key, started, 0).await {
+            Ok(_) => Ok(started.clone()),
+            Err(StoreError::Conflict { .. }) => {
+                Ok(Self::get::<RequestStarted>(&self.requests, &key)
+                    .await?
+                    .map_or_else(|| started.clone(), |v| v.value))
+            }
             Err(err) => Err(err),
         }
     }

@@ -354,6 +354,7 @@ mod tests {
                 request: RequestId::new("r").expect("id"),
                 drain_request: None,
                 since_ms: 0,
+                joined: 0,
             });
         }
         r
