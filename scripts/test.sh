@@ -13,6 +13,9 @@ NATS_SERVER_BIN="${NATS_SERVER_BIN:-$(./scripts/fetch-nats-server.sh)}"
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version)"
 
+# The crash test runs the allocator as a real process (killed with
+# SIGKILL): build every binary first, with the tests' profile.
+cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast -E 'not binary(containers)'
 else

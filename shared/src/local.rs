@@ -107,6 +107,8 @@ pub struct NatsServer {
     url: String,
     /// (user, password) when started with [`NatsServer::start_secure`].
     users: Vec<(String, String)>,
+    /// The configuration file it runs with, inside `dir`.
+    conf: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -142,7 +144,6 @@ impl NatsServer {
         } else {
             Vec::new()
         };
-        let log = dir.path().join("nats.log");
         let mut conf = dir.path().join("nats.conf");
         std::fs::write(&conf, NATS_CONF)?;
         if secure {
@@ -150,50 +151,39 @@ impl NatsServer {
             conf = dir.path().join("secure.conf");
             std::fs::write(&conf, SECURE_CONF)?;
         }
-        let mut command = Command::new(binary);
-        for (user, password) in &users {
-            command.env(
-                format!("HEADROOM_{}_PASSWORD", user.to_uppercase()),
-                password,
-            );
-        }
-        let child = command
-            .arg("-c")
-            .arg(&conf)
-            .args(["-a", "127.0.0.1", "-p", "-1", "-m", "-1"])
-            .arg("-sd")
-            .arg(dir.path().join("store"))
-            .arg("--ports_file_dir")
-            .arg(dir.path())
-            .arg("-l")
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()?;
-        let pid = child.id().unwrap_or_default();
-        let ports_file = dir.path().join(format!("nats-server_{pid}.ports"));
-        let deadline = Duration::from_secs(15);
-        let url = eventually(deadline, || async {
-            let text = tokio::fs::read_to_string(&ports_file).await.ok()?;
-            let start = text.find("nats://")?;
-            let end = text[start..].find('"')? + start;
-            Some(text[start..end].to_owned())
+        let (child, url) = spawn(&binary, &conf, dir.path(), &users, "-1").await?;
+        Ok(Self {
+            child,
+            url,
+            users,
+            conf,
+            dir,
         })
-        .await;
-        match url {
-            Some(url) => Ok(Self {
-                child,
-                url,
-                users,
-                dir,
-            }),
-            None => {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                Err(LocalNatsError::NoStart(deadline, log))
-            }
-        }
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and waits for it to
+    /// be gone. Its store stays for [`NatsServer::restart`].
+    ///
+    /// # Errors
+    /// When the process cannot be signalled.
+    pub async fn kill(&mut self) -> Result<(), LocalNatsError> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and store (after
+    /// [`NatsServer::kill`]), and waits until it accepts clients. Clients
+    /// reconnect to the same URL.
+    ///
+    /// # Errors
+    /// As [`NatsServer::start`]; also when the port was taken meanwhile.
+    pub async fn restart(&mut self) -> Result<(), LocalNatsError> {
+        let port = self.url.rsplit(':').next().unwrap_or("-1").to_owned();
+        let binary = nats_server_binary()?;
+        let (child, url) = spawn(&binary, &self.conf, self.dir.path(), &self.users, &port).await?;
+        self.child = child;
+        self.url = url;
+        Ok(())
     }
 
     pub fn url(&self) -> &str {
@@ -261,6 +251,57 @@ impl NatsServer {
         config.allocator.repair_after = Duration::from_secs(1);
         config.allocator.shutdown_grace = Duration::from_secs(2);
         config
+    }
+}
+
+/// Starts nats-server on `port` ("-1": any free one) with its store and
+/// log in `dir`, and waits for the ports file it writes once it listens.
+async fn spawn(
+    binary: &Path,
+    conf: &Path,
+    dir: &Path,
+    users: &[(String, String)],
+    port: &str,
+) -> Result<(Child, String), LocalNatsError> {
+    let log = dir.join("nats.log");
+    let mut command = Command::new(binary);
+    for (user, password) in users {
+        command.env(
+            format!("HEADROOM_{}_PASSWORD", user.to_uppercase()),
+            password,
+        );
+    }
+    let child = command
+        .arg("-c")
+        .arg(conf)
+        .args(["-a", "127.0.0.1", "-p", port, "-m", "-1"])
+        .arg("-sd")
+        .arg(dir.join("store"))
+        .arg("--ports_file_dir")
+        .arg(dir)
+        .arg("-l")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or_default();
+    let ports_file = dir.join(format!("nats-server_{pid}.ports"));
+    let deadline = Duration::from_secs(15);
+    let url = eventually(deadline, || async {
+        let text = tokio::fs::read_to_string(&ports_file).await.ok()?;
+        let start = text.find("nats://")?;
+        let end = text[start..].find('"')? + start;
+        Some(text[start..end].to_owned())
+    })
+    .await;
+    match url {
+        Some(url) => Ok((child, url)),
+        None => {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            Err(LocalNatsError::NoStart(deadline, log))
+        }
     }
 }
 

@@ -256,7 +256,10 @@ fn round(snapshot: &Snapshot, clusters: &[&str], n: usize) -> Vec<ReconfigReques
 }
 
 /// Checks the audit log against the requests: each applied at most once.
-fn check_at_most_once(events: &[headroom_shared::wire::AuditEvent], requests: &[ReconfigRequest]) {
+pub(crate) fn check_at_most_once(
+    events: &[headroom_shared::wire::AuditEvent],
+    requests: &[ReconfigRequest],
+) {
     let mut allocations: HashMap<&RequestId, HashSet<&ServerId>> = HashMap::new();
     let mut allocation_events: HashMap<&RequestId, usize> = HashMap::new();
     let mut drains: HashMap<&RequestId, usize> = HashMap::new();

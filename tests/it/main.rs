@@ -5,6 +5,7 @@ mod agent;
 mod allocator;
 mod cli;
 mod common;
+mod crash;
 mod demo;
 mod frontend;
 mod loadgen;
