@@ -672,8 +672,16 @@ impl ClusterRecord {
             generation: self.next_generation(),
         });
         let excess = self.recent.len().saturating_sub(RECENT_CHANGES);
+        let now = self.generation;
         for forgotten in self.recent.drain(..excess) {
-            self.complete_after = self.complete_after.max(forgotten.generation);
+            // An entry from before generations were logged (0) could be of
+            // any time up to now.
+            let at = if forgotten.generation == 0 {
+                now
+            } else {
+                forgotten.generation
+            };
+            self.complete_after = self.complete_after.max(at);
         }
     }
 

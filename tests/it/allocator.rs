@@ -810,3 +810,149 @@ async fn set_up_that_jetstream_refuses_at_first_is_tried_again() {
     assert!(ready.is_some(), "ready once set-up goes through");
     allocator.stop().await;
 }
+
+/// An allocator's operations on their own, with no consumer, reconciler or
+/// admin service beside them, so a test decides every step.
+async fn bare_allocator(nats: &NatsServer) -> headroom_allocator::Allocator {
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let store = headroom_allocator::store::Store::open(&js, 1)
+        .await
+        .expect("buckets");
+    headroom_allocator::Allocator::new(store, js, client, "bare".into())
+}
+
+fn joins(outcome: &Outcome) -> Vec<ServerId> {
+    match outcome {
+        Outcome::Applied { servers, .. } => servers.clone(),
+        Outcome::Rejected { .. } => Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn a_redelivered_release_leaves_alone_a_server_that_joined_again_since() {
+    let stack = Stack::start().await;
+    for i in 1..=3 {
+        register(&stack.client, &format!("s{i}"), &[]).await;
+    }
+    put_cluster(&stack.client, "web", policy(1, 4))
+        .await
+        .expect("cluster");
+    stack.allocator.stop().await;
+    let ops = bare_allocator(&stack.nats).await;
+    let added = ops.apply(&allocate("web", 1)).await.expect("allocated");
+    let server = joins(&added)[0].clone();
+
+    // The release drains it, the drain completes, and a later request
+    // puts the same server back (the warmest for this cluster).
+    let release = release("web", &server);
+    ops.apply(&release).await.expect("released");
+    ops.finish_drain(&cid("web"), &server, "test")
+        .await
+        .expect("drained");
+    let again = ops.apply(&allocate("web", 1)).await.expect("allocated");
+    assert_eq!(
+        joins(&again),
+        vec![server.clone()],
+        "the same server is back"
+    );
+
+    // The release is delivered again (its first delivery died before its
+    // ack): it must not drain the new join.
+    let redelivered = ops.apply(&release).await.expect("answered");
+    assert_eq!(joins(&redelivered), vec![server.clone()], "{redelivered:?}");
+    let snapshot = Snapshot::read(&stack.js).await;
+    assert!(
+        snapshot.active_members("web").contains(&server),
+        "{server} stays: {:?}",
+        snapshot.cluster("web").members
+    );
+}
+
+#[tokio::test]
+async fn a_redelivered_allocation_counts_its_joins_not_its_servers() {
+    let stack = Stack::start().await;
+    for i in 1..=3 {
+        register(&stack.client, &format!("s{i}"), &[]).await;
+    }
+    put_cluster(&stack.client, "web", policy(0, 6))
+        .await
+        .expect("cluster");
+    stack.allocator.stop().await;
+    let ops = bare_allocator(&stack.nats).await;
+    // Three asked, two made: one server is kept out of the pool for now.
+    let request = allocate("web", 3);
+    let spare = sid("s3");
+    ops.deregister(&spare).await.expect("out of the pool");
+    let first = ops.apply(&request).await.expect("partly applied");
+    let made = joins(&first);
+    assert_eq!(made.len(), 2, "{first:?}");
+
+    // One of its joins is released and the server goes back to the pool;
+    // the spare returns too.
+    let gone = made[0].clone();
+    ops.apply(&release("web", &gone)).await.expect("released");
+    ops.finish_drain(&cid("web"), &gone, "test")
+        .await
+        .expect("drained");
+    ops.register(&RegisterServer {
+        v: SCHEMA_VERSION,
+        id: spare.clone(),
+        address: "10.0.0.3".into(),
+        port: 8080,
+        request_types: vec![],
+    })
+    .await
+    .expect("back in the pool");
+
+    // Delivered again, it makes exactly one more join: three in all.
+    let again = ops.apply(&request).await.expect("applied");
+    assert_eq!(joins(&again).len(), 3, "{again:?}");
+    let again = ops.apply(&request).await.expect("applied");
+    assert_eq!(joins(&again).len(), 3, "and no more: {again:?}");
+    let snapshot = Snapshot::read(&stack.js).await;
+    let mine = snapshot
+        .cluster("web")
+        .members
+        .iter()
+        .filter(|m| m.request == request.id)
+        .count();
+    assert_eq!(mine, 2, "two of its three joins are members now");
+}
+
+#[tokio::test]
+async fn a_cluster_put_replies_with_its_own_write_and_keeps_it_when_the_pool_is_short() {
+    let stack = Stack::start().await;
+    register(&stack.client, "s1", &[]).await;
+    // More than the pool holds: the policy is stored, not refused.
+    let short = put_cluster(&stack.client, "web", policy(3, 6))
+        .await
+        .expect("stored");
+    assert_eq!(short.policy.min_size, 3);
+    assert_eq!(short.active(), 1, "filled as far as the pool allows");
+    assert_eq!(
+        Snapshot::read(&stack.js)
+            .await
+            .cluster("web")
+            .policy
+            .min_size,
+        3
+    );
+
+    // Two writers at once: each reply shows the policy it wrote.
+    let asked = [policy(1, 10), policy(3, 6)];
+    let replies = futures::future::join_all(
+        asked
+            .iter()
+            .map(|p| put_cluster(&stack.client, "api", p.clone())),
+    )
+    .await;
+    for (asked, reply) in asked.iter().zip(replies) {
+        let reply = reply.expect("stored");
+        assert_eq!(
+            (reply.policy.min_size, reply.policy.max_size),
+            (asked.min_size, asked.max_size)
+        );
+    }
+    stack.allocator.stop().await;
+}
