@@ -221,6 +221,27 @@ impl Message for ServerRecord {
 }
 
 impl ServerRecord {
+    /// A server new to the pool: free, never allocated.
+    pub fn new_free(
+        id: ServerId,
+        address: String,
+        port: u16,
+        request_types: Vec<String>,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            v: SCHEMA_VERSION,
+            id,
+            address,
+            port,
+            request_types,
+            state: ServerState::Free,
+            last_request: None,
+            last_cluster: None,
+            updated_ms: now_ms,
+        }
+    }
+
     /// Whether this server can serve any of `types` (any server fits a
     /// cluster that names no request types).
     pub fn serves_any(&self, types: &[String]) -> bool {

@@ -20,6 +20,7 @@ use headroom_shared::{RequestId, ServerId, SCHEMA_VERSION};
 
 use headroom_tests::{eventually, NatsServer};
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 
 use crate::common::*;
 
@@ -812,14 +813,26 @@ async fn set_up_that_jetstream_refuses_at_first_is_tried_again() {
 }
 
 /// An allocator's operations on their own, with no consumer, reconciler or
-/// admin service beside them, so a test decides every step.
-async fn bare_allocator(nats: &NatsServer) -> headroom_allocator::Allocator {
+/// admin service beside them, so a test decides every step; its view of
+/// the pool follows KV until the token is cancelled.
+async fn bare_allocator_following(
+    nats: &NatsServer,
+) -> (headroom_allocator::Allocator, CancellationToken) {
     let client = nats.client().await.expect("connect");
     let js = jetstream::new(client.clone());
     let store = headroom_allocator::store::Store::open(&js, 1)
         .await
         .expect("buckets");
-    headroom_allocator::Allocator::new(store, js, client, "bare".into())
+    let (pool, follower) = headroom_allocator::pool::view();
+    let following = CancellationToken::new();
+    tokio::spawn(follower.follow(store.servers_bucket(), following.clone()));
+    pool.wait_current(&following).await;
+    let ops = headroom_allocator::Allocator::new(store, pool, js, client, "bare".into());
+    (ops, following)
+}
+
+async fn bare_allocator(nats: &NatsServer) -> headroom_allocator::Allocator {
+    bare_allocator_following(nats).await.0
 }
 
 fn joins(outcome: &Outcome) -> Vec<ServerId> {
@@ -955,4 +968,159 @@ async fn a_cluster_put_replies_with_its_own_write_and_keeps_it_when_the_pool_is_
         );
     }
     stack.allocator.stop().await;
+}
+
+/// Ids of the free servers `ops` would choose for `cluster` now.
+async fn choice(
+    ops: &headroom_allocator::Allocator,
+    js: &jetstream::Context,
+    cluster: &str,
+) -> Vec<ServerId> {
+    let record = Snapshot::read(js).await.cluster(cluster).clone();
+    ops.pool()
+        .candidates(&record, None, 3)
+        .into_iter()
+        .map(|s| s.id)
+        .collect()
+}
+
+#[tokio::test]
+async fn the_pool_view_follows_what_another_instance_does() {
+    let stack = Stack::start().await;
+    put_cluster(&stack.client, "web", policy(0, 4))
+        .await
+        .expect("cluster");
+    let (other, _following) = bare_allocator_following(&stack.nats).await;
+    let sees = |wanted: Vec<ServerId>| {
+        let (other, js) = (&other, &stack.js);
+        async move {
+            eventually(WAIT, || {
+                let wanted = wanted.clone();
+                async move { (choice(other, js, "web").await == wanted).then_some(()) }
+            })
+            .await
+            .is_some()
+        }
+    };
+    // Registered by the serving instance: this one's choice has it.
+    register(&stack.client, "s1", &[]).await;
+    assert!(sees(vec![sid("s1")]).await, "a registration shows up");
+    // Allocated by the serving instance: no longer a choice.
+    let request = allocate("web", 1);
+    send(&stack.js, &request).await;
+    wait_outcome(&stack.js, &request.id).await;
+    assert!(sees(vec![]).await, "an allocation shows up");
+    // Released and back in the pool: a choice again.
+    let request = release("web", &sid("s1"));
+    send(&stack.js, &request).await;
+    wait_outcome(&stack.js, &request.id).await;
+    assert!(sees(vec![sid("s1")]).await, "a release shows up");
+    // Removed: gone.
+    deregister(&stack.client, &sid("s1"))
+        .await
+        .expect("deregistered");
+    assert!(sees(vec![]).await, "a removal shows up");
+    assert!(other.pool().is_empty());
+    stack.allocator.stop().await;
+}
+
+#[tokio::test]
+async fn a_stale_view_never_assigns_a_server_twice() {
+    let stack = Stack::start().await;
+    register(&stack.client, "last", &[]).await;
+    for c in ["web", "api"] {
+        put_cluster(&stack.client, c, policy(0, 4))
+            .await
+            .expect("cluster");
+    }
+    stack.allocator.stop().await;
+    let fresh = bare_allocator(&stack.nats).await;
+    // This one's view stops following: it will think `last` is free.
+    let (stale, following) = bare_allocator_following(&stack.nats).await;
+    following.cancel();
+    let won = fresh.apply(&allocate("web", 1)).await.expect("allocated");
+    assert_eq!(joins(&won), vec![sid("last")]);
+    assert_eq!(
+        choice(&stale, &stack.js, "api").await,
+        vec![sid("last")],
+        "the stale view still offers it"
+    );
+    // It tries, its claim finds the record moved, and it ends cleanly.
+    let lost = stale.apply(&allocate("api", 1)).await;
+    assert!(
+        matches!(&lost, Err(headroom_allocator::ops::OpError::Rejected(e)) if e.code == codes::POOL_EXHAUSTED),
+        "{lost:?}"
+    );
+    assert!(
+        choice(&stale, &stack.js, "api").await.is_empty(),
+        "the read refreshed it"
+    );
+    let snapshot = Snapshot::read(&stack.js).await;
+    snapshot
+        .check_invariants(&[sid("last")])
+        .expect("one place per server");
+    assert!(snapshot.cluster("api").members.is_empty());
+
+    // Two current views racing for one server: one winner, one clean miss.
+    let ops = fresh;
+    ops.register(&RegisterServer {
+        v: SCHEMA_VERSION,
+        id: sid("one"),
+        address: "10.0.0.9".into(),
+        port: 8080,
+        request_types: vec![],
+    })
+    .await
+    .expect("registered");
+    let (other, _following) = bare_allocator_following(&stack.nats).await;
+    let (to_web, to_api) = (allocate("web", 1), allocate("api", 1));
+    let (a, b) = tokio::join!(ops.apply(&to_web), other.apply(&to_api));
+    let winners = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(winners, 1, "{a:?} {b:?}");
+    Snapshot::read(&stack.js)
+        .await
+        .check_invariants(&[sid("last"), sid("one")])
+        .expect("one place per server");
+}
+
+#[tokio::test]
+async fn allocates_with_ten_thousand_servers_registered() {
+    let stack = Stack::start().await;
+    stack.allocator.stop().await;
+    let store = headroom_allocator::store::Store::open(&stack.js, 1)
+        .await
+        .expect("buckets");
+    let started = std::time::Instant::now();
+    let ids: Vec<ServerId> = (0..10_000).map(|i| sid(&format!("s{i:05}"))).collect();
+    for chunk in ids.chunks(500) {
+        futures::future::try_join_all(chunk.iter().map(|id| {
+            let record = headroom_shared::kv::ServerRecord::new_free(
+                id.clone(),
+                "10.0.0.1".into(),
+                8080,
+                vec![],
+                now_ms(),
+            );
+            let store = store.clone();
+            async move { store.put_server(&record, 0).await }
+        }))
+        .await
+        .expect("registered");
+    }
+    let registered = started.elapsed();
+    let allocator = RunningAllocator::start(&stack.nats, "alloc-big").await;
+    wait_for_admin(&stack.client).await;
+    put_cluster(&stack.client, "web", policy(0, 8))
+        .await
+        .expect("cluster");
+    let request = allocate("web", 3);
+    let asked = std::time::Instant::now();
+    send(&stack.js, &request).await;
+    let done = wait_outcome(&stack.js, &request.id).await;
+    println!(
+        "10,000 servers: registered in {registered:?}; an allocation of 3 took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(joins(&done.outcome).len(), 3, "{done:?}");
+    allocator.stop().await;
 }

@@ -9,6 +9,8 @@
 //! - [`store`]: typed, revision-checked access to the KV buckets.
 //! - [`placement`]: pure decisions: which server to allocate, what needs
 //!   repair.
+//! - [`pool`]: the in-memory view of every server, kept by a KV watch,
+//!   from which a server is chosen without reading the bucket.
 //! - [`ops`]: the operations (allocate, release, replace, reweight,
 //!   register, repairs) as compare-and-set sequences.
 //! - [`requests`]: the durable request consumer and the outcome ledger.
@@ -20,6 +22,7 @@ pub mod admin;
 pub mod metrics;
 pub mod ops;
 pub mod placement;
+pub mod pool;
 pub mod requests;
 pub mod store;
 
@@ -93,13 +96,31 @@ pub async fn run(
             Err(err) => return Err(err),
         }
     };
+    let stop = shutdown.child_token();
+    let mut tasks: JoinSet<Result<&'static str, AllocatorError>> = JoinSet::new();
+    let (pool, follower) = pool::view();
+    {
+        let (bucket, stop) = (store.servers_bucket(), stop.clone());
+        tasks.spawn(async move {
+            follower.follow(bucket, stop).await;
+            Ok("pool view")
+        });
+    }
+    ops.set_not_ready("loading the pool");
+    let loading = Instant::now();
+    pool.wait_current(&shutdown).await;
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
+    info!(servers = pool.len(), took = ?loading.elapsed(), "pool view loaded");
     let allocator = Arc::new(Allocator::new(
         store,
+        pool,
         js,
         client.clone(),
         settings.instance.clone(),
     ));
-    allocator.metrics.register(&ops);
+    allocator.metrics.register(&ops, allocator.pool.clone());
     info!(instance = %settings.instance, "allocator starting");
 
     // Repair what a crash left half-done before taking new work. Work
@@ -108,8 +129,6 @@ pub async fn run(
     ops.set_not_ready("repairing what an earlier crash left");
     reconcile_once(&allocator, settings.repair_after).await;
 
-    let stop = shutdown.child_token();
-    let mut tasks: JoinSet<Result<&'static str, AllocatorError>> = JoinSet::new();
     {
         let (allocator, stop) = (allocator.clone(), stop.clone());
         let (max_in_flight, ack_wait) = (settings.max_in_flight, settings.ack_wait);
@@ -132,11 +151,12 @@ pub async fn run(
         stop.clone(),
     ));
     tasks.spawn(status_loop(allocator.clone(), client.clone(), stop.clone()));
-    tasks.spawn(allocator.metrics.clone().follow(
-        allocator.store.servers_bucket(),
-        allocator.store.clusters_bucket(),
-        stop.clone(),
-    ));
+    tasks.spawn(
+        allocator
+            .metrics
+            .clone()
+            .follow(allocator.store.clusters_bucket(), stop.clone()),
+    );
     ops.set_ready();
 
     let mut failure = None;
@@ -177,20 +197,17 @@ pub async fn run(
 /// One pass of the reconciler: plan repairs from a fresh snapshot and apply
 /// each after re-checking it. Returns how many changed something.
 pub async fn reconcile_once(allocator: &Allocator, repair_after: Duration) -> usize {
-    let snapshot = async {
-        let clusters = allocator.store.clusters().await?;
-        let servers = allocator.store.servers().await?;
-        Ok::<_, store::StoreError>((clusters, servers))
-    };
-    let (clusters, servers) = match snapshot.await {
-        Ok(snapshot) => snapshot,
+    // Servers from the view (each repair re-reads its own records before
+    // acting); clusters from KV, one read per cluster.
+    let clusters = match allocator.store.clusters().await {
+        Ok(clusters) => clusters,
         Err(err) => {
             warn!(%err, "reconciler cannot read KV; will try again");
             return 0;
         }
     };
     let clusters: Vec<_> = clusters.into_iter().map(|c| c.value).collect();
-    let servers: Vec<_> = servers.into_iter().map(|s| s.value).collect();
+    let servers = allocator.pool.servers();
     let repair_after_ms = u64::try_from(repair_after.as_millis()).unwrap_or(u64::MAX);
     let repairs = placement::plan_repairs(&clusters, &servers, now_ms(), repair_after_ms);
     let mut changed = 0;

@@ -1,17 +1,18 @@
 //! What the allocator exposes on `/metrics`: its audit events by kind
 //! (allocations, releases, ...), requests by action and outcome, and the
-//! pool and clusters as KV holds them.
+//! pool (from the allocator's view of it) and clusters as KV holds them.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
-use futures::future::Either;
 use futures::StreamExt;
 use headroom_shared::codec::{Codec, Message};
-use headroom_shared::kv::{ClusterRecord, ServerRecord};
+use headroom_shared::kv::{ClusterRecord, MemberState};
 use headroom_shared::ops::{CounterVec, GaugeVec, Histogram, Ops};
 use tokio_util::sync::CancellationToken;
+
+use crate::pool::PoolView;
 
 /// The record an entry holds, or `None` for a delete or an undecodable
 /// value (which the allocator's reads report).
@@ -30,6 +31,8 @@ pub struct Metrics {
     pub pool: GaugeVec,
     pub members: GaugeVec,
     pub generation: GaugeVec,
+    /// Each cluster's counts, by key, as the clusters bucket last showed.
+    clusters: Mutex<HashMap<String, ClusterCounts>>,
 }
 
 impl Default for Metrics {
@@ -61,81 +64,82 @@ impl Default for Metrics {
                 "Each cluster's membership generation (grows by one with every change).",
                 &["cluster"],
             ),
+            clusters: Mutex::default(),
         }
     }
 }
 
+/// A cluster's member counts (joining, active, draining) and generation.
+type ClusterCounts = ([f64; 3], u64);
+
 impl Metrics {
-    /// Keeps the pool and cluster gauges equal to KV by following both
-    /// buckets, so they move the moment any allocator changes a record.
+    /// Keeps the cluster gauges equal to KV by following the clusters
+    /// bucket, so they move the moment any allocator changes a record. A
+    /// change costs the size of that one cluster; the gauges are written
+    /// from the counts when scraped.
     pub async fn follow(
         self: Arc<Self>,
-        servers: kv::Store,
         clusters: kv::Store,
         stop: CancellationToken,
     ) -> Result<&'static str, crate::AllocatorError> {
-        let servers = headroom_shared::kv::follow(servers, ">".to_owned(), stop.clone());
-        let clusters = headroom_shared::kv::follow(clusters, ">".to_owned(), stop);
-        let mut changes = std::pin::pin!(futures::stream::select(
-            servers.map(Either::Left),
-            clusters.map(Either::Right),
-        ));
-        let mut server_states: HashMap<String, &'static str> = HashMap::new();
-        let mut cluster_records: HashMap<String, ClusterRecord> = HashMap::new();
-        while let Some(change) = changes.next().await {
-            match change {
-                Either::Left(entry) => {
-                    match decoded::<ServerRecord>(&entry) {
-                        Some(record) => server_states.insert(entry.key, record.state.name()),
-                        None => server_states.remove(&entry.key),
-                    };
-                    let mut pool: BTreeMap<&str, f64> =
-                        ["free", "allocated", "draining", "out_of_service"]
-                            .into_iter()
-                            .map(|state| (state, 0.0))
-                            .collect();
-                    for state in server_states.values() {
-                        *pool.entry(state).or_default() += 1.0;
+        let mut changes =
+            std::pin::pin!(headroom_shared::kv::follow(clusters, ">".to_owned(), stop));
+        while let Some(entry) = changes.next().await {
+            let mut counts = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            match decoded::<ClusterRecord>(&entry) {
+                Some(record) => {
+                    let mut by_state = [0.0; 3];
+                    for member in &record.members {
+                        by_state[member.state as usize] += 1.0;
                     }
-                    self.pool
-                        .replace(pool.into_iter().map(|(s, n)| (vec![s.to_owned()], n)));
+                    counts.insert(entry.key, (by_state, record.generation));
                 }
-                Either::Right(entry) => {
-                    match decoded::<ClusterRecord>(&entry) {
-                        Some(record) => cluster_records.insert(entry.key, record),
-                        None => cluster_records.remove(&entry.key),
-                    };
-                    let mut members = BTreeMap::<(String, &str), f64>::new();
-                    for cluster in cluster_records.values() {
-                        for state in ["joining", "active", "draining"] {
-                            members.insert((cluster.id.to_string(), state), 0.0);
-                        }
-                        for member in &cluster.members {
-                            *members
-                                .entry((cluster.id.to_string(), member.state.name()))
-                                .or_default() += 1.0;
-                        }
-                    }
-                    self.members.replace(
-                        members
-                            .into_iter()
-                            .map(|((c, s), n)| (vec![c, s.to_owned()], n)),
-                    );
-                    self.generation.replace(
-                        cluster_records
-                            .values()
-                            .map(|c| (vec![c.id.to_string()], c.generation as f64)),
-                    );
+                None => {
+                    counts.remove(&entry.key);
                 }
             }
         }
         Ok("metrics")
     }
 
-    /// Publishes these on `ops`.
-    pub fn register(self: &Arc<Self>, ops: &Ops) {
+    /// Turns the counts into the gauges' series (at scrape).
+    fn refresh(&self, pool: &PoolView) {
+        let mut by_state: BTreeMap<&str, f64> = ["free", "allocated", "draining", "out_of_service"]
+            .into_iter()
+            .map(|state| (state, 0.0))
+            .collect();
+        for (state, n) in pool.counts() {
+            *by_state.entry(state).or_default() += n as f64;
+        }
+        self.pool
+            .replace(by_state.into_iter().map(|(s, n)| (vec![s.to_owned()], n)));
+        let counts = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        let states = [
+            MemberState::Joining,
+            MemberState::Active,
+            MemberState::Draining,
+        ];
+        self.members
+            .replace(counts.iter().flat_map(|(cluster, (n, _))| {
+                states.iter().map(move |state| {
+                    (
+                        vec![cluster.clone(), state.name().to_owned()],
+                        n[*state as usize],
+                    )
+                })
+            }));
+        self.generation.replace(
+            counts
+                .iter()
+                .map(|(cluster, (_, generation))| (vec![cluster.clone()], *generation as f64)),
+        );
+    }
+
+    /// Publishes these on `ops`; the pool gauges come from `pool`.
+    pub fn register(self: &Arc<Self>, ops: &Ops, pool: PoolView) {
         let metrics = self.clone();
         ops.register(move |out| {
+            metrics.refresh(&pool);
             metrics.events.write(out);
             metrics.requests.write(out);
             out.histogram(

@@ -44,7 +44,8 @@ use rand::Rng;
 use tracing::{debug, info, instrument, warn};
 
 use crate::metrics::Metrics;
-use crate::placement::{plan_repairs, rank_candidates, Repair};
+use crate::placement::{plan_repairs, Repair};
+use crate::pool::PoolView;
 use crate::store::{Store, StoreError, Versioned};
 
 /// Compare-and-set attempts before a step gives up and the request is
@@ -91,6 +92,9 @@ enum Goal {
 /// The allocator's handle on KV and the bus.
 pub struct Allocator {
     pub(crate) store: Store,
+    /// Where servers are, as the watch and this instance's own reads and
+    /// writes last saw them: the choice of a server comes from here.
+    pub(crate) pool: PoolView,
     pub(crate) js: jetstream::Context,
     client: async_nats::Client,
     instance: String,
@@ -108,12 +112,14 @@ async fn backoff(attempt: u32) {
 impl Allocator {
     pub fn new(
         store: Store,
+        pool: PoolView,
         js: jetstream::Context,
         client: async_nats::Client,
         instance: String,
     ) -> Self {
         Self {
             store,
+            pool,
             js,
             client,
             instance,
@@ -123,6 +129,32 @@ impl Allocator {
 
     pub fn instance(&self) -> &str {
         &self.instance
+    }
+
+    /// What this instance knows of the pool.
+    pub fn pool(&self) -> &PoolView {
+        &self.pool
+    }
+
+    /// Reads a server record, and shows the view what it read.
+    pub(crate) async fn server(
+        &self,
+        id: &ServerId,
+    ) -> Result<Option<Versioned<ServerRecord>>, StoreError> {
+        let read = self.store.server(id).await?;
+        match &read {
+            Some(current) => self.pool.observe(&current.value, current.revision),
+            None => self.pool.observe_absent(id),
+        }
+        Ok(read)
+    }
+
+    /// Writes a server record (compare-and-set), and shows the view the
+    /// write, so this instance does not pick a server it just claimed.
+    async fn put_server(&self, record: &ServerRecord, revision: u64) -> Result<u64, StoreError> {
+        let written = self.store.put_server(record, revision).await?;
+        self.pool.observe(record, written);
+        Ok(written)
     }
 
     /// Runs `attempt` until it is done. A lost compare-and-set
@@ -366,12 +398,8 @@ impl Allocator {
                 )
                 .map(Done);
             }
-            let servers = self.store.servers().await?;
-            let candidates = rank_candidates(
-                servers.iter().map(|s| &s.value),
-                &cluster.value,
-                request_type,
-            );
+            // The best few from the view: the claim on the record decides.
+            let candidates = self.pool.candidates(&cluster.value, request_type, 3);
             if candidates.is_empty() {
                 let what = request_type.map_or_else(
                     || format!("cluster {c}"),
@@ -388,9 +416,9 @@ impl Allocator {
             // The best candidate first; after a lost race, spread over the
             // best few so racing allocators stop choosing the same server.
             let pick = if lost_races.load(Ordering::Relaxed) == 0 {
-                candidates[0]
+                &candidates[0]
             } else {
-                candidates[rand::rng().random_range(0..candidates.len().min(3))]
+                &candidates[rand::rng().random_range(0..candidates.len())]
             };
             let mut record = cluster.value.clone();
             record.members.push(Member {
@@ -430,7 +458,7 @@ impl Allocator {
         server: &ServerId,
         id: &RequestId,
     ) -> Result<(), OpError> {
-        let Some(current) = self.store.server(server).await? else {
+        let Some(current) = self.server(server).await? else {
             self.drop_entry(c, server, |m| m.state == MemberState::Joining)
                 .await?;
             return Ok(());
@@ -444,7 +472,7 @@ impl Allocator {
                 claimed.state = ServerState::Allocated { cluster: c.clone() };
                 claimed.last_request = Some(id.clone());
                 claimed.updated_ms = now_ms();
-                match self.store.put_server(&claimed, current.revision).await {
+                match self.put_server(&claimed, current.revision).await {
                     Ok(_) => self.commit_joining(c, server, Some(id)).await,
                     // Someone else moved it; the caller re-reads and decides.
                     Err(StoreError::Conflict { .. }) => Ok(()),
@@ -537,7 +565,7 @@ impl Allocator {
     async fn free_orphan(&self, server: &ServerId, c: &ClusterId) -> Result<bool, OpError> {
         let what = || format!("return of {server} to the pool");
         self.with_retries(what, |_| async move {
-            let Some(current) = self.store.server(server).await? else {
+            let Some(current) = self.server(server).await? else {
                 return Ok(Done(false));
             };
             if current.value.state != (ServerState::Allocated { cluster: c.clone() }) {
@@ -551,7 +579,7 @@ impl Allocator {
             let mut freed = current.value.clone();
             freed.state = ServerState::Free;
             freed.updated_ms = now_ms();
-            self.store.put_server(&freed, current.revision).await?;
+            self.put_server(&freed, current.revision).await?;
             Ok(Done(true))
         })
         .await
@@ -642,7 +670,7 @@ impl Allocator {
         let server = &join.server;
         let what = || format!("drain of {server}");
         self.with_retries(what, |_| async move {
-            let Some(current) = self.store.server(server).await? else {
+            let Some(current) = self.server(server).await? else {
                 return Ok(Done(()));
             };
             match &current.value.state {
@@ -657,7 +685,7 @@ impl Allocator {
             };
             draining.last_request = Some(id.clone());
             draining.updated_ms = now_ms();
-            self.store.put_server(&draining, current.revision).await?;
+            self.put_server(&draining, current.revision).await?;
             info!(%server, cluster = %c, deadline_ms, "draining");
             self.notify(server, c, Assignment::Draining { deadline_ms }, Some(id))
                 .await;
@@ -684,7 +712,7 @@ impl Allocator {
         server: &ServerId,
         why: &str,
     ) -> Result<bool, OpError> {
-        let Some(current) = self.store.server(server).await? else {
+        let Some(current) = self.server(server).await? else {
             return Ok(false);
         };
         if !current.value.state.is_draining_from(c) {
@@ -694,7 +722,7 @@ impl Allocator {
             .await?;
         let what = || format!("return of {server} to the pool");
         self.with_retries(what, |_| async move {
-            let Some(current) = self.store.server(server).await? else {
+            let Some(current) = self.server(server).await? else {
                 return Ok(Done(false));
             };
             if !current.value.state.is_draining_from(c) {
@@ -704,7 +732,7 @@ impl Allocator {
             freed.state = ServerState::Free;
             freed.last_cluster = Some(c.clone());
             freed.updated_ms = now_ms();
-            let revision = self.store.put_server(&freed, current.revision).await?;
+            let revision = self.put_server(&freed, current.revision).await?;
             info!(why, "released to the pool");
             let request = current.value.last_request.clone();
             self.notify(server, c, Assignment::Released, request.as_ref())
@@ -736,7 +764,7 @@ impl Allocator {
         let what = || format!("taking {server} out of service");
         let removed = self
             .with_retries(what, |_| async move {
-                let current = self.store.server(server).await?.ok_or_else(|| {
+                let current = self.server(server).await?.ok_or_else(|| {
                     reject(codes::UNKNOWN_SERVER, format!("no server named {server}"))
                 })?;
                 let done = matches!(current.value.state, ServerState::OutOfService { .. })
@@ -767,7 +795,7 @@ impl Allocator {
                 out.last_request = Some(id.clone());
                 out.last_cluster = Some(c.clone());
                 out.updated_ms = now_ms();
-                self.store.put_server(&out, current.revision).await?;
+                self.put_server(&out, current.revision).await?;
                 Ok(Done(true))
             })
             .await?;
@@ -870,20 +898,16 @@ impl Allocator {
         }
         let what = || format!("registration of {}", reg.id);
         self.with_retries(what, |_| async move {
-            let existing = self.store.server(&reg.id).await?;
+            let existing = self.server(&reg.id).await?;
             let (record, revision) = match existing {
                 None => (
-                    ServerRecord {
-                        v: SCHEMA_VERSION,
-                        id: reg.id.clone(),
-                        address: reg.address.clone(),
-                        port: reg.port,
-                        request_types: reg.request_types.clone(),
-                        state: ServerState::Free,
-                        last_request: None,
-                        last_cluster: None,
-                        updated_ms: now_ms(),
-                    },
+                    ServerRecord::new_free(
+                        reg.id.clone(),
+                        reg.address.clone(),
+                        reg.port,
+                        reg.request_types.clone(),
+                        now_ms(),
+                    ),
                     0,
                 ),
                 Some(current) => {
@@ -919,7 +943,7 @@ impl Allocator {
                     (record, current.revision)
                 }
             };
-            let rev = self.store.put_server(&record, revision).await?;
+            let rev = self.put_server(&record, revision).await?;
             info!(server = %record.id, address = %record.address, port = record.port, "registered");
             self.event(
                 EventKind::Registered,
@@ -945,7 +969,7 @@ impl Allocator {
     pub async fn deregister(&self, server: &ServerId) -> Result<(), OpError> {
         let what = || format!("deregistration of {server}");
         self.with_retries(what, |_| async move {
-            let current = self.store.server(server).await?.ok_or_else(|| {
+            let current = self.server(server).await?.ok_or_else(|| {
                 reject(codes::UNKNOWN_SERVER, format!("no server named {server}"))
             })?;
             if current.value.state.cluster().is_some() {
@@ -958,6 +982,7 @@ impl Allocator {
                 ));
             }
             self.store.delete_server(server, current.revision).await?;
+            self.pool.observe_absent(server);
             self.event(
                 EventKind::Deregistered,
                 None,
@@ -1128,7 +1153,7 @@ impl Allocator {
     ) -> Result<(Option<ClusterRecord>, Option<ServerRecord>), OpError> {
         let (cluster, server) = repair_subject(repair);
         let server = match server {
-            Some(id) => self.store.server(id).await?.map(|v| v.value),
+            Some(id) => self.server(id).await?.map(|v| v.value),
             None => None,
         };
         let cluster = cluster
@@ -1144,7 +1169,7 @@ impl Allocator {
     async fn mark_entry_draining(&self, c: &ClusterId, server: &ServerId) -> Result<bool, OpError> {
         let what = || format!("drain of {server}");
         self.with_retries(what, |_| async move {
-            let Some(current) = self.store.server(server).await? else {
+            let Some(current) = self.server(server).await? else {
                 return Ok(Done(false));
             };
             if !current.value.state.is_draining_from(c) {
