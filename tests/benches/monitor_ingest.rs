@@ -13,29 +13,10 @@ use headroom_shared::codec::Codec;
 use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
 use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
 use headroom_shared::{subjects, ClusterId, RequestId, ServerId, SCHEMA_VERSION};
-use headroom_tests::NatsServer;
+use headroom_tests::{env_usize, rss, NatsServer};
 use tokio_util::sync::CancellationToken;
 
 const PER_CLUSTER: usize = 100;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Resident memory of this process, in bytes.
-fn rss() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| {
-            s.split_whitespace()
-                .nth(1)
-                .and_then(|p| p.parse::<u64>().ok())
-        })
-        .map_or(0, |pages| pages * 4096)
-}
 
 /// Pre-encoded reports, one per server, with their subjects.
 fn reports(servers: usize) -> Vec<(String, bytes::Bytes)> {

@@ -5,7 +5,7 @@
 //! 1. Decision to every front-end applied: a reconfiguration request is
 //!    published as the monitor does; the allocator allocates; the bench
 //!    times when the change is in KV and when each front-end has swapped
-//!    in the new routing table. With 1 front-end and with 100 simulated
+//!    in the new routing table. With 1 front-end, 100 and 1,000 simulated
 //!    ones (each its own NATS connection running the front-end's own
 //!    membership follower and routing table, without the HTTP listener).
 //! 2. Load crossing the upper level to the new member's first request:
@@ -15,7 +15,8 @@
 //!
 //! `cargo bench -p headroom-tests --bench reaction` (the nats-server
 //! binary from `NATS_SERVER_BIN`, as for the tests). `BENCH_TRIALS` and
-//! `BENCH_CROSSINGS` change the number of trials.
+//! `BENCH_CROSSINGS` change the number of trials (0 crossings skips part
+//! two), `BENCH_FRONTENDS` the front-end counts (`1,100,1000`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,27 +34,10 @@ use headroom_shared::wire::{
     now_ms, AuditEvent, EventKind, PutCluster, ReconfigAction, ReconfigRequest, RegisterServer,
 };
 use headroom_shared::{subjects, ClusterId, SCHEMA_VERSION};
-use headroom_tests::{eventually, NatsServer};
+use headroom_tests::{env_usize, eventually, percentiles, NatsServer};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// p50, p99 and max of `samples`, in ms.
-fn percentiles(samples: &mut [f64]) -> (f64, f64, f64) {
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i]
-    };
-    (at(0.50), at(0.99), at(1.0))
-}
 
 fn row(name: &str, samples: &mut [f64]) {
     let (p50, p99, max) = percentiles(samples);
@@ -407,9 +391,17 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let trials = env_usize("BENCH_TRIALS", 50);
     let crossings = env_usize("BENCH_CROSSINGS", 5);
+    let frontends: Vec<usize> = std::env::var("BENCH_FRONTENDS")
+        .unwrap_or_else(|_| "1,100,1000".to_owned())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
     runtime.block_on(async {
-        decision_to_frontends(1, trials).await;
-        decision_to_frontends(100, trials).await;
-        crossing_to_first_request(crossings).await;
+        for n in frontends {
+            decision_to_frontends(n, trials).await;
+        }
+        if crossings > 0 {
+            crossing_to_first_request(crossings).await;
+        }
     });
 }

@@ -32,7 +32,7 @@ use headroom_shared::kv::{
 };
 use headroom_shared::wire::{EventKind, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, RequestId, ServerId};
-use headroom_tests::{eventually, NatsServer};
+use headroom_tests::{env_usize, eventually, NatsServer};
 use rand::Rng;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
@@ -44,13 +44,6 @@ use crate::common::*;
 const CLUSTERS: [&str; 3] = ["c1", "c2", "c3"];
 const SERVERS: usize = 30;
 const DEDUP_WINDOW: Duration = Duration::from_secs(1);
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The allocator binary: `HEADROOM_ALLOCATOR_BIN`, else this workspace's
 /// (`scripts/test.sh` builds every binary before the tests; by hand,
@@ -196,9 +189,9 @@ async fn snapshot_or_none(store: &Store) -> Option<Snapshot> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_allocators_and_nats_server_never_apply_a_request_twice() {
     headroom_shared::telemetry::init_for_tests();
-    let kills = setting("HEADROOM_CRASH_KILLS", 60);
-    let nats_kills = setting("HEADROOM_CRASH_NATS_KILLS", 6);
-    let wanted = setting("HEADROOM_CRASH_REQUESTS", 150);
+    let kills = env_usize("HEADROOM_CRASH_KILLS", 60);
+    let nats_kills = env_usize("HEADROOM_CRASH_NATS_KILLS", 6);
+    let wanted = env_usize("HEADROOM_CRASH_REQUESTS", 150);
     let started = Instant::now();
 
     let nats = Arc::new(Mutex::new(NatsServer::start().await.expect("nats-server")));
