@@ -10,7 +10,8 @@
 //!
 //! `cargo bench -p headroom-tests --bench fleet` (the nats-server binary
 //! from `NATS_SERVER_BIN`, as for the tests). `BENCH_SIZES` (comma
-//! separated) and `BENCH_ALLOCATIONS` (per size, 100) change the run.
+//! separated), `BENCH_ALLOCATIONS` (per size, 100) and `BENCH_RECONCILE_S`
+//! (the reconciler's interval, 5) change the run.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -144,7 +145,7 @@ fn main() {
             let before = rss_mib();
             let mut config = nats.config();
             config.allocator.instance = format!("fleet-{size}");
-            config.allocator.reconcile_interval = Duration::from_secs(5);
+            config.allocator.reconcile_interval = Duration::from_secs(std::env::var("BENCH_RECONCILE_S").ok().and_then(|v| v.parse().ok()).unwrap_or(5));
             config.allocator.repair_after = Duration::from_secs(10);
             let shutdown = CancellationToken::new();
             let ops = Ops::new("headroom-allocator");
