@@ -7,8 +7,8 @@
 //!
 //! # Layout
 //! - [`store`]: typed, revision-checked access to the KV buckets.
-//! - [`placement`]: pure decisions: which server to allocate, what needs
-//!   repair.
+//! - [`placement`]: pure decisions: what needs repair (and the ranking
+//!   of servers stated plainly, which the pool view is tested against).
 //! - [`pool`]: the in-memory view of every server, kept by a KV watch,
 //!   from which a server is chosen without reading the bucket.
 //! - [`ops`]: the operations (allocate, release, replace, reweight,

@@ -90,6 +90,15 @@ enum Goal {
     MinSize,
 }
 
+/// A cluster record read before a request's first attempt, taken by it.
+struct FirstRead(std::sync::Mutex<Option<Versioned<ClusterRecord>>>);
+
+impl FirstRead {
+    fn none() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+}
+
 /// The allocator's handle on KV and the bus.
 pub struct Allocator {
     pub(crate) store: Store,
@@ -292,19 +301,20 @@ impl Allocator {
                 if *count == 0 {
                     return Err(reject(codes::INVALID, "allocate count must be at least 1"));
                 }
-                let since = self.take_up(request).await?;
+                let (since, first) = self.take_up(request).await?;
                 let goal = Goal::Count {
                     count: *count,
                     since,
                 };
-                self.allocate(c, id, goal, request_type.as_deref()).await
+                self.allocate(c, id, goal, request_type.as_deref(), first)
+                    .await
             }
             ReconfigAction::Release { server } => {
-                let since = self.take_up(request).await?;
-                self.release(c, server, id, since).await
+                let (since, first) = self.take_up(request).await?;
+                self.release(c, server, id, since, first).await
             }
             ReconfigAction::Replace { server } => {
-                let since = self.take_up(request).await?;
+                let (since, _) = self.take_up(request).await?;
                 self.replace(c, server, id, since).await
             }
             // Setting a weight again changes nothing: no mark needed.
@@ -315,14 +325,12 @@ impl Allocator {
     }
 
     /// Marks `request` taken up, before anything it changes, and returns the
-    /// cluster generation of the first delivery to get here: whatever this
-    /// request did, or will do, is written after it.
-    async fn take_up(&self, request: &ReconfigRequest) -> Result<u64, OpError> {
-        let generation = self
-            .store
-            .cluster(&request.cluster)
-            .await?
-            .map_or(0, |c| c.value.generation);
+    /// cluster generation of the first delivery to get here (whatever this
+    /// request did, or will do, is written after it), with the record read
+    /// for the mark, for the request's first attempt.
+    async fn take_up(&self, request: &ReconfigRequest) -> Result<(u64, FirstRead), OpError> {
+        let read = self.store.cluster(&request.cluster).await?;
+        let generation = read.as_ref().map_or(0, |c| c.value.generation);
         let mark = RequestStarted {
             v: SCHEMA_VERSION,
             id: request.id.clone(),
@@ -331,7 +339,23 @@ impl Allocator {
             by: self.instance.clone(),
             at_ms: now_ms(),
         };
-        Ok(self.store.start(&mark).await?.generation)
+        let since = self.store.start(&mark).await?.generation;
+        Ok((since, FirstRead(std::sync::Mutex::new(read))))
+    }
+
+    /// The cluster record for an attempt: the one already read for the
+    /// first, a fresh read after that (a stale one only costs a lost
+    /// compare-and-set).
+    async fn cluster_for(
+        &self,
+        c: &ClusterId,
+        first: &FirstRead,
+    ) -> Result<Versioned<ClusterRecord>, OpError> {
+        let read = first.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match read {
+            Some(record) => Ok(record),
+            None => self.load_cluster(c).await,
+        }
     }
 
     async fn load_cluster(&self, c: &ClusterId) -> Result<Versioned<ClusterRecord>, OpError> {
@@ -347,11 +371,13 @@ impl Allocator {
         id: &RequestId,
         goal: Goal,
         request_type: Option<&str>,
+        first: FirstRead,
     ) -> Result<Outcome, OpError> {
         let lost_races = &AtomicU32::new(0);
+        let first = &first;
         let what = || format!("allocation to {c}");
         self.with_retries(what, |_| async move {
-            let cluster = self.load_cluster(c).await?;
+            let cluster = self.cluster_for(c, first).await?;
             // Finish what this request began earlier (a crash, a lost race,
             // a redelivery running beside us) before adding more.
             if let Some(joining) = cluster
@@ -601,10 +627,12 @@ impl Allocator {
         server: &ServerId,
         id: &RequestId,
         since: u64,
+        first: FirstRead,
     ) -> Result<Outcome, OpError> {
+        let first = &first;
         let what = || format!("release of {server} from {c}");
         self.with_retries(what, |_| async move {
-            let mut cluster = self.load_cluster(c).await?;
+            let mut cluster = self.cluster_for(c, first).await?;
             let min = cluster.value.policy.min_size;
             let active = cluster.value.active();
             let timeout = cluster.value.policy.drain_timeout_ms;
@@ -829,7 +857,7 @@ impl Allocator {
         )
         .await;
         let goal = Goal::Count { count: 1, since };
-        self.allocate(c, id, goal, None).await
+        self.allocate(c, id, goal, None, FirstRead::none()).await
     }
 
     async fn reweight(
@@ -888,7 +916,8 @@ impl Allocator {
     pub async fn fill_to_min(&self, c: &ClusterId) -> Result<Outcome, OpError> {
         let id = RequestId::new(format!("fill-{c}"))
             .map_err(|e| reject(codes::INVALID, e.to_string()))?;
-        self.allocate(c, &id, Goal::MinSize, None).await
+        self.allocate(c, &id, Goal::MinSize, None, FirstRead::none())
+            .await
     }
 
     // ---- admin ----

@@ -7,13 +7,17 @@ use std::collections::HashMap;
 use headroom_shared::kv::{ClusterRecord, MemberState, ServerRecord, ServerState};
 use headroom_shared::{ClusterId, ServerId};
 
-/// Free servers that can join `cluster`, best first.
+/// Free servers that can join `cluster`, best first: the ranking stated
+/// plainly, over a list. The allocator ranks from its indexed view of the
+/// pool ([`crate::pool::PoolView::candidates`]), which is tested against
+/// this, so this is kept for the tests only.
 ///
 /// A server fits when it serves `request_type` (if one is asked for) and at
 /// least one of the cluster's request types. Among those: servers that cover
 /// every type the cluster routes, then servers that served this cluster
 /// before (their cache is warm for it), then wider coverage, then id order
 /// so the choice is stable.
+#[cfg(test)]
 pub fn rank_candidates<'a>(
     servers: impl IntoIterator<Item = &'a ServerRecord>,
     cluster: &ClusterRecord,

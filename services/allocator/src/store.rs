@@ -186,7 +186,9 @@ impl Store {
         Self::get(&self.servers, id.as_str()).await
     }
 
-    /// Every server record; undecodable ones are logged and skipped.
+    /// Every server record; undecodable ones are logged and skipped. It
+    /// reads every key: the allocator itself uses its view of the pool
+    /// ([`crate::pool`]); this is for tools and tests.
     ///
     /// # Errors
     /// On a KV failure.
@@ -268,12 +270,21 @@ impl Store {
         &self,
         record: &RequestRecord,
     ) -> Result<RequestRecord, StoreError> {
-        match Self::cas(&self.requests, record.id.as_str(), record, 0).await {
-            Ok(_) => Ok(record.clone()),
-            Err(StoreError::Conflict { .. }) => Ok(self
-                .outcome(&record.id)
+        Self::create_once(&self.requests, record.id.as_str(), record).await
+    }
+
+    /// Creates `key` with `value` unless it exists; returns the value that
+    /// stands (this one, or the one written first).
+    async fn create_once<T: Message + Clone>(
+        bucket: &kv::Store,
+        key: &str,
+        value: &T,
+    ) -> Result<T, StoreError> {
+        match Self::cas(bucket, key, value, 0).await {
+            Ok(_) => Ok(value.clone()),
+            Err(StoreError::Conflict { .. }) => Ok(Self::get::<T>(bucket, key)
                 .await?
-                .unwrap_or_else(|| record.clone())),
+                .map_or_else(|| value.clone(), |v| v.value)),
             Err(err) => Err(err),
         }
     }
@@ -284,15 +295,6 @@ impl Store {
     /// # Errors
     /// On a KV failure or an undecodable record.
     pub async fn start(&self, started: &RequestStarted) -> Result<RequestStarted, StoreError> {
-        let key = RequestStarted::key(&started.id);
-        match Self::cas(&self.requests, &key, started, 0).await {
-            Ok(_) => Ok(started.clone()),
-            Err(StoreError::Conflict { .. }) => {
-                Ok(Self::get::<RequestStarted>(&self.requests, &key)
-                    .await?
-                    .map_or_else(|| started.clone(), |v| v.value))
-            }
-            Err(err) => Err(err),
-        }
+        Self::create_once(&self.requests, &RequestStarted::key(&started.id), started).await
     }
 }
