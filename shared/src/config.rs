@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Environment variable naming the configuration file.
 pub const CONFIG_FILE_ENV: &str = "HEADROOM_CONFIG";
@@ -379,6 +379,31 @@ pub struct BackendConfig {
     pub cacheable_prefix: String,
     #[serde(with = "humantime_serde")]
     pub cache_max_age: Duration,
+    /// Requests worked on at once; the rest wait in a FIFO queue, as on a
+    /// real server with a fixed pool of workers. 0 is no limit.
+    pub concurrency: usize,
+    /// Requests that may wait for a slot; past it the answer is 503 with
+    /// `Retry-After` at once, as a server with a full backlog refuses.
+    pub queue_limit: usize,
+    /// How each request's waiting time is drawn around `cost`.
+    pub service_time: ServiceTime,
+    /// The lognormal's shape (the standard deviation of the log).
+    pub service_sigma: f64,
+    /// Seeds the service-time draws, so that runs repeat.
+    pub seed: u64,
+}
+
+/// The distribution of a request's service time, whose mean is `cost`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceTime {
+    /// Exactly `cost`.
+    #[default]
+    Fixed,
+    /// Exponential with mean `cost` (an M/M/c server).
+    Exponential,
+    /// Lognormal with mean `cost` and shape `service_sigma` (a long tail).
+    Lognormal,
 }
 
 impl Default for BackendConfig {
@@ -391,6 +416,11 @@ impl Default for BackendConfig {
             size: 256,
             cacheable_prefix: "/static/".to_owned(),
             cache_max_age: Duration::from_secs(60),
+            concurrency: 8,
+            queue_limit: 256,
+            service_time: ServiceTime::Fixed,
+            service_sigma: 0.5,
+            seed: 1,
         }
     }
 }
@@ -563,6 +593,11 @@ impl Config {
             if d.is_zero() {
                 return invalid(key, "must be above zero");
             }
+        }
+        if !(self.backend.service_sigma.is_finite()
+            && (0.0..=4.0).contains(&self.backend.service_sigma))
+        {
+            return invalid("backend.service_sigma", "must be between 0 and 4");
         }
         if let Some(url) = &self.agent.stats_url {
             if !url.starts_with("http://") {

@@ -113,8 +113,16 @@ pub struct PerformanceReport {
     pub net_rx_bytes_per_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_tx_bytes_per_s: Option<f64>,
+    /// Requests in the server: being worked on, or waiting for a slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<u32>,
+    /// Of those, the ones waiting for a slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u32>,
+    /// The requests the server works on at once: with it, in flight over
+    /// concurrency is the server's utilisation, above 1 under overload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +160,8 @@ impl PerformanceReport {
             net_rx_bytes_per_s: None,
             net_tx_bytes_per_s: None,
             in_flight: None,
+            queued: None,
+            concurrency: None,
             requests_per_s: None,
             latency_p50_ms: None,
             latency_p99_ms: None,
@@ -204,6 +214,12 @@ impl PerformanceReport {
                     return invalid(field, format!("{x} is not a finite amount"));
                 }
             }
+        }
+        if self.concurrency == Some(0) {
+            return invalid(
+                "concurrency",
+                "is 0: a server works on at least one".to_owned(),
+            );
         }
         if let (Some(p50), Some(p99)) = (self.latency_p50_ms, self.latency_p99_ms) {
             if p50 > p99 {
@@ -622,6 +638,8 @@ mod tests {
             net_rx_bytes_per_s: None,
             net_tx_bytes_per_s: None,
             in_flight: Some(3),
+            queued: Some(1),
+            concurrency: Some(8),
             requests_per_s: Some(120.0),
             latency_p50_ms: Some(2.0),
             latency_p99_ms: Some(9.5),

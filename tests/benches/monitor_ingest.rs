@@ -37,6 +37,8 @@ fn reports(servers: usize) -> Vec<(String, bytes::Bytes)> {
                 net_rx_bytes_per_s: Some(1e6),
                 net_tx_bytes_per_s: Some(2e6),
                 in_flight: Some(4),
+                queued: Some(0),
+                concurrency: Some(8),
                 requests_per_s: Some(100.0),
                 latency_p50_ms: Some(3.0),
                 latency_p99_ms: Some(12.0),

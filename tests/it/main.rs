@@ -3,6 +3,7 @@
 
 mod agent;
 mod allocator;
+mod backend;
 mod cli;
 mod common;
 mod crash;

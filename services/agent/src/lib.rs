@@ -64,6 +64,10 @@ pub struct AppStats {
     /// The mean in flight since the last read, when the application keeps
     /// it: reported instead of `in_flight`, which is one noisy instant.
     pub in_flight_mean: Option<f64>,
+    /// Of those in flight, the ones waiting for a slot now.
+    pub queued: Option<u32>,
+    /// Requests it works on at once.
+    pub concurrency: Option<u32>,
     pub requests_per_s: Option<f64>,
     pub latency_p50_ms: Option<f64>,
     pub latency_p99_ms: Option<f64>,
@@ -304,6 +308,8 @@ async fn report_loop(
                 .filter(|m| m.is_finite() && *m >= 0.0)
                 .map(|m| m.round().min(f64::from(u32::MAX)) as u32)
                 .or(app.in_flight),
+            queued: app.queued,
+            concurrency: app.concurrency.filter(|c| *c > 0),
             requests_per_s: app.requests_per_s,
             latency_p50_ms: app.latency_p50_ms,
             latency_p99_ms: app.latency_p99_ms,

@@ -164,6 +164,7 @@ struct Reading {
     fresh_for_ms: u32,
     cpu: Option<f32>,
     in_flight: Option<u32>,
+    concurrency: Option<u32>,
     latency_p99_ms: Option<f32>,
 }
 
@@ -175,6 +176,7 @@ impl Reading {
             fresh_for_ms: u32::try_from(fresh).unwrap_or(u32::MAX),
             cpu: report.cpu.map(|x| x as f32),
             in_flight: report.in_flight,
+            concurrency: report.concurrency,
             latency_p99_ms: report.latency_p99_ms.map(|x| x as f32),
         }
     }
@@ -182,6 +184,16 @@ impl Reading {
     fn fresh(&self, now_ms: u64) -> bool {
         now_ms.saturating_sub(self.at_ms) <= u64::from(self.fresh_for_ms)
     }
+}
+
+/// A server's merged measures now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Current {
+    cpu: Option<f64>,
+    in_flight: Option<u32>,
+    /// Its own slots, as its agent says.
+    concurrency: Option<u32>,
+    latency: Option<f64>,
 }
 
 /// What one server is known to be doing, and how long it has been so.
@@ -227,7 +239,7 @@ impl Tracked {
     /// authoritative; without them, the front-ends' in-flight counts add
     /// up (each sees its own share); latency is the worst anyone saw,
     /// because the outside view includes queueing the server cannot see.
-    fn current(&self, now_ms: u64) -> (Option<f64>, Option<u32>, Option<f64>) {
+    fn current(&self, now_ms: u64) -> Current {
         let agent = self.agent.filter(|r| r.fresh(now_ms));
         let fronts = self.frontends.iter().filter(|(_, r)| r.fresh(now_ms));
         let cpu = agent.and_then(|r| r.cpu).map(f64::from);
@@ -245,23 +257,35 @@ impl Tracked {
         if in_flight.is_none() {
             in_flight = front_in_flight;
         }
-        (cpu, in_flight, latency)
+        Current {
+            cpu,
+            in_flight,
+            concurrency: agent.and_then(|r| r.concurrency),
+            latency,
+        }
     }
 }
 
 /// A server's utilisation under `measures`; `None` when none of the
-/// weighted measures is known.
+/// weighted measures is known. Requests in flight count against the
+/// server's own `concurrency` when it reports one, else against the
+/// policy's `in_flight_capacity`; queued requests are in flight, so a
+/// server past its capacity reads above 1.
 pub fn utilisation(
     measures: &Measures,
     cpu: Option<f64>,
     in_flight: Option<u32>,
+    concurrency: Option<u32>,
     latency_p99_ms: Option<f64>,
 ) -> Option<f64> {
+    let capacity = concurrency
+        .filter(|c| *c > 0)
+        .map_or(measures.in_flight_capacity, f64::from);
     let parts = [
         (measures.cpu, cpu),
         (
             measures.in_flight,
-            in_flight.map(|n| f64::from(n) / measures.in_flight_capacity),
+            in_flight.map(|n| f64::from(n) / capacity),
         ),
         (
             measures.latency,
@@ -526,7 +550,12 @@ fn evaluate(
         let Some(t) = servers.get_mut(&m.server) else {
             continue;
         };
-        let (cpu, in_flight, latency) = t.current(now_ms);
+        let Current {
+            cpu,
+            in_flight,
+            concurrency,
+            latency,
+        } = t.current(now_ms);
         let quiet_since = t.last_agent_ms.unwrap_or(t.first_seen_ms);
         let quiet_ms = now_ms.saturating_sub(quiet_since);
         let is_silent = quiet_ms >= s.silent_after_ms;
@@ -535,7 +564,7 @@ fn evaluate(
         let u = if is_silent {
             None
         } else {
-            utilisation(&s.measures, cpu, in_flight, latency)
+            utilisation(&s.measures, cpu, in_flight, concurrency, latency)
         };
         let since = |flag: bool, at: &mut Option<u64>| {
             if flag {
@@ -852,9 +881,12 @@ mod tests {
     #[test]
     fn utilisation_is_a_weighted_mean_of_the_known_measures() {
         let cpu_only = measures();
-        assert_eq!(utilisation(&cpu_only, Some(0.5), Some(10), None), Some(0.5));
         assert_eq!(
-            utilisation(&cpu_only, None, Some(10), Some(100.0)),
+            utilisation(&cpu_only, Some(0.5), Some(10), None, None),
+            Some(0.5)
+        );
+        assert_eq!(
+            utilisation(&cpu_only, None, Some(10), None, Some(100.0)),
             None,
             "unknown, not zero"
         );
@@ -867,14 +899,31 @@ mod tests {
         };
         // (0.4 + 0.5 + 2 * 0.5) / 4
         assert_eq!(
-            utilisation(&mixed, Some(0.4), Some(5), Some(50.0)),
+            utilisation(&mixed, Some(0.4), Some(5), None, Some(50.0)),
             Some(0.475)
         );
         // Missing measures drop out of the mean instead of counting as 0.
-        assert_eq!(utilisation(&mixed, Some(0.4), None, None), Some(0.4));
+        assert_eq!(utilisation(&mixed, Some(0.4), None, None, None), Some(0.4));
+        // A server that says how many it works on at once is measured
+        // against that: 12 in flight (8 working, 4 queued) on 8 slots.
+        let in_flight_only = Measures {
+            cpu: 0.0,
+            in_flight: 1.0,
+            in_flight_capacity: 64.0,
+            ..mixed
+        };
+        assert_eq!(
+            utilisation(&in_flight_only, None, Some(12), Some(8), None),
+            Some(1.5)
+        );
+        assert_eq!(
+            utilisation(&in_flight_only, None, Some(16), None, None),
+            Some(0.25),
+            "the policy's capacity without one"
+        );
         // An absurd latency is capped.
         assert_eq!(
-            utilisation(&mixed, None, None, Some(1e9)),
+            utilisation(&mixed, None, None, None, Some(1e9)),
             Some(MEASURE_CAP)
         );
     }
@@ -938,13 +987,16 @@ mod tests {
             .get(&ServerId::new("s1").expect("id"))
             .expect("tracked");
         assert_eq!(t.frontends.len(), MAX_FRONTENDS, "bounded");
-        let (cpu, in_flight, latency) = t.current(0);
-        assert_eq!(cpu, Some(0.5), "the agent's own CPU");
-        assert_eq!(in_flight, Some(2), "the agent's own count wins");
-        assert_eq!(latency, Some(49.0), "the worst latency seen from outside");
+        let now = t.current(0);
+        assert_eq!(now.cpu, Some(0.5), "the agent's own CPU");
+        assert_eq!(now.in_flight, Some(2), "the agent's own count wins");
+        assert_eq!(
+            now.latency,
+            Some(49.0),
+            "the worst latency seen from outside"
+        );
         // Once the agent's reading is stale, the front-ends' counts add up.
-        let (_, in_flight, _) = t.current(3_100);
-        assert_eq!(in_flight, None, "all stale");
+        assert_eq!(t.current(3_100).in_flight, None, "all stale");
     }
 
     #[test]
