@@ -375,6 +375,15 @@ pub struct ScalingPolicy {
     /// A member that has sent no report for this long is unhealthy and is
     /// replaced (never released: silence is not idleness).
     pub silent_after_ms: u64,
+    /// Utilisation, as a multiple of `target`, that is a large overload:
+    /// held for two evaluations, it scales up without waiting out
+    /// `sustain_ms` (Knative's panic mode starts at the same 200 %).
+    /// 0 turns it off.
+    pub panic_ratio: f64,
+    /// Size a scale-up for the load expected when it can next act (the
+    /// window's trend carried `cooldown_up_ms` ahead, at most twice the
+    /// held load) rather than for the least load of the window.
+    pub project_rise: bool,
 }
 
 /// How a server's utilisation is computed from its report: a weighted mean
@@ -421,6 +430,8 @@ impl Default for ScalingPolicy {
             max_step: 4,
             measures: Measures::default(),
             silent_after_ms: 10_000,
+            panic_ratio: 2.0,
+            project_rise: true,
         }
     }
 }
@@ -555,6 +566,12 @@ impl ClusterPolicy {
             return err(
                 "scaling.release_sustain_ms",
                 "must be at least scaling.sustain_ms (releasing is the slower decision)".into(),
+            );
+        }
+        if !(s.panic_ratio == 0.0 || (s.panic_ratio.is_finite() && s.panic_ratio >= 1.0)) {
+            return err(
+                "scaling.panic_ratio",
+                format!("{} must be 0 (off) or at least 1", s.panic_ratio),
             );
         }
         if s.silent_after_ms < 1_000 {

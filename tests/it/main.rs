@@ -8,6 +8,7 @@ mod cli;
 mod common;
 mod crash;
 mod demo;
+mod evaluate;
 mod frontend;
 mod loadgen;
 mod monitor;

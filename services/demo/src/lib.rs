@@ -30,7 +30,7 @@ use headroom_loadgen::{Profile, Summary, Target};
 use headroom_monitor::decide::utilisation;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::config::BackendConfig;
+use headroom_shared::config::{BackendConfig, ServiceTime};
 use headroom_shared::kv::{
     ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy, ServerRecord, ServerState,
     CLUSTERS_BUCKET, SERVERS_BUCKET,
@@ -78,9 +78,13 @@ pub struct Settings {
     /// Sample backends, each with its agent; `policy.min_size` of them are
     /// members at the start, the rest wait in the pool.
     pub backends: usize,
-    /// Time each request spends in a backend: load shows as requests in
-    /// flight, which the policy weighs.
-    pub cost: Duration,
+    /// Each sample backend's capacity and cost (its name and address are
+    /// its own): load shows as requests in flight, queued ones included,
+    /// which the policy weighs.
+    pub backend: BackendConfig,
+    /// Whether the monitor runs: without it the cluster stays as it is
+    /// put, or as another controller sizes it.
+    pub monitor: bool,
     /// Agents' report interval, the front-end's report interval and the
     /// monitor's evaluation interval.
     pub interval: Duration,
@@ -95,8 +99,20 @@ pub struct Settings {
     pub listen: String,
 }
 
+/// The sample servers both scenarios use: 100 ms a request, 8 at once
+/// (80 requests/s flat out), up to 256 waiting, exponential service times.
+pub fn demo_backend() -> BackendConfig {
+    BackendConfig {
+        cost: Duration::from_millis(100),
+        concurrency: 8,
+        queue_limit: 256,
+        service_time: ServiceTime::Exponential,
+        ..BackendConfig::default()
+    }
+}
+
 /// The policy both scenarios use, with its windows scaled by `scale`.
-fn demo_policy(backends: usize, scale: f64) -> ClusterPolicy {
+pub fn demo_policy(backends: usize, scale: f64) -> ClusterPolicy {
     let ms = |full: u64| (full as f64 * scale).round() as u64;
     ClusterPolicy {
         min_size: 1,
@@ -121,6 +137,7 @@ fn demo_policy(backends: usize, scale: f64) -> ClusterPolicy {
                 latency_slo_ms: 250.0,
             },
             silent_after_ms: 10_000,
+            ..ScalingPolicy::default()
         },
         drain_timeout_ms: 10_000,
     }
@@ -133,7 +150,8 @@ impl Settings {
         let backends = 4;
         Self {
             backends,
-            cost: Duration::from_millis(100),
+            backend: demo_backend(),
+            monitor: true,
             interval: Duration::from_secs(1),
             policy: demo_policy(backends, 1.0),
             profile: Profile {
@@ -158,7 +176,8 @@ impl Settings {
         let backends = 4;
         Self {
             backends,
-            cost: Duration::from_millis(100),
+            backend: demo_backend(),
+            monitor: true,
             interval: Duration::from_millis(250),
             policy: demo_policy(backends, 0.5),
             profile: Profile {
@@ -403,8 +422,7 @@ impl System {
                 BackendConfig {
                     name: name.clone(),
                     listen: "127.0.0.1:0".to_owned(),
-                    cost: settings.cost,
-                    ..BackendConfig::default()
+                    ..settings.backend.clone()
                 },
                 shutdown.clone(),
             )
@@ -445,22 +463,26 @@ impl System {
         .await?;
         let _ = writeln!(
             out,
-            "{} sample backends registered in the pool ({} ms per request)",
+            "{} sample backends registered in the pool ({} ms per request, {} at once, {} may queue)",
             settings.backends,
-            settings.cost.as_millis()
+            settings.backend.cost.as_millis(),
+            settings.backend.concurrency,
+            settings.backend.queue_limit
         );
 
         put_cluster(&client, &cluster, &settings.policy).await?;
-        spawn_service(
-            tasks,
-            "monitor".into(),
-            headroom_monitor::run(
-                config.clone(),
-                nats.client().await?,
-                Ops::new("headroom-monitor"),
-                shutdown.clone(),
-            ),
-        );
+        if settings.monitor {
+            spawn_service(
+                tasks,
+                "monitor".into(),
+                headroom_monitor::run(
+                    config.clone(),
+                    nats.client().await?,
+                    Ops::new("headroom-monitor"),
+                    shutdown.clone(),
+                ),
+            );
+        }
 
         let mut frontend_config = config.clone();
         frontend_config.frontend.cluster = CLUSTER.to_owned();
@@ -726,7 +748,15 @@ impl<'a> View<'a> {
             .iter()
             .filter_map(|server| self.reports.get(*server))
             .filter(|(at, _)| at.elapsed() <= fresh)
-            .filter_map(|(_, r)| utilisation(measures, r.cpu, r.in_flight, r.latency_p99_ms))
+            .filter_map(|(_, r)| {
+                utilisation(
+                    measures,
+                    r.cpu,
+                    r.in_flight,
+                    r.concurrency,
+                    r.latency_p99_ms,
+                )
+            })
             .collect();
         (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
     }
@@ -776,6 +806,7 @@ impl<'a> View<'a> {
                     .count(),
             )
             .unwrap_or(u32::MAX),
+            p99_ms: None,
         }
     }
 
@@ -875,14 +906,23 @@ impl<'a> View<'a> {
         let plot = self.settings.plot.clone();
         let csv = plot.with_extension("csv");
         let scaling = &self.settings.policy.scaling;
-        let svg = plot::svg(
-            &self.samples,
-            &self.marks,
-            "Headroom demo: load, utilisation and cluster size",
-            scaling.upper,
-            scaling.lower,
+        let mut samples = self.samples;
+        plot::fill_p99(
+            &mut samples,
+            &load.steps,
+            self.settings.profile.step.as_secs_f64(),
         );
-        for (path, text) in [(&plot, svg), (&csv, plot::csv(&self.samples))] {
+        let svg = plot::svg(
+            &samples,
+            &self.marks,
+            "Headroom demo: load, utilisation, cluster size and latency",
+            plot::Levels {
+                upper: scaling.upper,
+                lower: scaling.lower,
+                slo_ms: scaling.measures.latency_slo_ms,
+            },
+        );
+        for (path, text) in [(&plot, svg), (&csv, plot::csv(&samples))] {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|source| DemoError::Write {
                     path: dir.display().to_string(),
@@ -899,7 +939,7 @@ impl<'a> View<'a> {
         let mut releases = self.releases;
         releases.sort_by(|a, b| a.0.total_cmp(&b.0));
         Ok(Report {
-            samples: self.samples,
+            samples,
             marks: self.marks,
             load,
             allocations,

@@ -1,6 +1,7 @@
 //! The demo's timeline as a self-contained SVG (offered and served load,
-//! utilisation, cluster size and pool, each decision marked), and the same
-//! series as CSV for whoever wants to plot them another way.
+//! utilisation, cluster size and pool, each decision marked, and the p99
+//! latency against the objective), and the same series as CSV for whoever
+//! wants to plot them another way.
 //!
 //! Each series is a `<polyline>` whose `id` names it and whose
 //! `data-values` attribute holds the plotted values, so the file can be
@@ -25,6 +26,9 @@ pub struct Sample {
     pub utilisation: Option<f64>,
     /// Servers free in the pool.
     pub pool_free: u32,
+    /// p99 latency of the requests sent since the previous sample, in
+    /// milliseconds, when any was answered.
+    pub p99_ms: Option<f64>,
 }
 
 /// One decision or change, marked on the timeline.
@@ -46,7 +50,8 @@ const RIGHT: f64 = 30.0;
 const LOAD: (f64, f64) = (50.0, 150.0);
 const UTIL: (f64, f64) = (240.0, 120.0);
 const SIZE: (f64, f64) = (400.0, 150.0);
-const HEIGHT: f64 = 600.0;
+const LATENCY: (f64, f64) = (600.0, 120.0);
+const HEIGHT: f64 = 760.0;
 
 struct Axis {
     t_max: f64,
@@ -162,8 +167,22 @@ fn legend(out: &mut String, panel: (f64, f64), entries: &[(&str, &str)]) {
     }
 }
 
+/// The levels drawn across the panels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Levels {
+    pub upper: f64,
+    pub lower: f64,
+    /// The p99 latency objective, in milliseconds.
+    pub slo_ms: f64,
+}
+
 /// The timeline as an SVG document.
-pub fn svg(samples: &[Sample], marks: &[Mark], title: &str, upper: f64, lower: f64) -> String {
+pub fn svg(samples: &[Sample], marks: &[Mark], title: &str, levels: Levels) -> String {
+    let Levels {
+        upper,
+        lower,
+        slo_ms,
+    } = levels;
     let t_max = samples
         .iter()
         .map(|s| s.t_s)
@@ -311,6 +330,8 @@ pub fn svg(samples: &[Sample], marks: &[Mark], title: &str, upper: f64, lower: f
         |s| Some(f64::from(s.pool_free)),
     );
 
+    latency_panel(&mut out, samples, &axis, slo_ms);
+
     for (i, mark) in marks.iter().enumerate() {
         let x = axis.x(mark.t_s);
         // Staggered on three rows, so marks close in time stay readable.
@@ -334,7 +355,7 @@ pub fn svg(samples: &[Sample], marks: &[Mark], title: &str, upper: f64, lower: f
     }
 
     // The time axis.
-    let bottom = SIZE.0 + SIZE.1;
+    let bottom = LATENCY.0 + LATENCY.1;
     let tick = nice_max(t_max / 8.0);
     let mut t = 0.0;
     while t <= t_max + 1e-9 {
@@ -350,22 +371,82 @@ pub fn svg(samples: &[Sample], marks: &[Mark], title: &str, upper: f64, lower: f
     out
 }
 
+/// p99 latency on a log scale from 10 ms, so that both a healthy 150 ms
+/// and an overloaded 5 s show, with the objective across it.
+fn latency_panel(out: &mut String, samples: &[Sample], axis: &Axis, slo_ms: f64) {
+    let worst = samples
+        .iter()
+        .filter_map(|s| s.p99_ms)
+        .fold(slo_ms * 2.0, f64::max);
+    let decades = (worst / 10.0).log10().ceil().max(1.0);
+    let log = |ms: f64| (ms.max(10.0) / 10.0).log10();
+    panel_frame(
+        out,
+        LATENCY,
+        &format!(
+            "p99 latency (ms, log scale from 10 to {:.0})",
+            10.0 * 10f64.powf(decades)
+        ),
+        decades,
+        "",
+    );
+    let ly = y(LATENCY, log(slo_ms), decades);
+    let _ = writeln!(
+        out,
+        r##"<line id="slo" data-value="{slo_ms}" x1="{LEFT}" x2="{:.0}" y1="{ly:.1}" y2="{ly:.1}" stroke="#d62728" stroke-dasharray="4 3" stroke-width="1"/><text x="{:.0}" y="{:.1}" font-size="10" fill="#d62728" text-anchor="end">SLO {slo_ms} ms</text>"##,
+        WIDTH - RIGHT,
+        WIDTH - RIGHT - 4.0,
+        ly - 3.0
+    );
+    let mut points = Vec::new();
+    for s in samples {
+        if let Some(p) = s.p99_ms {
+            points.push(format!(
+                "{:.1},{:.1}",
+                axis.x(s.t_s),
+                y(LATENCY, log(p), decades)
+            ));
+        }
+    }
+    let _ = writeln!(
+        out,
+        r##"<polyline id="p99-latency" data-values="{}" fill="none" stroke="#e377c2" stroke-width="2" points="{}"/>"##,
+        values(samples, |s| s.p99_ms),
+        points.join(" ")
+    );
+}
+
+/// Sets each sample's p99 from the requests sent since the sample before
+/// it, `steps` being the load's tally of each step of `step_s` seconds.
+pub fn fill_p99(samples: &mut [Sample], steps: &[headroom_loadgen::StepTally], step_s: f64) {
+    let mut next = 0usize;
+    for sample in samples {
+        let mut latencies: Vec<u32> = Vec::new();
+        while next < steps.len() && (next as f64) * step_s < sample.t_s {
+            latencies.extend_from_slice(&steps[next].latencies_us);
+            next += 1;
+        }
+        sample.p99_ms = headroom_loadgen::percentile_ms(&mut latencies, 0.99);
+    }
+}
+
 /// The same series as CSV, one row per sample.
 pub fn csv(samples: &[Sample]) -> String {
     let mut out = String::from(
-        "t_s,offered_rps,served_rps,members,joining_or_draining,utilisation,pool_free\n",
+        "t_s,offered_rps,served_rps,members,joining_or_draining,utilisation,pool_free,p99_ms\n",
     );
     for s in samples {
         let _ = writeln!(
             out,
-            "{:.2},{:.1},{:.1},{},{},{},{}",
+            "{:.2},{:.1},{:.1},{},{},{},{},{}",
             s.t_s,
             s.offered_rps,
             s.served_rps,
             s.members,
             s.changing,
             s.utilisation.map_or(String::new(), |u| format!("{u:.3}")),
-            s.pool_free
+            s.pool_free,
+            s.p99_ms.map_or(String::new(), |p| format!("{p:.1}"))
         );
     }
     out
@@ -406,6 +487,7 @@ mod tests {
             changing: 0,
             utilisation,
             pool_free: 4 - members,
+            p99_ms: Some(100.0 * t_s + 50.0),
         }
     }
 
@@ -422,7 +504,12 @@ mod tests {
             label: "+2".into(),
             detail: "allocate 2".into(),
         }];
-        let svg = svg(&samples, &marks, "demo <run>", 0.75, 0.3);
+        let levels = Levels {
+            upper: 0.75,
+            lower: 0.3,
+            slo_ms: 250.0,
+        };
+        let svg = svg(&samples, &marks, "demo <run>", levels);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert_eq!(
@@ -437,11 +524,19 @@ mod tests {
             read_series(&svg, "pool-free"),
             Some(vec![Some(3.0), Some(3.0), Some(1.0)])
         );
+        assert_eq!(
+            read_series(&svg, "p99-latency"),
+            Some(vec![Some(50.0), Some(150.0), Some(250.0)])
+        );
+        assert!(svg.contains(r#"<line id="slo" data-value="250""#));
         assert!(svg.contains(r#"data-action="allocate""#));
         assert!(svg.contains("demo &lt;run&gt;"));
         let csv = csv(&samples);
         assert_eq!(csv.lines().count(), 4);
-        assert!(csv.lines().nth(2).is_some_and(|l| l.ends_with(",1,0,,3")));
+        assert!(csv
+            .lines()
+            .nth(2)
+            .is_some_and(|l| l.ends_with(",1,0,,3,150.0")));
     }
 
     #[test]

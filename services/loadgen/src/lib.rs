@@ -126,6 +126,31 @@ pub struct Summary {
     pub skipped: u64,
     pub seconds: f64,
     pub latency_ms: Percentiles,
+    /// What happened to the requests sent in each step of the profile.
+    #[serde(skip)]
+    pub steps: Vec<StepTally>,
+}
+
+/// The requests sent in one step of the profile, and their answers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepTally {
+    pub sent: u64,
+    pub ok: u64,
+    /// Answers by status code, other than 2xx.
+    pub statuses: BTreeMap<u16, u64>,
+    /// No answer (connection refused, reset, timeout).
+    pub failed: u64,
+    /// Not sent: `max_in_flight` were already waiting.
+    pub skipped: u64,
+    /// Latency of each answered 2xx, in microseconds, in no order.
+    pub latencies_us: Vec<u32>,
+}
+
+impl StepTally {
+    /// Requests that did not get a 2xx, the skipped ones included.
+    pub fn errors(&self) -> u64 {
+        self.failed + self.skipped + self.statuses.values().sum::<u64>()
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -159,6 +184,35 @@ struct Tally {
     statuses: BTreeMap<u16, u64>,
     failed: u64,
     latencies_us: Vec<u32>,
+    steps: Vec<StepTally>,
+}
+
+impl Tally {
+    fn record(&mut self, step: usize, answer: Option<http::StatusCode>, elapsed_us: u32) {
+        let at = self.steps.get_mut(step);
+        match answer {
+            Some(s) if s.is_success() => {
+                self.ok += 1;
+                self.latencies_us.push(elapsed_us);
+                if let Some(at) = at {
+                    at.ok += 1;
+                    at.latencies_us.push(elapsed_us);
+                }
+            }
+            Some(s) => {
+                *self.statuses.entry(s.as_u16()).or_default() += 1;
+                if let Some(at) = at {
+                    *at.statuses.entry(s.as_u16()).or_default() += 1;
+                }
+            }
+            None => {
+                self.failed += 1;
+                if let Some(at) = at {
+                    at.failed += 1;
+                }
+            }
+        }
+    }
 }
 
 /// Where progress goes: a line per step, or one line redrawn in place
@@ -186,19 +240,21 @@ pub async fn run(
 ) -> Summary {
     let client: Client<HttpConnector, Empty<Bytes>> =
         Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let tally = Arc::new(Mutex::new(Tally::default()));
+    let tally = Arc::new(Mutex::new(Tally {
+        steps: vec![StepTally::default(); profile.rates.len()],
+        ..Tally::default()
+    }));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(target.max_in_flight.max(1)));
     let started = Instant::now();
     let mut sent = 0u64;
     let mut skipped = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
-    // Spread each step's requests over the step, in 1 ms slices: at
-    // thousands a second, coarser slices send bursts of hundreds at once,
-    // and the latencies measure the burst's queue rather than the server.
-    let slice = Duration::from_millis(1).min(profile.step);
-    let slices = (profile.step.as_secs_f64() / slice.as_secs_f64())
-        .round()
-        .max(1.0);
+    // Spread each step's requests over the step, in slices of about a
+    // millisecond that divide it exactly (so a step lasts what it says):
+    // at thousands a second, coarser slices send bursts of hundreds at
+    // once, and the latencies measure the burst's queue, not the server.
+    let slices = (profile.step.as_secs_f64() / 1e-3).round().max(1.0);
+    let slice = profile.step.div_f64(slices).max(Duration::from_micros(1));
     let mut due = 0.0f64;
     let mut ticker = tokio::time::interval(slice);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -213,12 +269,22 @@ pub async fn run(
                 due -= 1.0;
                 let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                     skipped += 1;
+                    if let Ok(mut t) = tally.lock() {
+                        if let Some(at) = t.steps.get_mut(step) {
+                            at.skipped += 1;
+                        }
+                    }
                     continue;
                 };
                 let path =
                     &target.paths[usize::try_from(sent).unwrap_or(0) % target.paths.len().max(1)];
                 let uri = format!("{}{}", target.base, path);
                 sent += 1;
+                if let Ok(mut t) = tally.lock() {
+                    if let Some(at) = t.steps.get_mut(step) {
+                        at.sent += 1;
+                    }
+                }
                 let (client, tally, timeout) = (client.clone(), tally.clone(), target.timeout);
                 tasks.spawn(async move {
                     let begun = Instant::now();
@@ -234,14 +300,7 @@ pub async fn run(
                     .flatten();
                     let elapsed = u32::try_from(begun.elapsed().as_micros()).unwrap_or(u32::MAX);
                     if let Ok(mut t) = tally.lock() {
-                        match answer {
-                            Some(s) if s.is_success() => {
-                                t.ok += 1;
-                                t.latencies_us.push(elapsed);
-                            }
-                            Some(s) => *t.statuses.entry(s.as_u16()).or_default() += 1,
-                            None => t.failed += 1,
-                        }
+                        t.record(step, answer, elapsed);
                     }
                     drop(permit);
                 });
@@ -293,16 +352,24 @@ pub async fn run(
         skipped,
         seconds,
         latency_ms,
+        steps: t.steps,
     }
 }
 
 fn percentile(samples: &mut [u32], q: f64) -> f64 {
-    if samples.is_empty() {
-        return 0.0;
+    percentile_ms(samples, q).unwrap_or(0.0)
+}
+
+/// The `q` quantile (nearest rank) of latencies in microseconds, in
+/// milliseconds; `None` without any. Sorts `latencies_us`.
+pub fn percentile_ms(latencies_us: &mut [u32], q: f64) -> Option<f64> {
+    if latencies_us.is_empty() {
+        return None;
     }
-    samples.sort_unstable();
-    let i = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1;
-    f64::from(samples[i]) / 1000.0
+    latencies_us.sort_unstable();
+    let n = latencies_us.len();
+    let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
+    Some(f64::from(latencies_us[i]) / 1000.0)
 }
 
 #[cfg(test)]

@@ -35,6 +35,9 @@ const MIN_WEIGHT: f64 = 0.1;
 const HOT_RATIO: f64 = 1.5;
 /// Scaled measures are capped here so one absurd latency cannot dominate.
 const MEASURE_CAP: f64 = 4.0;
+/// Consecutive evaluations a panic (`panic_ratio`) must hold: one reading
+/// is not enough.
+const PANIC_SAMPLES: usize = 2;
 
 /// A member as the monitor needs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -335,6 +338,57 @@ impl ClusterState {
     fn held(&self, now_ms: u64, window_ms: u64, holds: impl Fn(&Sample) -> bool) -> bool {
         self.window(now_ms, window_ms)
             .is_some_and(|mut samples| samples.all(holds))
+    }
+
+    /// The least load of the window: what held all through it.
+    fn least_load(&self, now_ms: u64, window_ms: u64) -> Option<f64> {
+        self.window(now_ms, window_ms)
+            .map(|w| w.map(|x| f64::from(x.total)).fold(f64::INFINITY, f64::min))
+    }
+
+    /// The least load of the newest `n` samples.
+    fn latest_least_load(&self, n: usize) -> Option<f64> {
+        (self.samples.len() >= n).then(|| {
+            self.samples
+                .iter()
+                .rev()
+                .take(n)
+                .map(|x| f64::from(x.total))
+                .fold(f64::INFINITY, f64::min)
+        })
+    }
+
+    /// `held` projected `lead_ms` past the newest sample along the trend of
+    /// the window (a least-squares line), when the load is rising: a step
+    /// sized for the load of the window's start serves a load that has
+    /// grown since. Never below `held`, never above twice it, so one noisy
+    /// window cannot ask for the pool.
+    fn expected_load(&self, now_ms: u64, window_ms: u64, lead_ms: u64, held: f64) -> f64 {
+        let Some(points) = self.window(now_ms, window_ms) else {
+            return held;
+        };
+        let points: Vec<(f64, f64)> = points
+            .map(|x| (x.at_ms as f64, f64::from(x.total)))
+            .collect();
+        if points.len() < 3 {
+            return held;
+        }
+        let n = points.len() as f64;
+        let (mt, ml) = (
+            points.iter().map(|p| p.0).sum::<f64>() / n,
+            points.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let spread: f64 = points.iter().map(|p| (p.0 - mt).powi(2)).sum();
+        if spread <= 0.0 {
+            return held;
+        }
+        let slope = points.iter().map(|p| (p.0 - mt) * (p.1 - ml)).sum::<f64>() / spread;
+        let newest = points.last().map_or(mt, |p| p.0);
+        let expected = ml + slope * (newest - mt + lead_ms as f64);
+        if slope <= 0.0 || !expected.is_finite() {
+            return held;
+        }
+        expected.clamp(held, 2.0 * held)
     }
 
     fn window_values(&self, now_ms: u64, window_ms: u64) -> Vec<Option<f64>> {
@@ -670,17 +724,33 @@ fn evaluate(
         }
     }
 
-    // 4. Scale up: the upper level has held for the sustain window.
+    // 4. Scale up: the upper level has held for the sustain window, or a
+    // large overload for the last few evaluations (a panic: at twice the
+    // target, queues grow by the second, and waiting out the window costs
+    // the SLO).
     let cooling_up = cooling(last_up, s.cooldown_up_ms);
     let hot = state.held(now_ms, s.sustain_ms, |x| {
         x.mean.is_some_and(|m| f64::from(m) >= upper)
     });
-    if hot && !cooling_up && size < policy.max_size {
-        // The load that held through the whole window sizes the step.
-        let held_load = state
-            .window(now_ms, s.sustain_ms)
-            .map(|w| w.map(|x| f64::from(x.total)).fold(f64::INFINITY, f64::min))
-            .unwrap_or(total);
+    let panic = s.panic_ratio > 0.0
+        && state.samples.len() >= PANIC_SAMPLES
+        && state.samples.iter().rev().take(PANIC_SAMPLES).all(|x| {
+            x.mean
+                .is_some_and(|m| f64::from(m) >= s.panic_ratio * target)
+        });
+    if (hot || panic) && !cooling_up && size < policy.max_size {
+        // The load that held through the whole window (or the panic's
+        // readings) sizes the step, projected to when the step serves.
+        let held_load = if hot {
+            state.least_load(now_ms, s.sustain_ms).unwrap_or(total)
+        } else {
+            state.latest_least_load(PANIC_SAMPLES).unwrap_or(total)
+        };
+        let held_load = if s.project_rise {
+            state.expected_load(now_ms, s.sustain_ms, s.cooldown_up_ms, held_load)
+        } else {
+            held_load
+        };
         let desired = ceil_u32(held_load / target);
         let add = desired
             .saturating_sub(size)
@@ -693,10 +763,19 @@ fn evaluate(
                     count: add,
                     request_type: None,
                 },
-                format!(
-                    "utilisation at or above {upper} for {} ms; load {:.2} servers wants {desired} at target {target}",
-                    s.sustain_ms, held_load
-                ),
+                if hot {
+                    format!(
+                        "utilisation at or above {upper} for {} ms; load {:.2} servers wants {desired} at target {target}",
+                        s.sustain_ms, held_load
+                    )
+                } else {
+                    format!(
+                        "overload: utilisation at or above {:.2} ({} x target) for {PANIC_SAMPLES} evaluations; load {:.2} servers wants {desired} at target {target}",
+                        s.panic_ratio * target,
+                        s.panic_ratio,
+                        held_load
+                    )
+                },
                 Evidence {
                     window: state.window_values(now_ms, s.sustain_ms),
                     total_load: Some(round(held_load)),
@@ -997,6 +1076,97 @@ mod tests {
         );
         // Once the agent's reading is stale, the front-ends' counts add up.
         assert_eq!(t.current(3_100).in_flight, None, "all stale");
+    }
+
+    /// `in_flight` requests on 8 slots for each of s1 and s2, at `t`.
+    fn overload(decider: &mut Decider, t: u64, in_flight: u32) -> Vec<Decision> {
+        let web = ClusterId::new("web").expect("id");
+        for server in ["s1", "s2"] {
+            let r = PerformanceReport {
+                in_flight: Some(in_flight),
+                concurrency: Some(8),
+                ..report(server, 0.0, ReportSource::Agent)
+            };
+            decider.observe(t, &web, &r).expect("report");
+        }
+        decider.tick(t)
+    }
+
+    #[test]
+    fn a_large_overload_scales_up_without_waiting_out_the_sustain_window() {
+        let mut decider = Decider::new();
+        let mut cluster = view(&["s1", "s2"]);
+        cluster.policy.max_size = 20;
+        // Sized by the readings alone here; the trend is tested apart.
+        cluster.policy.scaling.project_rise = false;
+        cluster.policy.scaling.measures = Measures {
+            cpu: 0.0,
+            in_flight: 1.0,
+            ..Measures::default()
+        };
+        decider.set_cluster(0, cluster);
+        for t in (0..5_000).step_by(1_000) {
+            assert!(overload(&mut decider, t, 4).is_empty(), "0.5 each");
+        }
+        // 12 in flight on 8 slots: 1.5 each, over twice the target.
+        assert!(overload(&mut decider, 5_000, 12).is_empty(), "one reading");
+        let decisions = overload(&mut decider, 6_000, 12);
+        assert_eq!(decisions.len(), 1, "{decisions:?}");
+        // Within a second, not the 2 s sustain window; sized by the load
+        // of both readings: ceil(3.0 / 0.6) = 5, three more.
+        assert_eq!(
+            decisions[0].action,
+            ReconfigAction::Allocate {
+                count: 3,
+                request_type: None
+            }
+        );
+        assert!(decisions[0].reason.starts_with("overload"), "{decisions:?}");
+
+        // Just under twice the target (1.125 each) waits for the window.
+        let mut decider = Decider::new();
+        let mut cluster = view(&["s1", "s2"]);
+        cluster.policy.scaling.measures = Measures {
+            cpu: 0.0,
+            in_flight: 1.0,
+            ..Measures::default()
+        };
+        decider.set_cluster(0, cluster);
+        let mut first = None;
+        for t in (0..10_000).step_by(1_000) {
+            if !overload(&mut decider, t, 9).is_empty() && first.is_none() {
+                first = Some(t);
+            }
+        }
+        assert_eq!(first, Some(2_000), "after the sustain window");
+    }
+
+    #[test]
+    fn a_rising_load_is_projected_to_when_the_step_serves() {
+        let mut state = ClusterState {
+            view: view(&["s1"]),
+            samples: VecDeque::new(),
+            last_up_ms: None,
+            last_down_ms: None,
+        };
+        // 1.0, 1.5, 2.0 at 0, 1 and 2 s: 0.5 a second, so 2.5 a second
+        // after the newest; held at 1.0, it is clamped to twice that.
+        for (at_ms, total) in [(0, 1.0f32), (1_000, 1.5), (2_000, 2.0)] {
+            state.samples.push_back(Sample {
+                at_ms,
+                mean: Some(total),
+                total,
+                complete: true,
+            });
+        }
+        assert_eq!(state.least_load(2_000, 2_000), Some(1.0));
+        assert!((state.expected_load(2_000, 2_000, 1_000, 1.0) - 2.0).abs() < 1e-9);
+        assert!((state.expected_load(2_000, 2_000, 0, 1.8) - 2.0).abs() < 1e-9);
+        // Falling or flat: the held load as it is.
+        for s in state.samples.iter_mut() {
+            s.total = 3.0 - s.total;
+        }
+        assert_eq!(state.expected_load(2_000, 2_000, 1_000, 1.0), 1.0);
     }
 
     #[test]
