@@ -29,12 +29,13 @@ excerpt nasa-night-rise $((9 * 86400 + 1)) 43200 \
     "A quiet night with a rise: Monday 10 July 1995, 00:00 to 12:00 (hourly means 0.2 to 1.4/s)."
 
 # A synthetic step and spike, in the same units (requests a second before
-# scaling): 20 s at 0.5, a step to 2 for 30 s, a spike to 5 for 10 s, 20 s
-# back at 2, then 40 s at 0.5.
+# scaling) and on the same time scale as the excerpts (minutes, not
+# seconds): 200 s at 0.5, a step to 2 for 300 s, a spike to 5 for 100 s,
+# 200 s back at 2, then 400 s at 0.5 (20 minutes).
 {
-    echo "# Synthetic: a step from 0.5 to 2/s, a 10 s spike to 5/s, and back down (120 s)."
-    for spec in 0.5:20 2:30 5:10 2:20 0.5:40; do
+    echo "# Synthetic: a step from 0.5 to 2/s, a 100 s spike to 5/s, and back down (1,200 s)."
+    for spec in 0.5:200 2:300 5:100 2:200 0.5:400; do
         for _ in $(seq "${spec#*:}"); do echo "${spec%:*}"; done
     done
 } >"$out/step-and-spike.txt"
-echo "$out/step-and-spike.txt: 120 s"
+echo "$out/step-and-spike.txt: 1200 s"

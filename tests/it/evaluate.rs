@@ -59,12 +59,11 @@ async fn a_trace_plays_end_to_end_and_its_figures_match_what_was_sent() {
         peak >= Some(3),
         "the monitor grew the cluster for the step: {peak:?}"
     );
-    assert_eq!(result.outcome.reaction.rises, 1, "{:?}", result.outcome);
-    assert_eq!(
-        result.outcome.reaction.seconds.len(),
-        1,
-        "a new member served after the rise: {:?}",
-        result.outcome.reaction
+    let reaction = &result.outcome.reaction;
+    assert!(reaction.rises >= 1, "{reaction:?}");
+    assert!(
+        reaction.seconds.first().is_some_and(|s| *s < 10.0),
+        "a new member served within 10 s of the rise: {reaction:?}"
     );
     let json = report::json(&settings, std::slice::from_ref(&result));
     assert_eq!(json["runs"][0]["strategy"], "headroom");

@@ -87,7 +87,7 @@ pub const EXCERPTS: [Excerpt; 4] = [
         name: "step-and-spike",
         file: "step-and-spike.txt",
         scale: 100.0,
-        speedup: 1.0,
+        speedup: 10.0,
     },
 ];
 
