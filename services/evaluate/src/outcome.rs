@@ -267,17 +267,19 @@ const MIN_RISE_S: f64 = 1.0;
 
 pub fn reaction(model: &Model, timeline: &Timeline) -> Reaction {
     let rps = smoothed_rps(timeline);
-    let over = |i: usize| {
-        let carried = f64::from(timeline.seconds[i].active) * model.capacity_rps * model.upper;
-        rps[i] > carried
-    };
+    let carried =
+        |i: usize| f64::from(timeline.seconds[i].active) * model.capacity_rps * model.upper;
+    let over = |i: usize| rps[i] > carried(i);
     let mut out = Reaction::default();
     let mut first_served = timeline.first_served_s.clone();
     first_served.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let mut pending: Option<f64> = None;
-    for i in 0..rps.len() {
+    // A rise ends when a new member serves, or when the load falls back
+    // under what the members carried when it began (members joining do
+    // not end it: they are the answer, whose first request is awaited).
+    let mut pending: Option<(f64, f64)> = None;
+    for (i, &load) in rps.iter().enumerate() {
         let t = i as f64 * timeline.step_s;
-        if let Some(since) = pending {
+        if let Some((since, level)) = pending {
             // A new member: one that joined after the rise began.
             let answered = first_served
                 .iter()
@@ -286,7 +288,7 @@ pub fn reaction(model: &Model, timeline: &Timeline) -> Reaction {
                 out.rises += 1;
                 out.seconds.push(served - since);
                 pending = None;
-            } else if !over(i) {
+            } else if load <= level {
                 if t - since >= MIN_RISE_S {
                     out.rises += 1;
                     out.subsided += 1;
@@ -298,7 +300,7 @@ pub fn reaction(model: &Model, timeline: &Timeline) -> Reaction {
             continue;
         }
         if over(i) && (i == 0 || !over(i - 1)) {
-            pending = Some(t);
+            pending = Some((t, carried(i)));
         }
     }
     if pending.is_some() {
