@@ -27,7 +27,7 @@ use futures::StreamExt;
 use headroom_backend::Backend;
 use headroom_frontend::{Frontend, Proxy};
 use headroom_loadgen::{Profile, Summary, Target};
-use headroom_monitor::decide::utilisation;
+use headroom_monitor::decide::report_utilisation;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{BackendConfig, ServiceTime};
@@ -748,15 +748,7 @@ impl<'a> View<'a> {
             .iter()
             .filter_map(|server| self.reports.get(*server))
             .filter(|(at, _)| at.elapsed() <= fresh)
-            .filter_map(|(_, r)| {
-                utilisation(
-                    measures,
-                    r.cpu,
-                    r.in_flight,
-                    r.concurrency,
-                    r.latency_p99_ms,
-                )
-            })
+            .filter_map(|(_, r)| report_utilisation(measures, r))
             .collect();
         (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use headroom_demo::System;
 use headroom_loadgen::{Profile, Summary, Target};
-use headroom_monitor::decide::utilisation;
+use headroom_monitor::decide::report_utilisation;
 use headroom_shared::bus;
 use headroom_shared::codec;
 use headroom_shared::kv::{ClusterRecord, MemberState};
@@ -332,13 +332,7 @@ async fn follow_reports(
             if r.source != ReportSource::Agent {
                 continue;
             }
-            let u = utilisation(
-                &measures,
-                r.cpu,
-                r.in_flight,
-                r.concurrency,
-                r.latency_p99_ms,
-            );
+            let u = report_utilisation(&measures, &r);
             let mut reports = kept.lock().await;
             if let Some(u) = u {
                 reports.seen.push((origin.elapsed().as_secs_f64(), u));
@@ -411,15 +405,7 @@ fn observe(
                 let u = reports
                     .get(&m.server)
                     .filter(|(at, _)| at.elapsed() <= fresh)
-                    .and_then(|(_, r)| {
-                        utilisation(
-                            measures,
-                            r.cpu,
-                            r.in_flight,
-                            r.concurrency,
-                            r.latency_p99_ms,
-                        )
-                    });
+                    .and_then(|(_, r)| report_utilisation(measures, r));
                 match u {
                     Some(u) => seen.ready.push(u),
                     None => seen.missing += 1,

@@ -305,6 +305,18 @@ pub fn utilisation(
     (weights > 0.0).then(|| sum / weights)
 }
 
+/// A server's utilisation from one report of its own, as [`utilisation`]
+/// weighs it; for tools that read the reports the monitor reads.
+pub fn report_utilisation(measures: &Measures, report: &PerformanceReport) -> Option<f64> {
+    utilisation(
+        measures,
+        report.cpu,
+        report.in_flight,
+        report.concurrency,
+        report.latency_p99_ms,
+    )
+}
+
 /// One evaluation of a cluster.
 #[derive(Debug, Clone, Copy)]
 struct Sample {
