@@ -248,6 +248,9 @@ pub async fn run(
     let started = Instant::now();
     let mut sent = 0u64;
     let mut skipped = 0u64;
+    // (sent, skipped) of each step, kept by the sending loop alone: the
+    // tally's lock is for the answers, not taken once more per request.
+    let mut step_counts = vec![(0u64, 0u64); profile.rates.len()];
     let mut tasks = tokio::task::JoinSet::new();
     // Spread each step's requests over the step, in slices of about a
     // millisecond that divide it exactly (so a step lasts what it says):
@@ -269,22 +272,14 @@ pub async fn run(
                 due -= 1.0;
                 let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                     skipped += 1;
-                    if let Ok(mut t) = tally.lock() {
-                        if let Some(at) = t.steps.get_mut(step) {
-                            at.skipped += 1;
-                        }
-                    }
+                    step_counts[step].1 += 1;
                     continue;
                 };
                 let path =
                     &target.paths[usize::try_from(sent).unwrap_or(0) % target.paths.len().max(1)];
                 let uri = format!("{}{}", target.base, path);
                 sent += 1;
-                if let Ok(mut t) = tally.lock() {
-                    if let Some(at) = t.steps.get_mut(step) {
-                        at.sent += 1;
-                    }
-                }
+                step_counts[step].0 += 1;
                 let (client, tally, timeout) = (client.clone(), tally.clone(), target.timeout);
                 tasks.spawn(async move {
                     let begun = Instant::now();
@@ -338,6 +333,9 @@ pub async fn run(
         .lock()
         .map(|mut t| std::mem::take(&mut *t))
         .unwrap_or_default();
+    for (at, (sent, skipped)) in t.steps.iter_mut().zip(step_counts) {
+        (at.sent, at.skipped) = (sent, skipped);
+    }
     let latency_ms = Percentiles {
         p50: percentile(&mut t.latencies_us, 0.50),
         p90: percentile(&mut t.latencies_us, 0.90),
