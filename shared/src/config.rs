@@ -327,6 +327,11 @@ pub struct FrontendConfig {
     /// How often to report what it observes.
     #[serde(with = "humantime_serde")]
     pub report_interval: Duration,
+    /// How often the cluster record is read from KV and compared with the
+    /// routing in use: how late, at worst, a change is applied whose
+    /// membership message was lost (one KV read per front-end each time).
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Duration,
 }
 
 impl Default for FrontendConfig {
@@ -353,6 +358,7 @@ impl Default for FrontendConfig {
             eject_after: 3,
             eject_for: Duration::from_secs(5),
             report_interval: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(10),
         }
     }
 }

@@ -190,6 +190,11 @@ impl NatsServer {
         &self.url
     }
 
+    /// The server process's id, while it runs (benchmarks read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The server's log so far (for a failure's message).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()

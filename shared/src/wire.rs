@@ -305,7 +305,10 @@ impl ReconfigRequest {
 /// The full membership of a cluster after a change, published on
 /// `headroom.membership.<cluster>`. `generation` grows by exactly one per
 /// change, so a receiver that sees a jump knows it missed one and reloads
-/// the cluster record from KV.
+/// the cluster record from KV. With the policy it carries everything a
+/// front-end routes by, so front-ends follow this subject rather than a
+/// KV watch each (a JetStream consumer per front-end, which nats-server
+/// caps at 1,000 per stream by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MembershipChange {
     #[serde(default = "schema_version")]
@@ -316,6 +319,11 @@ pub struct MembershipChange {
     pub revision: u64,
     #[serde(default)]
     pub members: Vec<Member>,
+    /// The cluster's policy at this generation (routes and request types);
+    /// absent from an older allocator's message, whose receiver then reads
+    /// the record from KV.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<ClusterPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<RequestId>,
     pub at_ms: u64,
@@ -330,9 +338,21 @@ impl MembershipChange {
             generation: record.generation,
             revision,
             members: record.members.clone(),
+            policy: Some(record.policy.clone()),
             cause,
             at_ms: now_ms(),
         }
+    }
+
+    /// The cluster record as far as routing goes (members, policy and
+    /// generation; not the allocator's change log), when the message
+    /// carries the policy.
+    pub fn routing_record(&self) -> Option<ClusterRecord> {
+        let policy = self.policy.clone()?;
+        let mut record = ClusterRecord::new(self.cluster.clone(), policy, self.at_ms);
+        record.members.clone_from(&self.members);
+        record.generation = self.generation;
+        Some(record)
     }
 }
 

@@ -18,6 +18,7 @@
 //! `BENCH_CROSSINGS` change the number of trials (0 crossings skips part
 //! two), `BENCH_FRONTENDS` the front-end counts (`1,100,1000`).
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use headroom_shared::wire::{
     now_ms, AuditEvent, EventKind, PutCluster, ReconfigAction, ReconfigRequest, RegisterServer,
 };
 use headroom_shared::{subjects, ClusterId, SCHEMA_VERSION};
-use headroom_tests::{env_usize, eventually, percentiles, NatsServer};
+use headroom_tests::{cpu_seconds, env_usize, eventually, percentiles, NatsServer};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -48,6 +49,7 @@ fn row(name: &str, samples: &mut [f64]) {
 /// runs, with a log of when each generation was swapped in.
 struct Follower {
     applied: Arc<Mutex<Vec<(u64, Instant)>>>,
+    proxy: Arc<Proxy>,
 }
 
 async fn follower(nats: &NatsServer, cluster: &ClusterId, stop: &CancellationToken) -> Follower {
@@ -77,11 +79,11 @@ async fn follower(nats: &NatsServer, cluster: &ClusterId, stop: &CancellationTok
         client,
         1,
         cluster.clone(),
-        proxy,
+        proxy.clone(),
         None,
         stop.clone(),
     ));
-    Follower { applied }
+    Follower { applied, proxy }
 }
 
 impl Follower {
@@ -174,6 +176,7 @@ async fn decision_to_frontends(frontends: usize, trials: usize) {
 
     let mut watch = bucket.watch("bench").await.expect("watch");
     let (mut to_kv, mut kv_to_all, mut to_all) = (Vec::new(), Vec::new(), Vec::new());
+    let cpu_before = (cpu_seconds(None), cpu_seconds(nats.pid()));
     for trial in 0..trials {
         let before = active(&current().await.expect("record"));
         let request = ReconfigRequest::new(
@@ -225,6 +228,17 @@ async fn decision_to_frontends(frontends: usize, trials: usize) {
         &mut kv_to_all,
     );
     row("decision -> every front-end applied", &mut to_all);
+    let per_allocation_ms = |before: f64, now: f64| (now - before) * 1000.0 / trials as f64;
+    println!(
+        "  CPU per allocation: this process (allocator, bench, {frontends} front-ends) {:.1} ms, nats-server {:.1} ms",
+        per_allocation_ms(cpu_before.0, cpu_seconds(None)),
+        per_allocation_ms(cpu_before.1, cpu_seconds(nats.pid())),
+    );
+    let resyncs: u64 = followers
+        .iter()
+        .map(|f| f.proxy.counters.resyncs.load(Ordering::Relaxed))
+        .sum();
+    println!("  KV reads to resynchronise, all front-ends together: {resyncs}");
     stop.cancel();
 }
 

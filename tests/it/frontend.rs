@@ -88,6 +88,17 @@ impl Site {
     /// An allocator, the named backends in the pool, cluster `web` with
     /// `policy`, and a front-end for it.
     pub async fn start(backends: &[(&str, &[&str])], policy: ClusterPolicy) -> Self {
+        Self::start_with(backends, policy, |_| {}).await
+    }
+
+    /// As [`Site::start`], with the front-end's configuration changed by
+    /// `configure`. The periodic KV check is an hour away unless it says
+    /// otherwise, so the tests see changes arrive on the membership subject.
+    pub async fn start_with(
+        backends: &[(&str, &[&str])],
+        policy: ClusterPolicy,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
         let stack = Stack::start().await;
         let shutdown = CancellationToken::new();
         let mut started = Vec::new();
@@ -110,6 +121,8 @@ impl Site {
         config.frontend.report_interval = Duration::from_millis(200);
         config.frontend.header_timeout = Duration::from_secs(1);
         config.frontend.max_body_bytes = 1 << 20;
+        config.frontend.resync_interval = Duration::from_secs(3600);
+        configure(&mut config);
         let frontend = Frontend::bind(config.clone()).await.expect("bind");
         let addr = frontend.local_addr().expect("addr");
         let proxy = frontend.proxy();
@@ -642,9 +655,12 @@ fn report_is_valid(report: &headroom_shared::wire::PerformanceReport) -> bool {
     report.validate().is_ok()
 }
 
-#[tokio::test]
-async fn a_gap_in_membership_generations_resynchronises_from_the_snapshot() {
-    let site = Site::start(&[("b1", &[]), ("b2", &[])], any_type()).await;
+/// Moves the `web` record on by `generations` in one compare-and-set
+/// (changes this front-end never saw) and returns it and its revision.
+async fn jump_generations(
+    site: &Site,
+    generations: u64,
+) -> (headroom_shared::kv::ClusterRecord, u64) {
     let bucket = site
         .stack
         .js
@@ -654,10 +670,8 @@ async fn a_gap_in_membership_generations_resynchronises_from_the_snapshot() {
     let entry = bucket.entry("web").await.expect("read").expect("record");
     let mut record: headroom_shared::kv::ClusterRecord =
         Codec::MsgPack.decode(&entry.value).expect("record");
-    // The record moves on by several generations in one write: changes
-    // this front-end never saw.
-    record.generation += 5;
-    bucket
+    record.generation += generations;
+    let revision = bucket
         .update(
             "web",
             Codec::MsgPack.encode(&record).expect("encode"),
@@ -665,18 +679,59 @@ async fn a_gap_in_membership_generations_resynchronises_from_the_snapshot() {
         )
         .await
         .expect("compare-and-set");
-    let caught_up = eventually(WAIT, || async {
+    (record, revision)
+}
+
+async fn caught_up(site: &Site, generation: u64) -> bool {
+    eventually(WAIT, || async {
         let table = site.proxy.table.load_full()?;
-        (table.generation == record.generation).then_some(())
+        (table.generation == generation).then_some(())
     })
-    .await;
-    assert!(caught_up.is_some(), "the front-end caught up");
+    .await
+    .is_some()
+}
+
+#[tokio::test]
+async fn a_gap_in_membership_generations_resynchronises_from_the_snapshot() {
+    let site = Site::start(&[("b1", &[]), ("b2", &[])], any_type()).await;
+    let (record, revision) = jump_generations(&site, 5).await;
+    // Only the last change's message arrives.
+    let change = headroom_shared::wire::MembershipChange::of(&record, revision, None);
+    site.stack
+        .client
+        .publish_with_headers(
+            subjects::membership(&record.id),
+            Codec::MsgPack.headers(),
+            Codec::MsgPack.encode(&change).expect("encode"),
+        )
+        .await
+        .expect("publish");
+    assert!(
+        caught_up(&site, record.generation).await,
+        "the front-end caught up"
+    );
     assert!(
         site.proxy.counters.resyncs.load(Ordering::Relaxed) >= 1,
         "it noticed the gap and resynchronised from the snapshot"
     );
     let (status, _, _) = site.get("/after-the-gap").await;
     assert_eq!(status, StatusCode::OK);
+    site.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_change_whose_message_was_lost_is_applied_at_the_periodic_check() {
+    let site = Site::start_with(&[("b1", &[]), ("b2", &[])], any_type(), |config| {
+        config.frontend.resync_interval = Duration::from_millis(300);
+    })
+    .await;
+    // Written to KV, never published.
+    let (record, _) = jump_generations(&site, 1).await;
+    assert!(
+        caught_up(&site, record.generation).await,
+        "the front-end caught up"
+    );
+    assert!(site.proxy.counters.resyncs.load(Ordering::Relaxed) >= 1);
     site.shutdown.cancel();
 }
 

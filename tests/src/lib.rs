@@ -29,6 +29,46 @@ pub fn percentiles(samples: &mut [f64]) -> (f64, f64, f64) {
 }
 
 /// Resident memory of this process, in bytes.
+/// A counter or gauge of a service's `/metrics` (its [`Ops`]), summed over
+/// the series whose labels start with `labels` (`""` for all of them).
+///
+/// [`Ops`]: headroom_shared::ops::Ops
+pub fn metric(ops: &headroom_shared::ops::Ops, name: &str, labels: &str) -> u64 {
+    ops.render()
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(labels) && rest.starts_with(['{', ' ']))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// CPU time (user and system) that process `pid`, or this one, has used,
+/// in seconds; 0 when it cannot be read.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_owned(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return 0.0;
+    };
+    // The command may hold spaces; the fields after its closing
+    // parenthesis are fixed: utime and stime are the 12th and 13th.
+    let Some((_, fields)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let ticks: u64 = fields
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    // USER_HZ, 100 on every Linux this runs on.
+    ticks as f64 / 100.0
+}
+
 pub fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()

@@ -1,9 +1,14 @@
 //! Following the cluster's membership: the KV record first, then every
-//! change in revision order. The record carries a generation that grows by
-//! one per change; a jump means changes were missed (a watch restarted
-//! after a reconnect, say), and the front-end resynchronises from the KV
-//! snapshot. A periodic check does the same for a watch that went quiet.
-//! Every table it installs is also written to the last-known-good file.
+//! change the allocator publishes on the core-NATS membership subject, in
+//! revision order. A change carries a generation that grows by one per
+//! change; a jump means changes were missed (messages lost while
+//! disconnected, say), and the front-end resynchronises from the KV
+//! snapshot. A periodic check does the same for changes whose messages
+//! never came. Core NATS rather than a KV watch: a watch is a JetStream
+//! consumer per front-end, and the server's fan-out of one message to a
+//! thousand subscribers costs far less than a thousand consumers (which
+//! nats-server 2.15 refuses past 1,000 per stream by default). Every table
+//! it installs is also written to the last-known-good file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,19 +18,16 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
-use headroom_shared::codec::Codec;
+use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{ClusterRecord, MemberState, CLUSTERS_BUCKET};
-use headroom_shared::wire::now_ms;
-use headroom_shared::ClusterId;
+use headroom_shared::wire::{now_ms, MembershipChange};
+use headroom_shared::{subjects, ClusterId};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::proxy::Proxy;
 use crate::routing::Table;
-
-/// How often the snapshot is compared with what was applied.
-const RESYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// Installs the routing for `record`, keeping the counters and health of
 /// members that stay.
@@ -162,7 +164,13 @@ impl Follower {
     }
 }
 
-/// Follows `cluster`'s record until `shutdown`.
+/// Follows `cluster`'s membership until `shutdown`: the core-NATS
+/// membership subject for changes, the KV record for the snapshot. The
+/// subscription is made before the snapshot is read, on the same
+/// connection, so no change falls between them. KV is read (one get, no
+/// consumer) at start, on a generation gap, on a message without the
+/// policy, and every `frontend.resync_interval` (which bounds how late a
+/// change whose message was lost, say while disconnected, is applied).
 pub async fn follow(
     client: async_nats::Client,
     replicas: usize,
@@ -171,18 +179,20 @@ pub async fn follow(
     last_known_good: Option<PathBuf>,
     shutdown: CancellationToken,
 ) {
+    let Some(mut changes) = retry(&shutdown, "subscribe to the membership subject", || {
+        client.subscribe(subjects::membership(&cluster))
+    })
+    .await
+    else {
+        return;
+    };
     let js = jetstream::new(client);
-    let bucket = loop {
-        match headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas).await {
-            Ok(bucket) => break bucket,
-            Err(err) => {
-                warn!(%err, "cannot open the clusters bucket; trying again");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
+    let Some(bucket) = retry(&shutdown, "open the clusters bucket", || {
+        headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
+    })
+    .await
+    else {
+        return;
     };
     let mut follower = Follower {
         proxy,
@@ -190,69 +200,128 @@ pub async fn follow(
         revision: 0,
         generation: 0,
     };
-    let entries = headroom_shared::kv::follow(bucket.clone(), cluster.to_string(), shutdown);
-    futures::pin_mut!(entries);
-    let mut check = tokio::time::interval(RESYNC_EVERY);
+    snapshot(&bucket, &cluster, &mut follower).await;
+    let mut check = tokio::time::interval(follower.proxy.settings().resync_interval);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     check.tick().await;
     loop {
-        let entry = tokio::select! {
+        let message = tokio::select! {
+            () = shutdown.cancelled() => return,
             _ = check.tick() => {
                 resync(&bucket, &cluster, &mut follower, "periodic check").await;
                 continue;
             }
-            entry = entries.next() => match entry {
-                Some(entry) => entry,
+            message = changes.next() => match message {
+                Some(message) => message,
                 None => return,
             },
         };
-        match entry.operation {
-            kv::Operation::Put => match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
-                Ok(record) => {
-                    let gap =
-                        follower.generation != 0 && record.generation > follower.generation + 1;
-                    if gap {
-                        warn!(
-                            from = follower.generation,
-                            to = record.generation,
-                            "membership changes were missed; resynchronising from the KV snapshot"
-                        );
-                        resync(&bucket, &cluster, &mut follower, "generation gap").await;
-                    }
-                    follower.apply(&record, entry.revision);
+        let change = match codec::decode::<MembershipChange>(
+            message.headers.as_ref(),
+            &message.payload,
+        ) {
+            Ok(change) if change.cluster == cluster => change,
+            Ok(change) => {
+                warn!(other = %change.cluster, "a membership change for another cluster; ignored");
+                continue;
+            }
+            Err(err) => {
+                warn!(%err, "unreadable membership change; keeping the current routing");
+                continue;
+            }
+        };
+        if change.revision <= follower.revision {
+            // A repeat, or an older change overtaken (two allocators'
+            // messages need not arrive in the order of their writes).
+            continue;
+        }
+        let gap = follower.generation != 0 && change.generation > follower.generation + 1;
+        match change.routing_record() {
+            Some(record) if !gap => follower.apply(&record, change.revision),
+            _ => {
+                if gap {
+                    warn!(
+                        from = follower.generation,
+                        to = change.generation,
+                        "membership changes were missed; resynchronising from the KV snapshot"
+                    );
                 }
-                Err(err) => warn!(%err, "unreadable cluster record; keeping the current routing"),
-            },
-            kv::Operation::Delete | kv::Operation::Purge => {
-                // A deleted cluster has no members; keep serving what there
-                // is rather than failing every request.
-                warn!("the cluster record was deleted; keeping the last routing");
+                resync(
+                    &bucket,
+                    &cluster,
+                    &mut follower,
+                    if gap {
+                        "generation gap"
+                    } else {
+                        "change without policy"
+                    },
+                )
+                .await;
             }
         }
     }
 }
 
+/// Runs `attempt` every second until it succeeds or `shutdown`.
+async fn retry<T, E: std::fmt::Display, Fut>(
+    shutdown: &CancellationToken,
+    what: &str,
+    attempt: impl Fn() -> Fut,
+) -> Option<T>
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match attempt().await {
+            Ok(value) => return Some(value),
+            Err(err) => warn!(%err, "cannot {what}; trying again"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return None,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Reads the record from KV and resynchronises from it when it is newer
+/// than what was applied, counting it.
 async fn resync(bucket: &kv::Store, cluster: &ClusterId, follower: &mut Follower, why: &str) {
+    if let Some(revision) = snapshot(bucket, cluster, follower).await {
+        let resyncs = follower
+            .proxy
+            .counters
+            .resyncs
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        info!(
+            why,
+            revision, resyncs, "resynchronised from the KV snapshot"
+        );
+    }
+}
+
+/// Applies the record in KV when it is newer than what was applied, and
+/// says at which revision.
+async fn snapshot(bucket: &kv::Store, cluster: &ClusterId, follower: &mut Follower) -> Option<u64> {
     match bucket.entry(cluster.as_str()).await {
         Ok(Some(entry))
             if entry.operation == kv::Operation::Put && entry.revision > follower.revision =>
         {
-            if let Ok(record) = Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
-                let resyncs = follower
-                    .proxy
-                    .counters
-                    .resyncs
-                    .fetch_add(1, Ordering::Relaxed)
-                    + 1;
-                info!(
-                    why,
-                    revision = entry.revision,
-                    resyncs,
-                    "resynchronised from the KV snapshot"
-                );
-                follower.apply(&record, entry.revision);
+            match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
+                Ok(record) => {
+                    follower.apply(&record, entry.revision);
+                    return Some(entry.revision);
+                }
+                Err(err) => warn!(%err, "unreadable cluster record; keeping the current routing"),
             }
+        }
+        // A deleted cluster has no members; keep serving what there is
+        // rather than failing every request.
+        Ok(Some(entry)) if entry.operation != kv::Operation::Put => {
+            warn!("the cluster record was deleted; keeping the last routing");
         }
         Ok(_) => {}
         Err(err) => debug!(%err, "snapshot read failed"),
     }
+    None
 }
