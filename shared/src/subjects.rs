@@ -48,6 +48,14 @@ pub fn metrics(cluster: Option<&ClusterId>, server: &ServerId) -> String {
     format!("{ROOT}.metrics.{cluster}.{server}")
 }
 pub const METRICS_ALL: &str = "headroom.metrics.>";
+/// Every member's reports of one cluster.
+pub fn metrics_of_cluster(cluster: &ClusterId) -> String {
+    format!("{ROOT}.metrics.{cluster}.*")
+}
+/// Every free server's reports.
+pub fn metrics_pool_all() -> String {
+    format!("{ROOT}.metrics.{POOL_TOKEN}.*")
+}
 
 /// The cluster token (`None` for the pool) and server token of a metrics
 /// subject, unvalidated; `None` when the subject is not one.

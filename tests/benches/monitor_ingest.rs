@@ -2,6 +2,10 @@
 //! how much memory each tracked server costs. Prints figures; asserts
 //! nothing (a shared 2-core machine is no place for timed assertions).
 //!
+//! Then the same flat-out blast against 1, 2 and 4 monitor instances
+//! sharing the clusters by shard (`BENCH_MONITORS`), each with its own
+//! connection, for their aggregate ingest side by side in one run.
+//!
 //! `cargo bench -p headroom-tests --bench monitor_ingest` (the nats-server
 //! binary from `NATS_SERVER_BIN`, as for the tests). `BENCH_SERVERS` and
 //! `BENCH_REPORTS` change the sizes.
@@ -11,12 +15,15 @@ use std::time::{Duration, Instant};
 use headroom_monitor::fetch_stats;
 use headroom_shared::codec::Codec;
 use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
 use headroom_shared::{subjects, ClusterId, RequestId, ServerId, SCHEMA_VERSION};
-use headroom_tests::{env_usize, rss, NatsServer};
+use headroom_tests::{cpu_seconds, env_usize, metric, rss, NatsServer};
 use tokio_util::sync::CancellationToken;
 
 const PER_CLUSTER: usize = 100;
+/// Publishers in the sharded runs.
+const PUBLISHERS: usize = 4;
 
 /// Pre-encoded reports, one per server, with their subjects.
 fn reports(servers: usize) -> Vec<(String, bytes::Bytes)> {
@@ -246,4 +253,109 @@ async fn main() {
     );
     println!("  rejected:                  {}", stats.rejected);
     println!("  memory per tracked server: {per_server:.0} bytes (process RSS growth / servers, an upper bound)");
+
+    let instances: Vec<u32> = std::env::var("BENCH_MONITORS")
+        .unwrap_or_else(|_| "1,2,4".to_owned())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    println!("sharded monitors, {count} reports flat out (aggregate over the instances):");
+    let mut alone = None;
+    for n in instances {
+        let (taken, secs, subscriptions) = sharded(&nats, &reports, count, n).await;
+        let rate = taken as f64 / secs;
+        let ratio = *alone.get_or_insert(rate);
+        println!(
+            "  {n} instance(s): {taken} taken in {secs:.2}s = {rate:.0} reports/s, x{:.2} of one; {subscriptions} subscriptions",
+            rate / ratio
+        );
+    }
+}
+
+/// Starts `n` monitors, shard i of n, waits until together they track
+/// every server, blasts `count` reports, and returns how many they took,
+/// in how long, and how many subscriptions they hold.
+async fn sharded(
+    nats: &NatsServer,
+    reports: &[(String, bytes::Bytes)],
+    count: usize,
+    n: u32,
+) -> (usize, f64, usize) {
+    let shutdown = CancellationToken::new();
+    let mut monitors = Vec::new();
+    for index in 0..n {
+        let mut config = nats.config();
+        config.monitor.instance = format!("bench-{index}");
+        config.monitor.shard = index;
+        config.monitor.shards = n;
+        let ops = Ops::new("headroom-monitor");
+        tokio::spawn(headroom_monitor::run(
+            config,
+            nats.client().await.expect("connect"),
+            ops.clone(),
+            shutdown.clone(),
+        ));
+        monitors.push(ops);
+    }
+    let sum = |name: &str, labels: &str| -> u64 {
+        monitors.iter().map(|ops| metric(ops, name, labels)).sum()
+    };
+    let servers = reports.len() as u64;
+    while sum("headroom_monitor_tracked_servers", "") < servers {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every subscription made before the clock starts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let taken_now = || sum("headroom_monitor_reports_total", "{kind=\"member\"");
+    let base = taken_now();
+    // Four publishers, each on its own connection, so that the offer is
+    // not one connection's pace.
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let publisher = nats.client().await.expect("connect");
+        let share: Vec<_> = reports
+            .iter()
+            .skip(p)
+            .step_by(PUBLISHERS)
+            .cloned()
+            .collect();
+        publishers.push((publisher, share));
+    }
+    let cpu = (cpu_seconds(None), cpu_seconds(nats.pid()));
+    let start = Instant::now();
+    let blasts: Vec<_> = publishers
+        .into_iter()
+        .map(|(publisher, share)| {
+            tokio::spawn(async move { blast(&publisher, &share, count / PUBLISHERS).await })
+        })
+        .collect();
+    for b in blasts {
+        b.await.expect("publisher");
+    }
+    let published = start.elapsed();
+    let (mut last, mut stalled) = (base, 0);
+    let mut done_at = start.elapsed();
+    while stalled < 20 {
+        let taken = taken_now();
+        if taken > last {
+            (last, stalled, done_at) = (taken, 0, start.elapsed());
+        } else {
+            stalled += 1;
+        }
+        if usize::try_from(taken - base).unwrap_or(usize::MAX) >= count {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let subscriptions = usize::try_from(sum("headroom_monitor_subscriptions", "")).unwrap_or(0);
+    println!(
+        "    ({PUBLISHERS} publishers took {:.2}s; CPU: this process (publishers and monitors) {:.2}s, nats-server {:.2}s)",
+        published.as_secs_f64(),
+        cpu_seconds(None) - cpu.0,
+        cpu_seconds(nats.pid()) - cpu.1,
+    );
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let taken = usize::try_from(last - base).unwrap_or(usize::MAX);
+    (taken, done_at.as_secs_f64(), subscriptions)
 }

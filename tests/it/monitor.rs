@@ -18,7 +18,7 @@ use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
 use headroom_shared::wire::{now_ms, AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::RequestId;
-use headroom_tests::{eventually, NatsServer};
+use headroom_tests::{eventually, metric, NatsServer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
@@ -958,4 +958,132 @@ async fn with_the_allocator_the_cluster_grows_and_shrinks_for_real() {
         .expect("monitor stops")
         .expect("joined")
         .expect("monitor ended cleanly");
+}
+
+#[tokio::test]
+async fn sharded_monitors_are_each_sent_only_their_own_clusters_reports() {
+    headroom_shared::telemetry::init_for_tests();
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client.clone());
+    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, 1)
+        .await
+        .expect("clusters bucket");
+    let clusters: Vec<String> = (0..8).map(|c| format!("c{c}")).collect();
+    for (c, name) in clusters.iter().enumerate() {
+        let mut record = ClusterRecord::new(cid(name), scaling_policy(1, 4), START_MS);
+        let first = u32::try_from(2 * c).expect("small") + 1;
+        record.members = vec![member(first, 0), member(first + 1, 0)];
+        let body = Codec::MsgPack.encode(&record).expect("encode");
+        bucket.put(name.as_str(), body).await.expect("put cluster");
+    }
+    let shutdown = CancellationToken::new();
+    let mut shards = Vec::new();
+    for index in 0..2 {
+        let mut config = nats.config();
+        config.monitor.instance = format!("monitor-{index}");
+        config.monitor.shard = index;
+        config.monitor.shards = 2;
+        let ops = Ops::new("headroom-monitor");
+        tokio::spawn(headroom_monitor::run(
+            config,
+            nats.client().await.expect("connect"),
+            ops.clone(),
+            shutdown.clone(),
+        ));
+        let shard = headroom_monitor::Shard { index, count: 2 };
+        let owned: Vec<&String> = clusters.iter().filter(|c| shard.owns(c)).collect();
+        shards.push((ops, owned));
+    }
+    assert!(
+        shards.iter().all(|(_, owned)| !owned.is_empty()),
+        "both shards own clusters"
+    );
+    // Each holds a subscription per owned cluster, and shard 0 the pool's.
+    for (index, (ops, owned)) in shards.iter().enumerate() {
+        let want = owned.len() as u64 + u64::from(index == 0);
+        let subscribed = eventually(WAIT, || async {
+            (metric(ops, "headroom_monitor_subscriptions", "") == want).then_some(())
+        })
+        .await;
+        assert!(
+            subscribed.is_some(),
+            "shard {index} subscribes to its {want}"
+        );
+    }
+    for (c, name) in clusters.iter().enumerate() {
+        for n in [2 * c + 1, 2 * c + 2] {
+            let server = format!("s{n}");
+            let report = PerformanceReport {
+                cluster: Some(cid(name)),
+                ..report(&server, START_MS)
+            };
+            let subject = subjects::metrics(Some(&cid(name)), &sid(&server));
+            let body = Codec::MsgPack.encode(&report).expect("encode");
+            client
+                .publish_with_headers(subject, Codec::MsgPack.headers(), body)
+                .await
+                .expect("publish");
+        }
+    }
+    let free = PerformanceReport {
+        cluster: None,
+        ..report("free-1", START_MS)
+    };
+    let body = Codec::MsgPack.encode(&free).expect("encode");
+    client
+        .publish_with_headers(
+            subjects::metrics(None, &sid("free-1")),
+            Codec::MsgPack.headers(),
+            body,
+        )
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+    let all_taken = eventually(WAIT, || async {
+        let taken: u64 = shards
+            .iter()
+            .map(|(ops, _)| metric(ops, "headroom_monitor_reports_total", "{kind=\"member\""))
+            .sum();
+        (taken == 16).then_some(())
+    })
+    .await;
+    assert!(all_taken.is_some(), "every member report was taken once");
+    for (index, (ops, owned)) in shards.iter().enumerate() {
+        let kind = |k: &str| {
+            metric(
+                ops,
+                "headroom_monitor_reports_total",
+                &format!("{{kind=\"{k}\""),
+            )
+        };
+        assert_eq!(
+            kind("member"),
+            2 * owned.len() as u64,
+            "shard {index}: its own clusters' reports"
+        );
+        assert_eq!(
+            kind("skipped"),
+            0,
+            "shard {index} was sent no other shard's report"
+        );
+        assert_eq!(
+            kind("pool"),
+            u64::from(index == 0),
+            "shard {index}: the pool's report"
+        );
+    }
+    // A cluster that goes away takes its subscription with it.
+    let (ops, owned) = &shards[1];
+    bucket.delete(owned[0].as_str()).await.expect("delete");
+    let want = owned.len() as u64 - 1;
+    let dropped = eventually(WAIT, || async {
+        (metric(ops, "headroom_monitor_subscriptions", "") == want).then_some(())
+    })
+    .await;
+    assert!(
+        dropped.is_some(),
+        "the deleted cluster's subscription ended"
+    );
+    shutdown.cancel();
 }

@@ -65,6 +65,8 @@ pub struct Counters {
     /// Gauges, set at each evaluation.
     pub tracked_servers: AtomicU64,
     pub clusters: AtomicU64,
+    /// Subscriptions reports arrive on (one per owned cluster when sharded).
+    pub subscriptions: AtomicU64,
     /// Decisions by action, for `/metrics`.
     pub decided: DecisionsByAction,
 }
@@ -201,6 +203,12 @@ impl Counters {
             "Clusters this monitor decides for.",
             &[],
             get(&self.clusters) as f64,
+        );
+        out.gauge(
+            "headroom_monitor_subscriptions",
+            "Subscriptions reports arrive on: one for a lone monitor, one per owned cluster for a shard.",
+            &[],
+            get(&self.subscriptions) as f64,
         );
     }
 }

@@ -7,6 +7,7 @@
 //! - [`decide`]: the decisions, a pure function of inputs and time.
 //! - [`ingest`]: subject, codec and sanity checks in front of it; counters.
 //! - [`replay`]: recordings, and replaying them through a policy.
+//! - [`reports`]: the subscriptions reports arrive on, per shard.
 //! - [`run`]: the live service: NATS in, requests and audit events out.
 //!
 //! Decisions need a whole cluster in view, so monitors share the work by
@@ -17,6 +18,7 @@
 pub mod decide;
 pub mod ingest;
 pub mod replay;
+pub mod reports;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use decide::{ClusterView, Decider, Decision};
 pub use ingest::{Counters, Shard};
+pub use reports::Reports;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -183,8 +186,7 @@ pub async fn run_with_clock(
             ),
             None => None,
         };
-        let reports = client
-            .subscribe(subjects::METRICS_ALL)
+        let reports = Reports::new(client.clone(), shard)
             .await
             .map_err(|e| MonitorError::Setup("metrics subscription", e.into()))?;
         let counters = Arc::new(Counters::default());
@@ -306,7 +308,7 @@ async fn watch_clusters(
 
 /// What the decider listens to.
 struct Inputs {
-    reports: async_nats::Subscriber,
+    reports: Reports,
     updates: mpsc::Receiver<ClusterUpdate>,
     shard: Shard,
     interval: Duration,
@@ -329,6 +331,9 @@ async fn decide_loop(
         interval,
         mut clock,
     } = inputs;
+    counters
+        .subscriptions
+        .store(reports.subscriptions() as u64, Ordering::Relaxed);
     let mut decider = Decider::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -354,12 +359,22 @@ async fn decide_loop(
             _ = stop.cancelled() => return Ok("decider"),
             update = updates.recv() => {
                 match update {
-                    Some(ClusterUpdate::Put(view)) => decider.set_cluster(clock.now_ms(), view),
-                    Some(ClusterUpdate::Removed(id)) => decider.remove_cluster(&id),
+                    Some(ClusterUpdate::Put(view)) => {
+                        reports
+                            .follow(&view.id)
+                            .await
+                            .map_err(|e| MonitorError::Setup("cluster's metrics subscription", e.into()))?;
+                        decider.set_cluster(clock.now_ms(), view);
+                    }
+                    Some(ClusterUpdate::Removed(id)) => {
+                        reports.forget(&id);
+                        decider.remove_cluster(&id);
+                    }
                     None => return Ok("decider"),
                 }
                 counters.tracked_servers.store(decider.tracked_servers() as u64, Ordering::Relaxed);
                 counters.clusters.store(decider.clusters() as u64, Ordering::Relaxed);
+                counters.subscriptions.store(reports.subscriptions() as u64, Ordering::Relaxed);
             }
             _ = ticker.tick(), if matches!(clock, Clock::System) => evaluate(&mut decider, now_ms()),
             asked = async {
@@ -375,7 +390,6 @@ async fn decide_loop(
                 None => return Ok("decider"),
             },
             message = reports.next() => {
-                let Some(message) = message else { return Ok("decider") };
                 if let Err(rejection) = ingest::ingest(
                     &mut decider,
                     shard,
