@@ -75,6 +75,66 @@ pub async fn open_bucket(
     }
 }
 
+/// How long [`latest_entries`] waits for the next value before giving up.
+const SWEEP_STALL: Duration = Duration::from_secs(10);
+
+/// The latest value of every key of `bucket` (deleted ones left out) as
+/// (key, revision, value), in one sweep of an ordered consumer that starts
+/// at each key's last message: one round trip to set it up and the values
+/// streamed, where listing the keys and reading each is a round trip per
+/// key.
+///
+/// # Errors
+/// The consumer cannot be made, a message is unreadable, or the values
+/// stop coming for [`SWEEP_STALL`].
+pub async fn latest_entries(
+    bucket: &async_nats::jetstream::kv::Store,
+) -> Result<Vec<(String, u64, bytes::Bytes)>, async_nats::Error> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy, ReplayPolicy};
+    use futures::StreamExt;
+    let consumer = bucket
+        .stream
+        .create_consumer(pull::OrderedConfig {
+            description: Some("headroom: the latest value of every key".to_owned()),
+            filter_subject: format!("{}>", bucket.prefix),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            replay_policy: ReplayPolicy::Instant,
+            ..Default::default()
+        })
+        .await?;
+    let pending = consumer.cached_info().num_pending;
+    let mut out = Vec::with_capacity(usize::try_from(pending).unwrap_or(0));
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await?;
+    loop {
+        let message = tokio::time::timeout(SWEEP_STALL, messages.next())
+            .await
+            .map_err(|_| format!("no value from {} for {SWEEP_STALL:?}", bucket.name))?
+            .ok_or_else(|| format!("the sweep of {} ended early", bucket.name))??;
+        let info = message.info()?;
+        let (revision, pending) = (info.stream_sequence, info.pending);
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+        if !deleted {
+            if let Some(key) = message
+                .subject
+                .as_str()
+                .strip_prefix(bucket.prefix.as_str())
+            {
+                out.push((key.to_owned(), revision, message.payload.clone()));
+            }
+        }
+        if pending == 0 {
+            return Ok(out);
+        }
+    }
+}
+
 /// Follows the keys of `bucket` matching `pattern` until `stop`: current
 /// values first, then every change. A watch that ends or fails is started
 /// again (after a second); an entry at or below the revision already

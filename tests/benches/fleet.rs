@@ -133,6 +133,16 @@ fn main() {
         let js = async_nats::jetstream::new(client.clone());
         let store = Store::open(&js, 1).await.expect("buckets");
         create_clusters(&store).await;
+        // What the reconciler's pass and admin's cluster.list read.
+        let mut reads = Vec::new();
+        for _ in 0..10 {
+            let started = Instant::now();
+            let clusters = store.clusters().await.expect("every cluster");
+            assert_eq!(clusters.len(), CLUSTERS);
+            reads.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        let (p50, _, max) = percentiles(&mut reads);
+        println!("fleet: every cluster record read ({CLUSTERS}, as a reconciler pass and cluster.list do): p50 {p50:.1} ms  max {max:.1} ms");
         println!("fleet: {CLUSTERS} clusters; allocations of one server to a random cluster, publish to membership listed");
         let mut registered = 0;
         for size in sizes {

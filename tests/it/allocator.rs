@@ -1124,3 +1124,46 @@ async fn allocates_with_ten_thousand_servers_registered() {
     assert_eq!(joins(&done.outcome).len(), 3, "{done:?}");
     allocator.stop().await;
 }
+
+#[tokio::test]
+async fn one_sweep_reads_the_latest_value_of_every_key_and_leaves_out_deleted_ones() {
+    let nats = NatsServer::start().await.expect("nats-server");
+    let client = nats.client().await.expect("connect");
+    let js = jetstream::new(client);
+    let bucket = headroom_shared::kv::open_bucket(&js, headroom_shared::kv::CLUSTERS_BUCKET, 1)
+        .await
+        .expect("bucket");
+    assert!(headroom_shared::kv::latest_entries(&bucket)
+        .await
+        .expect("sweep of an empty bucket")
+        .is_empty());
+    let mut latest = HashMap::new();
+    for round in 0..3 {
+        for key in 0..50 {
+            let value = format!("c{key} v{round}");
+            let revision = bucket
+                .put(format!("c{key}"), value.clone().into())
+                .await
+                .expect("put");
+            latest.insert(format!("c{key}"), (revision, value));
+        }
+    }
+    for key in 40..50 {
+        bucket.delete(format!("c{key}")).await.expect("delete");
+        latest.remove(&format!("c{key}"));
+    }
+    bucket.purge("c39").await.expect("purge");
+    latest.remove("c39");
+    let swept: HashMap<String, (u64, String)> = headroom_shared::kv::latest_entries(&bucket)
+        .await
+        .expect("sweep")
+        .into_iter()
+        .map(|(key, revision, value)| {
+            (
+                key,
+                (revision, String::from_utf8_lossy(&value).into_owned()),
+            )
+        })
+        .collect();
+    assert_eq!(swept, latest);
+}

@@ -2,7 +2,6 @@
 //! saw, every write is compare-and-set on a revision.
 
 use async_nats::jetstream::{self, kv};
-use futures::TryStreamExt;
 use headroom_shared::codec::{self, Message, WireError};
 use headroom_shared::kv::{
     is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord, RequestStarted,
@@ -119,25 +118,21 @@ impl Store {
         }
     }
 
+    /// Every record of `bucket`, in one sweep (no read per key).
     async fn all<T: Message>(bucket: &kv::Store) -> Result<Vec<Versioned<T>>, StoreError> {
-        let keys: Vec<String> = match bucket.keys().await {
-            Ok(keys) => keys
-                .try_collect()
-                .await
-                .map_err(|e| StoreError::kv("keys", "*", e))?,
-            Err(e) => return Err(StoreError::kv("keys", "*", e)),
-        };
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            match Self::get::<T>(bucket, &key).await {
-                Ok(Some(v)) => out.push(v),
-                Ok(None) => {}
-                Err(err @ StoreError::Corrupt { .. }) => {
-                    // One bad record must not stop the allocator from
-                    // serving every other cluster.
+        let entries = headroom_shared::kv::latest_entries(bucket)
+            .await
+            .map_err(|e| StoreError::kv("sweep", "*", e))?;
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, revision, value) in entries {
+            match codec::Codec::MsgPack.decode::<T>(&value) {
+                Ok(value) => out.push(Versioned { value, revision }),
+                // One bad record must not stop the allocator from serving
+                // every other cluster.
+                Err(source) => {
+                    let err = StoreError::Corrupt { key, source };
                     tracing::error!(%err, "skipping undecodable KV record");
                 }
-                Err(err) => return Err(err),
             }
         }
         Ok(out)
