@@ -294,3 +294,30 @@ fn take(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Shard;
+
+    #[test]
+    fn every_cluster_has_exactly_one_shard_and_the_shards_share_them_evenly() {
+        for count in [1u32, 2, 3, 4, 7] {
+            let mut per_shard = vec![0usize; count as usize];
+            for c in 0..10_000 {
+                let cluster = format!("cluster-{c}");
+                let owners: Vec<u32> = (0..count)
+                    .filter(|&index| Shard { index, count }.owns(&cluster))
+                    .collect();
+                assert_eq!(owners.len(), 1, "{cluster} of {count} shards: {owners:?}");
+                per_shard[owners[0] as usize] += 1;
+            }
+            let even = 10_000 / count as usize;
+            for n in per_shard {
+                assert!(
+                    n.abs_diff(even) * 10 < even,
+                    "{count} shards: {n} against {even}"
+                );
+            }
+        }
+    }
+}
