@@ -75,6 +75,14 @@ pub async fn open_bucket(
     }
 }
 
+/// Whether a message of a KV bucket's stream deletes or purges its key
+/// (its `KV-Operation` header), rather than putting a value.
+pub fn is_removal(headers: &async_nats::HeaderMap) -> bool {
+    headers
+        .get("KV-Operation")
+        .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"))
+}
+
 /// How long [`latest_entries`] waits for the next value before giving up.
 const SWEEP_STALL: Duration = Duration::from_secs(10);
 
@@ -115,12 +123,7 @@ pub async fn latest_entries(
             .ok_or_else(|| format!("the sweep of {} ended early", bucket.name))??;
         let info = message.info()?;
         let (revision, pending) = (info.stream_sequence, info.pending);
-        let deleted = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
-            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
-        if !deleted {
+        if !message.headers.as_ref().is_some_and(is_removal) {
             if let Some(key) = message
                 .subject
                 .as_str()

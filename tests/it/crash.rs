@@ -478,10 +478,7 @@ async fn read_revisions(js: &jetstream::Context, bucket: &str) -> Vec<Revision<b
             .get_raw_message(seq)
             .await
             .expect("mirrored revision");
-        let deleted = raw
-            .headers
-            .get("KV-Operation")
-            .is_some_and(|op| op.as_str() != "PUT");
+        let deleted = headroom_shared::kv::is_removal(&raw.headers);
         out.push(Revision {
             key: raw.subject.as_str().trim_start_matches(&prefix).to_owned(),
             value: (!deleted).then_some(raw.payload),
