@@ -27,6 +27,29 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// A service binary for tests that run real processes: the one named in
+/// `env`, else this workspace's (`scripts/test.sh` builds every binary
+/// before the tests; by hand, `cargo build -p <name>`).
+pub fn workspace_binary(name: &str, env: &str) -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/<test binary> -> target/<profile>/<name>
+    let binary = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir")
+        .join(name);
+    assert!(
+        binary.is_file(),
+        "{} is missing: run `cargo build -p {name}` (scripts/test.sh builds it) \
+         or name one in {env}",
+        binary.display()
+    );
+    binary
+}
+
 pub fn sid(s: &str) -> ServerId {
     ServerId::new(s).expect("server id")
 }

@@ -45,27 +45,9 @@ const CLUSTERS: [&str; 3] = ["c1", "c2", "c3"];
 const SERVERS: usize = 30;
 const DEDUP_WINDOW: Duration = Duration::from_secs(1);
 
-/// The allocator binary: `HEADROOM_ALLOCATOR_BIN`, else this workspace's
-/// (`scripts/test.sh` builds every binary before the tests; by hand,
-/// `cargo build -p headroom-allocator`).
+/// The allocator binary: `HEADROOM_ALLOCATOR_BIN`, else this workspace's.
 fn allocator_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("HEADROOM_ALLOCATOR_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/<test binary> -> target/<profile>/headroom-allocator
-    let binary = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir")
-        .join("headroom-allocator");
-    assert!(
-        binary.is_file(),
-        "{} is missing: run `cargo build -p headroom-allocator` (scripts/test.sh builds it) \
-         or name one in HEADROOM_ALLOCATOR_BIN",
-        binary.display()
-    );
-    binary
+    workspace_binary("headroom-allocator", "HEADROOM_ALLOCATOR_BIN")
 }
 
 /// One allocator process, restarted after every kill.
