@@ -178,11 +178,20 @@ impl Default for AllocatorConfig {
 pub struct MonitorConfig {
     /// This instance's name in logs, requests and audit events.
     pub instance: String,
-    /// Which share of the clusters this instance decides for: clusters are
-    /// split over `shards` instances by a stable hash of their id, and this
-    /// one takes number `shard` (from 0).
-    pub shard: u32,
+    /// How many shards the clusters are split into, by a stable hash of
+    /// their id. Every instance of a deployment must say the same. Live
+    /// instances share the shards evenly by leases in KV, so more shards
+    /// than instances spread the work better (1: one instance decides
+    /// everything and the others stand by).
     pub shards: u32,
+    /// How long a shard's lease lasts without renewal: an instance that
+    /// stops renewing stops deciding within half of it, and another takes
+    /// the shard after all of it.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Gone: shards are taken by lease. Kept only to say so clearly.
+    #[doc(hidden)]
+    pub shard: Option<u32>,
     /// How often each cluster is evaluated.
     #[serde(with = "humantime_serde")]
     pub evaluate_interval: Duration,
@@ -196,8 +205,9 @@ impl Default for MonitorConfig {
     fn default() -> Self {
         Self {
             instance: default_instance(),
-            shard: 0,
             shards: 1,
+            lease_ttl: Duration::from_secs(5),
+            shard: None,
             evaluate_interval: Duration::from_secs(1),
             dry_run: false,
             decision_log: None,
@@ -567,8 +577,17 @@ impl Config {
         if self.allocator.max_in_flight == 0 {
             return invalid("allocator.max_in_flight", "must be at least 1");
         }
-        if self.monitor.shards == 0 || self.monitor.shard >= self.monitor.shards {
-            return invalid("monitor.shard", "must be below monitor.shards (at least 1)");
+        if self.monitor.shard.is_some() {
+            return invalid(
+                "monitor.shard",
+                "is gone: instances now take shards by lease; remove it and keep monitor.shards",
+            );
+        }
+        if !(1..=1024).contains(&self.monitor.shards) {
+            return invalid("monitor.shards", "must be between 1 and 1024");
+        }
+        if self.monitor.lease_ttl < Duration::from_millis(200) {
+            return invalid("monitor.lease_ttl", "must be at least 200ms");
         }
         if self.monitor.evaluate_interval < Duration::from_millis(100) {
             return invalid("monitor.evaluate_interval", "must be at least 100ms");
@@ -659,8 +678,8 @@ mod tests {
         let config = Config::from_toml(
             r#"
             [monitor]
-            shard = 1
-            shards = 2
+            shards = 12
+            lease_ttl = "2s"
             dry_run = true
             [agent]
             server = "web-1"
@@ -670,7 +689,8 @@ mod tests {
             "#,
         )
         .expect("valid config");
-        assert_eq!(config.monitor.shard, 1);
+        assert_eq!(config.monitor.shards, 12);
+        assert_eq!(config.monitor.lease_ttl, Duration::from_secs(2));
         assert!(config.monitor.dry_run);
         assert_eq!(
             config.agent.on_allocate,
@@ -680,8 +700,10 @@ mod tests {
             config.agent.on_release,
             Some(Hook::Http("http://127.0.0.1:8080/drain".into()))
         );
-        let err = Config::from_toml("[monitor]\nshard = 2\nshards = 2").expect_err("shard");
-        assert!(err.to_string().contains("monitor.shard"), "{err}");
+        let err = Config::from_toml("[monitor]\nshard = 1\nshards = 2").expect_err("shard");
+        assert!(err.to_string().contains("by lease"), "{err}");
+        let err = Config::from_toml("[monitor]\nshards = 0").expect_err("no shard");
+        assert!(err.to_string().contains("monitor.shards"), "{err}");
         let err = Config::from_toml("[agent]\non_allocate = { command = [] }").expect_err("empty");
         assert!(err.to_string().contains("agent.on_allocate"), "{err}");
     }

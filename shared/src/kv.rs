@@ -1,6 +1,6 @@
 //! The JetStream KV schema: buckets, keys and the records stored in them.
 //!
-//! JetStream KV is Headroom's only store. Three buckets:
+//! JetStream KV is Headroom's only store. Four buckets:
 //! - `headroom-servers`, key = server id: where each server is. This record
 //!   is the authority on a server's placement, so a server can be in at most
 //!   one cluster by construction.
@@ -9,6 +9,8 @@
 //! - `headroom-requests`, key = request id: the outcome of every
 //!   reconfiguration request, so a redelivered request is applied at most
 //!   once.
+//! - `headroom-monitors`: which monitor instance holds each shard's lease
+//!   (`shard.<n>`), and each live instance's heartbeat (`instance.<id>`).
 //!
 //! Every write is compare-and-set on the revision read. A server listed in a
 //! cluster's members always has a server record naming that cluster; the
@@ -25,6 +27,7 @@ use crate::wire::{BusError, ReconfigAction};
 pub const SERVERS_BUCKET: &str = "headroom-servers";
 pub const CLUSTERS_BUCKET: &str = "headroom-clusters";
 pub const REQUESTS_BUCKET: &str = "headroom-requests";
+pub const MONITORS_BUCKET: &str = "headroom-monitors";
 
 /// How the buckets are made. One definition, used by whoever creates them.
 pub fn bucket_config(bucket: &str, replicas: usize) -> async_nats::jetstream::kv::Config {
@@ -33,6 +36,13 @@ pub fn bucket_config(bucket: &str, replicas: usize) -> async_nats::jetstream::kv
         CLUSTERS_BUCKET => (
             "Headroom: cluster policy and membership",
             32,
+            Duration::ZERO,
+        ),
+        // Leases are judged by whether their revision moves, so only the
+        // last value of each key matters.
+        MONITORS_BUCKET => (
+            "Headroom: monitor shard leases and heartbeats",
+            1,
             Duration::ZERO,
         ),
         // Outcomes outlive JetStream's de-duplication window by far; a day
@@ -72,6 +82,43 @@ pub async fn open_bucket(
             Ok(js.create_key_value(bucket_config(bucket, replicas)).await?)
         }
         Err(err) => Err(err.into()),
+    }
+}
+
+/// The value of `shard.<n>` in the monitors bucket: who decides for the
+/// shard's clusters. A holder renews it by compare-and-set; another
+/// instance may take it once its revision has not moved for a lease's
+/// length, or at once when `holder` is empty (handed over).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLease {
+    pub v: u16,
+    pub holder: Option<String>,
+    /// When it was last written, for people reading it; expiry does not
+    /// use it, so clocks need not agree.
+    pub at_ms: u64,
+}
+
+impl Message for ShardLease {
+    const KIND: &'static str = "shard_lease";
+    fn schema_version(&self) -> u16 {
+        self.v
+    }
+}
+
+/// The value of `instance.<id>` in the monitors bucket, put at every lease
+/// round: live instances share the shards evenly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorHeartbeat {
+    pub v: u16,
+    pub instance: String,
+    pub shards: Vec<u32>,
+    pub at_ms: u64,
+}
+
+impl Message for MonitorHeartbeat {
+    const KIND: &'static str = "monitor_heartbeat";
+    fn schema_version(&self) -> u16 {
+        self.v
     }
 }
 

@@ -440,6 +440,12 @@ pub enum EventKind {
     /// The monitor decided to change a cluster; `detail` holds the decision
     /// and the window values that caused it.
     Decided,
+    /// A monitor instance took a shard's lease: it decides for the shard's
+    /// clusters from `at_ms`. `detail` names the shard.
+    ShardTaken,
+    /// A monitor instance stopped deciding for a shard at `at_ms` (handed
+    /// over, stopping, or its lease could not be renewed in time).
+    ShardLeft,
 }
 
 impl EventKind {
@@ -457,6 +463,8 @@ impl EventKind {
             EventKind::Repaired => "repaired",
             EventKind::Rejected { .. } => "rejected",
             EventKind::Decided => "decided",
+            EventKind::ShardTaken => "shard_taken",
+            EventKind::ShardLeft => "shard_left",
         }
     }
 }

@@ -286,7 +286,6 @@ async fn sharded(
     for index in 0..n {
         let mut config = nats.config();
         config.monitor.instance = format!("bench-{index}");
-        config.monitor.shard = index;
         config.monitor.shards = n;
         let ops = Ops::new("headroom-monitor");
         tokio::spawn(headroom_monitor::run(
@@ -301,7 +300,12 @@ async fn sharded(
         monitors.iter().map(|ops| metric(ops, name, labels)).sum()
     };
     let servers = reports.len() as u64;
-    while sum("headroom_monitor_tracked_servers", "") < servers {
+    // The instances share the shards by lease: one each once all are live.
+    while sum("headroom_monitor_tracked_servers", "") < servers
+        || monitors
+            .iter()
+            .any(|ops| metric(ops, "headroom_monitor_shards_held", "") != 1)
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Every subscription made before the clock starts.

@@ -10,6 +10,7 @@ mod crash;
 mod demo;
 mod evaluate;
 mod frontend;
+mod leases;
 mod loadgen;
 mod monitor;
 mod ops;

@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use headroom_monitor::{fetch_stats, Clock, ClockDriver};
+use headroom_monitor::{fetch_stats, Clock, ClockDriver, Shards};
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::kv::{
+    ClusterPolicy, ClusterRecord, Member, MemberState, ShardLease, CLUSTERS_BUCKET, MONITORS_BUCKET,
+};
 use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
 use headroom_shared::wire::{now_ms, AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
@@ -978,12 +980,12 @@ async fn sharded_monitors_are_each_sent_only_their_own_clusters_reports() {
         bucket.put(name.as_str(), body).await.expect("put cluster");
     }
     let shutdown = CancellationToken::new();
-    let mut shards = Vec::new();
+    let mut instances = Vec::new();
     for index in 0..2 {
         let mut config = nats.config();
         config.monitor.instance = format!("monitor-{index}");
-        config.monitor.shard = index;
         config.monitor.shards = 2;
+        config.monitor.lease_ttl = Duration::from_millis(800);
         let ops = Ops::new("headroom-monitor");
         tokio::spawn(headroom_monitor::run(
             config,
@@ -991,24 +993,58 @@ async fn sharded_monitors_are_each_sent_only_their_own_clusters_reports() {
             ops.clone(),
             shutdown.clone(),
         ));
-        let shard = headroom_monitor::Shard { index, count: 2 };
+        instances.push(ops);
+    }
+    // The two share the two shards by lease: one each, once both are live.
+    let shared = eventually(WAIT, || async {
+        instances
+            .iter()
+            .all(|ops| metric(ops, "headroom_monitor_shards_held", "") == 1)
+            .then_some(())
+    })
+    .await;
+    assert!(shared.is_some(), "each instance holds one shard");
+    let monitors = headroom_shared::kv::open_bucket(&js, MONITORS_BUCKET, 1)
+        .await
+        .expect("monitors bucket");
+    let mut shards = Vec::new();
+    for (index, ops) in instances.into_iter().enumerate() {
+        let mut held = None;
+        for n in 0..2u32 {
+            let entry = monitors
+                .get(format!("shard.{n}"))
+                .await
+                .expect("read lease")
+                .expect("lease");
+            let lease: ShardLease = Codec::MsgPack.decode(&entry).expect("lease");
+            if lease
+                .holder
+                .is_some_and(|h| h.starts_with(&format!("monitor-{index}-")))
+            {
+                held = Some(n);
+            }
+        }
+        let shard = Shards {
+            count: 2,
+            held: [held.expect("a shard of its own")].into(),
+        };
         let owned: Vec<&String> = clusters.iter().filter(|c| shard.owns(c)).collect();
-        shards.push((ops, owned));
+        shards.push((ops, owned, shard.owns_pool()));
     }
     assert!(
-        shards.iter().all(|(_, owned)| !owned.is_empty()),
+        shards.iter().all(|(_, owned, _)| !owned.is_empty()),
         "both shards own clusters"
     );
-    // Each holds a subscription per owned cluster, and shard 0 the pool's.
-    for (index, (ops, owned)) in shards.iter().enumerate() {
-        let want = owned.len() as u64 + u64::from(index == 0);
+    // Each holds a subscription per owned cluster, and shard 0's the pool's.
+    for (index, (ops, owned, pool)) in shards.iter().enumerate() {
+        let want = owned.len() as u64 + u64::from(*pool);
         let subscribed = eventually(WAIT, || async {
             (metric(ops, "headroom_monitor_subscriptions", "") == want).then_some(())
         })
         .await;
         assert!(
             subscribed.is_some(),
-            "shard {index} subscribes to its {want}"
+            "instance {index} subscribes to its {want}"
         );
     }
     for (c, name) in clusters.iter().enumerate() {
@@ -1043,13 +1079,13 @@ async fn sharded_monitors_are_each_sent_only_their_own_clusters_reports() {
     let all_taken = eventually(WAIT, || async {
         let taken: u64 = shards
             .iter()
-            .map(|(ops, _)| metric(ops, "headroom_monitor_reports_total", "{kind=\"member\""))
+            .map(|(ops, _, _)| metric(ops, "headroom_monitor_reports_total", "{kind=\"member\""))
             .sum();
         (taken == 16).then_some(())
     })
     .await;
     assert!(all_taken.is_some(), "every member report was taken once");
-    for (index, (ops, owned)) in shards.iter().enumerate() {
+    for (index, (ops, owned, pool)) in shards.iter().enumerate() {
         let kind = |k: &str| {
             metric(
                 ops,
@@ -1069,14 +1105,14 @@ async fn sharded_monitors_are_each_sent_only_their_own_clusters_reports() {
         );
         assert_eq!(
             kind("pool"),
-            u64::from(index == 0),
-            "shard {index}: the pool's report"
+            u64::from(*pool),
+            "instance {index}: the pool's report if it holds shard 0"
         );
     }
     // A cluster that goes away takes its subscription with it.
-    let (ops, owned) = &shards[1];
+    let (ops, owned, pool) = &shards[1];
     bucket.delete(owned[0].as_str()).await.expect("delete");
-    let want = owned.len() as u64 - 1;
+    let want = owned.len() as u64 - 1 + u64::from(*pool);
     let dropped = eventually(WAIT, || async {
         (metric(ops, "headroom_monitor_subscriptions", "") == want).then_some(())
     })

@@ -3,6 +3,7 @@
 //! go through this same path, so a recording is judged exactly as the live
 //! stream was.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::HeaderMap;
@@ -16,23 +17,52 @@ use serde::{Deserialize, Serialize};
 use crate::decide::{fnv1a, Decider, Rejection};
 
 /// Which clusters this monitor decides for: a stable hash of the cluster id
-/// picks one of `shards` monitors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shard {
-    pub index: u32,
+/// picks one of `count` shards, and the instance decides for the shards it
+/// holds (by lease, see [`crate::leases`]). The holder of shard 0 also
+/// takes the free servers' pool reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shards {
     pub count: u32,
+    pub held: BTreeSet<u32>,
 }
 
-impl Default for Shard {
+impl Default for Shards {
+    /// One shard, held: a monitor alone (replay, tests).
     fn default() -> Self {
-        Self { index: 0, count: 1 }
+        Self::all(1)
     }
 }
 
-impl Shard {
+impl Shards {
+    /// `count` shards, none held yet.
+    pub fn none(count: u32) -> Self {
+        Self {
+            count: count.max(1),
+            held: BTreeSet::new(),
+        }
+    }
+
+    /// `count` shards, all held.
+    pub fn all(count: u32) -> Self {
+        let count = count.max(1);
+        Self {
+            count,
+            held: (0..count).collect(),
+        }
+    }
+
+    /// The shard `cluster` belongs to.
+    pub fn of(&self, cluster: &str) -> u32 {
+        let index = fnv1a(cluster.as_bytes()) % u64::from(self.count);
+        u32::try_from(index).unwrap_or(0)
+    }
+
     pub fn owns(&self, cluster: &str) -> bool {
-        self.count <= 1
-            || fnv1a(cluster.as_bytes()) % u64::from(self.count) == u64::from(self.index)
+        self.held.contains(&self.of(cluster))
+    }
+
+    pub fn owns_pool(&self) -> bool {
+        self.held.contains(&0)
     }
 }
 
@@ -67,6 +97,8 @@ pub struct Counters {
     pub clusters: AtomicU64,
     /// Subscriptions reports arrive on (one per owned cluster when sharded).
     pub subscriptions: AtomicU64,
+    /// Shards whose lease this instance holds.
+    pub shards_held: AtomicU64,
     /// Decisions by action, for `/metrics`.
     pub decided: DecisionsByAction,
 }
@@ -103,6 +135,8 @@ pub struct CountersSnapshot {
     pub send_failures: u64,
     pub tracked_servers: u64,
     pub clusters: u64,
+    #[serde(default)]
+    pub shards_held: u64,
 }
 
 impl Counters {
@@ -136,6 +170,7 @@ impl Counters {
             send_failures: get(&self.send_failures),
             tracked_servers: get(&self.tracked_servers),
             clusters: get(&self.clusters),
+            shards_held: get(&self.shards_held),
         };
         s.rejected = s.malformed
             + s.unsupported_version
@@ -210,6 +245,12 @@ impl Counters {
             &[],
             get(&self.subscriptions) as f64,
         );
+        out.gauge(
+            "headroom_monitor_shards_held",
+            "Shards whose lease this instance holds (it decides for their clusters).",
+            &[],
+            get(&self.shards_held) as f64,
+        );
     }
 }
 
@@ -224,14 +265,14 @@ fn reject(code: &str, message: impl Into<String>) -> Rejection {
 /// The rejection, with its stable code; it has been counted.
 pub fn ingest(
     decider: &mut Decider,
-    shard: Shard,
+    shards: &Shards,
     counters: &Counters,
     now_ms: u64,
     subject: &str,
     headers: Option<&HeaderMap>,
     payload: &[u8],
 ) -> Result<Taken, Rejection> {
-    let taken = take(decider, shard, now_ms, subject, headers, payload);
+    let taken = take(decider, shards, now_ms, subject, headers, payload);
     match &taken {
         Ok(Taken::Report) => counters.reports.fetch_add(1, Ordering::Relaxed),
         Ok(Taken::Pool) => counters.pool_reports.fetch_add(1, Ordering::Relaxed),
@@ -246,7 +287,7 @@ pub fn ingest(
 
 fn take(
     decider: &mut Decider,
-    shard: Shard,
+    shards: &Shards,
     now_ms: u64,
     subject: &str,
     headers: Option<&HeaderMap>,
@@ -259,11 +300,11 @@ fn take(
         ));
     };
     // Skip other shards' clusters before paying for decoding.
-    if let Some(c) = cluster_token {
-        if !shard.owns(c) {
-            return Ok(Taken::Skipped);
-        }
-    } else if shard.index != 0 {
+    let owned = match cluster_token {
+        Some(c) => shards.owns(c),
+        None => shards.owns_pool(),
+    };
+    if !owned {
         return Ok(Taken::Skipped);
     }
     let codec = Codec::of(headers).map_err(|e| reject(e.code(), e.to_string()))?;
@@ -297,7 +338,7 @@ fn take(
 
 #[cfg(test)]
 mod tests {
-    use super::Shard;
+    use super::Shards;
 
     #[test]
     fn every_cluster_has_exactly_one_shard_and_the_shards_share_them_evenly() {
@@ -306,7 +347,13 @@ mod tests {
             for c in 0..10_000 {
                 let cluster = format!("cluster-{c}");
                 let owners: Vec<u32> = (0..count)
-                    .filter(|&index| Shard { index, count }.owns(&cluster))
+                    .filter(|&index| {
+                        Shards {
+                            count,
+                            held: [index].into(),
+                        }
+                        .owns(&cluster)
+                    })
                     .collect();
                 assert_eq!(owners.len(), 1, "{cluster} of {count} shards: {owners:?}");
                 per_shard[owners[0] as usize] += 1;

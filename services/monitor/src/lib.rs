@@ -6,20 +6,24 @@
 //! # Layout
 //! - [`decide`]: the decisions, a pure function of inputs and time.
 //! - [`ingest`]: subject, codec and sanity checks in front of it; counters.
+//! - [`leases`]: which shards this instance holds, by leases in KV.
 //! - [`replay`]: recordings, and replaying them through a policy.
 //! - [`reports`]: the subscriptions reports arrive on, per shard.
 //! - [`run`]: the live service: NATS in, requests and audit events out.
 //!
 //! Decisions need a whole cluster in view, so monitors share the work by
-//! cluster (`monitor.shard` of `monitor.shards`), not by message: a queue
-//! group would scatter one server's reports over several monitors, each of
-//! which would then see a healthy server fall silent.
+//! cluster (a hash picks one of `monitor.shards`; live instances share the
+//! shards by lease), not by message: a queue group would scatter one
+//! server's reports over several monitors, each of which would then see a
+//! healthy server fall silent.
 
 pub mod decide;
 pub mod ingest;
+pub mod leases;
 pub mod replay;
 pub mod reports;
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,7 +34,7 @@ use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use headroom_shared::codec::Codec;
 use headroom_shared::config::Config;
-use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET};
+use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET, MONITORS_BUCKET};
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, AuditEvent, EventKind, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, RequestId, SCHEMA_VERSION};
@@ -40,7 +44,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 pub use decide::{ClusterView, Decider, Decision};
-pub use ingest::{Counters, Shard};
+pub use ingest::{Counters, Shards};
+pub use leases::Ownership;
 pub use reports::Reports;
 
 #[derive(Debug, thiserror::Error)]
@@ -156,11 +161,7 @@ pub async fn run_with_clock(
     clock: Clock,
 ) -> Result<(), MonitorError> {
     let settings = config.monitor.clone();
-    let shard = Shard {
-        index: settings.shard,
-        count: settings.shards,
-    };
-    let span = info_span!("monitor", instance = %settings.instance, shard = shard.index, shards = shard.count);
+    let span = info_span!("monitor", instance = %settings.instance, shards = settings.shards);
     async move {
         let js = jetstream::new(client.clone());
         let replicas = config.nats.replicas;
@@ -173,6 +174,9 @@ pub async fn run_with_clock(
         let clusters = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
             .await
             .map_err(|e| MonitorError::Setup("clusters bucket", e))?;
+        let monitors = headroom_shared::kv::open_bucket(&js, MONITORS_BUCKET, replicas)
+            .await
+            .map_err(|e| MonitorError::Setup("monitors bucket", e))?;
         let decision_log = match &settings.decision_log {
             Some(path) => Some(
                 std::fs::OpenOptions::new()
@@ -186,9 +190,7 @@ pub async fn run_with_clock(
             ),
             None => None,
         };
-        let reports = Reports::new(client.clone(), shard)
-            .await
-            .map_err(|e| MonitorError::Setup("metrics subscription", e.into()))?;
+        let reports = Reports::new(client.clone(), settings.shards);
         let counters = Arc::new(Counters::default());
         {
             let counters = counters.clone();
@@ -210,20 +212,40 @@ pub async fn run_with_clock(
         let stop = shutdown.child_token();
         let (updates_tx, updates_rx) = mpsc::channel(1024);
         let (decisions_tx, decisions_rx) = mpsc::channel(4096);
+        let (ownership_tx, ownership_rx) = mpsc::channel(64);
+        let decider_gone = CancellationToken::new();
+        let (first_round_tx, first_round) = oneshot::channel();
         let mut tasks: JoinSet<Result<&'static str, MonitorError>> = JoinSet::new();
-        tasks.spawn(watch_clusters(clusters, shard, updates_tx, stop.clone()));
-        tasks.spawn(decide_loop(
-            Inputs {
+        tasks.spawn(watch_clusters(clusters, updates_tx, stop.clone()));
+        tasks.spawn(leases::hold(
+            monitors,
+            js.clone(),
+            leases::LeaseSettings {
+                shards: settings.shards,
+                ttl: settings.lease_ttl,
+                instance: settings.instance.clone(),
+            },
+            ownership_tx,
+            stop.clone(),
+            decider_gone.clone(),
+            first_round_tx,
+        ));
+        {
+            let inputs = Inputs {
                 reports,
                 updates: updates_rx,
-                shard,
+                ownership: ownership_rx,
+                shards: Shards::none(settings.shards),
                 interval: settings.evaluate_interval,
                 clock,
-            },
-            decisions_tx,
-            counters.clone(),
-            stop.clone(),
-        ));
+            };
+            let (counters, stop) = (counters.clone(), stop.clone());
+            tasks.spawn(async move {
+                // However it ends, the leases may then be handed over.
+                let _gone = decider_gone.drop_guard();
+                decide_loop(inputs, decisions_tx, counters, stop).await
+            });
+        }
         tasks.spawn(send_loop(
             js,
             decisions_rx,
@@ -233,6 +255,13 @@ pub async fn run_with_clock(
             settings.dry_run,
         ));
         tasks.spawn(serve_stats(stats_endpoint, counters, stop.clone()));
+        // Ready once the first round of leases has taken what was free.
+        if tokio::time::timeout(2 * settings.lease_ttl, first_round)
+            .await
+            .is_err()
+        {
+            warn!("no first round of shard leases yet; ready anyway");
+        }
         ops.set_ready();
 
         let mut failure = None;
@@ -273,19 +302,16 @@ pub async fn run_with_clock(
 }
 
 /// Follows the clusters bucket (current records first, then every change)
-/// and hands this shard's clusters to the decider.
+/// and hands every cluster to the decider's loop, which keeps those of the
+/// shards it holds.
 async fn watch_clusters(
     bucket: kv::Store,
-    shard: Shard,
     updates: mpsc::Sender<ClusterUpdate>,
     stop: CancellationToken,
 ) -> Result<&'static str, MonitorError> {
     let entries = headroom_shared::kv::follow(bucket, ">".to_owned(), stop);
     futures::pin_mut!(entries);
     while let Some(entry) = entries.next().await {
-        if !shard.owns(&entry.key) {
-            continue;
-        }
         let update = match entry.operation {
             kv::Operation::Put => match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
                 Ok(record) => ClusterUpdate::Put(ClusterView::from(&record)),
@@ -310,14 +336,15 @@ async fn watch_clusters(
 struct Inputs {
     reports: Reports,
     updates: mpsc::Receiver<ClusterUpdate>,
-    shard: Shard,
+    ownership: mpsc::Receiver<Ownership>,
+    shards: Shards,
     interval: Duration,
     clock: Clock,
 }
 
-/// The one task that owns the decider: reports, cluster changes and the
-/// evaluation clock all pass through here, so no lock is ever taken on the
-/// hot path.
+/// The one task that owns the decider: reports, cluster changes, shard
+/// changes and the evaluation clock all pass through here, so no lock is
+/// ever taken on the hot path.
 async fn decide_loop(
     inputs: Inputs,
     decisions: mpsc::Sender<Decision>,
@@ -325,58 +352,40 @@ async fn decide_loop(
     stop: CancellationToken,
 ) -> Result<&'static str, MonitorError> {
     let Inputs {
-        mut reports,
+        reports,
         mut updates,
-        shard,
+        mut ownership,
+        shards,
         interval,
         mut clock,
     } = inputs;
-    counters
-        .subscriptions
-        .store(reports.subscriptions() as u64, Ordering::Relaxed);
-    let mut decider = Decider::new();
+    let mut deciding = Deciding {
+        decider: Decider::new(),
+        reports,
+        shards,
+        known: HashMap::new(),
+        counters,
+    };
+    deciding.gauges();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let evaluate = |decider: &mut Decider, at_ms: u64| {
-        for decision in decider.tick(at_ms) {
-            counters.decisions.fetch_add(1, Ordering::Relaxed);
-            counters.decided.0.inc(&[decision.action.name()]);
-            if decisions.try_send(decision).is_err() {
-                counters.send_failures.fetch_add(1, Ordering::Relaxed);
-                warn!("decision queue full; a decision was dropped");
-            }
-        }
-        counters
-            .tracked_servers
-            .store(decider.tracked_servers() as u64, Ordering::Relaxed);
-        counters
-            .clusters
-            .store(decider.clusters() as u64, Ordering::Relaxed);
-    };
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok("decider"),
-            update = updates.recv() => {
-                match update {
-                    Some(ClusterUpdate::Put(view)) => {
-                        reports
-                            .follow(&view.id)
-                            .await
-                            .map_err(|e| MonitorError::Setup("cluster's metrics subscription", e.into()))?;
-                        decider.set_cluster(clock.now_ms(), view);
-                    }
-                    Some(ClusterUpdate::Removed(id)) => {
-                        reports.forget(&id);
-                        decider.remove_cluster(&id);
-                    }
-                    None => return Ok("decider"),
-                }
-                counters.tracked_servers.store(decider.tracked_servers() as u64, Ordering::Relaxed);
-                counters.clusters.store(decider.clusters() as u64, Ordering::Relaxed);
-                counters.subscriptions.store(reports.subscriptions() as u64, Ordering::Relaxed);
+            // Shard changes first: a lost shard must stop being decided
+            // before anything else is.
+            change = ownership.recv() => match change {
+                Some(change) => deciding.ownership(clock.now_ms(), change).await?,
+                None => return Ok("decider"),
+            },
+            update = updates.recv() => match update {
+                Some(update) => deciding.update(clock.now_ms(), update).await?,
+                None => return Ok("decider"),
+            },
+            _ = ticker.tick(), if matches!(clock, Clock::System) => {
+                deciding.evaluate(now_ms(), &decisions);
             }
-            _ = ticker.tick(), if matches!(clock, Clock::System) => evaluate(&mut decider, now_ms()),
             asked = async {
                 match &mut clock {
                     Clock::Manual(manual) => manual.evaluations.recv().await,
@@ -384,16 +393,16 @@ async fn decide_loop(
                 }
             } => match asked {
                 Some((at_ms, done)) => {
-                    evaluate(&mut decider, at_ms);
+                    deciding.evaluate(at_ms, &decisions);
                     let _ = done.send(());
                 }
                 None => return Ok("decider"),
             },
-            message = reports.next() => {
+            message = deciding.reports.next() => {
                 if let Err(rejection) = ingest::ingest(
-                    &mut decider,
-                    shard,
-                    &counters,
+                    &mut deciding.decider,
+                    &deciding.shards,
+                    &deciding.counters,
                     clock.now_ms(),
                     message.subject.as_str(),
                     message.headers.as_ref(),
@@ -403,6 +412,114 @@ async fn decide_loop(
                 }
             }
         }
+    }
+}
+
+/// The decider and what it decides for: every known cluster, of which it
+/// holds those of its shards.
+struct Deciding {
+    decider: Decider,
+    reports: Reports,
+    shards: Shards,
+    /// Every cluster in KV, so that a shard taken is decided for at once.
+    known: HashMap<ClusterId, ClusterView>,
+    counters: Arc<Counters>,
+}
+
+impl Deciding {
+    fn evaluate(&mut self, at_ms: u64, decisions: &mpsc::Sender<Decision>) {
+        for decision in self.decider.tick(at_ms) {
+            self.counters.decisions.fetch_add(1, Ordering::Relaxed);
+            self.counters.decided.0.inc(&[decision.action.name()]);
+            if decisions.try_send(decision).is_err() {
+                self.counters.send_failures.fetch_add(1, Ordering::Relaxed);
+                warn!("decision queue full; a decision was dropped");
+            }
+        }
+        self.gauges();
+    }
+
+    async fn update(&mut self, now_ms: u64, update: ClusterUpdate) -> Result<(), MonitorError> {
+        match update {
+            ClusterUpdate::Put(view) => {
+                if self.shards.owns(view.id.as_str()) {
+                    self.hold(now_ms, view.clone()).await?;
+                }
+                self.known.insert(view.id.clone(), view);
+            }
+            ClusterUpdate::Removed(id) => {
+                self.known.remove(&id);
+                self.let_go(&id);
+            }
+        }
+        self.gauges();
+        Ok(())
+    }
+
+    async fn ownership(&mut self, now_ms: u64, change: Ownership) -> Result<(), MonitorError> {
+        match change {
+            Ownership::Gained { shard, done } => {
+                self.shards.held.insert(shard);
+                if shard == 0 {
+                    self.reports
+                        .take_first_shard()
+                        .await
+                        .map_err(|e| MonitorError::Setup("metrics subscription", e.into()))?;
+                }
+                let views: Vec<ClusterView> = self
+                    .known
+                    .values()
+                    .filter(|v| self.shards.of(v.id.as_str()) == shard)
+                    .cloned()
+                    .collect();
+                for view in views {
+                    self.hold(now_ms, view).await?;
+                }
+                let _ = done.send(());
+            }
+            Ownership::Lost { shard, done } => {
+                self.shards.held.remove(&shard);
+                if shard == 0 {
+                    self.reports.leave_first_shard();
+                }
+                let ids: Vec<ClusterId> = self
+                    .known
+                    .keys()
+                    .filter(|id| self.shards.of(id.as_str()) == shard)
+                    .cloned()
+                    .collect();
+                for id in &ids {
+                    self.let_go(id);
+                }
+                let _ = done.send(());
+            }
+        }
+        self.gauges();
+        Ok(())
+    }
+
+    /// Decides for `view`'s cluster from now on (or takes its new record).
+    async fn hold(&mut self, now_ms: u64, view: ClusterView) -> Result<(), MonitorError> {
+        self.reports
+            .follow(&view.id)
+            .await
+            .map_err(|e| MonitorError::Setup("cluster's metrics subscription", e.into()))?;
+        self.decider.set_cluster(now_ms, view);
+        Ok(())
+    }
+
+    fn let_go(&mut self, id: &ClusterId) {
+        self.reports.forget(id);
+        self.decider.remove_cluster(id);
+    }
+
+    fn gauges(&self) {
+        let c = &self.counters;
+        let set = |gauge: &AtomicU64, n: usize| gauge.store(n as u64, Ordering::Relaxed);
+        set(&c.tracked_servers, self.decider.tracked_servers());
+        set(&c.clusters, self.decider.clusters());
+        set(&c.subscriptions, self.reports.subscriptions());
+        set(&c.shards_held, self.shards.held.len());
     }
 }
 

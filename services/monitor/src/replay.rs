@@ -23,7 +23,7 @@ use headroom_shared::ClusterId;
 use serde::{Deserialize, Serialize};
 
 use crate::decide::{ClusterView, Decider, Decision};
-use crate::ingest::{ingest, Counters, CountersSnapshot, Shard};
+use crate::ingest::{ingest, Counters, CountersSnapshot, Shards};
 
 /// One input of a recording.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -196,6 +196,7 @@ pub fn replay(
 ) -> Result<ReplaySummary, ReplayError> {
     let interval_ms = interval_ms.max(1);
     let mut decider = Decider::new();
+    let lone = Shards::default();
     let counters = Counters::default();
     let mut summary = ReplaySummary::default();
     let mut next_tick: Option<u64> = None;
@@ -286,7 +287,7 @@ pub fn replay(
         // A rejection is counted; replay goes on, as the live monitor does.
         let _ = ingest(
             &mut decider,
-            Shard::default(),
+            &lone,
             &counters,
             at_ms,
             &subject,

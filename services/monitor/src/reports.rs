@@ -1,12 +1,13 @@
-//! Where a monitor's reports come from. A lone monitor subscribes to all of
-//! `headroom.metrics.>`. One of several shards subscribes to each cluster
-//! it owns (`headroom.metrics.<cluster>.*`, and shard 0 to the pool's), so
-//! that nats-server sends each instance only its share: with one wildcard
-//! subscription each, every instance would be sent every report and skip
-//! the others', and ingest would not grow with instances.
+//! Where a monitor's reports come from, for the shards it holds. With one
+//! shard, its holder subscribes to all of `headroom.metrics.>`. With
+//! several, an instance subscribes to each cluster of its shards
+//! (`headroom.metrics.<cluster>.*`, and the holder of shard 0 to the
+//! pool's), so that nats-server sends each instance only its share: with
+//! one wildcard subscription each, every instance would be sent every
+//! report and skip the others', and ingest would not grow with instances.
 //!
 //! The cost of the split: a report for a cluster that is not in KV reaches
-//! no shard, so only a lone monitor counts it as `unknown_cluster`.
+//! no one, so only a lone shard's holder counts it as `unknown_cluster`.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -16,42 +17,53 @@ use futures::stream::{SelectAll, StreamExt, TakeUntil};
 use headroom_shared::{subjects, ClusterId};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::ingest::Shard;
-
 type Cut = TakeUntil<Subscriber, Pin<Box<WaitForCancellationFutureOwned>>>;
 
 pub struct Reports {
     client: async_nats::Client,
-    shard: Shard,
+    /// How many shards there are.
+    shards: u32,
     streams: SelectAll<Cut>,
     /// The subscription of each owned cluster, ended by cancelling its token.
     clusters: HashMap<ClusterId, CancellationToken>,
-    /// The subscriptions that are not a cluster's (all, or the pool's).
-    fixed: usize,
+    /// Shard 0's subscription that is not a cluster's (all, or the pool's).
+    first: Option<CancellationToken>,
 }
 
 impl Reports {
-    /// # Errors
-    /// The subscription cannot be made.
-    pub async fn new(
-        client: async_nats::Client,
-        shard: Shard,
-    ) -> Result<Self, async_nats::SubscribeError> {
-        let mut reports = Self {
+    /// No subscription yet: they follow the shards taken.
+    pub fn new(client: async_nats::Client, shards: u32) -> Self {
+        Self {
             client,
-            shard,
+            shards,
             streams: SelectAll::new(),
             clusters: HashMap::new(),
-            fixed: 0,
-        };
-        if shard.count <= 1 {
-            reports.add(subjects::METRICS_ALL.to_owned()).await?;
-            reports.fixed = 1;
-        } else if shard.index == 0 {
-            reports.add(subjects::metrics_pool_all()).await?;
-            reports.fixed = 1;
+            first: None,
         }
-        Ok(reports)
+    }
+
+    /// Starts what holding shard 0 adds: every report for a lone shard,
+    /// else the pool's.
+    ///
+    /// # Errors
+    /// The subscription cannot be made.
+    pub async fn take_first_shard(&mut self) -> Result<(), async_nats::SubscribeError> {
+        if self.first.is_none() {
+            let subject = if self.shards <= 1 {
+                subjects::METRICS_ALL.to_owned()
+            } else {
+                subjects::metrics_pool_all()
+            };
+            self.first = Some(self.add(subject).await?);
+        }
+        Ok(())
+    }
+
+    /// Ends what [`Self::take_first_shard`] started.
+    pub fn leave_first_shard(&mut self) {
+        if let Some(token) = self.first.take() {
+            token.cancel();
+        }
     }
 
     async fn add(
@@ -65,13 +77,13 @@ impl Reports {
         Ok(token)
     }
 
-    /// Starts taking `cluster`'s reports, when this shard subscribes per
-    /// cluster and does not already.
+    /// Starts taking `cluster`'s reports, when there are several shards and
+    /// it does not already.
     ///
     /// # Errors
     /// The subscription cannot be made.
     pub async fn follow(&mut self, cluster: &ClusterId) -> Result<(), async_nats::SubscribeError> {
-        if self.shard.count <= 1 || self.clusters.contains_key(cluster) {
+        if self.shards <= 1 || self.clusters.contains_key(cluster) {
             return Ok(());
         }
         let token = self.add(subjects::metrics_of_cluster(cluster)).await?;
@@ -90,11 +102,11 @@ impl Reports {
     /// How many subscriptions are open (a forgotten cluster's is closed,
     /// though its stream leaves the set only when next polled).
     pub fn subscriptions(&self) -> usize {
-        self.fixed + self.clusters.len()
+        usize::from(self.first.is_some()) + self.clusters.len()
     }
 
-    /// The next report; waits for ever while there is no subscription (a
-    /// shard that owns no cluster yet).
+    /// The next report; waits for ever while there is no subscription (an
+    /// instance that holds no shard, or whose shards have no cluster).
     pub async fn next(&mut self) -> Message {
         loop {
             if self.streams.is_empty() {
