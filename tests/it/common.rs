@@ -27,6 +27,30 @@ use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// A command running service `binary` against the nats-server at `url`,
+/// warnings only, logging to `log`, killed when dropped. The test's own
+/// `HEADROOM_*` knobs are no settings of the service, so they are cleared;
+/// the caller adds the service's own.
+pub fn service_command(
+    binary: &std::path::Path,
+    url: &str,
+    log: std::fs::File,
+) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(binary);
+    for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEADROOM_")) {
+        command.env_remove(name);
+    }
+    command
+        .env("HEADROOM_NATS__URL", url)
+        .env("HEADROOM_TELEMETRY__FILTER", "warn")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true);
+    command
+}
+
 /// A service binary for tests that run real processes: the one named in
 /// `env`, else this workspace's (`scripts/test.sh` builds every binary
 /// before the tests; by hand, `cargo build -p <name>`).

@@ -19,7 +19,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +33,7 @@ use headroom_shared::wire::{EventKind, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, RequestId, ServerId};
 use headroom_tests::{env_usize, eventually, NatsServer};
 use rand::Rng;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::Mutex;
 
 use headroom_allocator::store::Store;
@@ -74,24 +73,12 @@ impl AllocatorProcess {
             .append(true)
             .open(&self.log)
             .expect("allocator log");
-        let mut command = Command::new(&self.binary);
-        // The test's own HEADROOM_* knobs are no settings of the allocator.
-        for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEADROOM_")) {
-            command.env_remove(name);
-        }
-        let child = command
-            .env("HEADROOM_NATS__URL", url)
+        let child = service_command(&self.binary, url, log)
             .env("HEADROOM_NATS__MAX_RECONNECT_DELAY", "300ms")
             .env("HEADROOM_ALLOCATOR__INSTANCE", &self.name)
             .env("HEADROOM_ALLOCATOR__ACK_WAIT", "4s")
             .env("HEADROOM_ALLOCATOR__RECONCILE_INTERVAL", "200ms")
             .env("HEADROOM_ALLOCATOR__REPAIR_AFTER", "1s")
-            .env("HEADROOM_TELEMETRY__FILTER", "warn")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
             .spawn()
             .expect("allocator starts");
         self.child = Some(child);

@@ -6,7 +6,6 @@
 //! and every shard held again within a bound.
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -16,10 +15,10 @@ use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, AuditEvent, EventKind};
 use headroom_tests::{eventually, metric, NatsServer};
 use serde_json::Value;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{audit_log, cid, policy, workspace_binary, WAIT};
+use crate::common::{audit_log, cid, policy, service_command, workspace_binary, WAIT};
 
 const SHARDS: u32 = 4;
 const CLUSTERS: usize = 8;
@@ -60,21 +59,11 @@ impl InProcess {
 /// A `headroom-monitor` process.
 fn spawn_monitor(nats: &NatsServer, instance: &str, log: &std::path::Path) -> Child {
     let log = std::fs::File::create(log).expect("monitor log");
-    let mut command = Command::new(workspace_binary("headroom-monitor", "HEADROOM_MONITOR_BIN"));
-    for (name, _) in std::env::vars().filter(|(k, _)| k.starts_with("HEADROOM_")) {
-        command.env_remove(name);
-    }
-    command
-        .env("HEADROOM_NATS__URL", nats.url())
+    let binary = workspace_binary("headroom-monitor", "HEADROOM_MONITOR_BIN");
+    service_command(&binary, nats.url(), log)
         .env("HEADROOM_MONITOR__INSTANCE", instance)
         .env("HEADROOM_MONITOR__SHARDS", SHARDS.to_string())
         .env("HEADROOM_MONITOR__LEASE_TTL", "1s")
-        .env("HEADROOM_TELEMETRY__FILTER", "warn")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .kill_on_drop(true)
         .spawn()
         .expect("monitor starts")
 }

@@ -503,14 +503,7 @@ impl Holder {
         let previous = self.seen.get(&key).and_then(|s| s.holder.clone());
         // Recorded as of now: the decider starts deciding for it no earlier.
         let at_ms = now_ms();
-        let (done, taken) = oneshot::channel();
-        if self
-            .ownership
-            .send(Ownership::Gained { shard: n, done })
-            .await
-            .is_err()
-            || taken.await.is_err()
-        {
+        if !self.tell(|done| Ownership::Gained { shard: n, done }).await {
             return false;
         }
         info!(shard = n, ?previous, "took a shard lease");
@@ -522,18 +515,18 @@ impl Holder {
     /// has) and forgets it. False once the decider is gone.
     async fn lose(&mut self, n: u32, why: &str) -> bool {
         self.held.remove(&n);
-        let (done, dropped) = oneshot::channel();
-        if self
-            .ownership
-            .send(Ownership::Lost { shard: n, done })
-            .await
-            .is_err()
-            || dropped.await.is_err()
-        {
+        if !self.tell(|done| Ownership::Lost { shard: n, done }).await {
             return false;
         }
         self.event(EventKind::ShardLeft, n, why, now_ms());
         true
+    }
+
+    /// Tells the decider of a change and waits until it has made it. False
+    /// once the decider is gone.
+    async fn tell(&self, change: impl FnOnce(oneshot::Sender<()>) -> Ownership) -> bool {
+        let (done, made) = oneshot::channel();
+        self.ownership.send(change(done)).await.is_ok() && made.await.is_ok()
     }
 
     /// Gives shard `n` away: the decider drops it, then the lease is
