@@ -23,7 +23,7 @@ use headroom_shared::kv::{ClusterPolicy, ClusterRecord, MemberState, ServerRecor
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, MembershipChange, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, ServerId};
-use headroom_tests::{env_usize, percentiles, rss, NatsServer};
+use headroom_tests::{env_usize, metric, percentiles, rss, NatsServer};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
@@ -123,6 +123,9 @@ async fn allocate_once(
     asked.elapsed().as_secs_f64() * 1_000.0
 }
 
+/// The KV operations the allocator counts.
+const KV_OPS: [&str; 5] = ["get", "create", "update", "delete", "sweep"];
+
 fn main() {
     let sizes = env_list("BENCH_SIZES", &[100, 1_000, 10_000, 100_000]);
     let allocations = env_usize("BENCH_ALLOCATIONS", 100);
@@ -172,6 +175,8 @@ fn main() {
             let ready = started.elapsed();
             let grown = rss_mib() - before;
 
+            let calls = |op: &str| metric(&ops, "headroom_allocator_kv_calls_total", &format!("{{op=\"{op}\""));
+            let ops_before: Vec<u64> = KV_OPS.iter().map(|op| calls(op)).collect();
             let mut samples = Vec::with_capacity(allocations);
             for _ in 0..allocations {
                 let cluster = cluster_id(rand::rng().random_range(0..CLUSTERS));
@@ -182,6 +187,21 @@ fn main() {
                 "  {size:>7} servers (registered in {took_register:>7.2?}): allocator ready in {ready:>7.2?}, \
                  memory +{grown:>6.1} MiB; allocation p50 {p50:>6.2} ms  p99 {p99:>6.2} ms  max {max:>6.2} ms"
             );
+            // Counted, not timed: the KV round trips one allocation costs
+            // (the reconciler's passes meanwhile included; its sweeps apart).
+            let per: Vec<String> = KV_OPS
+                .iter()
+                .zip(&ops_before)
+                .map(|(op, before)| {
+                    let n = calls(op) - before;
+                    if *op == "sweep" {
+                        format!("{op} {n} in all")
+                    } else {
+                        format!("{op} {:.2}", n as f64 / allocations as f64)
+                    }
+                })
+                .collect();
+            println!("           KV calls per allocation: {}", per.join(", "));
             shutdown.cancel();
             let _ = allocator.await;
         }

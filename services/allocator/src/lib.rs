@@ -120,7 +120,9 @@ pub async fn run(
         client.clone(),
         settings.instance.clone(),
     ));
-    allocator.metrics.register(&ops, allocator.pool.clone());
+    allocator
+        .metrics
+        .register(&ops, allocator.pool.clone(), allocator.store.calls());
     info!(instance = %settings.instance, "allocator starting");
 
     // Repair what a crash left half-done before taking new work. Work

@@ -135,10 +135,12 @@ impl Metrics {
         );
     }
 
-    /// Publishes these on `ops`; the pool gauges come from `pool`.
-    pub fn register(self: &Arc<Self>, ops: &Ops, pool: PoolView) {
+    /// Publishes these on `ops`; the pool gauges come from `pool`, the KV
+    /// calls from the store's count.
+    pub fn register(self: &Arc<Self>, ops: &Ops, pool: PoolView, kv_calls: Arc<CounterVec>) {
         let metrics = self.clone();
         ops.register(move |out| {
+            kv_calls.write(out);
             metrics.refresh(&pool);
             metrics.events.write(out);
             metrics.requests.write(out);

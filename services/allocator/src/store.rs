@@ -1,5 +1,9 @@
 //! Typed access to Headroom's KV buckets: every read returns the revision it
-//! saw, every write is compare-and-set on a revision.
+//! saw, every write is compare-and-set on a revision. Each call to KV is
+//! counted by operation and bucket (`headroom_allocator_kv_calls_total`),
+//! so the round trips a request costs can be counted, not only timed.
+
+use std::sync::Arc;
 
 use async_nats::jetstream::{self, kv};
 use headroom_shared::codec::{self, Message, WireError};
@@ -7,6 +11,7 @@ use headroom_shared::kv::{
     is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord, RequestStarted,
     ServerRecord, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
 };
+use headroom_shared::ops::CounterVec;
 use headroom_shared::{ClusterId, RequestId, ServerId};
 
 /// A value and the KV revision it was read at.
@@ -58,6 +63,7 @@ pub struct Store {
     servers: kv::Store,
     clusters: kv::Store,
     requests: kv::Store,
+    calls: Arc<CounterVec>,
 }
 
 async fn open_bucket(
@@ -80,7 +86,25 @@ impl Store {
             servers: open_bucket(js, SERVERS_BUCKET, replicas).await?,
             clusters: open_bucket(js, CLUSTERS_BUCKET, replicas).await?,
             requests: open_bucket(js, REQUESTS_BUCKET, replicas).await?,
+            calls: Arc::new(CounterVec::new(
+                "headroom_allocator_kv_calls_total",
+                "Calls to KV (each a round trip to JetStream), by operation and bucket.",
+                &["op", "bucket"],
+            )),
         })
+    }
+
+    /// The KV calls made so far.
+    pub fn calls(&self) -> Arc<CounterVec> {
+        self.calls.clone()
+    }
+
+    fn count(&self, op: &str, bucket: &kv::Store) {
+        let name = bucket
+            .name
+            .strip_prefix("headroom-")
+            .unwrap_or(&bucket.name);
+        self.calls.inc(&[op, name]);
     }
 
     /// The servers bucket, for watching.
@@ -94,9 +118,11 @@ impl Store {
     }
 
     async fn get<T: Message>(
+        &self,
         bucket: &kv::Store,
         key: &str,
     ) -> Result<Option<Versioned<T>>, StoreError> {
+        self.count("get", bucket);
         let entry = bucket
             .entry(key)
             .await
@@ -119,7 +145,8 @@ impl Store {
     }
 
     /// Every record of `bucket`, in one sweep (no read per key).
-    async fn all<T: Message>(bucket: &kv::Store) -> Result<Vec<Versioned<T>>, StoreError> {
+    async fn all<T: Message>(&self, bucket: &kv::Store) -> Result<Vec<Versioned<T>>, StoreError> {
+        self.count("sweep", bucket);
         let entries = headroom_shared::kv::latest_entries(bucket)
             .await
             .map_err(|e| StoreError::kv("sweep", "*", e))?;
@@ -141,11 +168,13 @@ impl Store {
     /// Writes `value` if the key is still at `revision` (0: if it does not
     /// exist). Returns the new revision.
     async fn cas<T: Message>(
+        &self,
         bucket: &kv::Store,
         key: &str,
         value: &T,
         revision: u64,
     ) -> Result<u64, StoreError> {
+        self.count(if revision == 0 { "create" } else { "update" }, bucket);
         let bytes = codec::encode(value).map_err(|source| StoreError::Corrupt {
             key: key.to_owned(),
             source,
@@ -178,7 +207,7 @@ impl Store {
         &self,
         id: &ServerId,
     ) -> Result<Option<Versioned<ServerRecord>>, StoreError> {
-        Self::get(&self.servers, id.as_str()).await
+        self.get(&self.servers, id.as_str()).await
     }
 
     /// Every server record; undecodable ones are logged and skipped. It
@@ -188,7 +217,7 @@ impl Store {
     /// # Errors
     /// On a KV failure.
     pub async fn servers(&self) -> Result<Vec<Versioned<ServerRecord>>, StoreError> {
-        Self::all(&self.servers).await
+        self.all(&self.servers).await
     }
 
     /// # Errors
@@ -198,12 +227,14 @@ impl Store {
         record: &ServerRecord,
         revision: u64,
     ) -> Result<u64, StoreError> {
-        Self::cas(&self.servers, record.id.as_str(), record, revision).await
+        self.cas(&self.servers, record.id.as_str(), record, revision)
+            .await
     }
 
     /// # Errors
     /// [`StoreError::Conflict`] when the record moved past `revision`.
     pub async fn delete_server(&self, id: &ServerId, revision: u64) -> Result<(), StoreError> {
+        self.count("delete", &self.servers);
         self.servers
             .delete_expect_revision(id.as_str(), Some(revision))
             .await
@@ -224,13 +255,13 @@ impl Store {
         &self,
         id: &ClusterId,
     ) -> Result<Option<Versioned<ClusterRecord>>, StoreError> {
-        Self::get(&self.clusters, id.as_str()).await
+        self.get(&self.clusters, id.as_str()).await
     }
 
     /// # Errors
     /// On a KV failure.
     pub async fn clusters(&self) -> Result<Vec<Versioned<ClusterRecord>>, StoreError> {
-        Self::all(&self.clusters).await
+        self.all(&self.clusters).await
     }
 
     /// Writes a cluster record, advancing its generation by one. After an
@@ -245,13 +276,15 @@ impl Store {
     ) -> Result<u64, StoreError> {
         record.generation += 1;
         record.updated_ms = headroom_shared::wire::now_ms();
-        Self::cas(&self.clusters, record.id.as_str(), &*record, revision).await
+        self.cas(&self.clusters, record.id.as_str(), &*record, revision)
+            .await
     }
 
     /// # Errors
     /// On a KV failure or an undecodable record.
     pub async fn outcome(&self, id: &RequestId) -> Result<Option<RequestRecord>, StoreError> {
-        Ok(Self::get(&self.requests, id.as_str())
+        Ok(self
+            .get(&self.requests, id.as_str())
             .await?
             .map(|v| v.value))
     }
@@ -265,19 +298,22 @@ impl Store {
         &self,
         record: &RequestRecord,
     ) -> Result<RequestRecord, StoreError> {
-        Self::create_once(&self.requests, record.id.as_str(), record).await
+        self.create_once(&self.requests, record.id.as_str(), record)
+            .await
     }
 
     /// Creates `key` with `value` unless it exists; returns the value that
     /// stands (this one, or the one written first).
     async fn create_once<T: Message + Clone>(
+        &self,
         bucket: &kv::Store,
         key: &str,
         value: &T,
     ) -> Result<T, StoreError> {
-        match Self::cas(bucket, key, value, 0).await {
+        match self.cas(bucket, key, value, 0).await {
             Ok(_) => Ok(value.clone()),
-            Err(StoreError::Conflict { .. }) => Ok(Self::get::<T>(bucket, key)
+            Err(StoreError::Conflict { .. }) => Ok(self
+                .get::<T>(bucket, key)
                 .await?
                 .map_or_else(|| value.clone(), |v| v.value)),
             Err(err) => Err(err),
@@ -290,6 +326,7 @@ impl Store {
     /// # Errors
     /// On a KV failure or an undecodable record.
     pub async fn start(&self, started: &RequestStarted) -> Result<RequestStarted, StoreError> {
-        Self::create_once(&self.requests, &RequestStarted::key(&started.id), started).await
+        self.create_once(&self.requests, &RequestStarted::key(&started.id), started)
+            .await
     }
 }
