@@ -97,6 +97,13 @@ impl FirstRead {
     fn none() -> Self {
         Self(std::sync::Mutex::new(None))
     }
+
+    /// Keeps a record this attempt wrote, for the next attempt to start
+    /// from without reading it back (a stale one only costs a lost
+    /// compare-and-set, after which the attempt reads afresh).
+    fn keep(&self, record: Versioned<ClusterRecord>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(record);
+    }
 }
 
 /// The allocator's handle on KV and the bus.
@@ -343,9 +350,9 @@ impl Allocator {
         Ok((since, FirstRead(std::sync::Mutex::new(read))))
     }
 
-    /// The cluster record for an attempt: the one already read for the
-    /// first, a fresh read after that (a stale one only costs a lost
-    /// compare-and-set).
+    /// The cluster record for an attempt: the one read for the first, or
+    /// written by the attempt before; else a fresh read (a stale one only
+    /// costs a lost compare-and-set).
     async fn cluster_for(
         &self,
         c: &ClusterId,
@@ -386,7 +393,10 @@ impl Allocator {
                 .iter()
                 .find(|m| &m.request == id && m.state == MemberState::Joining)
             {
-                self.settle_own_joining(c, &joining.server, id).await?;
+                let server = joining.server.clone();
+                if let Some(committed) = self.settle_own_joining(c, &server, id, cluster).await? {
+                    first.keep(committed);
+                }
                 return Ok(Again);
             }
             let mine = cluster.value.joins_by(id);
@@ -469,8 +479,12 @@ impl Allocator {
             {
                 // Claiming and committing happen on the next attempt, in
                 // settle_own_joining, the same path a retry takes.
-                Ok(_) => {
+                Ok(revision) => {
                     debug!(server = %pick.id, "reserved");
+                    first.keep(Versioned {
+                        value: record,
+                        revision,
+                    });
                     Ok(Again)
                 }
                 Err(StoreError::Conflict { .. }) => {
@@ -484,60 +498,102 @@ impl Allocator {
     }
 
     /// Moves one of this request's joining entries on: claim its server and
-    /// commit, or drop the entry when the server went elsewhere.
+    /// commit, or drop the entry when the server went elsewhere. `cluster`
+    /// is the record the caller read, for the commit to start from.
+    /// Returns the cluster record as committed, if it committed.
     async fn settle_own_joining(
         &self,
         c: &ClusterId,
         server: &ServerId,
         id: &RequestId,
-    ) -> Result<(), OpError> {
+        cluster: Versioned<ClusterRecord>,
+    ) -> Result<Option<Versioned<ClusterRecord>>, OpError> {
+        // A server the view has as free is claimed on the view's revision,
+        // without reading it: the compare-and-set succeeds only if KV
+        // holds exactly that record. A stale view loses it, and the record
+        // is read below as it would have been.
+        if let Some(seen) = self
+            .pool
+            .get(server)
+            .filter(|s| s.value.state == ServerState::Free)
+        {
+            if self.claim(c, id, &seen).await? {
+                return self
+                    .commit_joining(c, server, Some(id), Some(cluster))
+                    .await;
+            }
+        }
         let Some(current) = self.server(server).await? else {
             self.drop_entry(c, server, |m| m.state == MemberState::Joining)
                 .await?;
-            return Ok(());
+            return Ok(None);
         };
         match &current.value.state {
-            ServerState::Allocated { cluster } if cluster == c => {
-                self.commit_joining(c, server, Some(id)).await
+            ServerState::Allocated { cluster: at } if at == c => {
+                self.commit_joining(c, server, Some(id), Some(cluster))
+                    .await
             }
-            ServerState::Free => {
-                let mut claimed = current.value.clone();
-                claimed.state = ServerState::Allocated { cluster: c.clone() };
-                claimed.last_request = Some(id.clone());
-                claimed.updated_ms = now_ms();
-                match self.put_server(&claimed, current.revision).await {
-                    Ok(_) => self.commit_joining(c, server, Some(id)).await,
-                    // Someone else moved it; the caller re-reads and decides.
-                    Err(StoreError::Conflict { .. }) => Ok(()),
-                    Err(err) => Err(err.into()),
+            // Someone else moved it if the claim fails; the caller re-reads
+            // and decides.
+            ServerState::Free => match self.claim(c, id, &current).await? {
+                true => {
+                    self.commit_joining(c, server, Some(id), Some(cluster))
+                        .await
                 }
-            }
+                false => Ok(None),
+            },
             _ => {
                 self.drop_entry(c, server, |m| m.state == MemberState::Joining)
                     .await?;
-                Ok(())
+                Ok(None)
             }
         }
     }
 
-    /// Turns a joining entry whose server is claimed into an active member.
-    /// If the entry vanished meanwhile (the reconciler judged it abandoned),
-    /// the claim is undone instead.
+    /// Claims a free server for `c` on the revision it was seen at; false
+    /// when it moved since.
+    async fn claim(
+        &self,
+        c: &ClusterId,
+        id: &RequestId,
+        free: &Versioned<ServerRecord>,
+    ) -> Result<bool, OpError> {
+        let mut claimed = free.value.clone();
+        claimed.state = ServerState::Allocated { cluster: c.clone() };
+        claimed.last_request = Some(id.clone());
+        claimed.updated_ms = now_ms();
+        match self.put_server(&claimed, free.revision).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Turns a joining entry whose server is claimed into an active member,
+    /// starting from `known` if given (else reading the cluster). If the
+    /// entry vanished meanwhile (the reconciler judged it abandoned), the
+    /// claim is undone instead. Returns the cluster record as committed.
     async fn commit_joining(
         &self,
         c: &ClusterId,
         server: &ServerId,
         cause: Option<&RequestId>,
-    ) -> Result<(), OpError> {
+        known: Option<Versioned<ClusterRecord>>,
+    ) -> Result<Option<Versioned<ClusterRecord>>, OpError> {
         let what = || format!("commit of {server} to {c}");
+        let known = &std::sync::Mutex::new(known);
         self.with_retries(what, |_| async move {
-            let mut cluster = self.load_cluster(c).await?;
+            let known = known.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let mut cluster = match known {
+                Some(record) => record,
+                None => self.load_cluster(c).await?,
+            };
             let Some(entry) = cluster.value.member_mut(server) else {
                 self.free_orphan(server, c).await?;
-                return Ok(Done(()));
+                return Ok(Done(None));
             };
             if entry.state != MemberState::Joining {
-                return Ok(Done(()));
+                return Ok(Done(None));
             }
             entry.state = MemberState::Active;
             entry.since_ms = now_ms();
@@ -545,7 +601,8 @@ impl Allocator {
             cluster
                 .value
                 .remember(&request, &join, MemberChange::Allocated);
-            self.commit_cluster(&mut cluster.value, cluster.revision, cause)
+            let revision = self
+                .commit_cluster(&mut cluster.value, cluster.revision, cause)
                 .await?;
             info!(%server, cluster = %c, "allocated");
             self.notify(server, c, Assignment::Allocated, Some(&request))
@@ -559,7 +616,10 @@ impl Allocator {
                 format!("{request}.{server}.{}.allocated", join.joined),
             )
             .await;
-            Ok(Done(()))
+            Ok(Done(Some(Versioned {
+                value: cluster.value,
+                revision,
+            })))
         })
         .await
     }
@@ -1125,7 +1185,7 @@ impl Allocator {
         let entry = |s: &ServerId| cluster.as_ref().and_then(|c| c.member(s)).cloned();
         let changed = match repair {
             Repair::CommitJoining { cluster, server } => {
-                self.commit_joining(cluster, server, None).await?;
+                self.commit_joining(cluster, server, None, None).await?;
                 true
             }
             Repair::DropEntry { cluster, server } => {

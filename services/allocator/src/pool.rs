@@ -26,6 +26,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
 
+use crate::store::Versioned;
+
 /// Free servers that serve one set of request types.
 #[derive(Default)]
 struct Group {
@@ -215,6 +217,15 @@ impl PoolView {
         if let Some(after) = after {
             index.remove(id.as_str(), after);
         }
+    }
+
+    /// The view's record of `id`, at the revision it was seen at.
+    pub fn get(&self, id: &ServerId) -> Option<Versioned<ServerRecord>> {
+        let index = self.read();
+        index.records.get(id).map(|(value, revision)| Versioned {
+            value: value.clone(),
+            revision: *revision,
+        })
     }
 
     /// Every record, in id order (admin listing, the reconciler).
