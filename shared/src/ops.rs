@@ -113,6 +113,12 @@ impl<V: Copy> Family<V> {
         self.values.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The series with these label values (in the order of the label
+    /// names), if there is one.
+    pub fn get(&self, values: &[&str]) -> Option<V> {
+        self.values().get(&key(values)).copied()
+    }
+
     /// Each series in turn, through `sample`; the family is declared even
     /// before its first series.
     fn write_with(

@@ -1084,6 +1084,54 @@ async fn a_stale_view_never_assigns_a_server_twice() {
 }
 
 #[tokio::test]
+async fn an_allocation_reads_the_cluster_once_and_nothing_it_wrote() {
+    let stack = Stack::start().await;
+    register(&stack.client, "s1", &[]).await;
+    put_cluster(&stack.client, "web", policy(0, 4))
+        .await
+        .expect("cluster");
+    stack.allocator.stop().await;
+    let ops = bare_allocator(&stack.nats).await;
+    let calls = ops.store().calls();
+    let count = |op: &str, bucket: &str| calls.get(&[op, bucket]).unwrap_or(0);
+    let before: Vec<u64> = KV_CALLS.iter().map(|(op, b)| count(op, b)).collect();
+    let outcome = ops.apply(&allocate("web", 1)).await.expect("allocated");
+    assert_eq!(joins(&outcome), vec![sid("s1")]);
+    let made: Vec<(&str, &str, u64)> = KV_CALLS
+        .iter()
+        .zip(before)
+        .map(|((op, b), was)| (*op, *b, count(op, b) - was))
+        .filter(|(_, _, n)| *n > 0)
+        .collect();
+    // The cluster read once (for the taken-up mark), the server never
+    // (claimed on the view's revision), nothing read back after a write.
+    // (The outcome's read and write are the consumer's, around `apply`.)
+    assert_eq!(
+        made,
+        vec![
+            ("get", "clusters", 1),
+            ("update", "clusters", 2),
+            ("update", "servers", 1),
+            ("create", "requests", 1),
+        ],
+        "the allocation's KV calls"
+    );
+}
+
+/// Every operation and bucket an allocation might call.
+const KV_CALLS: [(&str, &str); 9] = [
+    ("get", "clusters"),
+    ("get", "servers"),
+    ("get", "requests"),
+    ("update", "clusters"),
+    ("update", "servers"),
+    ("create", "clusters"),
+    ("create", "servers"),
+    ("create", "requests"),
+    ("sweep", "clusters"),
+];
+
+#[tokio::test]
 async fn allocates_with_ten_thousand_servers_registered() {
     let stack = Stack::start().await;
     stack.allocator.stop().await;

@@ -148,6 +148,11 @@ impl Allocator {
         &self.instance
     }
 
+    /// Its KV buckets (and the count of calls to them).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// What this instance knows of the pool.
     pub fn pool(&self) -> &PoolView {
         &self.pool
