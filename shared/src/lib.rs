@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`bus`]: publishing durable messages (requests, audit events).
+//! - [`hash`]: FNV-1a, the stable hash shards and routing agree on.
 //! - [`ids`]: validated server, cluster and request ids (safe as subject
 //!   tokens and KV keys).
 //! - [`codec`]: MessagePack / JSON / XML bodies chosen by `content-type`,
@@ -21,6 +22,7 @@
 pub mod bus;
 pub mod codec;
 pub mod config;
+pub mod hash;
 pub mod ids;
 pub mod kv;
 pub mod local;

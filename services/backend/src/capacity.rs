@@ -58,9 +58,7 @@ impl Drop for Waiting<'_> {
 impl Capacity {
     pub fn new(config: &BackendConfig) -> Self {
         // The name varies the draws between servers that share a seed.
-        let name_hash = config.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+        let name_hash = headroom_shared::hash::fnv1a(config.name.as_bytes());
         Self {
             slots: (config.concurrency > 0).then(|| Arc::new(Semaphore::new(config.concurrency))),
             concurrency: config.concurrency,

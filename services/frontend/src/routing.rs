@@ -7,9 +7,11 @@
 //! consecutive tables.
 
 use std::collections::HashMap;
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use headroom_shared::hash::Fnv1a;
 use headroom_shared::kv::{Balance, ClusterRecord, MemberState, Route};
 use headroom_shared::{ClusterId, ServerId};
 use rand::Rng;
@@ -316,12 +318,13 @@ fn bounded_hash<'a>(eligible: &[(&'a Entry, f64)], key: &[u8], now_ms: u64) -> O
         .map(|(_, e)| *e)
 }
 
+/// FNV-1a of `a`, a separator and `b`.
 fn fnv1a(a: &[u8], b: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in a.iter().chain([0xffu8].iter()).chain(b) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut hasher = Fnv1a::default();
+    hasher.write(a);
+    hasher.write(&[0xff]);
+    hasher.write(b);
+    let mut hash = hasher.finish();
     // FNV's low bits mix poorly; finish with a multiply-xorshift.
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -19,6 +19,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
+use headroom_shared::hash::Fnv1a;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::BodyExt;
@@ -127,31 +128,11 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle connections by member address.
-type IdleMap = HashMap<Arc<str>, Vec<Idle>, BuildHasherDefault<Fnv>>;
-
-/// FNV-1a, for the pool's keys: member addresses come from the cluster's
-/// configuration, not from clients, so a hash that resists chosen keys
-/// (the default SipHash, which showed in the profile) buys nothing here.
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for byte in bytes {
-            self.0 = (self.0 ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
+/// Idle connections by member address. Keyed by FNV-1a: member addresses
+/// come from the cluster's configuration, not from clients, so a hash that
+/// resists chosen keys (the default SipHash, which showed in the profile)
+/// buys nothing here.
+type IdleMap = HashMap<Arc<str>, Vec<Idle>, BuildHasherDefault<Fnv1a>>;
 
 /// Connections to members. Cheap to clone; each worker thread has its own,
 /// so checking a connection out or in never contends.

@@ -558,7 +558,7 @@ impl Decider {
                 tracked.replace_asked = false;
             }
             ReportSource::Frontend { frontend } => {
-                let key = fnv1a(frontend.as_bytes());
+                let key = headroom_shared::hash::fnv1a(frontend.as_bytes());
                 if let Some(slot) = tracked.frontends.iter_mut().find(|(k, _)| *k == key) {
                     slot.1 = reading;
                 } else if tracked.frontends.len() < MAX_FRONTENDS {
@@ -948,17 +948,6 @@ fn ceil_u32(x: f64) -> u32 {
     } else {
         0
     }
-}
-
-/// FNV-1a: a stable hash (unlike the standard one, the same in every
-/// process), for shard assignment and front-end keys.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        hash ^= u64::from(*b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
 }
 
 #[cfg(test)]

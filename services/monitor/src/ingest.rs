@@ -14,7 +14,9 @@ use headroom_shared::wire::{codes, BusError, PerformanceReport};
 use headroom_shared::ClusterId;
 use serde::{Deserialize, Serialize};
 
-use crate::decide::{fnv1a, Decider, Rejection};
+use headroom_shared::hash::fnv1a;
+
+use crate::decide::{Decider, Rejection};
 
 /// Which clusters this monitor decides for: a stable hash of the cluster id
 /// picks one of `count` shards, and the instance decides for the shards it
