@@ -168,6 +168,24 @@ pub trait Message: Serialize + DeserializeOwned {
     fn schema_version(&self) -> u16;
 }
 
+/// Makes a struct with a `v` field a [`Message`] named `$kind`.
+macro_rules! message {
+    ($name:ident, $kind:literal) => {
+        impl $crate::codec::Message for $name {
+            const KIND: &'static str = $kind;
+            fn schema_version(&self) -> u16 {
+                self.v
+            }
+        }
+    };
+}
+pub(crate) use message;
+
+/// The schema version a body without one is read as (serde's default).
+pub(crate) fn default_schema_version() -> u16 {
+    SCHEMA_VERSION
+}
+
 /// Why a body could not be read or written.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum WireError {

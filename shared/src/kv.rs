@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{Message, SCHEMA_VERSION};
+use crate::codec::{message, SCHEMA_VERSION};
 use crate::ids::{ClusterId, RequestId, ServerId};
 use crate::wire::{BusError, ReconfigAction};
 
@@ -98,12 +98,7 @@ pub struct ShardLease {
     pub at_ms: u64,
 }
 
-impl Message for ShardLease {
-    const KIND: &'static str = "shard_lease";
-    fn schema_version(&self) -> u16 {
-        self.v
-    }
-}
+message!(ShardLease, "shard_lease");
 
 /// The value of `instance.<id>` in the monitors bucket, put at every lease
 /// round: live instances share the shards evenly.
@@ -115,12 +110,7 @@ pub struct MonitorHeartbeat {
     pub at_ms: u64,
 }
 
-impl Message for MonitorHeartbeat {
-    const KIND: &'static str = "monitor_heartbeat";
-    fn schema_version(&self) -> u16 {
-        self.v
-    }
-}
+message!(MonitorHeartbeat, "monitor_heartbeat");
 
 /// Whether a message of a KV bucket's stream deletes or purges its key
 /// (its `KV-Operation` header), rather than putting a value.
@@ -253,10 +243,6 @@ pub fn follow(
     })
 }
 
-fn schema_version() -> u16 {
-    SCHEMA_VERSION
-}
-
 /// Where a server is. Exactly one of these at any time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -303,7 +289,7 @@ impl ServerState {
 /// A server, in `headroom-servers`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerRecord {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: ServerId,
     /// Host name or IP the front-ends connect to.
@@ -323,12 +309,7 @@ pub struct ServerRecord {
     pub last_cluster: Option<ClusterId>,
     pub updated_ms: u64,
 }
-impl Message for ServerRecord {
-    const KIND: &'static str = "server_record";
-    fn schema_version(&self) -> u16 {
-        self.v
-    }
-}
+message!(ServerRecord, "server_record");
 
 impl ServerRecord {
     /// A server new to the pool: free, never allocated.
@@ -763,7 +744,7 @@ pub const RECENT_CHANGES: usize = 128;
 /// A cluster, in `headroom-clusters`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterRecord {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: ClusterId,
     pub policy: ClusterPolicy,
@@ -782,12 +763,7 @@ pub struct ClusterRecord {
     pub complete_after: u64,
     pub updated_ms: u64,
 }
-impl Message for ClusterRecord {
-    const KIND: &'static str = "cluster_record";
-    fn schema_version(&self) -> u16 {
-        self.v
-    }
-}
+message!(ClusterRecord, "cluster_record");
 
 impl ClusterRecord {
     pub fn new(id: ClusterId, policy: ClusterPolicy, now_ms: u64) -> Self {
@@ -914,7 +890,7 @@ pub enum Outcome {
 /// delivered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestRecord {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: RequestId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -930,12 +906,7 @@ pub struct RequestRecord {
     pub delivery: u64,
     pub at_ms: u64,
 }
-impl Message for RequestRecord {
-    const KIND: &'static str = "request_record";
-    fn schema_version(&self) -> u16 {
-        self.v
-    }
-}
+message!(RequestRecord, "request_record");
 
 /// The ledger's mark that a request has been taken up, in
 /// `headroom-requests` under [`RequestStarted::key`]. Created once, before
@@ -945,7 +916,7 @@ impl Message for RequestRecord {
 /// work, and entries that were not there yet, from what came before.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestStarted {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: RequestId,
     pub cluster: ClusterId,
@@ -955,12 +926,7 @@ pub struct RequestStarted {
     pub by: String,
     pub at_ms: u64,
 }
-impl Message for RequestStarted {
-    const KIND: &'static str = "request_started";
-    fn schema_version(&self) -> u16 {
-        self.v
-    }
-}
+message!(RequestStarted, "request_started");
 
 impl RequestStarted {
     /// Its key: apart from the outcomes (request ids have no '.').

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{Message, SCHEMA_VERSION};
+use crate::codec::{message, SCHEMA_VERSION};
 use crate::ids::{ClusterId, RequestId, ServerId};
 use crate::kv::{ClusterPolicy, ClusterRecord, Member, ServerRecord};
 
@@ -39,21 +39,6 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or_default()
-}
-
-fn schema_version() -> u16 {
-    SCHEMA_VERSION
-}
-
-macro_rules! message {
-    ($name:ident, $kind:literal) => {
-        impl Message for $name {
-            const KIND: &'static str = $kind;
-            fn schema_version(&self) -> u16 {
-                self.v
-            }
-        }
-    };
 }
 
 /// An error as it travels: a stable code and a message for people.
@@ -92,7 +77,7 @@ pub enum ReportSource {
 /// optional: a measure that is missing is unknown, never zero.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PerformanceReport {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub server: ServerId,
     /// The cluster the server serves; none while it waits in the pool.
@@ -273,7 +258,7 @@ impl ReconfigAction {
 /// `headroom.reconfig.<cluster>` with `Nats-Msg-Id` set to `id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReconfigRequest {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: RequestId,
     pub cluster: ClusterId,
@@ -311,7 +296,7 @@ impl ReconfigRequest {
 /// caps at 1,000 per stream by default).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MembershipChange {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub cluster: ClusterId,
     pub generation: u64,
@@ -384,7 +369,7 @@ impl Assignment {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AssignmentNotice {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub server: ServerId,
     pub cluster: ClusterId,
@@ -409,7 +394,7 @@ pub enum ServerStatusKind {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerStatus {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub server: ServerId,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -472,7 +457,7 @@ impl EventKind {
 /// One entry of the audit log, kept in the `HEADROOM_EVENTS` stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEvent {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub kind: EventKind,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -495,7 +480,7 @@ message!(AuditEvent, "audit_event");
 /// `headroom.admin.pool.register`: add a server to the free pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegisterServer {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: ServerId,
     pub address: String,
@@ -508,7 +493,7 @@ message!(RegisterServer, "register_server");
 /// `headroom.admin.pool.deregister`: remove a free or out-of-service server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeregisterServer {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: ServerId,
 }
@@ -517,7 +502,7 @@ message!(DeregisterServer, "deregister_server");
 /// `headroom.admin.cluster.put`: create a cluster or change its policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PutCluster {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: ClusterId,
     pub policy: ClusterPolicy,
@@ -527,7 +512,7 @@ message!(PutCluster, "put_cluster");
 /// `headroom.admin.cluster.get`: one cluster's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GetCluster {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub id: ClusterId,
 }
@@ -536,7 +521,7 @@ message!(GetCluster, "get_cluster");
 /// `headroom.admin.member.drain`: release a member by hand.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrainMember {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub cluster: ClusterId,
     pub server: ServerId,
@@ -546,7 +531,7 @@ message!(DrainMember, "drain_member");
 /// The answer to `member.drain`: the release request it queued.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DrainQueued {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     pub request: RequestId,
 }
@@ -555,7 +540,7 @@ message!(DrainQueued, "drain_queued");
 /// The answer to `pool.list`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerList {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     #[serde(default)]
     pub servers: Vec<ServerRecord>,
@@ -565,7 +550,7 @@ message!(ServerList, "server_list");
 /// The answer to `cluster.list`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterList {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
     #[serde(default)]
     pub clusters: Vec<ClusterRecord>,
@@ -575,7 +560,7 @@ message!(ClusterList, "cluster_list");
 /// An empty request or answer, for endpoints that need no body.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Empty {
-    #[serde(default = "schema_version")]
+    #[serde(default = "crate::codec::default_schema_version")]
     pub v: u16,
 }
 message!(Empty, "empty");
@@ -593,7 +578,7 @@ pub const ERROR_CODE_HEADER: &str = "Headroom-Error-Code";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::{Codec, WireError};
+    use crate::codec::{Codec, Message, WireError};
     use crate::kv::{MemberState, Route, ServerState};
 
     fn cluster() -> ClusterId {
