@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Measures, MemberState};
+use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy};
 use headroom_shared::wire::{codes, BusError, PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::{ClusterId, ServerId};
 use serde::{Deserialize, Serialize};
@@ -333,12 +333,33 @@ struct Sample {
 #[derive(Debug)]
 struct ClusterState {
     view: ClusterView,
-    samples: VecDeque<Sample>,
+    history: History,
     last_up_ms: Option<u64>,
     last_down_ms: Option<u64>,
 }
 
-impl ClusterState {
+/// A cluster's samples, oldest first, as far back as its longest window.
+#[derive(Debug, Default)]
+struct History {
+    samples: VecDeque<Sample>,
+}
+
+impl History {
+    /// Adds the newest sample and forgets those older than `horizon_ms`,
+    /// keeping one at or before it for a window's start.
+    fn push(&mut self, sample: Sample, horizon_ms: u64) {
+        let now_ms = sample.at_ms;
+        self.samples.push_back(sample);
+        while self.samples.len() > 1 && self.samples[1].at_ms <= now_ms.saturating_sub(horizon_ms) {
+            self.samples.pop_front();
+        }
+    }
+
+    /// Whether the newest `n` samples all hold.
+    fn latest_all(&self, n: usize, holds: impl Fn(&Sample) -> bool) -> bool {
+        self.samples.len() >= n && self.samples.iter().rev().take(n).all(holds)
+    }
+
     /// The samples of the last `window_ms`, starting with the newest one
     /// taken at or before its start; `None` while the history is shorter.
     fn window(&self, now_ms: u64, window_ms: u64) -> Option<impl Iterator<Item = &Sample>> {
@@ -412,22 +433,22 @@ impl ClusterState {
             })
             .unwrap_or_default()
     }
+}
 
-    /// When the last member was added or removed, as the membership tells
-    /// it (a `since_ms` of 0 is unknown): cooldowns then hold across a
-    /// monitor restart.
-    fn membership_times(&self) -> (Option<u64>, Option<u64>) {
-        let mut added = None;
-        let mut removed = None;
-        for m in self.view.members.iter().filter(|m| m.since_ms > 0) {
-            let slot = match m.state {
-                MemberState::Draining => &mut removed,
-                MemberState::Joining | MemberState::Active => &mut added,
-            };
-            *slot = Some(slot.map_or(m.since_ms, |t: u64| t.max(m.since_ms)));
-        }
-        (added, removed)
+/// When the last member was added or removed, as the membership tells it
+/// (a `since_ms` of 0 is unknown): cooldowns then hold across a monitor
+/// restart.
+fn membership_times(view: &ClusterView) -> (Option<u64>, Option<u64>) {
+    let mut added = None;
+    let mut removed = None;
+    for m in view.members.iter().filter(|m| m.since_ms > 0) {
+        let slot = match m.state {
+            MemberState::Draining => &mut removed,
+            MemberState::Joining | MemberState::Active => &mut added,
+        };
+        *slot = Some(slot.map_or(m.since_ms, |t: u64| t.max(m.since_ms)));
     }
+    (added, removed)
 }
 
 /// A member's state at one evaluation.
@@ -498,7 +519,7 @@ impl Decider {
                     id,
                     ClusterState {
                         view,
-                        samples: VecDeque::new(),
+                        history: History::default(),
                         last_up_ms: None,
                         last_down_ms: None,
                     },
@@ -588,7 +609,9 @@ impl Decider {
     }
 }
 
-#[allow(clippy::too_many_lines)]
+/// Evaluates one cluster: measure its members, sample the cluster, then
+/// decide in order of precedence: replace the silent, scale up (which ends
+/// the evaluation), reweight, release.
 fn evaluate(
     state: &mut ClusterState,
     servers: &mut HashMap<ServerId, Tracked>,
@@ -596,18 +619,82 @@ fn evaluate(
     last_heard_ms: Option<u64>,
     decisions: &mut Vec<Decision>,
 ) {
-    let policy = state.view.policy.clone();
-    let s = &policy.scaling;
-    let (upper, lower, target) = (s.upper, s.lower, s.target);
+    let ClusterState {
+        view,
+        history,
+        last_up_ms,
+        last_down_ms,
+    } = state;
+    let view = &*view;
+    let s = &view.policy.scaling;
+    let measured = measure(view, servers, now_ms);
+    let load = sample(&measured, servers, now_ms, s.upper);
+    history.push(
+        load.sample(now_ms, &measured),
+        s.sustain_ms.max(s.release_sustain_ms),
+    );
+    let (added_ms, removed_ms) = membership_times(view);
+    let cx = Context {
+        now_ms,
+        view,
+        evidence: Evidence {
+            size: measured.size(),
+            known: load.known,
+            utilisation: load.mean.map(round),
+            ..Evidence::default()
+        },
+        measured,
+        load,
+        last_up: (*last_up_ms).max(added_ms),
+        last_down: (*last_down_ms).max(removed_ms),
+    };
+    replace_silent(&cx, servers, last_heard_ms, decisions);
+    if let Some(up) = scale_up(&cx, history) {
+        *last_up_ms = Some(now_ms);
+        decisions.push(up);
+        return;
+    }
+    reweight(&cx, servers, decisions);
+    if let Some(down) = release(&cx, history, servers) {
+        *last_down_ms = Some(now_ms);
+        decisions.push(down);
+    }
+}
 
-    // 1. Each active member's utilisation now, and how long it has held.
-    let mut members: Vec<Now<'_>> = Vec::new();
-    let mut joining = 0u32;
-    let mut silent: Vec<(ServerId, u64)> = Vec::new();
-    for m in &state.view.members {
+/// Step 1: each active member's utilisation now, and how long it has held.
+struct Measured<'a> {
+    members: Vec<Now<'a>>,
+    joining: u32,
+    /// Members that stopped reporting, not yet asked to be replaced, and
+    /// for how long.
+    silent: Vec<(ServerId, u64)>,
+}
+
+impl Measured<'_> {
+    fn active(&self) -> u32 {
+        u32::try_from(self.members.len()).unwrap_or(u32::MAX)
+    }
+
+    fn size(&self) -> u32 {
+        self.active() + self.joining
+    }
+}
+
+fn measure<'a>(
+    view: &'a ClusterView,
+    servers: &mut HashMap<ServerId, Tracked>,
+    now_ms: u64,
+) -> Measured<'a> {
+    let s = &view.policy.scaling;
+    let mut measured = Measured {
+        members: Vec::new(),
+        joining: 0,
+        silent: Vec::new(),
+    };
+    for m in &view.members {
         match m.state {
             MemberState::Joining => {
-                joining += 1;
+                measured.joining += 1;
                 continue;
             }
             MemberState::Draining => continue,
@@ -639,32 +726,62 @@ fn evaluate(
                 *at = None;
             }
         };
-        since(u.is_some_and(|u| u < lower), &mut t.below_lower_since);
+        since(u.is_some_and(|u| u < s.lower), &mut t.below_lower_since);
         since(
-            u.is_some_and(|u| u / m.weight.max(MIN_WEIGHT) < target),
+            u.is_some_and(|u| u / m.weight.max(MIN_WEIGHT) < s.target),
             &mut t.cool_since,
         );
         if is_silent && !t.replace_asked {
-            silent.push((m.server.clone(), quiet_ms));
+            measured.silent.push((m.server.clone(), quiet_ms));
         }
-        members.push(Now {
+        measured.members.push(Now {
             server: &m.server,
             weight: m.weight,
             utilisation: u,
             in_flight,
         });
     }
-    let active = u32::try_from(members.len()).unwrap_or(u32::MAX);
-    let size = active + joining;
+    measured
+}
 
-    // 2. The cluster's sample for this evaluation.
-    let known: Vec<f64> = members.iter().filter_map(|m| m.utilisation).collect();
-    let known_n = u32::try_from(known.len()).unwrap_or(u32::MAX);
+/// Step 2: the cluster's load at this evaluation.
+struct Load {
+    /// Mean utilisation of the members with a fresh reading.
+    mean: Option<f64>,
+    /// In servers' worth: the mean for every active member.
+    total: f64,
+    /// Members with a fresh reading.
+    known: u32,
+}
+
+impl Load {
+    fn sample(&self, at_ms: u64, measured: &Measured<'_>) -> Sample {
+        let active = measured.active();
+        Sample {
+            at_ms,
+            mean: self.mean.map(|m| m as f32),
+            total: self.total as f32,
+            complete: active > 0 && self.known == active,
+        }
+    }
+}
+
+/// Samples the cluster, and marks each member hot (for a reweight) while
+/// it is over the upper level and well above the others.
+fn sample(
+    measured: &Measured<'_>,
+    servers: &mut HashMap<ServerId, Tracked>,
+    now_ms: u64,
+    upper: f64,
+) -> Load {
+    let known: Vec<f64> = measured
+        .members
+        .iter()
+        .filter_map(|m| m.utilisation)
+        .collect();
     let mean = (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64);
-    let total = mean.map_or(0.0, |m| m * f64::from(active));
-    // Hot, for a reweight: over the upper level and well above the others.
     let known_sum: f64 = known.iter().sum();
-    for m in &members {
+    for m in &measured.members {
         let Some(t) = servers.get_mut(m.server) else {
             continue;
         };
@@ -679,134 +796,161 @@ fn evaluate(
             t.above_upper_since = None;
         }
     }
-    state.samples.push_back(Sample {
-        at_ms: now_ms,
-        mean: mean.map(|m| m as f32),
-        total: total as f32,
-        complete: active > 0 && known_n == active,
-    });
-    let horizon = s.sustain_ms.max(s.release_sustain_ms);
-    while state.samples.len() > 1 && state.samples[1].at_ms <= now_ms.saturating_sub(horizon) {
-        state.samples.pop_front();
+    Load {
+        mean,
+        total: mean.map_or(0.0, |m| m * f64::from(measured.active())),
+        known: u32::try_from(known.len()).unwrap_or(u32::MAX),
+    }
+}
+
+/// What the deciding steps share.
+struct Context<'a> {
+    now_ms: u64,
+    view: &'a ClusterView,
+    measured: Measured<'a>,
+    load: Load,
+    /// What every decision's evidence starts from.
+    evidence: Evidence,
+    /// The last scale-up and scale-down, this monitor's or the membership's.
+    last_up: Option<u64>,
+    last_down: Option<u64>,
+}
+
+impl Context<'_> {
+    fn scaling(&self) -> &ScalingPolicy {
+        &self.view.policy.scaling
     }
 
-    let evidence = Evidence {
-        size,
-        known: known_n,
-        utilisation: mean.map(round),
-        ..Evidence::default()
-    };
-    let id = state.view.id.clone();
-    let generation = state.view.generation;
-    let decide = |action, reason: String, evidence| Decision {
-        at_ms: now_ms,
-        cluster: id.clone(),
-        generation,
-        action,
-        reason,
-        evidence,
-    };
-    let (added_ms, removed_ms) = state.membership_times();
-    let last_up = state.last_up_ms.max(added_ms);
-    let last_down = state.last_down_ms.max(removed_ms);
-    let cooling = |last: Option<u64>, cooldown_ms: u64| {
-        last.is_some_and(|at| now_ms < at.saturating_add(cooldown_ms))
-    };
-
-    // 3. Health first: a member that stopped reporting is replaced, never
-    // released. Unless so many went quiet together that the monitor's own
-    // view (or the metrics path) is the likelier fault.
-    let outage = silent.len() > 1 && silent.len() * 2 > members.len();
-    let deaf = last_heard_ms.is_none_or(|at| now_ms.saturating_sub(at) >= s.silent_after_ms);
-    if !silent.is_empty() && !outage && !deaf {
-        for (server, quiet_ms) in &silent {
-            if let Some(t) = servers.get_mut(server) {
-                t.replace_asked = true;
-            }
-            decisions.push(decide(
-                ReconfigAction::Replace {
-                    server: server.clone(),
-                },
-                format!("no report for {quiet_ms} ms: unhealthy, not idle"),
-                Evidence {
-                    silent_ms: Some(*quiet_ms),
-                    ..evidence.clone()
-                },
-            ));
+    fn decision(&self, action: ReconfigAction, reason: String, evidence: Evidence) -> Decision {
+        Decision {
+            at_ms: self.now_ms,
+            cluster: self.view.id.clone(),
+            generation: self.view.generation,
+            action,
+            reason,
+            evidence,
         }
     }
 
-    // 4. Scale up: the upper level has held for the sustain window, or a
-    // large overload for the last few evaluations (a panic: at twice the
-    // target, queues grow by the second, and waiting out the window costs
-    // the SLO).
-    let cooling_up = cooling(last_up, s.cooldown_up_ms);
-    let hot = state.held(now_ms, s.sustain_ms, |x| {
+    fn cooling(&self, last: Option<u64>, cooldown_ms: u64) -> bool {
+        last.is_some_and(|at| self.now_ms < at.saturating_add(cooldown_ms))
+    }
+}
+
+/// Step 3, health first: a member that stopped reporting is replaced,
+/// never released. Unless so many went quiet together that the monitor's
+/// own view (or the metrics path) is the likelier fault.
+fn replace_silent(
+    cx: &Context<'_>,
+    servers: &mut HashMap<ServerId, Tracked>,
+    last_heard_ms: Option<u64>,
+    decisions: &mut Vec<Decision>,
+) {
+    let silent = &cx.measured.silent;
+    let outage = silent.len() > 1 && silent.len() * 2 > cx.measured.members.len();
+    let deaf =
+        last_heard_ms.is_none_or(|at| cx.now_ms.saturating_sub(at) >= cx.scaling().silent_after_ms);
+    if silent.is_empty() || outage || deaf {
+        return;
+    }
+    for (server, quiet_ms) in silent {
+        if let Some(t) = servers.get_mut(server) {
+            t.replace_asked = true;
+        }
+        decisions.push(cx.decision(
+            ReconfigAction::Replace {
+                server: server.clone(),
+            },
+            format!("no report for {quiet_ms} ms: unhealthy, not idle"),
+            Evidence {
+                silent_ms: Some(*quiet_ms),
+                ..cx.evidence.clone()
+            },
+        ));
+    }
+}
+
+/// Step 4, scale up: the upper level has held for the sustain window, or
+/// a large overload for the last few evaluations (a panic: at twice the
+/// target, queues grow by the second, and waiting out the window costs the
+/// SLO).
+fn scale_up(cx: &Context<'_>, history: &History) -> Option<Decision> {
+    let (s, now_ms, size) = (cx.scaling(), cx.now_ms, cx.measured.size());
+    let (upper, target, max_size) = (s.upper, s.target, cx.view.policy.max_size);
+    let hot = history.held(now_ms, s.sustain_ms, |x| {
         x.mean.is_some_and(|m| f64::from(m) >= upper)
     });
     let panic = s.panic_ratio > 0.0
-        && state.samples.len() >= PANIC_SAMPLES
-        && state.samples.iter().rev().take(PANIC_SAMPLES).all(|x| {
+        && history.latest_all(PANIC_SAMPLES, |x| {
             x.mean
                 .is_some_and(|m| f64::from(m) >= s.panic_ratio * target)
         });
-    if (hot || panic) && !cooling_up && size < policy.max_size {
-        // The load that held through the whole window (or the panic's
-        // readings) sizes the step, projected to when the step serves.
-        let held_load = if hot {
-            state.least_load(now_ms, s.sustain_ms).unwrap_or(total)
-        } else {
-            state.latest_least_load(PANIC_SAMPLES).unwrap_or(total)
-        };
-        let held_load = if s.project_rise {
-            state.expected_load(now_ms, s.sustain_ms, s.cooldown_up_ms, held_load)
-        } else {
-            held_load
-        };
-        let desired = ceil_u32(held_load / target);
-        let add = desired
-            .saturating_sub(size)
-            .min(s.max_step)
-            .min(policy.max_size - size);
-        if add > 0 {
-            state.last_up_ms = Some(now_ms);
-            decisions.push(decide(
-                ReconfigAction::Allocate {
-                    count: add,
-                    request_type: None,
-                },
-                if hot {
-                    format!(
-                        "utilisation at or above {upper} for {} ms; load {:.2} servers wants {desired} at target {target}",
-                        s.sustain_ms, held_load
-                    )
-                } else {
-                    format!(
-                        "overload: utilisation at or above {:.2} ({} x target) for {PANIC_SAMPLES} evaluations; load {:.2} servers wants {desired} at target {target}",
-                        s.panic_ratio * target,
-                        s.panic_ratio,
-                        held_load
-                    )
-                },
-                Evidence {
-                    window: state.window_values(now_ms, s.sustain_ms),
-                    total_load: Some(round(held_load)),
-                    desired: Some(desired),
-                    ..evidence.clone()
-                },
-            ));
-            return;
-        }
+    if !(hot || panic) || cx.cooling(cx.last_up, s.cooldown_up_ms) || size >= max_size {
+        return None;
     }
+    // The load that held through the whole window (or the panic's
+    // readings) sizes the step, projected to when the step serves.
+    let total = cx.load.total;
+    let held_load = if hot {
+        history.least_load(now_ms, s.sustain_ms).unwrap_or(total)
+    } else {
+        history.latest_least_load(PANIC_SAMPLES).unwrap_or(total)
+    };
+    let held_load = if s.project_rise {
+        history.expected_load(now_ms, s.sustain_ms, s.cooldown_up_ms, held_load)
+    } else {
+        held_load
+    };
+    let desired = ceil_u32(held_load / target);
+    let add = desired
+        .saturating_sub(size)
+        .min(s.max_step)
+        .min(max_size - size);
+    if add == 0 {
+        return None;
+    }
+    let reason = if hot {
+        format!(
+            "utilisation at or above {upper} for {} ms; load {:.2} servers wants {desired} at target {target}",
+            s.sustain_ms, held_load
+        )
+    } else {
+        format!(
+            "overload: utilisation at or above {:.2} ({} x target) for {PANIC_SAMPLES} evaluations; load {:.2} servers wants {desired} at target {target}",
+            s.panic_ratio * target,
+            s.panic_ratio,
+            held_load
+        )
+    };
+    Some(cx.decision(
+        ReconfigAction::Allocate {
+            count: add,
+            request_type: None,
+        },
+        reason,
+        Evidence {
+            window: history.window_values(now_ms, s.sustain_ms),
+            total_load: Some(round(held_load)),
+            desired: Some(desired),
+            ..cx.evidence.clone()
+        },
+    ))
+}
 
-    // 5. Reweight: one member hot while the cluster is not; restore it once
-    // it would stay under target at full weight. Not within the scale-up
-    // cooldown after a member came: the front-ends ramp a new member's
-    // share up (slow start), so for a while the others carry more and
-    // look hot by comparison; sending them less would fight the ramp.
-    let cluster_hot = mean.is_some_and(|m| m >= upper);
-    let settling = cooling(last_up, s.cooldown_up_ms);
-    for m in &members {
+/// Step 5, reweight: one member hot while the cluster is not; restore it
+/// once it would stay under target at full weight. Not within the scale-up
+/// cooldown after a member came: the front-ends ramp a new member's share
+/// up (slow start), so for a while the others carry more and look hot by
+/// comparison; sending them less would fight the ramp.
+fn reweight(
+    cx: &Context<'_>,
+    servers: &mut HashMap<ServerId, Tracked>,
+    decisions: &mut Vec<Decision>,
+) {
+    let (s, now_ms) = (cx.scaling(), cx.now_ms);
+    let cluster_hot = cx.load.mean.is_some_and(|m| m >= s.upper);
+    let settling = cx.cooling(cx.last_up, s.cooldown_up_ms);
+    for m in &cx.measured.members {
         let Some(t) = servers.get_mut(m.server) else {
             continue;
         };
@@ -818,39 +962,15 @@ fn evaluate(
         let (Some(u), false) = (m.utilisation, t.asked_weight.is_some()) else {
             continue;
         };
-        let held =
-            |since: Option<u64>| since.filter(|&at| now_ms.saturating_sub(at) >= s.sustain_ms);
-        let change =
-            if let (false, false, Some(at)) = (cluster_hot, settling, held(t.above_upper_since)) {
-                let weight = round_step(m.weight * target / u).max(MIN_WEIGHT);
-                (weight < m.weight - WEIGHT_SENSITIVITY).then(|| {
-                    (
-                        weight,
-                        at,
-                        format!(
-                        "member at {:.2} above {upper} while the cluster is at {:.2}: send it less",
-                        u,
-                        mean.unwrap_or(0.0)
-                    ),
-                    )
-                })
-            } else if let (true, Some(at)) = (m.weight < 1.0, held(t.cool_since)) {
-                Some((
-                    1.0,
-                    at,
-                    format!(
-                        "member cooled: {:.2} at weight {:.2} stays under target at full weight",
-                        u, m.weight
-                    ),
-                ))
-            } else {
-                None
-            };
+        let change = match (cluster_hot || settling, held_since(cx, t.above_upper_since)) {
+            (false, Some(at)) => relieved(cx, m, u, at),
+            _ => restored(cx, m, t, u),
+        };
         if let Some((weight, since, reason)) = change {
             t.asked_weight = Some((weight as f32, now_ms));
             t.above_upper_since = None;
             t.cool_since = None;
-            decisions.push(decide(
+            decisions.push(cx.decision(
                 ReconfigAction::Reweight {
                     server: m.server.clone(),
                     weight,
@@ -860,38 +980,86 @@ fn evaluate(
                     server_utilisation: Some(round(u)),
                     server_in_flight: m.in_flight,
                     held_since_ms: Some(since),
-                    ..evidence.clone()
+                    ..cx.evidence.clone()
                 },
             ));
         }
     }
+}
 
-    // 6. Release: a member under the lower level for the longer window,
-    // when the others would stay under target without it. Only on complete
-    // data: a missing reading is unknown, never zero.
+/// When `since` has held for the sustain window.
+fn held_since(cx: &Context<'_>, since: Option<u64>) -> Option<u64> {
+    since.filter(|&at| cx.now_ms.saturating_sub(at) >= cx.scaling().sustain_ms)
+}
+
+/// A member hot since `at`: its lower weight, if lower enough, and why.
+fn relieved(cx: &Context<'_>, m: &Now<'_>, u: f64, at: u64) -> Option<(f64, u64, String)> {
+    let s = cx.scaling();
+    let weight = round_step(m.weight * s.target / u).max(MIN_WEIGHT);
+    (weight < m.weight - WEIGHT_SENSITIVITY).then(|| {
+        (
+            weight,
+            at,
+            format!(
+                "member at {:.2} above {} while the cluster is at {:.2}: send it less",
+                u,
+                s.upper,
+                cx.load.mean.unwrap_or(0.0)
+            ),
+        )
+    })
+}
+
+/// A cooled member's full weight back, with since when it was cool and why.
+fn restored(cx: &Context<'_>, m: &Now<'_>, t: &Tracked, u: f64) -> Option<(f64, u64, String)> {
+    if m.weight >= 1.0 {
+        return None;
+    }
+    let at = held_since(cx, t.cool_since)?;
+    Some((
+        1.0,
+        at,
+        format!(
+            "member cooled: {:.2} at weight {:.2} stays under target at full weight",
+            u, m.weight
+        ),
+    ))
+}
+
+/// Step 6, release: a member under the lower level for the longer window,
+/// when the others would stay under target without it. Only on complete
+/// data: a missing reading is unknown, never zero.
+fn release(
+    cx: &Context<'_>,
+    history: &History,
+    servers: &HashMap<ServerId, Tracked>,
+) -> Option<Decision> {
+    let (s, now_ms, active) = (cx.scaling(), cx.now_ms, cx.measured.active());
     let cooling_down =
-        cooling(last_down, s.cooldown_down_ms) || cooling(last_up, s.cooldown_down_ms);
-    if cooling_down || joining > 0 || size <= policy.min_size || active < 2 {
-        return;
+        cx.cooling(cx.last_down, s.cooldown_down_ms) || cx.cooling(cx.last_up, s.cooldown_down_ms);
+    if cooling_down
+        || cx.measured.joining > 0
+        || cx.measured.size() <= cx.view.policy.min_size
+        || active < 2
+        || !history.held(now_ms, s.release_sustain_ms, |x| x.complete)
+    {
+        return None;
     }
-    if !state.held(now_ms, s.release_sustain_ms, |x| x.complete) {
-        return;
-    }
-    let peak = state
+    let peak = history
         .window(now_ms, s.release_sustain_ms)
         .map(|w| w.map(|x| f64::from(x.total)).fold(0.0, f64::max))
-        .unwrap_or(total);
+        .unwrap_or(cx.load.total);
     let projected = peak / f64::from(active - 1);
-    if projected >= target {
-        return;
+    if projected >= s.target {
+        return None;
     }
-    let candidate = members
+    let below_since = |m: &Now<'_>| servers.get(m.server).and_then(|t| t.below_lower_since);
+    let m = cx
+        .measured
+        .members
         .iter()
         .filter(|m| {
-            servers.get(m.server).is_some_and(|t| {
-                t.below_lower_since
-                    .is_some_and(|at| now_ms.saturating_sub(at) >= s.release_sustain_ms)
-            })
+            below_since(m).is_some_and(|at| now_ms.saturating_sub(at) >= s.release_sustain_ms)
         })
         // Least work in flight goes first; unknown in-flight counts last.
         .min_by(|a, b| {
@@ -904,31 +1072,29 @@ fn evaluate(
                         .total_cmp(&b.utilisation.unwrap_or(f64::MAX)),
                 )
                 .then(a.server.cmp(b.server))
-        });
-    if let Some(m) = candidate {
-        let since = servers.get(m.server).and_then(|t| t.below_lower_since);
-        state.last_down_ms = Some(now_ms);
-        decisions.push(decide(
-            ReconfigAction::Release {
-                server: m.server.clone(),
-            },
-            format!(
-                "under {lower} for {} ms; the other {} stay at {:.2} below target {target} without it",
-                s.release_sustain_ms,
-                active - 1,
-                projected
-            ),
-            Evidence {
-                window: state.window_values(now_ms, s.release_sustain_ms),
-                total_load: Some(round(peak)),
-                server_utilisation: m.utilisation.map(round),
-                server_in_flight: m.in_flight,
-                held_since_ms: since,
-                projected: Some(round(projected)),
-                ..evidence
-            },
-        ));
-    }
+        })?;
+    Some(cx.decision(
+        ReconfigAction::Release {
+            server: m.server.clone(),
+        },
+        format!(
+            "under {} for {} ms; the other {} stay at {:.2} below target {} without it",
+            s.lower,
+            s.release_sustain_ms,
+            active - 1,
+            projected,
+            s.target
+        ),
+        Evidence {
+            window: history.window_values(now_ms, s.release_sustain_ms),
+            total_load: Some(round(peak)),
+            server_utilisation: m.utilisation.map(round),
+            server_in_flight: m.in_flight,
+            held_since_ms: below_since(m),
+            projected: Some(round(projected)),
+            ..cx.evidence.clone()
+        },
+    ))
 }
 
 fn round(x: f64) -> f64 {
@@ -1144,30 +1310,28 @@ mod tests {
 
     #[test]
     fn a_rising_load_is_projected_to_when_the_step_serves() {
-        let mut state = ClusterState {
-            view: view(&["s1"]),
-            samples: VecDeque::new(),
-            last_up_ms: None,
-            last_down_ms: None,
-        };
+        let mut history = History::default();
         // 1.0, 1.5, 2.0 at 0, 1 and 2 s: 0.5 a second, so 2.5 a second
         // after the newest; held at 1.0, it is clamped to twice that.
         for (at_ms, total) in [(0, 1.0f32), (1_000, 1.5), (2_000, 2.0)] {
-            state.samples.push_back(Sample {
-                at_ms,
-                mean: Some(total),
-                total,
-                complete: true,
-            });
+            history.push(
+                Sample {
+                    at_ms,
+                    mean: Some(total),
+                    total,
+                    complete: true,
+                },
+                10_000,
+            );
         }
-        assert_eq!(state.least_load(2_000, 2_000), Some(1.0));
-        assert!((state.expected_load(2_000, 2_000, 1_000, 1.0) - 2.0).abs() < 1e-9);
-        assert!((state.expected_load(2_000, 2_000, 0, 1.8) - 2.0).abs() < 1e-9);
+        assert_eq!(history.least_load(2_000, 2_000), Some(1.0));
+        assert!((history.expected_load(2_000, 2_000, 1_000, 1.0) - 2.0).abs() < 1e-9);
+        assert!((history.expected_load(2_000, 2_000, 0, 1.8) - 2.0).abs() < 1e-9);
         // Falling or flat: the held load as it is.
-        for s in state.samples.iter_mut() {
+        for s in history.samples.iter_mut() {
             s.total = 3.0 - s.total;
         }
-        assert_eq!(state.expected_load(2_000, 2_000, 1_000, 1.0), 1.0);
+        assert_eq!(history.expected_load(2_000, 2_000, 1_000, 1.0), 1.0);
     }
 
     #[test]
