@@ -1,5 +1,8 @@
-//! Publishing Headroom's durable messages through JetStream: headers,
-//! de-duplication id, and waiting for the stream's acknowledgement.
+//! Publishing Headroom's messages: on core NATS (reports, statuses,
+//! membership changes, assignment notices), and durable ones through
+//! JetStream (headers, de-duplication id, and waiting for the stream's
+//! acknowledgement). Every message goes out in MessagePack with its
+//! `content-type`, so NATS tooling and any reader can tell its encoding.
 
 use async_nats::jetstream;
 
@@ -20,6 +23,30 @@ pub enum PublishError {
         #[source]
         source: jetstream::context::PublishError,
     },
+    #[error("publishing to {subject}: {source}")]
+    Core {
+        subject: String,
+        #[source]
+        source: async_nats::PublishError,
+    },
+}
+
+/// Publishes `message` on core NATS: no stream, no acknowledgement; a
+/// reader that misses it catches up by its own means (the next report, a
+/// generation gap, a KV read).
+///
+/// # Errors
+/// When the message cannot be encoded, or the client cannot queue it.
+pub async fn publish<T: Message>(
+    client: &async_nats::Client,
+    subject: String,
+    message: &T,
+) -> Result<(), PublishError> {
+    let body = Codec::MsgPack.encode(message)?;
+    client
+        .publish_with_headers(subject.clone(), Codec::MsgPack.headers(), body)
+        .await
+        .map_err(|source| PublishError::Core { subject, source })
 }
 
 /// Publishes `message` to a stream subject with `msg_id` as its

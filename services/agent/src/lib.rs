@@ -321,18 +321,10 @@ async fn report_loop(
             metrics.reports_failed.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let sent = match Codec::MsgPack.encode(&report) {
-            Ok(body) => {
-                let subject = subjects::metrics(cluster.as_ref(), server);
-                client.publish(subject, body).await.map_err(|err| {
-                    debug!(%err, "report not sent");
-                })
-            }
-            Err(err) => {
-                warn!(%err, "cannot encode the report");
-                Err(())
-            }
-        };
+        let subject = subjects::metrics(cluster.as_ref(), server);
+        let sent = bus::publish(client, subject, &report)
+            .await
+            .map_err(|err| debug!(%err, "report not sent"));
         match sent {
             Ok(()) => metrics
                 .reports
@@ -389,15 +381,10 @@ async fn assignment_loop(
                 status,
                 at_ms: now_ms(),
             };
-            match Codec::MsgPack.encode(&reply) {
-                Ok(body) => {
-                    if let Err(err) = client.publish(subjects::status(server), body).await {
-                        warn!(%err, "could not send the server status");
-                    }
-                    let _ = client.flush().await;
-                }
-                Err(err) => warn!(%err, "cannot encode the server status"),
+            if let Err(err) = bus::publish(client, subjects::status(server), &reply).await {
+                warn!(%err, "could not send the server status");
             }
+            let _ = client.flush().await;
         }
     }
 }

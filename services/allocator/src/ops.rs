@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use headroom_shared::bus;
-use headroom_shared::codec::{self, Codec};
+use headroom_shared::codec::Codec;
 use headroom_shared::kv::{
     ClusterPolicy, ClusterRecord, Join, Member, MemberChange, MemberState, Outcome, RequestStarted,
     ServerRecord, ServerState,
@@ -216,23 +216,11 @@ impl Allocator {
     ) -> Result<u64, StoreError> {
         let new_revision = self.store.put_cluster(record, revision).await?;
         let change = MembershipChange::of(record, new_revision, cause.cloned());
-        match codec::encode(&change) {
-            Ok(body) => {
-                if let Err(err) = self
-                    .client
-                    .publish_with_headers(
-                        subjects::membership(&record.id),
-                        Codec::MsgPack.headers(),
-                        body,
-                    )
-                    .await
-                {
-                    // Front-ends that miss it see the generation gap on the
-                    // next change and reload from KV.
-                    warn!(%err, cluster = %record.id, "could not publish membership change");
-                }
-            }
-            Err(err) => warn!(%err, "could not encode membership change"),
+        let subject = subjects::membership(&record.id);
+        if let Err(err) = bus::publish(&self.client, subject, &change).await {
+            // Front-ends that miss it see the generation gap on the next
+            // change, or read KV at their periodic check.
+            warn!(%err, cluster = %record.id, "could not publish membership change");
         }
         Ok(new_revision)
     }
@@ -252,15 +240,7 @@ impl Allocator {
             request: request.cloned(),
             at_ms: now_ms(),
         };
-        let sent = match codec::encode(&notice) {
-            Ok(body) => self
-                .client
-                .publish_with_headers(subjects::assign(server), Codec::MsgPack.headers(), body)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        if let Err(err) = sent {
+        if let Err(err) = bus::publish(&self.client, subjects::assign(server), &notice).await {
             warn!(%err, %server, "could not send assignment notice");
         }
     }

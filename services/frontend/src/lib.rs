@@ -32,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use headroom_shared::codec::Codec;
+use headroom_shared::bus;
 use headroom_shared::config::Config;
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
@@ -471,12 +471,7 @@ async fn report_loop(
 }
 
 async fn publish(client: &async_nats::Client, subject: String, report: &PerformanceReport) {
-    match Codec::MsgPack.encode(report) {
-        Ok(body) => {
-            if let Err(err) = client.publish(subject, body).await {
-                debug!(%err, "report not sent");
-            }
-        }
-        Err(err) => warn!(%err, "cannot encode a report"),
+    if let Err(err) = bus::publish(client, subject, report).await {
+        debug!(%err, "report not sent");
     }
 }
