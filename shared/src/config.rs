@@ -189,6 +189,9 @@ pub struct MonitorConfig {
     /// the shard after all of it.
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// Time for the decisions already made to be sent on SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Gone: shards are taken by lease. Kept only to say so clearly.
     #[doc(hidden)]
     pub shard: Option<u32>,
@@ -207,6 +210,7 @@ impl Default for MonitorConfig {
             instance: default_instance(),
             shards: 1,
             lease_ttl: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
             shard: None,
             evaluate_interval: Duration::from_secs(1),
             dry_run: false,

@@ -8,8 +8,11 @@ use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::{Config, EXIT_CONFIG};
 use crate::ops::{self, Ops};
@@ -112,4 +115,49 @@ where
         Ok(config) => run(name, config, serve),
         Err(code) => code,
     }
+}
+
+/// Runs a service's long-lived tasks until `shutdown`, or until one ends:
+/// a task that ends before shutdown was asked for is a failure, and stops
+/// the others. Either way the service is marked not ready, `stop` (the
+/// tasks' token) is cancelled, and the tasks get `grace` to finish their
+/// work before what is left is aborted. `unexpected` makes the error for
+/// a task that ended without one (its name) or panicked.
+///
+/// # Errors
+/// The first task's failure.
+pub async fn supervise<E: Send + 'static>(
+    mut tasks: JoinSet<Result<&'static str, E>>,
+    ops: &Ops,
+    shutdown: &CancellationToken,
+    stop: &CancellationToken,
+    grace: Duration,
+    unexpected: impl FnOnce(&'static str, async_nats::Error) -> E,
+) -> Result<(), E> {
+    let mut failure = None;
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => info!("stopping"),
+        Some(ended) = tasks.join_next() => {
+            if !shutdown.is_cancelled() {
+                failure = Some(match ended {
+                    Ok(Ok(name)) => unexpected(name, "task ended unexpectedly".into()),
+                    Ok(Err(err)) => err,
+                    Err(join) => unexpected("task", join.into()),
+                });
+            }
+        }
+    }
+    ops.set_not_ready("stopping");
+    stop.cancel();
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        warn!(
+            ?grace,
+            "tasks still running after the grace period; abandoning them"
+        );
+        tasks.abort_all();
+    }
+    failure.map_or(Ok(()), Err)
 }

@@ -161,39 +161,20 @@ pub async fn run(
     );
     ops.set_ready();
 
-    let mut failure = None;
-    tokio::select! {
-        biased;
-        _ = shutdown.cancelled() => info!("allocator stopping"),
-        Some(ended) = tasks.join_next() => {
-            // A task ending before shutdown was asked for is a failure:
-            // stop the others.
-            if !shutdown.is_cancelled() {
-                failure = Some(match ended {
-                    Ok(Ok(name)) => AllocatorError::Setup(name, "task ended unexpectedly".into()),
-                    Ok(Err(err)) => err,
-                    Err(join) => AllocatorError::Setup("task", join.into()),
-                });
-            }
-        }
-    }
-    ops.set_not_ready("stopping");
-    stop.cancel();
-    let drained = tokio::time::timeout(settings.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
+    // Work abandoned after the grace period is redelivered to another.
+    let ended = headroom_shared::service::supervise(
+        tasks,
+        &ops,
+        &shutdown,
+        &stop,
+        settings.shutdown_grace,
+        AllocatorError::Setup,
+    )
     .await;
-    if drained.is_err() {
-        warn!(grace = ?settings.shutdown_grace, "work still in flight after the grace period; abandoning it (it will be redelivered)");
-        tasks.abort_all();
-    }
     if let Err(err) = client.drain().await {
         warn!(%err, "could not drain the NATS connection");
     }
-    match failure {
-        Some(err) => Err(err),
-        None => Ok(()),
-    }
+    ended
 }
 
 /// One pass of the reconciler: plan repairs from a fresh snapshot and apply

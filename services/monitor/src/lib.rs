@@ -264,38 +264,24 @@ pub async fn run_with_clock(
         }
         ops.set_ready();
 
-        let mut failure = None;
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => info!("monitor stopping"),
-            Some(ended) = tasks.join_next() => {
-                if !shutdown.is_cancelled() {
-                    failure = Some(match ended {
-                        Ok(Ok(name)) => MonitorError::Setup(name, "task ended unexpectedly".into()),
-                        Ok(Err(err)) => err,
-                        Err(join) => MonitorError::Setup("task", join.into()),
-                    });
-                }
-            }
-        }
-        ops.set_not_ready("stopping");
-        stop.cancel();
-        // The sender ends once the decider is gone and its queue is sent.
-        let drained = tokio::time::timeout(Duration::from_secs(10), async {
-            while tasks.join_next().await.is_some() {}
-        })
+        // The sender ends once the decider is gone and its queue is sent;
+        // the leases are handed over once the decider is gone.
+        let ended = headroom_shared::service::supervise(
+            tasks,
+            &ops,
+            &shutdown,
+            &stop,
+            settings.shutdown_grace,
+            MonitorError::Setup,
+        )
         .await;
-        if drained.is_err() {
-            warn!("tasks still running after 10s; abandoning them");
-            tasks.abort_all();
-        }
         if let Err(err) = stats.stop().await {
             debug!(%err, "stats service already stopped");
         }
         if let Err(err) = client.drain().await {
             warn!(%err, "could not drain the NATS connection");
         }
-        failure.map_or(Ok(()), Err)
+        ended
     }
     .instrument(span)
     .await
