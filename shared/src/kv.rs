@@ -29,32 +29,53 @@ pub const CLUSTERS_BUCKET: &str = "headroom-clusters";
 pub const REQUESTS_BUCKET: &str = "headroom-requests";
 pub const MONITORS_BUCKET: &str = "headroom-monitors";
 
-/// How the buckets are made. One definition, used by whoever creates them.
-pub fn bucket_config(bucket: &str, replicas: usize) -> async_nats::jetstream::kv::Config {
+/// Headroom's buckets, so that each is made one way and a misspelt name
+/// cannot be made at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    Servers,
+    Clusters,
+    Requests,
+    Monitors,
+}
+
+impl Bucket {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Bucket::Servers => SERVERS_BUCKET,
+            Bucket::Clusters => CLUSTERS_BUCKET,
+            Bucket::Requests => REQUESTS_BUCKET,
+            Bucket::Monitors => MONITORS_BUCKET,
+        }
+    }
+}
+
+/// How a bucket is made. One definition, used by whoever creates it.
+pub fn bucket_config(bucket: Bucket, replicas: usize) -> async_nats::jetstream::kv::Config {
     let (description, history, max_age) = match bucket {
-        SERVERS_BUCKET => ("Headroom: every server and where it is", 16, Duration::ZERO),
-        CLUSTERS_BUCKET => (
+        Bucket::Servers => ("Headroom: every server and where it is", 16, Duration::ZERO),
+        Bucket::Clusters => (
             "Headroom: cluster policy and membership",
             32,
             Duration::ZERO,
         ),
         // Leases are judged by whether their revision moves, so only the
         // last value of each key matters.
-        MONITORS_BUCKET => (
+        Bucket::Monitors => (
             "Headroom: monitor shard leases and heartbeats",
             1,
             Duration::ZERO,
         ),
         // Outcomes outlive JetStream's de-duplication window by far; a day
         // bounds the bucket while covering any redelivery.
-        _ => (
+        Bucket::Requests => (
             "Headroom: outcome of each reconfiguration request",
             1,
             Duration::from_secs(24 * 3600),
         ),
     };
     async_nats::jetstream::kv::Config {
-        bucket: bucket.to_owned(),
+        bucket: bucket.name().to_owned(),
         description: description.to_owned(),
         history,
         max_age,
@@ -72,11 +93,11 @@ pub fn bucket_config(bucket: &str, replicas: usize) -> async_nats::jetstream::kv
 /// When the bucket can neither be found nor created.
 pub async fn open_bucket(
     js: &async_nats::jetstream::Context,
-    bucket: &str,
+    bucket: Bucket,
     replicas: usize,
 ) -> Result<async_nats::jetstream::kv::Store, async_nats::Error> {
     use async_nats::jetstream::context::KeyValueErrorKind;
-    match js.get_key_value(bucket).await {
+    match js.get_key_value(bucket.name()).await {
         Ok(store) => Ok(store),
         Err(err) if err.kind() == KeyValueErrorKind::GetBucket => {
             Ok(js.create_key_value(bucket_config(bucket, replicas)).await?)

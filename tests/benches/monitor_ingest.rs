@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use headroom_monitor::fetch_stats;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState};
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
 use headroom_shared::{subjects, ClusterId, RequestId, ServerId, SCHEMA_VERSION};
@@ -120,7 +120,7 @@ async fn main() {
     let nats = NatsServer::start().await.expect("nats-server");
     let client = nats.client().await.expect("connect");
     let js = async_nats::jetstream::new(client.clone());
-    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, 1)
+    let bucket = headroom_shared::kv::open_bucket(&js, headroom_shared::kv::Bucket::Clusters, 1)
         .await
         .expect("bucket");
     for c in 0..servers.div_ceil(PER_CLUSTER) {

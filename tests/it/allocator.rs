@@ -1178,7 +1178,7 @@ async fn one_sweep_reads_the_latest_value_of_every_key_and_leaves_out_deleted_on
     let nats = NatsServer::start().await.expect("nats-server");
     let client = nats.client().await.expect("connect");
     let js = jetstream::new(client);
-    let bucket = headroom_shared::kv::open_bucket(&js, headroom_shared::kv::CLUSTERS_BUCKET, 1)
+    let bucket = headroom_shared::kv::open_bucket(&js, headroom_shared::kv::Bucket::Clusters, 1)
         .await
         .expect("bucket");
     assert!(headroom_shared::kv::latest_entries(&bucket)

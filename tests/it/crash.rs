@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use headroom_shared::codec::{Codec, Message};
 use headroom_shared::kv::{
-    open_bucket, ClusterRecord, MemberState, ServerRecord, ServerState, CLUSTERS_BUCKET,
+    open_bucket, Bucket, ClusterRecord, MemberState, ServerRecord, ServerState, CLUSTERS_BUCKET,
     REQUESTS_BUCKET, SERVERS_BUCKET,
 };
 use headroom_shared::wire::{EventKind, ReconfigAction, ReconfigRequest};
@@ -365,8 +365,9 @@ fn history_stream(bucket: &str) -> String {
 /// Creates the buckets as the services would, and a mirror of each with no
 /// limits, so every revision stays readable after KV has let it go.
 async fn record_history(js: &jetstream::Context) {
-    for bucket in [SERVERS_BUCKET, CLUSTERS_BUCKET, REQUESTS_BUCKET] {
+    for bucket in [Bucket::Servers, Bucket::Clusters, Bucket::Requests] {
         open_bucket(js, bucket, 1).await.expect("bucket");
+        let bucket = bucket.name();
         js.create_stream(stream::Config {
             name: history_stream(bucket),
             mirror: Some(stream::Source {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{ClusterRecord, ShardLease, CLUSTERS_BUCKET, MONITORS_BUCKET};
+use headroom_shared::kv::{ClusterRecord, ShardLease, MONITORS_BUCKET};
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, AuditEvent, EventKind};
 use headroom_tests::{eventually, metric, NatsServer};
@@ -121,7 +121,7 @@ async fn monitors_that_stop_crash_or_join_never_leave_a_shard_to_two_or_to_none(
     let nats = NatsServer::start().await.expect("nats-server");
     let client = nats.client().await.expect("connect");
     let js = jetstream::new(client.clone());
-    let clusters = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, 1)
+    let clusters = headroom_shared::kv::open_bucket(&js, headroom_shared::kv::Bucket::Clusters, 1)
         .await
         .expect("clusters bucket");
     for c in 0..CLUSTERS {

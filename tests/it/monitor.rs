@@ -14,7 +14,7 @@ use futures::StreamExt;
 use headroom_monitor::{fetch_stats, Clock, ClockDriver, Shards};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{
-    ClusterPolicy, ClusterRecord, Member, MemberState, ShardLease, CLUSTERS_BUCKET, MONITORS_BUCKET,
+    ClusterPolicy, ClusterRecord, Member, MemberState, ShardLease, CLUSTERS_BUCKET,
 };
 use headroom_shared::ops::Ops;
 use headroom_shared::subjects;
@@ -87,9 +87,10 @@ impl Sim {
         let nats = NatsServer::start().await.expect("nats-server");
         let client = nats.client().await.expect("connect");
         let js = jetstream::new(client.clone());
-        let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, 1)
-            .await
-            .expect("clusters bucket");
+        let bucket =
+            headroom_shared::kv::open_bucket(&js, headroom_shared::kv::Bucket::Clusters, 1)
+                .await
+                .expect("clusters bucket");
         let decided = client
             .subscribe("headroom.events.*.decided")
             .await
@@ -968,7 +969,7 @@ async fn sharded_monitors_are_each_sent_only_their_own_clusters_reports() {
     let nats = NatsServer::start().await.expect("nats-server");
     let client = nats.client().await.expect("connect");
     let js = jetstream::new(client.clone());
-    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, 1)
+    let bucket = headroom_shared::kv::open_bucket(&js, headroom_shared::kv::Bucket::Clusters, 1)
         .await
         .expect("clusters bucket");
     let clusters: Vec<String> = (0..8).map(|c| format!("c{c}")).collect();
@@ -1004,7 +1005,7 @@ async fn sharded_monitors_are_each_sent_only_their_own_clusters_reports() {
     })
     .await;
     assert!(shared.is_some(), "each instance holds one shard");
-    let monitors = headroom_shared::kv::open_bucket(&js, MONITORS_BUCKET, 1)
+    let monitors = headroom_shared::kv::open_bucket(&js, headroom_shared::kv::Bucket::Monitors, 1)
         .await
         .expect("monitors bucket");
     let mut shards = Vec::new();

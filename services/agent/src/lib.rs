@@ -29,7 +29,7 @@ use futures::StreamExt;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{AgentConfig, Config};
-use headroom_shared::kv::{ServerRecord, ServerState, SERVERS_BUCKET};
+use headroom_shared::kv::{Bucket, ServerRecord, ServerState};
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{
     now_ms, Assignment, AssignmentNotice, PerformanceReport, RegisterServer, ReportSource,
@@ -117,7 +117,7 @@ pub async fn run(
     let span = info_span!("agent", server = %server);
     async move {
         let js = jetstream::new(client.clone());
-        let servers = headroom_shared::kv::open_bucket(&js, SERVERS_BUCKET, config.nats.replicas)
+        let servers = headroom_shared::kv::open_bucket(&js, Bucket::Servers, config.nats.replicas)
             .await
             .map_err(|e| AgentError::Setup("servers bucket", e))?;
         let placement: Placement = Arc::new(Mutex::new(None));

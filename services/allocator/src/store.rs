@@ -8,8 +8,8 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, kv};
 use headroom_shared::codec::{self, Message, WireError};
 use headroom_shared::kv::{
-    is_create_conflict, is_revision_conflict, ClusterRecord, RequestRecord, RequestStarted,
-    ServerRecord, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
+    is_create_conflict, is_revision_conflict, Bucket, ClusterRecord, RequestRecord, RequestStarted,
+    ServerRecord,
 };
 use headroom_shared::ops::CounterVec;
 use headroom_shared::{ClusterId, RequestId, ServerId};
@@ -68,12 +68,15 @@ pub struct Store {
 
 async fn open_bucket(
     js: &jetstream::Context,
-    bucket: &'static str,
+    bucket: Bucket,
     replicas: usize,
 ) -> Result<kv::Store, StoreError> {
     headroom_shared::kv::open_bucket(js, bucket, replicas)
         .await
-        .map_err(|source| StoreError::Setup { bucket, source })
+        .map_err(|source| StoreError::Setup {
+            bucket: bucket.name(),
+            source,
+        })
 }
 
 impl Store {
@@ -83,9 +86,9 @@ impl Store {
     /// When JetStream is not available or refuses the bucket.
     pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, StoreError> {
         Ok(Self {
-            servers: open_bucket(js, SERVERS_BUCKET, replicas).await?,
-            clusters: open_bucket(js, CLUSTERS_BUCKET, replicas).await?,
-            requests: open_bucket(js, REQUESTS_BUCKET, replicas).await?,
+            servers: open_bucket(js, headroom_shared::kv::Bucket::Servers, replicas).await?,
+            clusters: open_bucket(js, headroom_shared::kv::Bucket::Clusters, replicas).await?,
+            requests: open_bucket(js, headroom_shared::kv::Bucket::Requests, replicas).await?,
             calls: Arc::new(CounterVec::new(
                 "headroom_allocator_kv_calls_total",
                 "Calls to KV (each a round trip to JetStream), by operation and bucket.",

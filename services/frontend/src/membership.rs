@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::kv::{ClusterRecord, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::kv::{Bucket, ClusterRecord, MemberState};
 use headroom_shared::wire::{now_ms, MembershipChange};
 use headroom_shared::{subjects, ClusterId};
 use serde::{Deserialize, Serialize};
@@ -188,7 +188,7 @@ pub async fn follow(
     };
     let js = jetstream::new(client);
     let Some(bucket) = retry(&shutdown, "open the clusters bucket", || {
-        headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
+        headroom_shared::kv::open_bucket(&js, Bucket::Clusters, replicas)
     })
     .await
     else {

@@ -34,7 +34,7 @@ use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use headroom_shared::codec::Codec;
 use headroom_shared::config::Config;
-use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET, MONITORS_BUCKET};
+use headroom_shared::kv::{Bucket, ClusterRecord};
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{now_ms, AuditEvent, EventKind, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, RequestId, SCHEMA_VERSION};
@@ -171,10 +171,10 @@ pub async fn run_with_clock(
         js.get_or_create_stream(subjects::events_stream(replicas))
             .await
             .map_err(|e| MonitorError::Setup("events stream", e.into()))?;
-        let clusters = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
+        let clusters = headroom_shared::kv::open_bucket(&js, Bucket::Clusters, replicas)
             .await
             .map_err(|e| MonitorError::Setup("clusters bucket", e))?;
-        let monitors = headroom_shared::kv::open_bucket(&js, MONITORS_BUCKET, replicas)
+        let monitors = headroom_shared::kv::open_bucket(&js, Bucket::Monitors, replicas)
             .await
             .map_err(|e| MonitorError::Setup("monitors bucket", e))?;
         let decision_log = match &settings.decision_log {

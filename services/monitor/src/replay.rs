@@ -333,11 +333,11 @@ pub async fn record(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<u64, RecordError> {
     use futures::StreamExt;
-    use headroom_shared::kv::{ClusterRecord, CLUSTERS_BUCKET};
+    use headroom_shared::kv::{Bucket, ClusterRecord};
     use headroom_shared::wire::now_ms;
 
     let js = async_nats::jetstream::new(client.clone());
-    let bucket = headroom_shared::kv::open_bucket(&js, CLUSTERS_BUCKET, replicas)
+    let bucket = headroom_shared::kv::open_bucket(&js, Bucket::Clusters, replicas)
         .await
         .map_err(RecordError::Setup)?;
     let clusters = headroom_shared::kv::follow(bucket, ">".to_owned(), stop.clone());
