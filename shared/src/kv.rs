@@ -984,6 +984,46 @@ pub fn is_create_conflict(err: &async_nats::jetstream::kv::CreateError) -> bool 
     }
 }
 
+/// Why a [`compare_and_set`] did not write.
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    /// The key moved past the revision (or exists, for revision 0).
+    #[error("changed since it was read")]
+    Conflict,
+    #[error(transparent)]
+    Kv(async_nats::Error),
+}
+
+/// Writes `value` to `key` if it is still at `revision` (0: if it does not
+/// exist). Returns the new revision. The one compare-and-set every writer
+/// of a bucket goes through.
+///
+/// # Errors
+/// [`CasError::Conflict`] when another writer got there first.
+pub async fn compare_and_set(
+    bucket: &async_nats::jetstream::kv::Store,
+    key: &str,
+    value: bytes::Bytes,
+    revision: u64,
+) -> Result<u64, CasError> {
+    if revision == 0 {
+        return bucket.create(key, value).await.map_err(|e| {
+            if is_create_conflict(&e) {
+                CasError::Conflict
+            } else {
+                CasError::Kv(e.into())
+            }
+        });
+    }
+    bucket.update(key, value, revision).await.map_err(|e| {
+        if is_revision_conflict(&e) {
+            CasError::Conflict
+        } else {
+            CasError::Kv(e.into())
+        }
+    })
+}
+
 /// The JetStream API error code somewhere in an error's source chain.
 fn jetstream_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
     let mut next = Some(err);

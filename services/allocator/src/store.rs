@@ -8,8 +8,7 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, kv};
 use headroom_shared::codec::{self, Message, WireError};
 use headroom_shared::kv::{
-    is_create_conflict, is_revision_conflict, Bucket, ClusterRecord, RequestRecord, RequestStarted,
-    ServerRecord,
+    compare_and_set, Bucket, CasError, ClusterRecord, RequestRecord, RequestStarted, ServerRecord,
 };
 use headroom_shared::ops::CounterVec;
 use headroom_shared::{ClusterId, RequestId, ServerId};
@@ -177,31 +176,20 @@ impl Store {
         value: &T,
         revision: u64,
     ) -> Result<u64, StoreError> {
-        self.count(if revision == 0 { "create" } else { "update" }, bucket);
+        let op = if revision == 0 { "create" } else { "update" };
+        self.count(op, bucket);
         let bytes = codec::encode(value).map_err(|source| StoreError::Corrupt {
             key: key.to_owned(),
             source,
         })?;
-        if revision == 0 {
-            return bucket.create(key, bytes).await.map_err(|e| {
-                if is_create_conflict(&e) {
-                    StoreError::Conflict {
-                        key: key.to_owned(),
-                    }
-                } else {
-                    StoreError::kv("create", key, e)
-                }
-            });
-        }
-        bucket.update(key, bytes, revision).await.map_err(|e| {
-            if is_revision_conflict(&e) {
-                StoreError::Conflict {
+        compare_and_set(bucket, key, bytes, revision)
+            .await
+            .map_err(|e| match e {
+                CasError::Conflict => StoreError::Conflict {
                     key: key.to_owned(),
-                }
-            } else {
-                StoreError::kv("update", key, e)
-            }
-        })
+                },
+                CasError::Kv(source) => StoreError::kv(op, key, source),
+            })
     }
 
     /// # Errors

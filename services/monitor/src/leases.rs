@@ -31,7 +31,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{is_create_conflict, is_revision_conflict, MonitorHeartbeat, ShardLease};
+use headroom_shared::kv::{compare_and_set, CasError, MonitorHeartbeat, ShardLease};
 use headroom_shared::wire::{now_ms, AuditEvent, EventKind};
 use headroom_shared::{bus, subjects, SCHEMA_VERSION};
 use tokio::sync::{mpsc, oneshot};
@@ -149,8 +149,9 @@ pub async fn hold(
             }
         }
     }
-    // Hand over only once the decider can no longer decide.
-    let _ = tokio::time::timeout(Duration::from_secs(10), decider_gone.cancelled()).await;
+    // Hand over only once the decider can no longer decide. If it never
+    // ends, the supervisor's grace aborts both and the leases lapse.
+    decider_gone.cancelled().await;
     holder.hand_over_all().await;
     Ok("shard leases")
 }
@@ -354,7 +355,8 @@ impl Holder {
                 continue;
             };
             let sent = Instant::now();
-            let update = self.bucket.update(shard_key(n), body, revision);
+            let key = shard_key(n);
+            let update = compare_and_set(&self.bucket, &key, body, revision);
             match self.bounded("renewal", update).await {
                 Some(Ok(revision)) => {
                     let valid_until = sent + self.settings.ttl / 2;
@@ -366,7 +368,7 @@ impl Holder {
                         },
                     );
                 }
-                Some(Err(err)) if is_revision_conflict(&err) => {
+                Some(Err(CasError::Conflict)) => {
                     warn!(
                         shard = n,
                         "shard lease changed under this instance; leaving it"
@@ -465,29 +467,15 @@ impl Holder {
             return true;
         };
         let sent = Instant::now();
-        let taken = match expected {
-            None => match self
-                .bounded("take", self.bucket.create(key.as_str(), body))
-                .await
-            {
-                Some(Ok(revision)) => Some(revision),
-                Some(Err(err)) if !is_create_conflict(&err) => {
-                    warn!(shard = n, %err, "cannot take a shard lease");
-                    None
-                }
-                _ => None,
-            },
-            Some(revision) => match self
-                .bounded("take", self.bucket.update(key.as_str(), body, revision))
-                .await
-            {
-                Some(Ok(revision)) => Some(revision),
-                Some(Err(err)) if !is_revision_conflict(&err) => {
-                    warn!(shard = n, %err, "cannot take a shard lease");
-                    None
-                }
-                _ => None,
-            },
+        let take = compare_and_set(&self.bucket, &key, body, expected.unwrap_or(0));
+        let taken = match self.bounded("take", take).await {
+            Some(Ok(revision)) => Some(revision),
+            Some(Err(CasError::Kv(err))) => {
+                warn!(shard = n, %err, "cannot take a shard lease");
+                None
+            }
+            // Another instance took it first, or no answer within a round.
+            Some(Err(CasError::Conflict)) | None => None,
         };
         let Some(revision) = taken else {
             return true;
@@ -547,7 +535,8 @@ impl Holder {
         let Some(body) = self.lease_body(None) else {
             return;
         };
-        let update = self.bucket.update(shard_key(n), body, revision);
+        let key = shard_key(n);
+        let update = compare_and_set(&self.bucket, &key, body, revision);
         if let Some(Err(err)) = self.bounded("hand-over", update).await {
             warn!(shard = n, %err, "cannot empty a shard lease; it will lapse instead");
         }
