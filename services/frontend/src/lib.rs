@@ -9,16 +9,21 @@
 //!   passive health.
 //! - [`cache`]: the response cache and HTTP's rules on what may be kept.
 //! - [`proxy`]: one request, end to end.
-//! - [`server`]: a client's connection: HTTP/1 read and written here,
-//!   HTTP/2 handed to hyper.
+//! - [`http1`]: HTTP/1.1 on the wire for both sides: head parsing, body
+//!   framing, the chunked coding, head writing. Where request smuggling is
+//!   decided.
+//! - [`server`]: a client's connection: HTTP/1 requests read and answered
+//!   through [`http1`], HTTP/2 handed to hyper.
 //! - [`membership`]: following the cluster record in KV, and the
 //!   last-known-good file.
-//! - [`upstream`]: the HTTP/1.1 client to members and its connection pool.
+//! - [`upstream`]: the connections to members: the pool, and one exchange
+//!   (the bytes through [`http1`]).
 //! - [`stats`]: latency histograms.
 //! - [`metrics`]: what `/metrics` shows of it.
 //! - [`Frontend`]: the listener and the tasks around it.
 
 pub mod cache;
+pub mod http1;
 pub mod membership;
 pub mod metrics;
 pub mod proxy;

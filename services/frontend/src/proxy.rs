@@ -4,8 +4,7 @@
 //! switches protocols (WebSocket).
 
 use std::cell::Cell;
-use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,12 +23,11 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
 
 use crate::cache::{self, Cache};
+use crate::http1::headers::{self, is_hop_by_hop, named_by_connection};
+use crate::http1::{write, Asked};
 use crate::routing::{Backend, Table};
 use crate::stats::Latency;
-use crate::upstream::{
-    self, is_hop_by_hop, named_by_connection, BoxError, RequestBody, Upstream, UpstreamBody,
-    UpstreamError,
-};
+use crate::upstream::{BoxError, RequestBody, Sending, Upstream, UpstreamBody, UpstreamError};
 
 /// Header on requests to members naming the routing table's generation.
 pub const GENERATION_HEADER: &str = "x-headroom-generation";
@@ -179,7 +177,7 @@ impl Proxy {
         let length = if coded {
             None
         } else {
-            upstream::content_length(&parts.headers).ok().flatten()
+            headers::content_length(&parts.headers).ok().flatten()
         };
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
@@ -311,8 +309,13 @@ impl Proxy {
                         &backend.authority,
                         &head,
                         std::mem::replace(&mut request_body, RequestBody::None),
-                        method == Method::HEAD,
-                        idempotent && bodyless,
+                        Sending {
+                            asked: Asked {
+                                head_request: method == Method::HEAD,
+                                upgrade: false,
+                            },
+                            replayable: idempotent && bodyless,
+                        },
                     )
                     .await
             };
@@ -420,7 +423,7 @@ impl Proxy {
             (Some(cache), Some(key)) if *method == Method::GET => {
                 cache::freshness(parts.status, &parts.headers, SystemTime::now)
                     .filter(|_| {
-                        upstream::content_length(&parts.headers)
+                        headers::content_length(&parts.headers)
                             .ok()
                             .flatten()
                             .is_some_and(|n| n <= cache.max_object())
@@ -607,42 +610,6 @@ fn set_by_proxy(name: &HeaderName) -> bool {
         || name.as_str() == GENERATION_HEADER
 }
 
-/// The request head for the member, written once as HTTP/1.1: the
-/// client's end-to-end headers plus who asked and through what, and which
-/// membership generation routed it (so members and tests can tell a
-/// request routed before a change from one routed after).
-// Numbers and addresses are written by hand: `fmt` stood out in the
-// proxy's profile (about 4 % of its user-space time per request).
-pub(crate) fn write_decimal(head: &mut BytesMut, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    head.extend_from_slice(&digits[at..]);
-}
-
-fn write_ip(head: &mut BytesMut, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    head.extend_from_slice(b".");
-                }
-                write_decimal(head, u64::from(octet));
-            }
-        }
-        IpAddr::V6(v6) => {
-            let _ = write!(head, "{v6}");
-        }
-    }
-}
-
 thread_local! {
     /// A worker's buffer for request heads, used again from one request to
     /// the next instead of allocated for each (see `recycle_head`).
@@ -654,6 +621,10 @@ fn recycle_head(head: BytesMut) {
     HEADS.with(|heads| heads.set(Some(head)));
 }
 
+/// The request head for the member, written once as HTTP/1.1: the
+/// client's end-to-end headers plus who asked and through what, and which
+/// membership generation routed it (so members and tests can tell a
+/// request routed before a change from one routed after).
 fn request_head(
     parts: &http::request::Parts,
     path_and_query: &str,
@@ -663,12 +634,7 @@ fn request_head(
     generation: u64,
     then: Then<'_>,
 ) -> BytesMut {
-    fn line(head: &mut BytesMut, name: &[u8], value: &[u8]) {
-        head.extend_from_slice(name);
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value);
-        head.extend_from_slice(b"\r\n");
-    }
+    use write::header_line as line;
     let chunked = matches!(then, Then::Chunked);
     let mut head = HEADS.with(Cell::take).unwrap_or_default();
     head.clear();
@@ -696,7 +662,7 @@ fn request_head(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b", ");
     }
-    write_ip(&mut head, client.ip());
+    write::ip(&mut head, client.ip());
     head.extend_from_slice(b"\r\n");
     line(&mut head, b"x-forwarded-proto", b"http");
     if let Some(host) = host {
@@ -705,7 +671,7 @@ fn request_head(
     line(&mut head, b"via", b"1.1 headroom");
     head.extend_from_slice(GENERATION_HEADER.as_bytes());
     head.extend_from_slice(b": ");
-    write_decimal(&mut head, generation);
+    write::decimal(&mut head, generation);
     head.extend_from_slice(b"\r\n");
     match then {
         Then::AsIs => {}
@@ -773,9 +739,6 @@ mod tests {
         let head = String::from_utf8_lossy(&head).into_owned();
         assert!(head.contains("x-forwarded-for: 10.0.0.1, 10.0.0.2, 2001:db8::1\r\n"));
         assert!(head.contains("x-headroom-generation: 0\r\n"));
-        let mut n = BytesMut::new();
-        write_decimal(&mut n, u64::MAX);
-        assert_eq!(&n[..], u64::MAX.to_string().as_bytes());
 
         // Without a host (HTTP/1.0, or HTTP/2 without an authority) the
         // member's own address is the host.

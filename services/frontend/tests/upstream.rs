@@ -10,7 +10,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use headroom_frontend::upstream::{RequestBody, Upstream, UpstreamError};
+use headroom_frontend::http1::Asked;
+use headroom_frontend::upstream::{RequestBody, Sending, Upstream, UpstreamError};
+
+/// A GET: sent again on a new connection if a kept-alive one was closed.
+const REPLAYABLE: Sending = Sending {
+    asked: Asked {
+        head_request: false,
+        upgrade: false,
+    },
+    replayable: true,
+};
 use http::StatusCode;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
@@ -126,8 +136,13 @@ async fn get(
             &member.authority(),
             &head(method, path),
             NO_BODY,
-            method == "HEAD",
-            true,
+            Sending {
+                asked: Asked {
+                    head_request: method == "HEAD",
+                    upgrade: false,
+                },
+                replayable: true,
+            },
         )
         .await?;
     let status = response.status();
@@ -178,7 +193,7 @@ async fn hop_by_hop_headers_of_the_answer_are_not_passed_on() {
     })
     .await;
     let response = pool()
-        .send(&member.authority(), &head("GET", "/"), NO_BODY, false, true)
+        .send(&member.authority(), &head("GET", "/"), NO_BODY, REPLAYABLE)
         .await
         .expect("answer");
     let headers = response.headers();
@@ -243,8 +258,7 @@ async fn a_kept_alive_connection_closed_under_a_request_is_replaced_when_that_is
             &member.authority(),
             b"POST / HTTP/1.1\r\nhost: member\r\ncontent-length: 3\r\n\r\n",
             RequestBody::Length(3, Full::new(Bytes::from_static(b"abc"))),
-            false,
-            false,
+            Sending::default(),
         )
         .await;
     match post {
@@ -264,8 +278,7 @@ async fn request_bodies_reach_the_member_framed() {
             &member.authority(),
             b"PUT /a HTTP/1.1\r\nhost: member\r\ncontent-length: 11\r\n\r\n",
             RequestBody::Length(11, Full::new(Bytes::from_static(b"hello world"))),
-            false,
-            false,
+            Sending::default(),
         )
         .await;
     assert_eq!(sized.map(|r| r.status()).ok(), Some(StatusCode::OK));
@@ -279,8 +292,7 @@ async fn request_bodies_reach_the_member_framed() {
             &member.authority(),
             b"PUT /b HTTP/1.1\r\nhost: member\r\ntransfer-encoding: chunked\r\n\r\n",
             RequestBody::Chunked(streamed),
-            false,
-            false,
+            Sending::default(),
         )
         .await;
     assert_eq!(chunked.map(|r| r.status()).ok(), Some(StatusCode::OK));
@@ -299,8 +311,7 @@ async fn request_bodies_reach_the_member_framed() {
             &member.authority(),
             b"PUT /c HTTP/1.1\r\nhost: member\r\ncontent-length: 20\r\n\r\n",
             RequestBody::Length(20, Full::new(Bytes::from_static(b"too short"))),
-            false,
-            false,
+            Sending::default(),
         )
         .await;
     assert!(matches!(short, Err(UpstreamError::RequestBody(_))));
@@ -316,7 +327,7 @@ async fn a_body_left_unread_closes_its_connection() {
     .await;
     let upstream = pool();
     let response = upstream
-        .send(&member.authority(), &head("GET", "/"), NO_BODY, false, true)
+        .send(&member.authority(), &head("GET", "/"), NO_BODY, REPLAYABLE)
         .await
         .expect("head");
     drop(response);
@@ -341,7 +352,7 @@ async fn a_member_that_goes_quiet_in_the_middle_of_a_body_is_cut_off() {
         Duration::from_secs(20),
     );
     let response = upstream
-        .send(&member.authority(), &head("GET", "/"), NO_BODY, false, true)
+        .send(&member.authority(), &head("GET", "/"), NO_BODY, REPLAYABLE)
         .await
         .expect("head");
     let started = std::time::Instant::now();
@@ -357,7 +368,7 @@ async fn a_member_that_is_not_listening_is_a_connect_error() {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     let answer = pool()
-        .send(&addr.to_string(), &head("GET", "/"), NO_BODY, false, true)
+        .send(&addr.to_string(), &head("GET", "/"), NO_BODY, REPLAYABLE)
         .await;
     assert!(answer.is_err_and(|e| e.is_connect()));
 }
@@ -450,8 +461,7 @@ async fn a_member_that_refuses_an_upload_early_has_its_answer_passed_on() {
             &authority,
             &head,
             RequestBody::Length(UPLOAD as u64, body),
-            false,
-            false,
+            Sending::default(),
         );
         let answer = tokio::time::timeout(Duration::from_secs(4), sending)
             .await
@@ -482,8 +492,7 @@ async fn a_body_still_streaming_when_the_member_refuses_is_not_waited_for() {
         &authority,
         b"POST /in HTTP/1.1\r\nhost: member\r\ntransfer-encoding: chunked\r\n\r\n",
         RequestBody::Chunked(body),
-        false,
-        false,
+        Sending::default(),
     );
     let answer = tokio::time::timeout(Duration::from_secs(4), sending)
         .await
@@ -506,8 +515,7 @@ async fn an_early_success_still_gets_the_whole_body() {
             &authority,
             &upload_head(),
             RequestBody::Length(UPLOAD as u64, body),
-            false,
-            false,
+            Sending::default(),
         )
         .await
         .expect("answer");

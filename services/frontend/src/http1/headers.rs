@@ -1,0 +1,85 @@
+//! What HTTP/1.1's own headers say: which are this hop's (RFC 9110
+//! §7.6.1), the tokens of `Connection`, and the two that frame a body,
+//! `Transfer-Encoding` and `Content-Length` (RFC 9112 §6).
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use super::Malformed;
+
+/// Headers that describe one connection, not the message: never passed on
+/// (RFC 9110 §7.6.1), nor are the ones a `Connection` header names.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(&name.as_str())
+}
+
+// Names, not `HeaderName`s: a `const` array of those was built and dropped
+// at every use (it showed in the profile).
+pub(super) const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// The tokens of a message's `Connection` header(s).
+pub fn connection_tokens<'a>(
+    connection: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a str> {
+    connection
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// Whether `token` is one of the message's `Connection` tokens.
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers.get_all(header::CONNECTION)).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// Whether `name` is listed in the message's `Connection` header(s).
+pub fn named_by_connection(
+    connection: &header::GetAll<'_, HeaderValue>,
+    name: &HeaderName,
+) -> bool {
+    connection_tokens(connection).any(|token| token.eq_ignore_ascii_case(name.as_str()))
+}
+
+/// Whether a message has a transfer coding and, if it has, whether
+/// `chunked` is the last one (RFC 9112 §6.3: only then does the coding
+/// frame the body).
+pub fn transfer_coding(headers: &HeaderMap) -> Option<bool> {
+    let last = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()?;
+    Some(
+        last.to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked")),
+    )
+}
+
+/// The `content-length` of a message: one value (repeats must agree).
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        // Digits only: `u64::from_str` also takes a leading `+`, which
+        // another hop may read differently (request smuggling).
+        let digits = value.as_bytes().trim_ascii();
+        let n: u64 = Some(digits)
+            .filter(|d| !d.is_empty() && d.iter().all(u8::is_ascii_digit))
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse().ok())
+            .ok_or(Malformed("invalid content-length"))?;
+        if length.is_some_and(|l| l != n) {
+            return Err(Malformed("conflicting content-length"));
+        }
+        length = Some(n);
+    }
+    Ok(length)
+}

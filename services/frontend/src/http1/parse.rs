@@ -1,0 +1,316 @@
+//! Reading a message head off the front of a connection's buffer: a
+//! client's request, or a member's answer. The parsing is httparse,
+//! hyper's parser; what it leaves open (the framing, the host, the
+//! connection) is decided here, and a head that another hop could read
+//! another way is refused.
+
+use std::mem::MaybeUninit;
+use std::ops::Range;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+
+use super::framing::Framing;
+use super::headers::{self, HOP_BY_HOP};
+use super::Malformed;
+
+/// Most headers in a message.
+pub const MAX_HEADERS: usize = 100;
+
+/// A request the front-end answers itself, closing the connection after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub why: &'static str,
+}
+
+impl Refusal {
+    pub const fn new(status: StatusCode, why: &'static str) -> Self {
+        Self { status, why }
+    }
+
+    const fn bad(why: &'static str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, why)
+    }
+}
+
+/// A client's request head, and how its body comes.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub request: Request<()>,
+    pub body: Framing,
+    pub keep_alive: bool,
+    pub expects_continue: bool,
+}
+
+/// Parses a complete request head off the front of `buf`; `None` while
+/// more bytes are needed.
+pub fn request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let length = match parsed.parse_with_uninit_headers(buf, &mut slots) {
+        Ok(httparse::Status::Complete(length)) => length,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Refusal::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too many request headers",
+            ))
+        }
+        Err(httparse::Error::Version) => {
+            return Err(Refusal::new(
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "HTTP version not supported",
+            ))
+        }
+        Err(_) => return Err(Refusal::bad("malformed request head")),
+    };
+    let version = match parsed.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
+        .map_err(|_| Refusal::bad("invalid method"))?;
+    let target = place(buf, parsed.path.unwrap_or("").as_bytes());
+    let places = places(buf, parsed.headers).map_err(|m| Refusal::bad(m.0))?;
+    let head = buf.split_to(length).freeze();
+    let uri =
+        Uri::from_maybe_shared(head.slice(target)).map_err(|_| Refusal::bad("invalid target"))?;
+    let headers = header_map(&head, places).map_err(|_| Refusal::bad("invalid header"))?;
+    let (body, keep_alive) = request_framing(&headers, version)?;
+    check_host(&headers, version)?;
+    let expects_continue = version == Version::HTTP_11
+        && headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(RequestHead {
+        request,
+        body,
+        keep_alive,
+        expects_continue,
+    }))
+}
+
+/// How a request's body comes, and whether the connection may carry
+/// another request after it.
+fn request_framing(headers: &HeaderMap, version: Version) -> Result<(Framing, bool), Refusal> {
+    let mut keep_alive = if version == Version::HTTP_11 {
+        !headers::connection_has(headers, "close")
+    } else {
+        headers::connection_has(headers, "keep-alive")
+    };
+    // RFC 9112 §6.3: a transfer coding decides the length, and chunked
+    // must be the last one; with a content-length beside it, the request
+    // is answered and the connection closed (one of them may be what
+    // another hop went by).
+    let body = match headers::transfer_coding(headers) {
+        Some(false) => return Err(Refusal::bad("unsupported transfer coding")),
+        Some(true) => {
+            if version == Version::HTTP_10 || headers.contains_key(header::CONTENT_LENGTH) {
+                keep_alive = false;
+            }
+            Framing::Chunked
+        }
+        None => match headers::content_length(headers) {
+            Ok(Some(n)) if n > 0 => Framing::Length(n),
+            Ok(_) => Framing::Empty,
+            Err(_) => return Err(Refusal::bad("invalid content-length")),
+        },
+    };
+    Ok((body, keep_alive))
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request names its host, and only once; two
+/// could be read one way here (routing, the cache key) and another by the
+/// member.
+fn check_host(headers: &HeaderMap, version: Version) -> Result<(), Refusal> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if version == Version::HTTP_11 => Err(Refusal::bad("no Host header")),
+        (Some(_), Some(_)) => Err(Refusal::bad("more than one Host header")),
+        _ => Ok(()),
+    }
+}
+
+/// What the request asked that decides how its answer is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Asked {
+    /// A HEAD request: the answer has no body, whatever its head says.
+    pub head_request: bool,
+    /// The request asked to upgrade: a `101` is its answer, not an error.
+    pub upgrade: bool,
+}
+
+/// A member's answer head, its end-to-end headers only, and how its body
+/// is framed.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    pub keep_alive: bool,
+}
+
+/// Parses a complete answer head off the front of `buf`, skipping interim
+/// (1xx) answers but for a `101` to a request that asked to upgrade;
+/// `None` while more bytes are needed.
+pub fn response(buf: &mut BytesMut, asked: Asked) -> Result<Option<ResponseHead>, Malformed> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut slots);
+        let length = match response.parse(buf) {
+            Ok(httparse::Status::Complete(length)) => length,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err(Malformed("too many headers")),
+            Err(_) => return Err(Malformed("malformed response head")),
+        };
+        let status = StatusCode::from_u16(response.code.unwrap_or(0))
+            .map_err(|_| Malformed("invalid status code"))?;
+        if status == StatusCode::SWITCHING_PROTOCOLS && !asked.upgrade {
+            return Err(Malformed("unexpected protocol switch"));
+        }
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            buf.advance(length);
+            continue;
+        }
+        let version_11 = response.version == Some(1);
+        let places = places(buf, response.headers)?;
+        let hop_by_hop = places.iter().any(|(name, _)| headers::is_hop_by_hop(name));
+        let head = buf.split_to(length).freeze();
+        let all = header_map(&head, places)?;
+        let answer = Answer {
+            status,
+            hop_by_hop,
+            version_11,
+            head_request: asked.head_request,
+        };
+        return answer.framed(all).map(Some);
+    }
+}
+
+/// What the status line and the parse said of an answer.
+struct Answer {
+    status: StatusCode,
+    /// Whether any header is hop-by-hop: without one there is no
+    /// `Connection` and no transfer coding to look up (the common answer:
+    /// three lookups saved).
+    hop_by_hop: bool,
+    version_11: bool,
+    head_request: bool,
+}
+
+impl Answer {
+    /// Reads the framing and keep-alive off the member's headers, and
+    /// keeps only the end-to-end ones (RFC 9112 §6.3).
+    fn framed(self, all: HeaderMap) -> Result<ResponseHead, Malformed> {
+        let has_token = |token: &str| self.hop_by_hop && headers::connection_has(&all, token);
+        let keep_alive = if self.version_11 {
+            !has_token("close")
+        } else {
+            has_token("keep-alive")
+        };
+        // Chunked only when it is the last coding; any other leaves the
+        // body running to the close.
+        let coding = self
+            .hop_by_hop
+            .then(|| headers::transfer_coding(&all))
+            .flatten();
+        let length = match coding {
+            Some(_) => None,
+            None => headers::content_length(&all)?,
+        };
+        // What the member switches to, which the client is told too.
+        let switched = if self.status == StatusCode::SWITCHING_PROTOCOLS {
+            let protocol = all.get(header::UPGRADE).cloned();
+            Some(protocol.ok_or(Malformed("a protocol switch without Upgrade"))?)
+        } else {
+            None
+        };
+        let no_body = self.head_request
+            || self.status == StatusCode::NO_CONTENT
+            || self.status == StatusCode::NOT_MODIFIED;
+        let (framing, keep_alive) = if switched.is_some() {
+            (Framing::Tunnel, false)
+        } else if no_body {
+            (Framing::Empty, keep_alive)
+        } else if coding == Some(true) {
+            (Framing::Chunked, keep_alive)
+        } else if let Some(n) = length {
+            (Framing::Length(n), keep_alive)
+        } else {
+            (Framing::UntilClose, false)
+        };
+        let mut headers = all;
+        if coding.is_some() {
+            // The coding decides the length (RFC 9112 §6.3): a
+            // content-length passed on beside it would frame the body
+            // wrongly for the client.
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        if self.hop_by_hop {
+            drop_hop_by_hop(&mut headers);
+        }
+        if let Some(protocol) = switched {
+            headers.insert(header::UPGRADE, protocol);
+        }
+        Ok(ResponseHead {
+            status: self.status,
+            headers,
+            framing,
+            keep_alive,
+        })
+    }
+}
+
+/// Removes this hop's headers, and those its `Connection` names.
+fn drop_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers::connection_tokens(headers.get_all(header::CONNECTION))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in &named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Where `part` sits in `buf`, which it borrows from.
+fn place(buf: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// Each header's name, and where its value sits in the head, so the head
+/// can be frozen and shared by the values instead of copied one by one.
+fn places(
+    buf: &[u8],
+    parsed: &[httparse::Header<'_>],
+) -> Result<Vec<(HeaderName, Range<usize>)>, Malformed> {
+    let mut places = Vec::with_capacity(parsed.len());
+    for h in parsed {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| Malformed("invalid header name"))?;
+        places.push((name, place(buf, h.value)));
+    }
+    Ok(places)
+}
+
+fn header_map(
+    head: &Bytes,
+    places: Vec<(HeaderName, Range<usize>)>,
+) -> Result<HeaderMap, Malformed> {
+    let mut headers = HeaderMap::with_capacity(places.len());
+    for (name, at) in places {
+        let value = HeaderValue::from_maybe_shared(head.slice(at))
+            .map_err(|_| Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(headers)
+}

@@ -1,0 +1,202 @@
+//! The parser's cases: requests as a client may send them, answers as a
+//! member may, and the heads that could be read two ways.
+
+use bytes::BytesMut;
+use http::header;
+use http::{Method, StatusCode};
+
+use super::parse::{self, MAX_HEADERS};
+use super::*;
+
+fn head(text: &[u8]) -> Result<Option<RequestHead>, Refusal> {
+    let mut buf = BytesMut::from(text);
+    parse::request(&mut buf)
+}
+
+fn accepted(text: &[u8]) -> RequestHead {
+    match head(text) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => panic!("incomplete {:?}", String::from_utf8_lossy(text)),
+        Err(Refusal { status, why }) => panic!("refused with {status}: {why}"),
+    }
+}
+
+fn refused(text: &[u8]) -> StatusCode {
+    match head(text) {
+        Err(refusal) => refusal.status,
+        Ok(Some(_)) => panic!("accepted {:?}", String::from_utf8_lossy(text)),
+        Ok(None) => panic!("incomplete {:?}", String::from_utf8_lossy(text)),
+    }
+}
+
+#[test]
+fn a_request_head_and_how_its_body_comes() {
+    assert!(head(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .ok()
+        .flatten()
+        .is_none());
+    let mut buf = BytesMut::from(
+        &b"POST /a?b=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET"[..],
+    );
+    let parsed = parse::request(&mut buf).ok().flatten().expect("a head");
+    assert_eq!(parsed.request.method(), Method::POST);
+    assert_eq!(
+        parsed.request.uri().path_and_query().map(|p| p.as_str()),
+        Some("/a?b=1")
+    );
+    assert_eq!(parsed.request.headers()["host"], "x");
+    assert_eq!(parsed.body, Framing::Length(5));
+    assert!(parsed.keep_alive);
+    assert_eq!(&buf[..], b"helloGET", "the body and what follows stay");
+
+    let parsed = accepted(b"GET / HTTP/1.0\r\n\r\n");
+    assert!(!parsed.keep_alive, "HTTP/1.0 closes unless asked");
+    assert_eq!(parsed.body, Framing::Empty);
+    let parsed = accepted(b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+    assert!(parsed.keep_alive);
+    let parsed = accepted(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade, close\r\n\r\n");
+    assert!(!parsed.keep_alive);
+
+    let parsed =
+        accepted(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+    assert_eq!(parsed.body, Framing::Chunked);
+    assert!(parsed.keep_alive);
+    // Both framings: the coding wins and the connection closes after.
+    let parsed = accepted(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    assert_eq!(parsed.body, Framing::Chunked);
+    assert!(!parsed.keep_alive);
+    let parsed =
+        accepted(b"PUT / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n");
+    assert!(parsed.expects_continue);
+}
+
+#[test]
+fn a_head_that_could_be_read_two_ways_is_refused() {
+    let bad = StatusCode::BAD_REQUEST;
+    for text in [
+        &b"\x16\x03\x01\x02\x00garbage\r\n\r\n"[..],
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: identity\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n Folded: x\r\n\r\n",
+    ] {
+        assert_eq!(refused(text), bad, "{:?}", String::from_utf8_lossy(text));
+    }
+    assert_eq!(
+        refused(b"GET / HTTP/2.0\r\n\r\n"),
+        StatusCode::HTTP_VERSION_NOT_SUPPORTED
+    );
+    assert_eq!(
+        refused(b"GET / HTTP/1.1\r\n\r\n"),
+        bad,
+        "HTTP/1.1 names its host"
+    );
+    assert_eq!(
+        refused(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+        bad,
+        "one host only"
+    );
+    let mut many = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..=MAX_HEADERS {
+        many.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    assert_eq!(refused(&many), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // Repeats that agree are one length.
+    let parsed =
+        accepted(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n");
+    assert_eq!(parsed.body, Framing::Length(2));
+}
+
+fn answer(text: &[u8], asked: Asked) -> Option<ResponseHead> {
+    parse::response(&mut BytesMut::from(text), asked)
+        .ok()
+        .flatten()
+}
+
+#[test]
+fn heads_give_status_end_to_end_headers_and_framing() {
+    let plain = Asked::default();
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: x-private\r\nx-private: 1\r\nkeep-alive: timeout=5\r\nx-kept: yes\r\n\r\nhello"[..],
+    );
+    let Some(parsed) = parse::response(&mut buf, plain).ok().flatten() else {
+        panic!("head not parsed")
+    };
+    assert_eq!(parsed.status, StatusCode::OK);
+    assert!(parsed.keep_alive);
+    assert_eq!(parsed.framing, Framing::Length(5));
+    assert_eq!(
+        parsed.headers.get("x-kept").map(|v| v.as_bytes()),
+        Some(&b"yes"[..])
+    );
+    assert!(parsed.headers.get("x-private").is_none());
+    assert!(parsed.headers.get("keep-alive").is_none());
+    assert!(parsed.headers.get("connection").is_none());
+    assert_eq!(&buf[..], b"hello");
+
+    let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\ncontent-le"[..]);
+    assert!(matches!(parse::response(&mut partial, plain), Ok(None)));
+
+    let parsed = answer(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
+        plain,
+    );
+    assert!(parsed
+        .as_ref()
+        .is_some_and(|p| !p.headers.contains_key(header::CONTENT_LENGTH)));
+    assert_eq!(parsed.map(|p| p.framing), Some(Framing::Chunked));
+
+    let parsed = answer(b"HTTP/1.0 200 OK\r\n\r\n", plain);
+    assert_eq!(
+        parsed.map(|p| (p.framing, p.keep_alive)),
+        Some((Framing::UntilClose, false))
+    );
+
+    let head = Asked {
+        head_request: true,
+        ..plain
+    };
+    let parsed = answer(b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n", head);
+    assert_eq!(parsed.map(|p| p.framing), Some(Framing::Empty));
+
+    for bad in [
+        &b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+    ] {
+        assert!(parse::response(&mut BytesMut::from(bad), plain).is_err());
+    }
+
+    // Asked for, a switch is the answer: the connection is the tunnel's,
+    // and the client is told what it switched to.
+    let upgrade = Asked {
+        upgrade: true,
+        ..plain
+    };
+    let mut switch = BytesMut::from(
+        &b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\
+           Upgrade: websocket\r\nSec-WebSocket-Accept: k\r\n\r\nframe"[..],
+    );
+    let parsed = parse::response(&mut switch, upgrade).ok().flatten();
+    assert!(parsed
+        .as_ref()
+        .is_some_and(|p| p.status == StatusCode::SWITCHING_PROTOCOLS
+            && p.framing == Framing::Tunnel
+            && !p.keep_alive
+            && p.headers
+                .get(header::UPGRADE)
+                .is_some_and(|v| v == "websocket")
+            && p.headers.contains_key("sec-websocket-accept")
+            && !p.headers.contains_key(header::CONNECTION)));
+    assert_eq!(&switch[..], b"frame");
+    let mut unnamed = BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..]);
+    assert!(parse::response(&mut unnamed, upgrade).is_err());
+}
