@@ -1,14 +1,16 @@
-//! A small HTTP/1.0 client for the two calls the agent makes to the
-//! application on its own server: GET the stats endpoint, POST a hook.
-//! HTTP/1.0 keeps it honest and small: one request per connection, the
-//! body ends when the connection does, no chunked encoding to decode.
+//! A small HTTP/1.0 client for calls to an application on its own server:
+//! the agent's GET of the stats endpoint and POST of a hook, and the
+//! images' health probe. HTTP/1.0 keeps it honest and small: one request
+//! per connection, the body ends when the connection does, no chunked
+//! encoding to decode. (The front-end's client to members is its own,
+//! kept-alive HTTP/1.1: see `headroom_frontend::upstream`.)
 
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// The most of a response the agent reads: stats are a few hundred bytes.
+/// The most of a response that is read: stats are a few hundred bytes.
 const MAX_RESPONSE: u64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +72,7 @@ pub async fn call(
         let mut stream = TcpStream::connect(&authority).await.map_err(io)?;
         let body = body.unwrap_or_default();
         let head = format!(
-            "{method} {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: headroom-agent\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: headroom\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).await.map_err(io)?;

@@ -13,6 +13,8 @@
 //! - [`kv`]: the KV buckets, their records and compare-and-set helpers.
 //! - [`config`]: the one configuration struct, file plus `HEADROOM_*` env.
 //! - [`telemetry`]: tracing set-up.
+//! - [`http_client`]: the small HTTP/1.0 client for an application on
+//!   its own server (the agent's stats and hooks, the health probe).
 //! - [`local`]: a local nats-server for the demo and the tests.
 //! - [`nats`]: connecting, with credentials, TLS and backoff.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
@@ -23,6 +25,7 @@ pub mod bus;
 pub mod codec;
 pub mod config;
 pub mod hash;
+pub mod http_client;
 pub mod ids;
 pub mod kv;
 pub mod local;

@@ -460,7 +460,7 @@ async fn with_three_nats_nodes_one_can_stop_and_rejoin() {
         .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
     let routes = || async {
         let url = format!("http://127.0.0.1:{}/routez", stack.monitor_port);
-        let body = headroom_agent::http::call("GET", &url, None, Duration::from_secs(2))
+        let body = headroom_shared::http_client::call("GET", &url, None, Duration::from_secs(2))
             .await
             .ok()?;
         let value: serde_json::Value = serde_json::from_slice(&body).ok()?;

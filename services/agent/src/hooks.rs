@@ -74,7 +74,7 @@ pub async fn run(
                 "cluster": cluster.as_str(),
             });
             let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
-            crate::http::call("POST", url, Some(&body), timeout)
+            headroom_shared::http_client::call("POST", url, Some(&body), timeout)
                 .await
                 .map(|_| ())
                 .map_err(|e| format!("{} hook: {e}", event.name()))

@@ -11,12 +11,10 @@
 //!
 //! # Layout
 //! - [`sample`]: the kernel's counters.
-//! - [`http`]: the small client for the application's stats and hooks.
 //! - [`hooks`]: running the allocate and release hooks.
 //! - [`metrics`]: what `/metrics` shows of it.
 
 pub mod hooks;
-pub mod http;
 pub mod metrics;
 pub mod sample;
 
@@ -29,6 +27,7 @@ use futures::StreamExt;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{AgentConfig, Config};
+use headroom_shared::http_client;
 use headroom_shared::kv::{Bucket, ServerRecord, ServerState};
 use headroom_shared::ops::Ops;
 use headroom_shared::wire::{
@@ -76,7 +75,7 @@ pub struct AppStats {
 
 /// Reads the application's stats; `None` when it cannot be read (unknown).
 pub async fn app_stats(url: &str, timeout: Duration) -> Option<AppStats> {
-    match http::call("GET", url, None, timeout).await {
+    match http_client::call("GET", url, None, timeout).await {
         Ok(body) => match serde_json::from_slice(&body) {
             Ok(stats) => Some(stats),
             Err(err) => {

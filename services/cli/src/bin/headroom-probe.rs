@@ -20,7 +20,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(headroom_agent::http::call(
+    match runtime.block_on(headroom_shared::http_client::call(
         "GET",
         &url,
         None,
