@@ -16,6 +16,7 @@ use bytes::{Bytes, BytesMut};
 use headroom_shared::config::FrontendConfig;
 use headroom_shared::ops::Histogram;
 use headroom_shared::wire::now_ms;
+use headroom_shared::ServerId;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -25,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::cache::{self, Cache};
 use crate::http1::headers::{self, is_hop_by_hop, named_by_connection};
 use crate::http1::{write, Asked};
-use crate::routing::{Backend, Table};
+use crate::routing::{Backend, RouteId, Table};
 use crate::stats::Latency;
 use crate::upstream::{BoxError, RequestBody, Sending, Upstream, UpstreamBody, UpstreamError};
 
@@ -159,6 +160,8 @@ impl Proxy {
         response
     }
 
+    /// Admit → look up (cache, coalescing) → attempt (the retry loop) →
+    /// finish.
     async fn forward<B>(
         &self,
         upstream: &Upstream,
@@ -171,6 +174,39 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let (parts, body) = request.into_parts();
+        let admitted = match self.admit(&parts) {
+            Ok(admitted) => admitted,
+            Err((status, why)) => return error(status, why),
+        };
+        let looked_up = match self.look_up(&admitted).await {
+            Ok(looked_up) => looked_up,
+            Err(hit) => return self.answer_from_cache(&hit),
+        };
+        let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
+        let request_body = match admitted.length {
+            Some(0) => RequestBody::None,
+            Some(n) => RequestBody::Length(n, Limited::new(body, limit)),
+            // HTTP/1 chunked, or an HTTP/2 stream without a length.
+            None if admitted.coded || !body.is_end_stream() => {
+                RequestBody::Chunked(Limited::new(body, limit))
+            }
+            None => RequestBody::None,
+        };
+        let attempts = Attempts {
+            admitted,
+            looked_up,
+            upstream,
+            client,
+            started,
+        };
+        attempts.run(self, request_body).await
+    }
+
+    /// What the request is and where it goes, or why it goes nowhere.
+    fn admit<'a>(
+        &self,
+        parts: &'a http::request::Parts,
+    ) -> Result<Admitted<'a>, (StatusCode, &'static str)> {
         // A transfer coding decides the length, whatever content-length
         // says (RFC 9112 §6.3); the body goes on chunked.
         let coded = parts.headers.contains_key(header::TRANSFER_ENCODING);
@@ -180,13 +216,13 @@ impl Proxy {
             headers::content_length(&parts.headers).ok().flatten()
         };
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
         }
         let upgrade = (!coded && length.unwrap_or(0) == 0)
-            .then(|| upgrade_asked(&parts))
+            .then(|| upgrade_asked(parts))
             .flatten();
         let Some(table) = self.table.load_full() else {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet");
+            return Err((StatusCode::SERVICE_UNAVAILABLE, "no routing table yet"));
         };
         // HTTP/2 carries the host in the request target, not a header.
         let authority = parts.uri.authority().map(|a| a.as_str());
@@ -195,205 +231,64 @@ impl Proxy {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or(authority);
-        let method = &parts.method;
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let Some(route) = table.route(method.as_str(), host, parts.uri.path()) else {
-            return error(StatusCode::NOT_FOUND, "no route for this request");
+        let Some(route) = table.route(parts.method.as_str(), host, parts.uri.path()) else {
+            return Err((StatusCode::NOT_FOUND, "no route for this request"));
         };
+        Ok(Admitted {
+            parts,
+            table,
+            route,
+            host,
+            path_and_query,
+            length,
+            coded,
+            upgrade,
+        })
+    }
 
-        // Held by the request that fetches a missing object, until it is
-        // stored; others asking for it meanwhile wait instead of fetching.
-        let mut _filling = None;
-        // When it waited on another request's fetch, the member's time
-        // starts after the wait.
-        let mut waited = None;
-        let cache_key = match &self.cache {
-            Some(cache)
-                if upgrade.is_none()
-                    && method == Method::GET
-                    && cache::request_allows(&parts.headers) =>
-            {
-                let key = cache::key(host, path_and_query);
-                let lookup = cache.lookup(&key);
-                if !matches!(lookup, cache::Lookup::Fresh(_)) {
-                    self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-                }
-                match lookup {
-                    cache::Lookup::Fresh(hit) => return self.answer_from_cache(&hit),
-                    cache::Lookup::Missing => {}
-                    cache::Lookup::Stale => match self.fills.join(&key) {
-                        cache::Fill::Lead(guard) => _filling = Some(guard),
-                        cache::Fill::Follow(mut done) => {
-                            let _ =
-                                tokio::time::timeout(self.settings.request_timeout, done.changed())
-                                    .await;
-                            waited = Some(Instant::now());
-                            if let Some(hit) = cache.get(&key) {
-                                return self.answer_from_cache(&hit);
-                            }
-                            // Not stored again (no longer cacheable, or it
-                            // failed): ask a member ourselves.
-                        }
-                    },
-                }
-                Some(key)
-            }
-            _ => None,
+    /// The cache's fresh copy if it has one (`Err`, as the request is then
+    /// done), else what the attempt needs to store the member's answer.
+    async fn look_up(&self, admitted: &Admitted<'_>) -> Result<LookedUp<'_>, Arc<cache::Cached>> {
+        let mut looked_up = LookedUp {
+            key: None,
+            filling: None,
+            waited: None,
         };
-
-        let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
-        let mut request_body = match length {
-            Some(0) => RequestBody::None,
-            Some(n) => RequestBody::Length(n, Limited::new(body, limit)),
-            // HTTP/1 chunked, or an HTTP/2 stream without a length.
-            None if coded || !body.is_end_stream() => {
-                RequestBody::Chunked(Limited::new(body, limit))
-            }
-            None => RequestBody::None,
+        let Some(cache) = &self.cache else {
+            return Ok(looked_up);
         };
-        let bodyless = matches!(request_body, RequestBody::None);
-        let idempotent = matches!(
-            *method,
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::PUT
-                | Method::DELETE
-                | Method::TRACE
-        );
-        let mut exclude = None;
-        for attempt in 0..2 {
-            let Some(backend) = table.pick(
-                route,
-                path_and_query.as_bytes(),
-                now_ms(),
-                u64::try_from(self.settings.slow_start.as_millis()).unwrap_or(u64::MAX),
-                exclude.as_ref(),
-            ) else {
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!(
-                        "no member serves request type {:?}",
-                        table.request_type(route)
-                    ),
-                );
-            };
-            let head = request_head(
-                &parts,
-                path_and_query,
-                host,
-                &backend.authority,
-                client,
-                table.generation,
-                match (&request_body, upgrade) {
-                    (_, Some(protocol)) => Then::Upgrade(protocol),
-                    (RequestBody::Chunked(_), None) => Then::Chunked,
-                    _ => Then::AsIs,
-                },
-            );
-            let guard = InFlight::start(backend.clone());
-            // The first attempt goes out within microseconds of the
-            // request's arrival (unless it waited): one clock read less
-            // per request.
-            let sent = match (attempt, waited) {
-                (0, None) => started,
-                (0, Some(at)) => at,
-                _ => Instant::now(),
-            };
-            let exchange = async {
-                if upgrade.is_some() {
-                    return upstream.send_upgrade(&backend.authority, &head).await;
-                }
-                upstream
-                    .send(
-                        &backend.authority,
-                        &head,
-                        std::mem::replace(&mut request_body, RequestBody::None),
-                        Sending {
-                            asked: Asked {
-                                head_request: method == Method::HEAD,
-                                upgrade: false,
-                            },
-                            replayable: idempotent && bodyless,
-                        },
-                    )
-                    .await
-            };
-            let answer = tokio::time::timeout(self.settings.request_timeout, exchange).await;
-            recycle_head(head);
-            let failed = |backend: &Backend| {
-                backend.failed(
-                    now_ms(),
-                    self.settings.eject_after,
-                    u64::try_from(self.settings.eject_for.as_millis()).unwrap_or(u64::MAX),
-                );
-            };
-            match answer {
-                Ok(Ok(response)) => {
-                    backend.succeeded();
-                    backend.requests.fetch_add(1, Ordering::Relaxed);
-                    backend.latency.record(sent.elapsed());
-                    if response.status().is_server_error() {
-                        backend.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                        let (parts, body) = response.into_parts();
-                        let Some((member, early)) = body.into_tunnel() else {
-                            return error(StatusCode::BAD_GATEWAY, "the member's switch broke off");
-                        };
-                        let tunnel = Tunnel {
-                            member,
-                            early,
-                            in_flight: guard,
-                        };
-                        return Response::from_parts(parts, ProxyBody::Tunnel(tunnel));
-                    }
-                    return self
-                        .respond(
-                            response,
-                            guard,
-                            cache_key.as_deref(),
-                            method,
-                            _filling.is_some(),
-                        )
-                        .await;
-                }
-                Ok(Err(UpstreamError::RequestBody(cause))) => {
-                    // The client's body, not the member: not held against
-                    // it, and not sent again (it is spent).
-                    tracing::debug!(%cause, "the request body failed");
-                    return if cause.is::<LengthLimitError>() {
-                        error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
-                    } else {
-                        error(StatusCode::BAD_REQUEST, "the request body broke off")
-                    };
-                }
-                Ok(Err(err)) => {
-                    // Only a member that cannot be connected to counts
-                    // towards ejection; other failures are its errors.
-                    if err.is_connect() {
-                        failed(&backend);
-                    } else {
-                        backend.errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::debug!(server = %backend.server, %err, "member failed a request");
-                    if attempt == 0 && idempotent && bodyless {
-                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                        exclude = Some(backend.server.clone());
-                        continue;
-                    }
-                    return error(StatusCode::BAD_GATEWAY, "the member could not be reached");
-                }
-                Err(_) => {
-                    failed(&backend);
-                    return error(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "the member did not answer in time",
-                    );
-                }
-            }
+        let parts = admitted.parts;
+        if admitted.upgrade.is_some()
+            || parts.method != Method::GET
+            || !cache::request_allows(&parts.headers)
+        {
+            return Ok(looked_up);
         }
-        error(StatusCode::BAD_GATEWAY, "no member could be reached")
+        let key = cache::key(admitted.host, admitted.path_and_query);
+        let lookup = cache.lookup(&key);
+        if !matches!(lookup, cache::Lookup::Fresh(_)) {
+            self.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+        }
+        match lookup {
+            cache::Lookup::Fresh(hit) => return Err(hit),
+            cache::Lookup::Missing => {}
+            cache::Lookup::Stale => match self.fills.join(&key) {
+                cache::Fill::Lead(guard) => looked_up.filling = Some(guard),
+                cache::Fill::Follow(mut done) => {
+                    let _ =
+                        tokio::time::timeout(self.settings.request_timeout, done.changed()).await;
+                    looked_up.waited = Some(Instant::now());
+                    if let Some(hit) = cache.get(&key) {
+                        return Err(hit);
+                    }
+                    // Not stored again (no longer cacheable, or it
+                    // failed): ask a member ourselves.
+                }
+            },
+        }
+        looked_up.key = Some(key);
+        Ok(looked_up)
     }
 
     fn answer_from_cache(&self, hit: &cache::Cached) -> Response<ProxyBody> {
@@ -468,6 +363,246 @@ impl Proxy {
             },
         )
     }
+}
+
+/// A request admitted: its route, and how its body comes.
+struct Admitted<'a> {
+    parts: &'a http::request::Parts,
+    table: Arc<Table>,
+    route: RouteId,
+    host: Option<&'a str>,
+    path_and_query: &'a str,
+    length: Option<u64>,
+    /// It has a transfer coding (its body is chunked).
+    coded: bool,
+    /// The protocol it asks to switch to.
+    upgrade: Option<&'a HeaderValue>,
+}
+
+/// What the cache said of a request that it could not answer.
+struct LookedUp<'a> {
+    /// Where the member's answer is stored, if it may be.
+    key: Option<String>,
+    /// Held by the request that fetches a missing object, until it is
+    /// stored; others asking for it meanwhile wait instead of fetching.
+    filling: Option<cache::FillGuard<'a>>,
+    /// When it waited on another request's fetch: the member's time
+    /// starts after the wait.
+    waited: Option<Instant>,
+}
+
+/// A request on its way to members: at most two attempts, the second on
+/// another member, and only for a request that can be sent again.
+struct Attempts<'a> {
+    admitted: Admitted<'a>,
+    looked_up: LookedUp<'a>,
+    upstream: &'a Upstream,
+    client: SocketAddr,
+    started: Instant,
+}
+
+/// How one attempt ended.
+// Matched as soon as it is returned: boxing the response would be an
+// allocation per request for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Attempted {
+    Done(Response<ProxyBody>),
+    /// Failed at this member before anything was passed on: another may
+    /// be asked.
+    Retry(ServerId),
+}
+
+impl Attempts<'_> {
+    async fn run<B>(self, proxy: &Proxy, mut body: RequestBody<B>) -> Response<ProxyBody>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let mut exclude = None;
+        for attempt in 0..2 {
+            match self.once(proxy, &mut body, attempt, exclude.as_ref()).await {
+                Attempted::Done(response) => return response,
+                Attempted::Retry(server) => exclude = Some(server),
+            }
+        }
+        error(StatusCode::BAD_GATEWAY, "no member could be reached")
+    }
+
+    /// Idempotent (RFC 9110 §9.2.2) and without a body: safe to send again.
+    fn replayable(&self, body: &RequestBody<impl Sized>) -> bool {
+        matches!(body, RequestBody::None)
+            && matches!(
+                self.admitted.parts.method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::TRACE
+            )
+    }
+
+    async fn once<B>(
+        &self,
+        proxy: &Proxy,
+        body: &mut RequestBody<B>,
+        attempt: u32,
+        exclude: Option<&ServerId>,
+    ) -> Attempted
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let Admitted {
+            parts,
+            ref table,
+            route,
+            upgrade,
+            ..
+        } = self.admitted;
+        let settings = &proxy.settings;
+        let slow_start = u64::try_from(settings.slow_start.as_millis()).unwrap_or(u64::MAX);
+        let key = self.admitted.path_and_query.as_bytes();
+        let Some(backend) = table.pick(route, key, now_ms(), slow_start, exclude) else {
+            let why = format!(
+                "no member serves request type {:?}",
+                table.request_type(route)
+            );
+            return Attempted::Done(error(StatusCode::SERVICE_UNAVAILABLE, &why));
+        };
+        let then = match (&*body, upgrade) {
+            (_, Some(protocol)) => Then::Upgrade(protocol),
+            (RequestBody::Chunked(_), None) => Then::Chunked,
+            _ => Then::AsIs,
+        };
+        let head = request_head(
+            parts,
+            &Forwarded {
+                path_and_query: self.admitted.path_and_query,
+                host: self.admitted.host,
+                member: &backend.authority,
+                client: self.client,
+                generation: table.generation,
+                then,
+            },
+        );
+        let guard = InFlight::start(backend.clone());
+        // The first attempt goes out within microseconds of the request's
+        // arrival (unless it waited): one clock read less per request.
+        let sent = match (attempt, self.looked_up.waited) {
+            (0, None) => self.started,
+            (0, Some(at)) => at,
+            _ => Instant::now(),
+        };
+        let replayable = self.replayable(body);
+        let exchange = async {
+            if upgrade.is_some() {
+                return self.upstream.send_upgrade(&backend.authority, &head).await;
+            }
+            let sending = Sending {
+                asked: Asked {
+                    head_request: parts.method == Method::HEAD,
+                    upgrade: false,
+                },
+                replayable,
+            };
+            let body = std::mem::replace(body, RequestBody::None);
+            self.upstream
+                .send(&backend.authority, &head, body, sending)
+                .await
+        };
+        let answer = tokio::time::timeout(settings.request_timeout, exchange).await;
+        recycle_head(head);
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(_) => {
+                backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
+                let why = "the member did not answer in time";
+                return Attempted::Done(error(StatusCode::GATEWAY_TIMEOUT, why));
+            }
+        };
+        match answer {
+            Ok(response) => {
+                backend.succeeded();
+                backend.requests.fetch_add(1, Ordering::Relaxed);
+                backend.latency.record(sent.elapsed());
+                if response.status().is_server_error() {
+                    backend.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                Attempted::Done(self.finish(proxy, response, guard).await)
+            }
+            Err(err) => self.failed(proxy, &backend, err, attempt == 0 && replayable),
+        }
+    }
+
+    /// The member's answer, passed on: a tunnel after a switch, otherwise
+    /// stored or streamed.
+    async fn finish(
+        &self,
+        proxy: &Proxy,
+        response: Response<UpstreamBody>,
+        guard: InFlight,
+    ) -> Response<ProxyBody> {
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let (parts, body) = response.into_parts();
+            let Some((member, early)) = body.into_tunnel() else {
+                return error(StatusCode::BAD_GATEWAY, "the member's switch broke off");
+            };
+            let tunnel = Tunnel {
+                member,
+                early,
+                in_flight: guard,
+            };
+            return Response::from_parts(parts, ProxyBody::Tunnel(tunnel));
+        }
+        let refilling = self.looked_up.filling.is_some();
+        let key = self.looked_up.key.as_deref();
+        proxy
+            .respond(response, guard, key, &self.admitted.parts.method, refilling)
+            .await
+    }
+
+    /// A failed exchange: whose failure it was, and whether another member
+    /// may be asked.
+    fn failed(
+        &self,
+        proxy: &Proxy,
+        backend: &Backend,
+        err: UpstreamError,
+        may_retry: bool,
+    ) -> Attempted {
+        if let UpstreamError::RequestBody(cause) = &err {
+            // The client's body, not the member: not held against it, and
+            // not sent again (it is spent).
+            tracing::debug!(%cause, "the request body failed");
+            return Attempted::Done(if cause.is::<LengthLimitError>() {
+                error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large")
+            } else {
+                error(StatusCode::BAD_REQUEST, "the request body broke off")
+            });
+        }
+        // Only a member that cannot be connected to counts towards
+        // ejection; other failures are its errors.
+        if err.is_connect() {
+            let settings = &proxy.settings;
+            backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
+        } else {
+            backend.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::debug!(server = %backend.server, %err, "member failed a request");
+        if may_retry {
+            proxy.counters.retries.fetch_add(1, Ordering::Relaxed);
+            return Attempted::Retry(backend.server.clone());
+        }
+        Attempted::Done(error(
+            StatusCode::BAD_GATEWAY,
+            "the member could not be reached",
+        ))
+    }
+}
+
+fn eject_for_ms(settings: &FrontendConfig) -> u64 {
+    u64::try_from(settings.eject_for.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Counts a request in flight at a member until dropped.
@@ -625,15 +760,26 @@ fn recycle_head(head: BytesMut) {
 /// client's end-to-end headers plus who asked and through what, and which
 /// membership generation routed it (so members and tests can tell a
 /// request routed before a change from one routed after).
-fn request_head(
-    parts: &http::request::Parts,
-    path_and_query: &str,
-    host: Option<&str>,
-    member: &str,
+/// Where a request goes and what the member is told of it.
+struct Forwarded<'a> {
+    path_and_query: &'a str,
+    host: Option<&'a str>,
+    /// The member's `host:port`, the host when the client named none.
+    member: &'a str,
     client: SocketAddr,
     generation: u64,
-    then: Then<'_>,
-) -> BytesMut {
+    then: Then<'a>,
+}
+
+fn request_head(parts: &http::request::Parts, forwarded: &Forwarded<'_>) -> BytesMut {
+    let &Forwarded {
+        path_and_query,
+        host,
+        member,
+        client,
+        generation,
+        then,
+    } = forwarded;
     use write::header_line as line;
     let chunked = matches!(then, Then::Chunked);
     let mut head = HEADS.with(Cell::take).unwrap_or_default();
@@ -710,15 +856,15 @@ mod tests {
             .expect("request");
         let (parts, ()) = request.into_parts();
         let client: SocketAddr = "192.0.2.9:5000".parse().expect("addr");
-        let head = request_head(
-            &parts,
-            "/cart?id=7",
-            Some("shop.example"),
-            "127.0.0.1:9000",
+        let forwarded = Forwarded {
+            path_and_query: "/cart?id=7",
+            host: Some("shop.example"),
+            member: "127.0.0.1:9000",
             client,
-            42,
-            Then::Chunked,
-        );
+            generation: 42,
+            then: Then::Chunked,
+        };
+        let head = request_head(&parts, &forwarded);
         let head = String::from_utf8(head.to_vec()).expect("text");
         assert_eq!(
             head,
@@ -735,7 +881,15 @@ mod tests {
         );
 
         let v6: SocketAddr = "[2001:db8::1]:5000".parse().expect("addr");
-        let head = request_head(&parts, "/cart?id=7", None, "m:1", v6, 0, Then::AsIs);
+        let forwarded = Forwarded {
+            host: None,
+            member: "m:1",
+            client: v6,
+            generation: 0,
+            then: Then::AsIs,
+            ..forwarded
+        };
+        let head = request_head(&parts, &forwarded);
         let head = String::from_utf8_lossy(&head).into_owned();
         assert!(head.contains("x-forwarded-for: 10.0.0.1, 10.0.0.2, 2001:db8::1\r\n"));
         assert!(head.contains("x-headroom-generation: 0\r\n"));
@@ -743,7 +897,14 @@ mod tests {
         // Without a host (HTTP/1.0, or HTTP/2 without an authority) the
         // member's own address is the host.
         let (parts, ()) = Request::get("/").body(()).expect("request").into_parts();
-        let head = request_head(&parts, "/", None, "127.0.0.1:9000", client, 1, Then::AsIs);
+        let forwarded = Forwarded {
+            path_and_query: "/",
+            member: "127.0.0.1:9000",
+            client,
+            generation: 1,
+            ..forwarded
+        };
+        let head = request_head(&parts, &forwarded);
         assert!(String::from_utf8_lossy(&head)
             .starts_with("GET / HTTP/1.1\r\nhost: 127.0.0.1:9000\r\n"));
     }
