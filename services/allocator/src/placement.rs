@@ -82,6 +82,35 @@ pub enum Repair {
     FillToMin { cluster: ClusterId, missing: u32 },
 }
 
+impl Repair {
+    /// The records it concerns: its cluster, its server.
+    pub fn subject(&self) -> (Option<&ClusterId>, Option<&ServerId>) {
+        match self {
+            Self::CommitJoining { cluster, server }
+            | Self::DropEntry { cluster, server }
+            | Self::MarkEntryDraining { cluster, server }
+            | Self::DrainServer {
+                cluster, server, ..
+            }
+            | Self::FinishDrain { cluster, server } => (Some(cluster), Some(server)),
+            Self::FreeOrphan { server } => (None, Some(server)),
+            Self::FillToMin { cluster, .. } => (Some(cluster), None),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::CommitJoining { .. } => "commit_joining",
+            Self::DropEntry { .. } => "drop_entry",
+            Self::MarkEntryDraining { .. } => "mark_entry_draining",
+            Self::DrainServer { .. } => "drain_server",
+            Self::FinishDrain { .. } => "finish_drain",
+            Self::FreeOrphan { .. } => "free_orphan",
+            Self::FillToMin { .. } => "fill_to_min",
+        }
+    }
+}
+
 /// What needs repair, given every cluster and server record at `now_ms`.
 /// Half-done work younger than `repair_after_ms` is left to the instance
 /// doing it.

@@ -20,7 +20,7 @@ use headroom_shared::{ClusterId, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::ops::{Allocator, OpError};
+use crate::ops::{Allocator, Event, Fact, OpError};
 use crate::AllocatorError;
 
 /// Creates (or binds to) the shared durable consumer.
@@ -121,18 +121,15 @@ async fn handle(allocator: &Allocator, message: &jetstream::Message) {
                 .info()
                 .map(|i| i.stream_sequence)
                 .unwrap_or_default();
-            allocator
-                .event(
-                    EventKind::Rejected {
-                        error: BusError::new(err.code(), err.to_string()),
-                    },
-                    subject_cluster.as_ref(),
-                    None,
-                    None,
-                    format!("stream sequence {seq}"),
-                    format!("malformed.{seq}"),
-                )
-                .await;
+            let event = Event::new(
+                EventKind::Rejected {
+                    error: BusError::new(err.code(), err.to_string()),
+                },
+                Fact::Malformed { sequence: seq },
+            )
+            .cluster(subject_cluster.as_ref())
+            .detail(format!("stream sequence {seq}"));
+            allocator.log(event).await;
             allocator.metrics.requests.inc(&["unknown", "malformed"]);
             // Nothing to retry: tell JetStream to stop delivering it.
             ack(message, AckKind::Term).await;
@@ -215,22 +212,23 @@ async fn handle(allocator: &Allocator, message: &jetstream::Message) {
         .inc(&[request.action.name(), counted]);
     if let Some(error) = error {
         warn!(request = %request.id, %error, "request not (fully) applied");
-        allocator
-            .event(
-                EventKind::Rejected {
-                    error: error.clone(),
-                },
-                Some(&request.cluster),
-                None,
-                Some(&request.id),
-                format!(
-                    "{} request from {:?}",
-                    request.action.name(),
-                    request.origin
-                ),
-                format!("{}.rejected", request.id),
-            )
-            .await;
+        let event = Event::new(
+            EventKind::Rejected {
+                error: error.clone(),
+            },
+            Fact::Request {
+                request: &request.id,
+                server: None,
+            },
+        )
+        .cluster(&request.cluster)
+        .request(&request.id)
+        .detail(format!(
+            "{} request from {:?}",
+            request.action.name(),
+            request.origin
+        ));
+        allocator.log(event).await;
     }
     ack(message, AckKind::Ack).await;
 }

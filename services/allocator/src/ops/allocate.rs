@@ -1,0 +1,306 @@
+//! Allocate: reserve a `joining` entry in the cluster record (which checks
+//! the size limits), claim a free server's record, then make the entry
+//! `active`; and filling a cluster to its minimum size the same way.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use headroom_shared::kv::{
+    ClusterRecord, Join, Member, MemberChange, MemberState, Outcome, ServerRecord, ServerState,
+};
+use headroom_shared::wire::{codes, now_ms, Assignment, BusError, EventKind};
+use headroom_shared::{ClusterId, RequestId, ServerId};
+use rand::Rng;
+use tracing::{debug, info};
+
+use super::{
+    reject, servers_of, Again, Allocator, Done, Event, Fact, FirstRead, Goal, OpError, Retry,
+};
+use crate::store::{StoreError, Versioned};
+
+impl Allocator {
+    pub(super) async fn allocate(
+        &self,
+        c: &ClusterId,
+        id: &RequestId,
+        goal: Goal,
+        request_type: Option<&str>,
+        first: FirstRead,
+    ) -> Result<Outcome, OpError> {
+        let lost_races = &AtomicU32::new(0);
+        let first = &first;
+        let what = || format!("allocation to {c}");
+        self.with_retries(what, |_| async move {
+            let cluster = self.cluster_for(c, first).await?;
+            // Finish what this request began earlier (a crash, a lost race,
+            // a redelivery running beside us) before adding more.
+            if let Some(joining) = cluster
+                .value
+                .members
+                .iter()
+                .find(|m| &m.request == id && m.state == MemberState::Joining)
+            {
+                let server = joining.server.clone();
+                if let Some(committed) = self.settle_own_joining(c, &server, id, cluster).await? {
+                    first.keep(committed);
+                }
+                return Ok(Again);
+            }
+            let mine = cluster.value.joins_by(id);
+            let size = u32::try_from(cluster.value.size()).unwrap_or(u32::MAX);
+            let policy = &cluster.value.policy;
+            let (reached, wanted) = match goal {
+                Goal::Count { count, .. } => (mine.len() >= count as usize, count as usize),
+                Goal::MinSize => (
+                    size >= policy.min_size,
+                    policy.min_size.saturating_sub(size) as usize + mine.len(),
+                ),
+            };
+            if reached {
+                return Ok(Done(Outcome::Applied {
+                    servers: servers_of(mine),
+                    error: None,
+                }));
+            }
+            if let Goal::Count { since, .. } = goal {
+                // Joins of ours that have left are counted from the log; if
+                // it no longer reaches back to when this request was taken
+                // up, more would risk allocating twice.
+                if !cluster.value.remembers_since(since) {
+                    return shortfall(
+                        mine,
+                        wanted,
+                        codes::PROGRESS_UNKNOWN,
+                        format!("{c}'s change log no longer reaches back to generation {since}, when this request was taken up"),
+                    )
+                    .map(Done);
+                }
+            }
+            if size >= policy.max_size {
+                return shortfall(
+                    mine,
+                    wanted,
+                    codes::AT_MAX_SIZE,
+                    format!("cluster {c} is at its maximum size {}", policy.max_size),
+                )
+                .map(Done);
+            }
+            // The best few from the view: the claim on the record decides.
+            let candidates = self.pool.candidates(&cluster.value, request_type, 3);
+            if candidates.is_empty() {
+                let what = request_type.map_or_else(
+                    || format!("cluster {c}"),
+                    |t| format!("request type {t:?} in cluster {c}"),
+                );
+                return shortfall(
+                    mine,
+                    wanted,
+                    codes::POOL_EXHAUSTED,
+                    format!("no free server in the pool fits {what}"),
+                )
+                .map(Done);
+            }
+            // The best candidate first; after a lost race, spread over the
+            // best few so racing allocators stop choosing the same server.
+            let pick = if lost_races.load(Ordering::Relaxed) == 0 {
+                &candidates[0]
+            } else {
+                &candidates[rand::rng().random_range(0..candidates.len())]
+            };
+            let mut record = cluster.value.clone();
+            record.members.push(Member {
+                server: pick.id.clone(),
+                address: pick.address.clone(),
+                port: pick.port,
+                request_types: pick.request_types.clone(),
+                state: MemberState::Joining,
+                weight: 1.0,
+                request: id.clone(),
+                drain_request: None,
+                since_ms: now_ms(),
+                joined: record.next_generation(),
+            });
+            match self
+                .commit_cluster(&mut record, cluster.revision, Some(id))
+                .await
+            {
+                // Claiming and committing happen on the next attempt, in
+                // settle_own_joining, the same path a retry takes.
+                Ok(revision) => {
+                    debug!(server = %pick.id, "reserved");
+                    first.keep(Versioned {
+                        value: record,
+                        revision,
+                    });
+                    Ok(Again)
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    lost_races.fetch_add(1, Ordering::Relaxed);
+                    Ok(Retry)
+                }
+                Err(err) => Err(err.into()),
+            }
+        })
+        .await
+    }
+
+    /// Moves one of this request's joining entries on: claim its server and
+    /// commit, or drop the entry when the server went elsewhere. `cluster`
+    /// is the record the caller read, for the commit to start from.
+    /// Returns the cluster record as committed, if it committed.
+    pub(super) async fn settle_own_joining(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        id: &RequestId,
+        cluster: Versioned<ClusterRecord>,
+    ) -> Result<Option<Versioned<ClusterRecord>>, OpError> {
+        // A server the view has as free is claimed on the view's revision,
+        // without reading it: the compare-and-set succeeds only if KV
+        // holds exactly that record. A stale view loses it, and the record
+        // is read below as it would have been.
+        if let Some(seen) = self
+            .pool
+            .get(server)
+            .filter(|s| s.value.state == ServerState::Free)
+        {
+            if self.claim(c, id, &seen).await? {
+                return self
+                    .commit_joining(c, server, Some(id), Some(cluster))
+                    .await;
+            }
+        }
+        let Some(current) = self.server(server).await? else {
+            self.drop_entry(c, server, |m| m.state == MemberState::Joining)
+                .await?;
+            return Ok(None);
+        };
+        match &current.value.state {
+            ServerState::Allocated { cluster: at } if at == c => {
+                self.commit_joining(c, server, Some(id), Some(cluster))
+                    .await
+            }
+            // Someone else moved it if the claim fails; the caller re-reads
+            // and decides.
+            ServerState::Free => match self.claim(c, id, &current).await? {
+                true => {
+                    self.commit_joining(c, server, Some(id), Some(cluster))
+                        .await
+                }
+                false => Ok(None),
+            },
+            _ => {
+                self.drop_entry(c, server, |m| m.state == MemberState::Joining)
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Claims a free server for `c` on the revision it was seen at; false
+    /// when it moved since.
+    pub(super) async fn claim(
+        &self,
+        c: &ClusterId,
+        id: &RequestId,
+        free: &Versioned<ServerRecord>,
+    ) -> Result<bool, OpError> {
+        let mut claimed = free.value.clone();
+        claimed.state = ServerState::Allocated { cluster: c.clone() };
+        claimed.last_request = Some(id.clone());
+        claimed.updated_ms = now_ms();
+        match self.put_server(&claimed, free.revision).await {
+            Ok(_) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Turns a joining entry whose server is claimed into an active member,
+    /// starting from `known` if given (else reading the cluster). If the
+    /// entry vanished meanwhile (the reconciler judged it abandoned), the
+    /// claim is undone instead. Returns the cluster record as committed.
+    pub(super) async fn commit_joining(
+        &self,
+        c: &ClusterId,
+        server: &ServerId,
+        cause: Option<&RequestId>,
+        known: Option<Versioned<ClusterRecord>>,
+    ) -> Result<Option<Versioned<ClusterRecord>>, OpError> {
+        let what = || format!("commit of {server} to {c}");
+        let known = &std::sync::Mutex::new(known);
+        self.with_retries(what, |_| async move {
+            let known = known.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let mut cluster = match known {
+                Some(record) => record,
+                None => self.load_cluster(c).await?,
+            };
+            let Some(entry) = cluster.value.member_mut(server) else {
+                self.free_orphan(server, c).await?;
+                return Ok(Done(None));
+            };
+            if entry.state != MemberState::Joining {
+                return Ok(Done(None));
+            }
+            entry.state = MemberState::Active;
+            entry.since_ms = now_ms();
+            let (request, join) = (entry.request.clone(), entry.join());
+            cluster
+                .value
+                .remember(&request, &join, MemberChange::Allocated);
+            let revision = self
+                .commit_cluster(&mut cluster.value, cluster.revision, cause)
+                .await?;
+            info!(%server, cluster = %c, "allocated");
+            self.notify(server, c, Assignment::Allocated, Some(&request))
+                .await;
+            let event = Event::new(
+                EventKind::Allocated,
+                Fact::Join {
+                    request: &request,
+                    server,
+                    joined: join.joined,
+                },
+            )
+            .cluster(c)
+            .server(server)
+            .request(&request)
+            .detail(format!("{server} joined {c}"));
+            self.log(event).await;
+            Ok(Done(Some(Versioned {
+                value: cluster.value,
+                revision,
+            })))
+        })
+        .await
+    }
+
+    /// Allocates until `c` reaches its minimum size, under one request id
+    /// per cluster so concurrent fillers count each other's work.
+    ///
+    /// # Errors
+    /// As [`Allocator::apply`].
+    pub async fn fill_to_min(&self, c: &ClusterId) -> Result<Outcome, OpError> {
+        let id = RequestId::new(format!("fill-{c}"))
+            .map_err(|e| reject(codes::INVALID, e.to_string()))?;
+        self.allocate(c, &id, Goal::MinSize, None, FirstRead::none())
+            .await
+    }
+}
+
+/// The outcome when fewer servers than wanted could be allocated: a partial
+/// success if some were, a rejection if none.
+fn shortfall(
+    mine: Vec<Join>,
+    wanted: usize,
+    code: &str,
+    message: String,
+) -> Result<Outcome, OpError> {
+    if mine.is_empty() {
+        return Err(reject(code, message));
+    }
+    let message = format!("allocated {} of {wanted}: {message}", mine.len());
+    Ok(Outcome::Applied {
+        servers: servers_of(mine),
+        error: Some(BusError::new(code, message)),
+    })
+}
