@@ -89,7 +89,7 @@ pub enum AdminError {
         source: async_nats::RequestError,
     },
     #[error("refused: {0}")]
-    Refused(crate::wire::BusError),
+    Refused(crate::errors::BusError),
     #[error(transparent)]
     Wire(#[from] WireError),
 }
@@ -143,7 +143,7 @@ pub async fn admin_with<Req: Message, Resp: Message>(
             .and_then(|h| h.get("Nats-Service-Error"))
             .map(|v| v.to_string())
             .unwrap_or_default();
-        return Err(AdminError::Refused(crate::wire::BusError::new(
+        return Err(AdminError::Refused(crate::errors::BusError::new(
             code.as_str(),
             message,
         )));

@@ -213,10 +213,10 @@ impl WireError {
     /// The stable error code this maps to on the bus.
     pub fn code(&self) -> &'static str {
         match self {
-            WireError::UnsupportedVersion { .. } => crate::wire::codes::UNSUPPORTED_VERSION,
-            WireError::Encode(_) => crate::wire::codes::INTERNAL,
+            WireError::UnsupportedVersion { .. } => crate::errors::codes::UNSUPPORTED_VERSION,
+            WireError::Encode(_) => crate::errors::codes::INTERNAL,
             WireError::UnknownContentType(_) | WireError::Malformed { .. } => {
-                crate::wire::codes::MALFORMED
+                crate::errors::codes::MALFORMED
             }
         }
     }

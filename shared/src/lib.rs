@@ -24,17 +24,21 @@
 pub mod bus;
 pub mod codec;
 pub mod config;
+pub mod errors;
 pub mod hash;
 pub mod http_client;
 pub mod ids;
 pub mod kv;
+pub mod ledger;
 pub mod local;
 pub mod nats;
 pub mod ops;
+pub mod records;
 pub mod service;
 pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;
+pub mod time;
 pub mod wire;
 pub mod xml;
 

@@ -8,60 +8,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{message, SCHEMA_VERSION};
+use crate::errors::{codes, BusError};
 use crate::ids::{ClusterId, RequestId, ServerId};
-use crate::kv::{ClusterPolicy, ClusterRecord, Member, ServerRecord};
-
-/// Stable error codes carried on the bus (events, admin replies, ledger).
-/// Codes are strings, not an enum, so an older reader still shows a code it
-/// does not know.
-pub mod codes {
-    pub const MALFORMED: &str = "malformed";
-    pub const UNSUPPORTED_VERSION: &str = "unsupported_version";
-    pub const INVALID: &str = "invalid";
-    pub const SUBJECT_MISMATCH: &str = "subject_mismatch";
-    pub const UNKNOWN_CLUSTER: &str = "unknown_cluster";
-    pub const UNKNOWN_SERVER: &str = "unknown_server";
-    pub const NOT_A_MEMBER: &str = "not_a_member";
-    pub const POOL_EXHAUSTED: &str = "pool_exhausted";
-    pub const AT_MAX_SIZE: &str = "at_max_size";
-    pub const AT_MIN_SIZE: &str = "at_min_size";
-    pub const SERVER_IN_USE: &str = "server_in_use";
-    pub const CONFLICT: &str = "conflict";
-    /// A redelivered request whose earlier work the cluster's log no
-    /// longer reaches back to: it stops rather than risk acting twice.
-    pub const PROGRESS_UNKNOWN: &str = "progress_unknown";
-    pub const INTERNAL: &str = "internal";
-}
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or_default()
-}
-
-/// An error as it travels: a stable code and a message for people.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BusError {
-    pub code: String,
-    pub message: String,
-}
-
-impl BusError {
-    pub fn new(code: &str, message: impl Into<String>) -> Self {
-        Self {
-            code: code.to_owned(),
-            message: message.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for BusError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.code, self.message)
-    }
-}
+use crate::records::{ClusterPolicy, ClusterRecord, Member, Reading, ServerRecord};
+use crate::time::now_ms;
 
 /// Who measured a performance report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +66,19 @@ pub struct PerformanceReport {
     pub latency_p99_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errors_per_s: Option<f64>,
+}
+
+impl PerformanceReport {
+    /// What the report says of the server's load, for
+    /// [`Measures::utilisation`](crate::records::Measures::utilisation).
+    pub fn reading(&self) -> Reading {
+        Reading {
+            cpu: self.cpu,
+            in_flight: self.in_flight,
+            concurrency: self.concurrency,
+            latency_p99_ms: self.latency_p99_ms,
+        }
+    }
 }
 message!(PerformanceReport, "performance_report");
 
@@ -579,7 +542,7 @@ pub const ERROR_CODE_HEADER: &str = "Headroom-Error-Code";
 mod tests {
     use super::*;
     use crate::codec::{Codec, Message, WireError};
-    use crate::kv::{MemberState, Route, ServerState};
+    use crate::records::{MemberState, Route, ServerState};
 
     fn cluster() -> ClusterId {
         ClusterId::new("web").expect("id")
@@ -610,7 +573,7 @@ mod tests {
                     path_prefix: Some("/static".into()),
                     host: None,
                     methods: vec!["GET".into(), "HEAD".into()],
-                    balance: crate::kv::Balance::Hash,
+                    balance: crate::records::Balance::Hash,
                 }],
                 ..ClusterPolicy::default()
             },

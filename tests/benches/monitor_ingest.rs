@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 
 use headroom_monitor::fetch_stats;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Member, MemberState};
 use headroom_shared::ops::Ops;
-use headroom_shared::wire::{now_ms, PerformanceReport, ReportSource};
+use headroom_shared::records::{ClusterPolicy, ClusterRecord, Member, MemberState};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{PerformanceReport, ReportSource};
 use headroom_shared::{subjects, ClusterId, RequestId, ServerId, SCHEMA_VERSION};
 use headroom_tests::{cpu_seconds, env_usize, metric, rss, NatsServer};
 use tokio_util::sync::CancellationToken;

@@ -29,10 +29,12 @@ use headroom_loadgen::{Profile, Target};
 use headroom_shared::bus;
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::FrontendConfig;
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, MemberState, CLUSTERS_BUCKET};
+use headroom_shared::kv::CLUSTERS_BUCKET;
 use headroom_shared::ops::Ops;
+use headroom_shared::records::{ClusterPolicy, ClusterRecord, MemberState};
+use headroom_shared::time::now_ms;
 use headroom_shared::wire::{
-    now_ms, AuditEvent, EventKind, PutCluster, ReconfigAction, ReconfigRequest, RegisterServer,
+    AuditEvent, EventKind, PutCluster, ReconfigAction, ReconfigRequest, RegisterServer,
 };
 use headroom_shared::{subjects, ClusterId, SCHEMA_VERSION};
 use headroom_tests::{cpu_seconds, env_usize, eventually, percentiles, NatsServer};
@@ -119,7 +121,7 @@ async fn decision_to_frontends(frontends: usize, trials: usize) {
             request_types: Vec::new(),
         };
         eventually(WAIT, || async {
-            bus::admin::<_, headroom_shared::kv::ServerRecord>(
+            bus::admin::<_, headroom_shared::records::ServerRecord>(
                 &client,
                 subjects::admin::POOL_REGISTER,
                 &register,

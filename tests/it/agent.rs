@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::Hook;
-use headroom_shared::kv::ServerState;
 use headroom_shared::ops::Ops;
+use headroom_shared::records::ServerState;
 use headroom_shared::subjects;
 use headroom_shared::wire::{
     DrainMember, DrainQueued, PerformanceReport, ServerStatus, ServerStatusKind,

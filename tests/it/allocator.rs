@@ -9,12 +9,14 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use headroom_shared::bus;
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::kv::{MemberState, Outcome, ServerState};
+use headroom_shared::errors::codes;
+use headroom_shared::ledger::Outcome;
+use headroom_shared::records::{MemberState, ServerState};
 use headroom_shared::subjects;
+use headroom_shared::time::now_ms;
 use headroom_shared::wire::{
-    codes, now_ms, Assignment, AssignmentNotice, ClusterList, EventKind, MembershipChange,
-    ReconfigAction, ReconfigRequest, RegisterServer, ServerList, ServerStatus, ServerStatusKind,
-    ERROR_CODE_HEADER,
+    Assignment, AssignmentNotice, ClusterList, EventKind, MembershipChange, ReconfigAction,
+    ReconfigRequest, RegisterServer, ServerList, ServerStatus, ServerStatusKind, ERROR_CODE_HEADER,
 };
 use headroom_shared::{RequestId, ServerId, SCHEMA_VERSION};
 
@@ -570,7 +572,7 @@ async fn admin_speaks_json_and_xml_and_is_discoverable() {
         allocator,
     } = Stack::start().await;
 
-    let registered: headroom_shared::kv::ServerRecord = admin(
+    let registered: headroom_shared::records::ServerRecord = admin(
         &client,
         subjects::admin::POOL_REGISTER,
         &RegisterServer {
@@ -755,7 +757,7 @@ async fn replace_reweight_and_deregister() {
     send(&js, &request).await;
     wait_outcome(&js, &request.id).await;
     let change: MembershipChange = next(&mut membership).await;
-    let weight = |members: &[headroom_shared::kv::Member]| {
+    let weight = |members: &[headroom_shared::records::Member]| {
         members.iter().find(|m| m.server == hot).map(|m| m.weight)
     };
     assert_eq!(weight(&change.members), Some(0.25));
@@ -1142,7 +1144,7 @@ async fn allocates_with_ten_thousand_servers_registered() {
     let ids: Vec<ServerId> = (0..10_000).map(|i| sid(&format!("s{i:05}"))).collect();
     for chunk in ids.chunks(500) {
         futures::future::try_join_all(chunk.iter().map(|id| {
-            let record = headroom_shared::kv::ServerRecord::new_free(
+            let record = headroom_shared::records::ServerRecord::new_free(
                 id.clone(),
                 "10.0.0.1".into(),
                 8080,

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{ServerRecord, ServerState, SERVERS_BUCKET};
+use headroom_shared::kv::SERVERS_BUCKET;
+use headroom_shared::records::{ServerRecord, ServerState};
 use headroom_shared::subjects;
 use headroom_shared::wire::{PerformanceReport, ReportSource};
 

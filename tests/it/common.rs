@@ -10,11 +10,12 @@ use async_nats::jetstream;
 use futures::TryStreamExt;
 use headroom_shared::codec::{self, Codec, Message};
 use headroom_shared::config::Config;
-use headroom_shared::kv::{
-    ClusterPolicy, ClusterRecord, MemberState, RequestRecord, ServerRecord, ServerState,
-    CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET,
-};
+use headroom_shared::kv::{CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET};
+use headroom_shared::ledger::RequestRecord;
 use headroom_shared::ops::Ops;
+use headroom_shared::records::{
+    ClusterPolicy, ClusterRecord, MemberState, ServerRecord, ServerState,
+};
 use headroom_shared::subjects;
 use headroom_shared::wire::{
     AuditEvent, DeregisterServer, Empty, PutCluster, ReconfigAction, ReconfigRequest,

@@ -25,10 +25,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
 use headroom_shared::codec::{Codec, Message};
-use headroom_shared::kv::{
-    open_bucket, Bucket, ClusterRecord, MemberState, ServerRecord, ServerState, CLUSTERS_BUCKET,
-    REQUESTS_BUCKET, SERVERS_BUCKET,
-};
+use headroom_shared::kv::{open_bucket, Bucket, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET};
+use headroom_shared::records::{ClusterRecord, MemberState, ServerRecord, ServerState};
 use headroom_shared::wire::{EventKind, ReconfigAction, ReconfigRequest};
 use headroom_shared::{bus, subjects, ClusterId, RequestId, ServerId};
 use headroom_tests::{env_usize, eventually, NatsServer};

@@ -10,7 +10,7 @@ use headroom_backend::Backend;
 use headroom_frontend::{Frontend, Proxy};
 use headroom_shared::codec::Codec;
 use headroom_shared::config::{BackendConfig, Config};
-use headroom_shared::kv::{Balance, ClusterPolicy, Route};
+use headroom_shared::records::{Balance, ClusterPolicy, Route};
 use headroom_shared::subjects;
 use headroom_shared::wire::{
     DrainMember, DrainQueued, ReconfigAction, ReconfigRequest, RegisterServer,
@@ -68,7 +68,7 @@ pub async fn backend(name: &str, shutdown: &CancellationToken) -> Backend {
 }
 
 pub async fn register(client: &async_nats::Client, backend: &Backend, types: &[&str]) {
-    let _: headroom_shared::kv::ServerRecord = admin(
+    let _: headroom_shared::records::ServerRecord = admin(
         client,
         subjects::admin::POOL_REGISTER,
         &RegisterServer {
@@ -152,11 +152,12 @@ impl Site {
                 .await
                 .ok()?;
             let entry = bucket.get("web").await.ok()??;
-            let record: headroom_shared::kv::ClusterRecord = Codec::MsgPack.decode(&entry).ok()?;
+            let record: headroom_shared::records::ClusterRecord =
+                Codec::MsgPack.decode(&entry).ok()?;
             let settled = record
                 .members
                 .iter()
-                .all(|m| m.state == headroom_shared::kv::MemberState::Active);
+                .all(|m| m.state == headroom_shared::records::MemberState::Active);
             let table = self.proxy.table.load_full()?;
             (settled && table.generation == record.generation).then_some(())
         })
@@ -342,7 +343,7 @@ async fn a_killed_backend_is_retried_around_and_ejected() {
         .iter()
         .find(|b| b.server.as_str() == "b2")
         .expect("still a member");
-    assert!(b2.is_ejected(headroom_shared::wire::now_ms()), "ejected");
+    assert!(b2.is_ejected(headroom_shared::time::now_ms()), "ejected");
     site.shutdown.cancel();
 }
 
@@ -660,7 +661,7 @@ fn report_is_valid(report: &headroom_shared::wire::PerformanceReport) -> bool {
 async fn jump_generations(
     site: &Site,
     generations: u64,
-) -> (headroom_shared::kv::ClusterRecord, u64) {
+) -> (headroom_shared::records::ClusterRecord, u64) {
     let bucket = site
         .stack
         .js
@@ -668,7 +669,7 @@ async fn jump_generations(
         .await
         .expect("bucket");
     let entry = bucket.entry("web").await.expect("read").expect("record");
-    let mut record: headroom_shared::kv::ClusterRecord =
+    let mut record: headroom_shared::records::ClusterRecord =
         Codec::MsgPack.decode(&entry.value).expect("record");
     record.generation += generations;
     let revision = bucket

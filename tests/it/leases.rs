@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{ClusterRecord, ShardLease, MONITORS_BUCKET};
+use headroom_shared::kv::MONITORS_BUCKET;
 use headroom_shared::ops::Ops;
-use headroom_shared::wire::{now_ms, AuditEvent, EventKind};
+use headroom_shared::records::{ClusterRecord, ShardLease};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{AuditEvent, EventKind};
 use headroom_tests::{eventually, metric, NatsServer};
 use serde_json::Value;
 use tokio::process::Child;

@@ -13,12 +13,12 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use headroom_monitor::{fetch_stats, Clock, ClockDriver, Shards};
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::kv::{
-    ClusterPolicy, ClusterRecord, Member, MemberState, ShardLease, CLUSTERS_BUCKET,
-};
+use headroom_shared::kv::CLUSTERS_BUCKET;
 use headroom_shared::ops::Ops;
+use headroom_shared::records::{ClusterPolicy, ClusterRecord, Member, MemberState, ShardLease};
 use headroom_shared::subjects;
-use headroom_shared::wire::{now_ms, AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{AuditEvent, PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::RequestId;
 use headroom_tests::{eventually, metric, NatsServer};
 use rand::rngs::StdRng;
@@ -807,7 +807,7 @@ async fn a_recorded_stream_replays_to_byte_identical_decision_logs() {
     assert!(written >= 120, "recorded {written} inputs");
 
     let tight = ClusterPolicy {
-        scaling: headroom_shared::kv::ScalingPolicy {
+        scaling: headroom_shared::records::ScalingPolicy {
             sustain_ms: 300,
             release_sustain_ms: 1_000,
             cooldown_up_ms: 1_000,
@@ -837,7 +837,7 @@ async fn a_recorded_stream_replays_to_byte_identical_decision_logs() {
     assert!(text.contains("\"allocate\""), "{text}");
     // A different policy gives a different log: that is what replay is for.
     let lax = ClusterPolicy {
-        scaling: headroom_shared::kv::ScalingPolicy {
+        scaling: headroom_shared::records::ScalingPolicy {
             upper: 0.99,
             target: 0.9,
             lower: 0.1,
@@ -858,7 +858,7 @@ async fn with_the_allocator_the_cluster_grows_and_shrinks_for_real() {
         crate::common::register(&stack.client, s, &[]).await;
     }
     let mut policy = crate::common::policy(2, 6);
-    policy.scaling = headroom_shared::kv::ScalingPolicy {
+    policy.scaling = headroom_shared::records::ScalingPolicy {
         sustain_ms: 300,
         release_sustain_ms: 1_000,
         cooldown_up_ms: 1_000,
@@ -940,7 +940,7 @@ async fn with_the_allocator_the_cluster_grows_and_shrinks_for_real() {
         snapshot
             .servers
             .values()
-            .filter(|(s, _)| s.state == headroom_shared::kv::ServerState::Free)
+            .filter(|(s, _)| s.state == headroom_shared::records::ServerState::Free)
             .count()
     };
     let shrunk = eventually(Duration::from_secs(60), || async {

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use headroom_shared::kv::Balance;
 use headroom_shared::ops::{self, Ops};
+use headroom_shared::records::Balance;
 use headroom_shared::wire::{ReconfigAction, ReconfigRequest};
 use headroom_tests::eventually;
 use http_body_util::{BodyExt, Empty};
@@ -54,7 +54,7 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 async fn metrics_move_when_the_system_acts() {
     let site = Site::start(
         &[("ops-a", &["web"]), ("ops-b", &["web"])],
-        headroom_shared::kv::ClusterPolicy {
+        headroom_shared::records::ClusterPolicy {
             routes: vec![route("web", "/", Balance::LeastRequests)],
             ..policy(1, 2)
         },

@@ -28,11 +28,13 @@ use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{AgentConfig, Config};
 use headroom_shared::http_client;
-use headroom_shared::kv::{Bucket, ServerRecord, ServerState};
+use headroom_shared::kv::Bucket;
 use headroom_shared::ops::Ops;
+use headroom_shared::records::{ServerRecord, ServerState};
+use headroom_shared::time::now_ms;
 use headroom_shared::wire::{
-    now_ms, Assignment, AssignmentNotice, PerformanceReport, RegisterServer, ReportSource,
-    ServerStatus, ServerStatusKind,
+    Assignment, AssignmentNotice, PerformanceReport, RegisterServer, ReportSource, ServerStatus,
+    ServerStatusKind,
 };
 use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
 use serde::Deserialize;

@@ -10,11 +10,12 @@ use async_nats::service::{self, ServiceExt};
 use bytes::Bytes;
 use futures::StreamExt;
 use headroom_shared::codec::{Codec, Message, WireError};
-use headroom_shared::kv::MemberState;
+use headroom_shared::errors::{codes, BusError};
+use headroom_shared::records::MemberState;
 use headroom_shared::subjects::{self, admin};
 use headroom_shared::wire::{
-    codes, BusError, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, GetCluster,
-    PutCluster, ReconfigAction, ReconfigRequest, RegisterServer, ServerList, ERROR_CODE_HEADER,
+    ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, GetCluster, PutCluster,
+    ReconfigAction, ReconfigRequest, RegisterServer, ServerList, ERROR_CODE_HEADER,
 };
 use headroom_shared::{bus, SCHEMA_VERSION};
 use tokio::task::JoinSet;

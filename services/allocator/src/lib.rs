@@ -33,12 +33,11 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use headroom_shared::codec;
 use headroom_shared::config::{AllocatorConfig, Config};
-use headroom_shared::kv::ServerState;
 use headroom_shared::ops::Ops;
+use headroom_shared::records::ServerState;
 use headroom_shared::subjects;
-use headroom_shared::wire::{
-    now_ms, ReconfigAction, ReconfigRequest, ServerStatus, ServerStatusKind,
-};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{ReconfigAction, ReconfigRequest, ServerStatus, ServerStatusKind};
 use headroom_shared::{bus, RequestId};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -294,8 +293,8 @@ async fn on_status(allocator: &Allocator, status: &ServerStatus) -> Result<(), o
             // One id per failure of this allocation, so repeats collapse.
             let id = RequestId::new(format!("failed-{}-{}", status.server, record.revision))
                 .map_err(|e| {
-                    ops::OpError::Rejected(headroom_shared::wire::BusError::new(
-                        headroom_shared::wire::codes::INVALID,
+                    ops::OpError::Rejected(headroom_shared::errors::BusError::new(
+                        headroom_shared::errors::codes::INVALID,
                         e.to_string(),
                     ))
                 })?;

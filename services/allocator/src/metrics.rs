@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use headroom_shared::codec::{Codec, Message};
-use headroom_shared::kv::{ClusterRecord, MemberState};
 use headroom_shared::ops::{CounterVec, GaugeVec, Histogram, Ops};
+use headroom_shared::records::{ClusterRecord, MemberState};
 use tokio_util::sync::CancellationToken;
 
 use crate::pool::PoolView;

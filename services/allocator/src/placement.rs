@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use headroom_shared::kv::{ClusterRecord, MemberState, ServerRecord, ServerState};
+use headroom_shared::records::{ClusterRecord, MemberState, ServerRecord, ServerState};
 use headroom_shared::{ClusterId, ServerId};
 
 /// Free servers that can join `cluster`, best first: the ranking stated
@@ -218,7 +218,7 @@ pub fn plan_repairs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use headroom_shared::kv::{ClusterPolicy, Member, Route};
+    use headroom_shared::records::{ClusterPolicy, Member, Route};
     use headroom_shared::RequestId;
 
     fn sid(s: &str) -> ServerId {

@@ -20,7 +20,7 @@ use std::sync::{Arc, RwLock};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{ClusterRecord, ServerRecord, ServerState};
+use headroom_shared::records::{ClusterRecord, ServerRecord, ServerState};
 use headroom_shared::{ClusterId, ServerId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -357,7 +357,7 @@ fn take_ranked<'a>(
 mod tests {
     use super::*;
     use crate::placement::rank_candidates;
-    use headroom_shared::kv::{ClusterPolicy, Member, MemberState, Route};
+    use headroom_shared::records::{ClusterPolicy, Member, MemberState, Route};
     use headroom_shared::RequestId;
     use rand::{Rng, SeedableRng};
 

@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use async_nats::jetstream::{self, kv};
 use headroom_shared::codec::{self, Message, WireError};
-use headroom_shared::kv::{
-    compare_and_set, Bucket, CasError, ClusterRecord, RequestRecord, RequestStarted, ServerRecord,
-};
+use headroom_shared::kv::{compare_and_set, Bucket, CasError};
+use headroom_shared::ledger::{RequestRecord, RequestStarted};
 use headroom_shared::ops::CounterVec;
+use headroom_shared::records::{ClusterRecord, ServerRecord};
 use headroom_shared::{ClusterId, RequestId, ServerId};
 
 /// A value and the KV revision it was read at.
@@ -266,7 +266,7 @@ impl Store {
         revision: u64,
     ) -> Result<u64, StoreError> {
         record.generation += 1;
-        record.updated_ms = headroom_shared::wire::now_ms();
+        record.updated_ms = headroom_shared::time::now_ms();
         self.cas(&self.clusters, record.id.as_str(), &*record, revision)
             .await
     }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use headroom_shared::config::BackendConfig;
-use headroom_shared::wire::now_ms;
+use headroom_shared::time::now_ms;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

@@ -13,7 +13,8 @@ use async_nats::jetstream;
 use futures::{StreamExt, TryStreamExt};
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::kv::{ClusterRecord, ServerRecord, CLUSTERS_BUCKET, SERVERS_BUCKET};
+use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
+use headroom_shared::records::{ClusterRecord, ServerRecord};
 use headroom_shared::wire::{
     AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, GetCluster,
     PerformanceReport, PutCluster, RegisterServer, ReportSource, ServerList,
@@ -37,7 +38,7 @@ pub enum CliError {
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]
-    Policy(#[from] headroom_shared::kv::PolicyFileError),
+    Policy(#[from] headroom_shared::records::PolicyFileError),
 }
 
 fn nats(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> CliError {
@@ -255,7 +256,7 @@ pub async fn cluster_put(
     let request = PutCluster {
         v: SCHEMA_VERSION,
         id: ClusterId::new(id)?,
-        policy: headroom_shared::kv::ClusterPolicy::read(policy)?,
+        policy: headroom_shared::records::ClusterPolicy::read(policy)?,
     };
     let record: ClusterRecord = bus::admin(client, subjects::admin::CLUSTER_PUT, &request).await?;
     writeln!(

@@ -27,18 +27,18 @@ use futures::StreamExt;
 use headroom_backend::Backend;
 use headroom_frontend::{Frontend, Proxy};
 use headroom_loadgen::{Profile, Summary, Target};
-use headroom_monitor::decide::report_utilisation;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{BackendConfig, ServiceTime};
-use headroom_shared::kv::{
-    ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy, ServerRecord, ServerState,
-    CLUSTERS_BUCKET, SERVERS_BUCKET,
-};
+use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
 use headroom_shared::local::NatsServer;
 use headroom_shared::ops::Ops;
+use headroom_shared::records::{
+    ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy, ServerRecord, ServerState,
+};
+use headroom_shared::time::now_ms;
 use headroom_shared::wire::{
-    now_ms, AuditEvent, EventKind, PerformanceReport, PutCluster, ReconfigAction, ReportSource,
+    AuditEvent, EventKind, PerformanceReport, PutCluster, ReconfigAction, ReportSource,
 };
 use headroom_shared::{subjects, ClusterId, ServerId, SCHEMA_VERSION};
 use tokio::task::JoinSet;
@@ -748,7 +748,7 @@ impl<'a> View<'a> {
             .iter()
             .filter_map(|server| self.reports.get(*server))
             .filter(|(at, _)| at.elapsed() <= fresh)
-            .filter_map(|(_, r)| report_utilisation(measures, r))
+            .filter_map(|(_, r)| measures.utilisation(&r.reading()))
             .collect();
         (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
     }

@@ -23,7 +23,7 @@ pub mod trace;
 use std::time::Duration;
 
 use headroom_shared::config::{BackendConfig, ServiceTime};
-use headroom_shared::kv::{ClusterPolicy, Measures, ScalingPolicy};
+use headroom_shared::records::{ClusterPolicy, Measures, ScalingPolicy};
 use serde::Serialize;
 
 pub use run::{evaluate, RunError, RunResult};

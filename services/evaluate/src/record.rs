@@ -8,10 +8,9 @@ use std::time::Instant;
 use async_nats::jetstream::kv::Operation;
 use futures::StreamExt;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{
-    ClusterRecord, MemberState, ServerRecord, ServerState, CLUSTERS_BUCKET, SERVERS_BUCKET,
-};
-use headroom_shared::wire::now_ms;
+use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
+use headroom_shared::records::{ClusterRecord, MemberState, ServerRecord, ServerState};
+use headroom_shared::time::now_ms;
 use headroom_shared::{ClusterId, ServerId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;

@@ -9,11 +9,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use headroom_demo::System;
 use headroom_loadgen::{Profile, Summary, Target};
-use headroom_monitor::decide::report_utilisation;
 use headroom_shared::bus;
 use headroom_shared::codec;
-use headroom_shared::kv::{ClusterRecord, MemberState};
 use headroom_shared::local::NatsServer;
+use headroom_shared::records::{ClusterRecord, MemberState};
 use headroom_shared::wire::{
     PerformanceReport, PutCluster, ReconfigAction, ReconfigRequest, ReportSource,
 };
@@ -187,7 +186,7 @@ async fn play(
         ));
     }
     let shift = origin.elapsed().as_secs_f64();
-    let start_ms = headroom_shared::wire::now_ms();
+    let start_ms = headroom_shared::time::now_ms();
     let target = Target {
         base: format!("http://{}", system.address),
         paths: vec!["/api/item".to_owned()],
@@ -332,7 +331,7 @@ async fn follow_reports(
             if r.source != ReportSource::Agent {
                 continue;
             }
-            let u = report_utilisation(&measures, &r);
+            let u = measures.utilisation(&r.reading());
             let mut reports = kept.lock().await;
             if let Some(u) = u {
                 reports.seen.push((origin.elapsed().as_secs_f64(), u));
@@ -405,7 +404,7 @@ fn observe(
                 let u = reports
                     .get(&m.server)
                     .filter(|(at, _)| at.elapsed() <= fresh)
-                    .and_then(|(_, r)| report_utilisation(measures, r));
+                    .and_then(|(_, r)| measures.utilisation(&r.reading()));
                 match u {
                     Some(u) => seen.ready.push(u),
                     None => seen.missing += 1,

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use headroom_shared::ops::{Exposition, Ops};
-use headroom_shared::wire::now_ms;
+use headroom_shared::time::now_ms;
 
 use crate::Proxy;
 

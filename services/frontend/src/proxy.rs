@@ -15,7 +15,7 @@ use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
 use headroom_shared::config::FrontendConfig;
 use headroom_shared::ops::Histogram;
-use headroom_shared::wire::now_ms;
+use headroom_shared::time::now_ms;
 use headroom_shared::ServerId;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use headroom_shared::hash::Fnv1a;
-use headroom_shared::kv::{Balance, ClusterRecord, MemberState, Route};
+use headroom_shared::records::{Balance, ClusterRecord, MemberState, Route};
 use headroom_shared::{ClusterId, ServerId};
 use rand::Rng;
 
@@ -334,7 +334,7 @@ fn fnv1a(a: &[u8], b: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use headroom_shared::kv::{ClusterPolicy, Member};
+    use headroom_shared::records::{ClusterPolicy, Member};
     use headroom_shared::RequestId;
 
     fn record(members: &[(&str, &[&str], MemberState, f64)], routes: Vec<Route>) -> ClusterRecord {

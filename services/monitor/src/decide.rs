@@ -12,8 +12,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy};
-use headroom_shared::wire::{codes, BusError, PerformanceReport, ReconfigAction, ReportSource};
+use headroom_shared::errors::{codes, BusError};
+use headroom_shared::records::{self, ClusterPolicy, ClusterRecord, MemberState, ScalingPolicy};
+use headroom_shared::wire::{PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::{ClusterId, ServerId};
 use serde::{Deserialize, Serialize};
 
@@ -33,8 +34,6 @@ const MIN_WEIGHT: f64 = 0.1;
 /// cluster that sits near the level is noise (in-flight counts are small
 /// integers), not a hot spot.
 const HOT_RATIO: f64 = 1.5;
-/// Scaled measures are capped here so one absurd latency cannot dominate.
-const MEASURE_CAP: f64 = 4.0;
 /// Consecutive evaluations a panic (`panic_ratio`) must hold: one reading
 /// is not enough.
 const PANIC_SAMPLES: usize = 2;
@@ -189,16 +188,6 @@ impl Reading {
     }
 }
 
-/// A server's merged measures now.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Current {
-    cpu: Option<f64>,
-    in_flight: Option<u32>,
-    /// Its own slots, as its agent says.
-    concurrency: Option<u32>,
-    latency: Option<f64>,
-}
-
 /// What one server is known to be doing, and how long it has been so.
 #[derive(Debug, Clone)]
 struct Tracked {
@@ -242,7 +231,9 @@ impl Tracked {
     /// authoritative; without them, the front-ends' in-flight counts add
     /// up (each sees its own share); latency is the worst anyone saw,
     /// because the outside view includes queueing the server cannot see.
-    fn current(&self, now_ms: u64) -> Current {
+    /// The server's merged reading now: its agent's, with what the
+    /// front-ends see where the agent says nothing.
+    fn current(&self, now_ms: u64) -> records::Reading {
         let agent = self.agent.filter(|r| r.fresh(now_ms));
         let fronts = self.frontends.iter().filter(|(_, r)| r.fresh(now_ms));
         let cpu = agent.and_then(|r| r.cpu).map(f64::from);
@@ -260,61 +251,13 @@ impl Tracked {
         if in_flight.is_none() {
             in_flight = front_in_flight;
         }
-        Current {
+        records::Reading {
             cpu,
             in_flight,
             concurrency: agent.and_then(|r| r.concurrency),
-            latency,
+            latency_p99_ms: latency,
         }
     }
-}
-
-/// A server's utilisation under `measures`; `None` when none of the
-/// weighted measures is known. Requests in flight count against the
-/// server's own `concurrency` when it reports one, else against the
-/// policy's `in_flight_capacity`; queued requests are in flight, so a
-/// server past its capacity reads above 1.
-pub fn utilisation(
-    measures: &Measures,
-    cpu: Option<f64>,
-    in_flight: Option<u32>,
-    concurrency: Option<u32>,
-    latency_p99_ms: Option<f64>,
-) -> Option<f64> {
-    let capacity = concurrency
-        .filter(|c| *c > 0)
-        .map_or(measures.in_flight_capacity, f64::from);
-    let parts = [
-        (measures.cpu, cpu),
-        (
-            measures.in_flight,
-            in_flight.map(|n| f64::from(n) / capacity),
-        ),
-        (
-            measures.latency,
-            latency_p99_ms.map(|l| l / measures.latency_slo_ms),
-        ),
-    ];
-    let (mut sum, mut weights) = (0.0, 0.0);
-    for (weight, value) in parts {
-        if let (true, Some(value)) = (weight > 0.0, value) {
-            sum += weight * value.min(MEASURE_CAP);
-            weights += weight;
-        }
-    }
-    (weights > 0.0).then(|| sum / weights)
-}
-
-/// A server's utilisation from one report of its own, as [`utilisation`]
-/// weighs it; for tools that read the reports the monitor reads.
-pub fn report_utilisation(measures: &Measures, report: &PerformanceReport) -> Option<f64> {
-    utilisation(
-        measures,
-        report.cpu,
-        report.in_flight,
-        report.concurrency,
-        report.latency_p99_ms,
-    )
 }
 
 /// One evaluation of a cluster.
@@ -703,12 +646,7 @@ fn measure<'a>(
         let Some(t) = servers.get_mut(&m.server) else {
             continue;
         };
-        let Current {
-            cpu,
-            in_flight,
-            concurrency,
-            latency,
-        } = t.current(now_ms);
+        let reading = t.current(now_ms);
         let quiet_since = t.last_agent_ms.unwrap_or(t.first_seen_ms);
         let quiet_ms = now_ms.saturating_sub(quiet_since);
         let is_silent = quiet_ms >= s.silent_after_ms;
@@ -717,7 +655,7 @@ fn measure<'a>(
         let u = if is_silent {
             None
         } else {
-            utilisation(&s.measures, cpu, in_flight, concurrency, latency)
+            s.measures.utilisation(&reading)
         };
         let since = |flag: bool, at: &mut Option<u64>| {
             if flag {
@@ -738,7 +676,7 @@ fn measure<'a>(
             server: &m.server,
             weight: m.weight,
             utilisation: u,
-            in_flight,
+            in_flight: reading.in_flight,
         });
     }
     measured
@@ -1118,61 +1056,9 @@ fn ceil_u32(x: f64) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    use headroom_shared::records::Measures;
+
     use super::*;
-
-    fn measures() -> Measures {
-        Measures::default()
-    }
-
-    #[test]
-    fn utilisation_is_a_weighted_mean_of_the_known_measures() {
-        let cpu_only = measures();
-        assert_eq!(
-            utilisation(&cpu_only, Some(0.5), Some(10), None, None),
-            Some(0.5)
-        );
-        assert_eq!(
-            utilisation(&cpu_only, None, Some(10), None, Some(100.0)),
-            None,
-            "unknown, not zero"
-        );
-        let mixed = Measures {
-            cpu: 1.0,
-            in_flight: 1.0,
-            in_flight_capacity: 10.0,
-            latency: 2.0,
-            latency_slo_ms: 100.0,
-        };
-        // (0.4 + 0.5 + 2 * 0.5) / 4
-        assert_eq!(
-            utilisation(&mixed, Some(0.4), Some(5), None, Some(50.0)),
-            Some(0.475)
-        );
-        // Missing measures drop out of the mean instead of counting as 0.
-        assert_eq!(utilisation(&mixed, Some(0.4), None, None, None), Some(0.4));
-        // A server that says how many it works on at once is measured
-        // against that: 12 in flight (8 working, 4 queued) on 8 slots.
-        let in_flight_only = Measures {
-            cpu: 0.0,
-            in_flight: 1.0,
-            in_flight_capacity: 64.0,
-            ..mixed
-        };
-        assert_eq!(
-            utilisation(&in_flight_only, None, Some(12), Some(8), None),
-            Some(1.5)
-        );
-        assert_eq!(
-            utilisation(&in_flight_only, None, Some(16), None, None),
-            Some(0.25),
-            "the policy's capacity without one"
-        );
-        // An absurd latency is capped.
-        assert_eq!(
-            utilisation(&mixed, None, None, None, Some(1e9)),
-            Some(MEASURE_CAP)
-        );
-    }
 
     fn view(members: &[&str]) -> ClusterView {
         ClusterView {
@@ -1237,7 +1123,7 @@ mod tests {
         assert_eq!(now.cpu, Some(0.5), "the agent's own CPU");
         assert_eq!(now.in_flight, Some(2), "the agent's own count wins");
         assert_eq!(
-            now.latency,
+            now.latency_p99_ms,
             Some(49.0),
             "the worst latency seen from outside"
         );

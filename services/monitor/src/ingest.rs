@@ -8,9 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_nats::HeaderMap;
 use headroom_shared::codec::Codec;
+use headroom_shared::errors::{codes, BusError};
 use headroom_shared::ops::{CounterVec, Exposition};
 use headroom_shared::subjects;
-use headroom_shared::wire::{codes, BusError, PerformanceReport};
+use headroom_shared::wire::PerformanceReport;
 use headroom_shared::ClusterId;
 use serde::{Deserialize, Serialize};
 

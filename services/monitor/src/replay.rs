@@ -18,7 +18,7 @@ use std::io::{BufRead, Write};
 
 use async_nats::HeaderMap;
 use headroom_shared::codec::{Codec, CONTENT_TYPE};
-use headroom_shared::kv::ClusterPolicy;
+use headroom_shared::records::ClusterPolicy;
 use headroom_shared::ClusterId;
 use serde::{Deserialize, Serialize};
 
@@ -107,7 +107,7 @@ pub enum ReplayError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Policy(#[from] headroom_shared::kv::PolicyFileError),
+    Policy(#[from] headroom_shared::records::PolicyFileError),
 }
 
 /// The arguments of a replay, the same for `headroom-monitor replay` and
@@ -333,8 +333,9 @@ pub async fn record(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<u64, RecordError> {
     use futures::StreamExt;
-    use headroom_shared::kv::{Bucket, ClusterRecord};
-    use headroom_shared::wire::now_ms;
+    use headroom_shared::kv::Bucket;
+    use headroom_shared::records::ClusterRecord;
+    use headroom_shared::time::now_ms;
 
     let js = async_nats::jetstream::new(client.clone());
     let bucket = headroom_shared::kv::open_bucket(&js, Bucket::Clusters, replicas)

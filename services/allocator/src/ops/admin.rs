@@ -1,8 +1,11 @@
 //! The operator's and the agents' commands: register and deregister a
 //! server in the pool, create or change a cluster's policy.
 
-use headroom_shared::kv::{ClusterPolicy, ClusterRecord, Outcome, ServerRecord, ServerState};
-use headroom_shared::wire::{codes, now_ms, EventKind, RegisterServer};
+use headroom_shared::errors::codes;
+use headroom_shared::ledger::Outcome;
+use headroom_shared::records::{ClusterPolicy, ClusterRecord, ServerRecord, ServerState};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{EventKind, RegisterServer};
 use headroom_shared::{ClusterId, ServerId};
 use tracing::{info, warn};
 

@@ -4,10 +4,13 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use headroom_shared::kv::{
-    ClusterRecord, Join, Member, MemberChange, MemberState, Outcome, ServerRecord, ServerState,
+use headroom_shared::errors::{codes, BusError};
+use headroom_shared::ledger::Outcome;
+use headroom_shared::records::{
+    ClusterRecord, Join, Member, MemberChange, MemberState, ServerRecord, ServerState,
 };
-use headroom_shared::wire::{codes, now_ms, Assignment, BusError, EventKind};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{Assignment, EventKind};
 use headroom_shared::{ClusterId, RequestId, ServerId};
 use rand::Rng;
 use tracing::{debug, info};

@@ -34,11 +34,14 @@ use std::time::Duration;
 use async_nats::jetstream;
 use headroom_shared::bus;
 use headroom_shared::codec::Codec;
-use headroom_shared::kv::{ClusterRecord, Join, Outcome, RequestStarted, ServerRecord};
+use headroom_shared::errors::{codes, BusError};
+use headroom_shared::ledger::{Outcome, RequestStarted};
+use headroom_shared::records::{ClusterRecord, Join, ServerRecord};
 use headroom_shared::subjects;
+use headroom_shared::time::now_ms;
 use headroom_shared::wire::{
-    codes, now_ms, Assignment, AssignmentNotice, AuditEvent, BusError, EventKind, MembershipChange,
-    ReconfigAction, ReconfigRequest,
+    Assignment, AssignmentNotice, AuditEvent, EventKind, MembershipChange, ReconfigAction,
+    ReconfigRequest,
 };
 use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
 use rand::Rng;

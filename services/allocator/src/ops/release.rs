@@ -2,8 +2,11 @@
 //! the server record draining; once drained, remove the entry, then return
 //! the server to the pool.
 
-use headroom_shared::kv::{Join, Member, MemberChange, MemberState, Outcome, ServerState};
-use headroom_shared::wire::{codes, now_ms, Assignment, EventKind};
+use headroom_shared::errors::codes;
+use headroom_shared::ledger::Outcome;
+use headroom_shared::records::{Join, Member, MemberChange, MemberState, ServerState};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{Assignment, EventKind};
 use headroom_shared::{ClusterId, RequestId, ServerId};
 use tracing::{info, instrument};
 

@@ -2,8 +2,9 @@
 //! applied only if it still holds, so a repair planned from a stale view
 //! changes nothing.
 
-use headroom_shared::kv::{ClusterRecord, MemberState, ServerRecord};
-use headroom_shared::wire::{now_ms, EventKind};
+use headroom_shared::records::{ClusterRecord, MemberState, ServerRecord};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::EventKind;
 use headroom_shared::{ClusterId, RequestId, ServerId};
 use tracing::warn;
 

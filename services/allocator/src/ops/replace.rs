@@ -2,8 +2,10 @@
 //! allocated elsewhere while its entry lists it), drop its entry, and
 //! allocate one in its place.
 
-use headroom_shared::kv::{Outcome, ServerState};
-use headroom_shared::wire::{codes, Assignment, EventKind};
+use headroom_shared::errors::codes;
+use headroom_shared::ledger::Outcome;
+use headroom_shared::records::ServerState;
+use headroom_shared::wire::{Assignment, EventKind};
 use headroom_shared::{ClusterId, RequestId, ServerId};
 use tracing::warn;
 

@@ -1,8 +1,10 @@
 //! Reweight: a member's share of its cluster's traffic, as the monitor
 //! asks when one member is hot while the rest are fine.
 
-use headroom_shared::kv::{MemberState, Outcome};
-use headroom_shared::wire::{codes, EventKind};
+use headroom_shared::errors::codes;
+use headroom_shared::ledger::Outcome;
+use headroom_shared::records::MemberState;
+use headroom_shared::wire::EventKind;
 use headroom_shared::{ClusterId, RequestId, ServerId};
 
 use super::{applied, reject, Allocator, Done, Event, Fact, OpError};
