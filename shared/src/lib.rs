@@ -15,7 +15,6 @@
 //! - [`telemetry`]: tracing set-up.
 //! - [`http_client`]: the small HTTP/1.0 client for an application on
 //!   its own server (the agent's stats and hooks, the health probe).
-//! - [`local`]: a local nats-server for the demo and the tests.
 //! - [`nats`]: connecting, with credentials, TLS and backoff.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`shutdown`]: SIGINT / SIGTERM as a cancellation token.
@@ -30,7 +29,6 @@ pub mod http_client;
 pub mod ids;
 pub mod kv;
 pub mod ledger;
-pub mod local;
 pub mod nats;
 pub mod ops;
 pub mod records;

@@ -1,9 +1,9 @@
-//! Test fixtures: a real nats-server with JetStream per test (the shared
-//! crate's local server, so the demo and the tests start it the same way),
+//! Test fixtures: a real nats-server with JetStream per test
+//! (`headroom-local-nats`, so the demo and the tests start it the same way),
 //! and helpers that keep every wait bounded; and what the benchmarks and
 //! long tests share to read their settings and print their figures.
 
-pub use headroom_shared::local::{
+pub use headroom_local_nats::{
     eventually, nats_server_binary, LocalNatsError as FixtureError, NatsServer, PINNED_VERSION,
 };
 

@@ -31,7 +31,7 @@ use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{BackendConfig, ServiceTime};
 use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
-use headroom_shared::local::NatsServer;
+use headroom_local_nats::NatsServer;
 use headroom_shared::ops::Ops;
 use headroom_shared::records::{
     ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy, ServerRecord, ServerState,
@@ -52,7 +52,7 @@ pub const CLUSTER: &str = "demo";
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error("{0}")]
-    Nats(#[from] headroom_shared::local::LocalNatsError),
+    Nats(#[from] headroom_local_nats::LocalNatsError),
     #[error("connecting to the demo's nats-server: {0}")]
     Connect(#[from] async_nats::ConnectError),
     #[error("starting {what}: {why}")]
@@ -597,7 +597,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    headroom_shared::local::eventually(within, &mut probe)
+    headroom_local_nats::eventually(within, &mut probe)
         .await
         .ok_or(DemoError::Timeout { what, within })
 }

@@ -8,7 +8,7 @@ use clap::Parser;
 use headroom_demo::{run, Settings};
 use headroom_loadgen::Profile;
 use headroom_shared::config::{LogFormat, TelemetryConfig};
-use headroom_shared::local::NatsServer;
+use headroom_local_nats::NatsServer;
 
 #[derive(Parser)]
 #[command(name = "headroom-demo", version, about)]

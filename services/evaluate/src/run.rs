@@ -11,7 +11,7 @@ use headroom_demo::System;
 use headroom_loadgen::{Profile, Summary, Target};
 use headroom_shared::bus;
 use headroom_shared::codec;
-use headroom_shared::local::NatsServer;
+use headroom_local_nats::NatsServer;
 use headroom_shared::records::{ClusterRecord, MemberState};
 use headroom_shared::wire::{
     PerformanceReport, PutCluster, ReconfigAction, ReconfigRequest, ReportSource,
@@ -28,7 +28,7 @@ use crate::{Settings, Strategy};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("{0}")]
-    Nats(#[from] headroom_shared::local::LocalNatsError),
+    Nats(#[from] headroom_local_nats::LocalNatsError),
     #[error("{0}")]
     Demo(#[from] headroom_demo::DemoError),
     #[error("{0}")]

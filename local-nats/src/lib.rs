@@ -210,7 +210,7 @@ impl NatsServer {
     }
 
     /// [`NatsServer::config`], logged in as `user`.
-    pub fn config_as(&self, user: &str) -> crate::config::Config {
+    pub fn config_as(&self, user: &str) -> headroom_shared::config::Config {
         let mut config = self.config();
         config.nats.user = Some(user.to_owned());
         config.nats.password = self.password(user).map(str::to_owned);
@@ -247,8 +247,8 @@ impl NatsServer {
 
     /// Headroom's configuration pointed at this server, with allocator
     /// timings short enough for tests and demonstrations.
-    pub fn config(&self) -> crate::config::Config {
-        let mut config = crate::config::Config::default();
+    pub fn config(&self) -> headroom_shared::config::Config {
+        let mut config = headroom_shared::config::Config::default();
         config.nats.url = self.url.clone();
         config.nats.startup_deadline = Duration::from_secs(10);
         config.allocator.ack_wait = Duration::from_secs(2);
