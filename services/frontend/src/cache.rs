@@ -189,7 +189,12 @@ impl Fills {
 
 /// The cache key of a request: host and path with query.
 pub fn key(host: Option<&str>, path_and_query: &str) -> String {
-    format!("{}{}", host.unwrap_or(""), path_and_query)
+    // Not `format!`: it showed in the instruction counts of every GET.
+    let host = host.unwrap_or("");
+    let mut key = String::with_capacity(host.len() + path_and_query.len());
+    key.push_str(host);
+    key.push_str(path_and_query);
+    key
 }
 
 /// The `Cache-Control` directives, trimmed; compared without regard to

@@ -174,7 +174,7 @@ impl Proxy {
         B::Error: Into<BoxError>,
     {
         let (parts, body) = request.into_parts();
-        let admitted = match self.admit(&parts) {
+        let admitted = match self.admit(&parts, body.size_hint().exact()) {
             Ok(admitted) => admitted,
             Err((status, why)) => return error(status, why),
         };
@@ -187,9 +187,7 @@ impl Proxy {
             Some(0) => RequestBody::None,
             Some(n) => RequestBody::Length(n, Limited::new(body, limit)),
             // HTTP/1 chunked, or an HTTP/2 stream without a length.
-            None if admitted.coded || !body.is_end_stream() => {
-                RequestBody::Chunked(Limited::new(body, limit))
-            }
+            None if !body.is_end_stream() => RequestBody::Chunked(Limited::new(body, limit)),
             None => RequestBody::None,
         };
         let attempts = Attempts {
@@ -203,24 +201,21 @@ impl Proxy {
     }
 
     /// What the request is and where it goes, or why it goes nowhere.
+    /// `exact` is the body's length when its framing gives one: HTTP/1's
+    /// parser and hyper's HTTP/2 have read `Content-Length` already (and
+    /// a transfer coding, which decides the length whatever
+    /// `Content-Length` says, RFC 9112 §6.3, gives none: the body goes on
+    /// chunked).
     fn admit<'a>(
         &self,
         parts: &'a http::request::Parts,
+        exact: Option<u64>,
     ) -> Result<Admitted<'a>, (StatusCode, &'static str)> {
-        // A transfer coding decides the length, whatever content-length
-        // says (RFC 9112 §6.3); the body goes on chunked.
-        let coded = parts.headers.contains_key(header::TRANSFER_ENCODING);
-        let length = if coded {
-            None
-        } else {
-            headers::content_length(&parts.headers).ok().flatten()
-        };
+        let length = exact;
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
         }
-        let upgrade = (!coded && length.unwrap_or(0) == 0)
-            .then(|| upgrade_asked(parts))
-            .flatten();
+        let upgrade = (length == Some(0)).then(|| upgrade_asked(parts)).flatten();
         let Some(table) = self.table.load_full() else {
             return Err((StatusCode::SERVICE_UNAVAILABLE, "no routing table yet"));
         };
@@ -242,7 +237,6 @@ impl Proxy {
             host,
             path_and_query,
             length,
-            coded,
             upgrade,
         })
     }
@@ -372,9 +366,9 @@ struct Admitted<'a> {
     route: RouteId,
     host: Option<&'a str>,
     path_and_query: &'a str,
+    /// Its body's length, when the framing gives one (else it is chunked,
+    /// or an HTTP/2 stream without a length).
     length: Option<u64>,
-    /// It has a transfer coding (its body is chunked).
-    coded: bool,
     /// The protocol it asks to switch to.
     upgrade: Option<&'a HeaderValue>,
 }
@@ -412,18 +406,87 @@ enum Attempted {
     Retry(ServerId),
 }
 
+/// An attempt ready to go: its member, and its request head.
+struct Prepared {
+    backend: Arc<Backend>,
+    head: BytesMut,
+    guard: InFlight,
+    /// When the member's time starts.
+    sent: Instant,
+}
+
 impl Attempts<'_> {
-    async fn run<B>(self, proxy: &Proxy, mut body: RequestBody<B>) -> Response<ProxyBody>
+    /// The attempts, in one future: each layer of `async fn` between the
+    /// request and the socket is a future moved (copied) when made, which
+    /// showed in the instruction counts.
+    async fn run<B>(&self, proxy: &Proxy, mut body: RequestBody<B>) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
+        let settings = &proxy.settings;
+        let (parts, upgrade) = (self.admitted.parts, self.admitted.upgrade);
         let mut exclude = None;
         for attempt in 0..2 {
-            match self.once(proxy, &mut body, attempt, exclude.as_ref()).await {
-                Attempted::Done(response) => return response,
-                Attempted::Retry(server) => exclude = Some(server),
+            let replayable = self.replayable(&body);
+            let Prepared {
+                backend,
+                head,
+                guard,
+                sent,
+            } = match self.prepare(&body, settings, attempt, exclude.as_ref()) {
+                Ok(prepared) => prepared,
+                Err(why) => return error(StatusCode::SERVICE_UNAVAILABLE, &why),
+            };
+            let exchange = async {
+                if upgrade.is_some() {
+                    return self.upstream.send_upgrade(&backend.authority, &head).await;
+                }
+                let sending = Sending {
+                    asked: Asked {
+                        head_request: parts.method == Method::HEAD,
+                        upgrade: false,
+                    },
+                    replayable,
+                };
+                let body = std::mem::replace(&mut body, RequestBody::None);
+                self.upstream
+                    .send(&backend.authority, &head, body, sending)
+                    .await
+            };
+            let answer = tokio::time::timeout(settings.request_timeout, exchange).await;
+            recycle_head(head);
+            let Ok(answer) = answer else {
+                backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the member did not answer in time",
+                );
+            };
+            let response = match answer {
+                Ok(response) => response,
+                Err(err) => match self.failed(proxy, &backend, err, attempt == 0 && replayable) {
+                    Attempted::Done(response) => return response,
+                    Attempted::Retry(server) => {
+                        exclude = Some(server);
+                        continue;
+                    }
+                },
+            };
+            backend.succeeded();
+            backend.requests.fetch_add(1, Ordering::Relaxed);
+            backend.latency.record(sent.elapsed());
+            if response.status().is_server_error() {
+                backend.errors.fetch_add(1, Ordering::Relaxed);
             }
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                return tunnel(response, guard);
+            }
+            let refilling = self.looked_up.filling.is_some();
+            let key = self.looked_up.key.as_deref();
+            return proxy
+                .respond(response, guard, key, &parts.method, refilling)
+                .await;
         }
         error(StatusCode::BAD_GATEWAY, "no member could be reached")
     }
@@ -442,17 +505,15 @@ impl Attempts<'_> {
             )
     }
 
-    async fn once<B>(
+    /// Picks the member for this attempt and writes its request head; or
+    /// says why no member can take it.
+    fn prepare<B>(
         &self,
-        proxy: &Proxy,
-        body: &mut RequestBody<B>,
+        body: &RequestBody<B>,
+        settings: &FrontendConfig,
         attempt: u32,
         exclude: Option<&ServerId>,
-    ) -> Attempted
-    where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: Into<BoxError>,
-    {
+    ) -> Result<Prepared, String> {
         let Admitted {
             parts,
             ref table,
@@ -460,7 +521,6 @@ impl Attempts<'_> {
             upgrade,
             ..
         } = self.admitted;
-        let settings = &proxy.settings;
         let slow_start = u64::try_from(settings.slow_start.as_millis()).unwrap_or(u64::MAX);
         let key = self.admitted.path_and_query.as_bytes();
         let Some(backend) = table.pick(route, key, now_ms(), slow_start, exclude) else {
@@ -468,24 +528,22 @@ impl Attempts<'_> {
                 "no member serves request type {:?}",
                 table.request_type(route)
             );
-            return Attempted::Done(error(StatusCode::SERVICE_UNAVAILABLE, &why));
+            return Err(why);
         };
-        let then = match (&*body, upgrade) {
+        let then = match (body, upgrade) {
             (_, Some(protocol)) => Then::Upgrade(protocol),
             (RequestBody::Chunked(_), None) => Then::Chunked,
             _ => Then::AsIs,
         };
-        let head = request_head(
-            parts,
-            &Forwarded {
-                path_and_query: self.admitted.path_and_query,
-                host: self.admitted.host,
-                member: &backend.authority,
-                client: self.client,
-                generation: table.generation,
-                then,
-            },
-        );
+        let forwarded = Forwarded {
+            path_and_query: self.admitted.path_and_query,
+            host: self.admitted.host,
+            member: &backend.authority,
+            client: self.client,
+            generation: table.generation,
+            then,
+        };
+        let head = request_head(parts, &forwarded);
         let guard = InFlight::start(backend.clone());
         // The first attempt goes out within microseconds of the request's
         // arrival (unless it waited): one clock read less per request.
@@ -494,72 +552,12 @@ impl Attempts<'_> {
             (0, Some(at)) => at,
             _ => Instant::now(),
         };
-        let replayable = self.replayable(body);
-        let exchange = async {
-            if upgrade.is_some() {
-                return self.upstream.send_upgrade(&backend.authority, &head).await;
-            }
-            let sending = Sending {
-                asked: Asked {
-                    head_request: parts.method == Method::HEAD,
-                    upgrade: false,
-                },
-                replayable,
-            };
-            let body = std::mem::replace(body, RequestBody::None);
-            self.upstream
-                .send(&backend.authority, &head, body, sending)
-                .await
-        };
-        let answer = tokio::time::timeout(settings.request_timeout, exchange).await;
-        recycle_head(head);
-        let answer = match answer {
-            Ok(answer) => answer,
-            Err(_) => {
-                backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
-                let why = "the member did not answer in time";
-                return Attempted::Done(error(StatusCode::GATEWAY_TIMEOUT, why));
-            }
-        };
-        match answer {
-            Ok(response) => {
-                backend.succeeded();
-                backend.requests.fetch_add(1, Ordering::Relaxed);
-                backend.latency.record(sent.elapsed());
-                if response.status().is_server_error() {
-                    backend.errors.fetch_add(1, Ordering::Relaxed);
-                }
-                Attempted::Done(self.finish(proxy, response, guard).await)
-            }
-            Err(err) => self.failed(proxy, &backend, err, attempt == 0 && replayable),
-        }
-    }
-
-    /// The member's answer, passed on: a tunnel after a switch, otherwise
-    /// stored or streamed.
-    async fn finish(
-        &self,
-        proxy: &Proxy,
-        response: Response<UpstreamBody>,
-        guard: InFlight,
-    ) -> Response<ProxyBody> {
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let (parts, body) = response.into_parts();
-            let Some((member, early)) = body.into_tunnel() else {
-                return error(StatusCode::BAD_GATEWAY, "the member's switch broke off");
-            };
-            let tunnel = Tunnel {
-                member,
-                early,
-                in_flight: guard,
-            };
-            return Response::from_parts(parts, ProxyBody::Tunnel(tunnel));
-        }
-        let refilling = self.looked_up.filling.is_some();
-        let key = self.looked_up.key.as_deref();
-        proxy
-            .respond(response, guard, key, &self.admitted.parts.method, refilling)
-            .await
+        Ok(Prepared {
+            backend,
+            head,
+            guard,
+            sent,
+        })
     }
 
     /// A failed exchange: whose failure it was, and whether another member
@@ -599,6 +597,20 @@ impl Attempts<'_> {
             "the member could not be reached",
         ))
     }
+}
+
+/// A member's `101`: the client's connection is to be joined to its.
+fn tunnel(response: Response<UpstreamBody>, guard: InFlight) -> Response<ProxyBody> {
+    let (parts, body) = response.into_parts();
+    let Some((member, early)) = body.into_tunnel() else {
+        return error(StatusCode::BAD_GATEWAY, "the member's switch broke off");
+    };
+    let tunnel = Tunnel {
+        member,
+        early,
+        in_flight: guard,
+    };
+    Response::from_parts(parts, ProxyBody::Tunnel(tunnel))
 }
 
 fn eject_for_ms(settings: &FrontendConfig) -> u64 {
@@ -735,6 +747,10 @@ fn detached(headers: &HeaderMap) -> HeaderMap {
     copy
 }
 
+/// A name looked up on every request: as a `HeaderName` it is not parsed
+/// from a string at each lookup.
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Headers the proxy writes itself, so a client's are not passed on.
 fn set_by_proxy(name: &HeaderName) -> bool {
     name == header::HOST
@@ -804,7 +820,7 @@ fn request_head(parts: &http::request::Parts, forwarded: &Forwarded<'_>) -> Byte
     }
     // Earlier proxies' addresses, then the client's.
     head.extend_from_slice(b"x-forwarded-for: ");
-    for value in parts.headers.get_all("x-forwarded-for") {
+    for value in parts.headers.get_all(&X_FORWARDED_FOR) {
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b", ");
     }

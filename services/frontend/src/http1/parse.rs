@@ -74,13 +74,20 @@ pub fn request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
         .map_err(|_| Refusal::bad("invalid method"))?;
     let target = place(buf, parsed.path.unwrap_or("").as_bytes());
     let places = places(buf, parsed.headers).map_err(|m| Refusal::bad(m.0))?;
+    let seen = Seen::of(&places);
     let head = buf.split_to(length).freeze();
     let uri =
         Uri::from_maybe_shared(head.slice(target)).map_err(|_| Refusal::bad("invalid target"))?;
     let headers = header_map(&head, places).map_err(|_| Refusal::bad("invalid header"))?;
-    let (body, keep_alive) = request_framing(&headers, version)?;
-    check_host(&headers, version)?;
+    let (body, keep_alive) = request_framing(&headers, version, seen)?;
+    if seen.hosts > 1 {
+        return Err(Refusal::bad("more than one Host header"));
+    }
+    if seen.hosts == 0 && version == Version::HTTP_11 {
+        return Err(Refusal::bad("no Host header"));
+    }
     let expects_continue = version == Version::HTTP_11
+        && seen.expect
         && headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
@@ -97,26 +104,69 @@ pub fn request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
     }))
 }
 
+/// Which of the headers that decide framing and routing a request has,
+/// noted while its names are read: most requests have none but `Host`,
+/// and each lookup not made is a hash and a probe saved.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    /// `Host` headers. RFC 9112 §3.2: an HTTP/1.1 request names its host,
+    /// and only once; two could be read one way here (routing, the cache
+    /// key) and another by the member.
+    hosts: u32,
+    /// A hop-by-hop header (`Connection`, `Transfer-Encoding`, ...).
+    hop_by_hop: bool,
+    content_length: bool,
+    expect: bool,
+}
+
+impl Seen {
+    fn of(places: &[(HeaderName, Range<usize>)]) -> Self {
+        let mut seen = Self::default();
+        for (name, _) in places {
+            if name == header::HOST {
+                seen.hosts += 1;
+            } else if name == header::CONTENT_LENGTH {
+                seen.content_length = true;
+            } else if name == header::EXPECT {
+                seen.expect = true;
+            } else if headers::is_hop_by_hop(name) {
+                seen.hop_by_hop = true;
+            }
+        }
+        seen
+    }
+}
+
 /// How a request's body comes, and whether the connection may carry
 /// another request after it.
-fn request_framing(headers: &HeaderMap, version: Version) -> Result<(Framing, bool), Refusal> {
+fn request_framing(
+    headers: &HeaderMap,
+    version: Version,
+    seen: Seen,
+) -> Result<(Framing, bool), Refusal> {
+    let has_token = |token: &str| seen.hop_by_hop && headers::connection_has(headers, token);
     let mut keep_alive = if version == Version::HTTP_11 {
-        !headers::connection_has(headers, "close")
+        !has_token("close")
     } else {
-        headers::connection_has(headers, "keep-alive")
+        has_token("keep-alive")
     };
     // RFC 9112 §6.3: a transfer coding decides the length, and chunked
     // must be the last one; with a content-length beside it, the request
     // is answered and the connection closed (one of them may be what
     // another hop went by).
-    let body = match headers::transfer_coding(headers) {
+    let coding = seen
+        .hop_by_hop
+        .then(|| headers::transfer_coding(headers))
+        .flatten();
+    let body = match coding {
         Some(false) => return Err(Refusal::bad("unsupported transfer coding")),
         Some(true) => {
-            if version == Version::HTTP_10 || headers.contains_key(header::CONTENT_LENGTH) {
+            if version == Version::HTTP_10 || seen.content_length {
                 keep_alive = false;
             }
             Framing::Chunked
         }
+        None if !seen.content_length => Framing::Empty,
         None => match headers::content_length(headers) {
             Ok(Some(n)) if n > 0 => Framing::Length(n),
             Ok(_) => Framing::Empty,
@@ -124,18 +174,6 @@ fn request_framing(headers: &HeaderMap, version: Version) -> Result<(Framing, bo
         },
     };
     Ok((body, keep_alive))
-}
-
-/// RFC 9112 §3.2: an HTTP/1.1 request names its host, and only once; two
-/// could be read one way here (routing, the cache key) and another by the
-/// member.
-fn check_host(headers: &HeaderMap, version: Version) -> Result<(), Refusal> {
-    let mut hosts = headers.get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (None, _) if version == Version::HTTP_11 => Err(Refusal::bad("no Host header")),
-        (Some(_), Some(_)) => Err(Refusal::bad("more than one Host header")),
-        _ => Ok(()),
-    }
 }
 
 /// What the request asked that decides how its answer is read.

@@ -97,6 +97,7 @@ pub fn answer_head(out: &mut BytesMut, parts: &http::response::Parts, head: Answ
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     let has_body = !matches!(head.framing, Framing::Empty | Framing::Tunnel);
+    let mut dated = false;
     for (name, value) in &parts.headers {
         // The framing and the connection are this hop's to say.
         if name == header::CONNECTION
@@ -105,9 +106,10 @@ pub fn answer_head(out: &mut BytesMut, parts: &http::response::Parts, head: Answ
         {
             continue;
         }
+        dated |= name == header::DATE;
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !dated {
         out.extend_from_slice(b"date: ");
         date(out);
         out.extend_from_slice(b"\r\n");
