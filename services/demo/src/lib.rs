@@ -27,11 +27,11 @@ use futures::StreamExt;
 use headroom_backend::Backend;
 use headroom_frontend::{Frontend, Proxy};
 use headroom_loadgen::{Profile, Summary, Target};
+use headroom_local_nats::NatsServer;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{BackendConfig, ServiceTime};
 use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
-use headroom_local_nats::NatsServer;
 use headroom_shared::ops::Ops;
 use headroom_shared::records::{
     ClusterPolicy, ClusterRecord, Measures, MemberState, ScalingPolicy, ServerRecord, ServerState,

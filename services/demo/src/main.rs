@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::Parser;
 use headroom_demo::{run, Settings};
 use headroom_loadgen::Profile;
-use headroom_shared::config::{LogFormat, TelemetryConfig};
 use headroom_local_nats::NatsServer;
+use headroom_shared::config::{LogFormat, TelemetryConfig};
 
 #[derive(Parser)]
 #[command(name = "headroom-demo", version, about)]

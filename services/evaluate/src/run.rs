@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use headroom_demo::System;
 use headroom_loadgen::{Profile, Summary, Target};
+use headroom_local_nats::NatsServer;
 use headroom_shared::bus;
 use headroom_shared::codec;
-use headroom_local_nats::NatsServer;
 use headroom_shared::records::{ClusterRecord, MemberState};
 use headroom_shared::wire::{
     PerformanceReport, PutCluster, ReconfigAction, ReconfigRequest, ReportSource,
