@@ -25,16 +25,8 @@ WARMUP="${WARMUP:-2000}"
 FRONTEND="${FRONTEND:-target/release/headroom-frontend}"
 PROFILES="${PROFILES:-}"
 PROXIES="${PROXIES:-headroom nginx haproxy}"
-missing=()
-for tool in nginx haproxy valgrind strace; do
-  command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if ((${#missing[@]})); then
-  echo "installing ${missing[*]} from Debian's packages" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/peers.sh
+install_missing nginx haproxy valgrind strace
 cargo build --release -q -p headroom-frontend -p headroom-backend
 
 work="$(mktemp -d)"
@@ -113,66 +105,9 @@ ready() {
 }
 ready "$BACKEND"
 
-cat >"$work/routing.json" <<JSON
-{"cluster":"bench","generation":1,"saved_ms":0,"servers":{"":["127.0.0.1:$BACKEND"]},
- "record":{"v":1,"id":"bench","generation":1,"updated_ms":0,"recent":[],
-  "policy":{"min_size":1,"max_size":1},
-  "members":[{"server":"bench","address":"127.0.0.1","port":$BACKEND,"request_types":[],
-   "state":"active","weight":1.0,"request":"bench","since_ms":0}]}}
-JSON
-mkdir -p "$work/nginx"
-chmod 755 "$work"
-chmod -R 777 "$work/nginx"
-cat >"$work/nginx.conf" <<CONF
-worker_processes 1;
-master_process off;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  # Every connection kept for the whole run, as the others keep theirs.
-  keepalive_requests 1000000;
-  client_body_temp_path $work/nginx;
-  proxy_temp_path $work/nginx;
-  fastcgi_temp_path $work/nginx;
-  uwsgi_temp_path $work/nginx;
-  scgi_temp_path $work/nginx;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 128; keepalive_requests 1000000; }
-  proxy_http_version 1.1;
-  proxy_set_header Connection "";
-  proxy_set_header Host \$host;
-  proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-  proxy_set_header X-Forwarded-Proto \$scheme;
-  proxy_set_header X-Forwarded-Host \$host;
-  proxy_set_header Via "1.1 nginx";
-  server {
-    listen 127.0.0.1:$PROXY;
-    location / { proxy_pass http://backend; }
-  }
-}
-CONF
-cat >"$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 8192
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend bench
-  bind 127.0.0.1:$PROXY
-  default_backend app
-backend app
-  option forwardfor
-  http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  http-request add-header Via "1.1 haproxy"
-  server b1 127.0.0.1:$BACKEND
-CONF
+headroom_routing "$work/routing.json" "$BACKEND"
+nginx_conf "$work" 1 "$BACKEND" "$PROXY"
+haproxy_conf "$work" 1 "$BACKEND" "$PROXY"
 
 # Starts one proxy, with "$@" in front of its command (a counter, or
 # nothing), and prints its pid.

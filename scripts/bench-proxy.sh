@@ -18,16 +18,8 @@ CONNECTIONS="${CONNECTIONS:-64}"
 THREADS="${THREADS:-2}"
 RATE="${RATE:-}"
 RATE_SECONDS="${RATE_SECONDS:-10}"
-missing=()
-command -v nginx >/dev/null || missing+=(nginx)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v wrk >/dev/null || missing+=(wrk)
-if ((${#missing[@]})); then
-  echo "installing ${missing[*]} from Debian's packages" >&2
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+source scripts/peers.sh
+install_missing nginx haproxy wrk
 cargo build --release -q -p headroom-frontend -p headroom-backend -p headroom-loadgen
 
 work="$(mktemp -d)"
@@ -45,13 +37,7 @@ backend_pid=$!
 
 # The front-end routes from a last-known-good file: no NATS needed, and
 # none of its traffic in the figures.
-cat >"$work/routing.json" <<JSON
-{"cluster":"bench","generation":1,"saved_ms":0,"servers":{"":["127.0.0.1:$BACKEND"]},
- "record":{"v":1,"id":"bench","generation":1,"updated_ms":0,"recent":[],
-  "policy":{"min_size":1,"max_size":1},
-  "members":[{"server":"bench","address":"127.0.0.1","port":$BACKEND,"request_types":[],
-   "state":"active","weight":1.0,"request":"bench","since_ms":0}]}}
-JSON
+headroom_routing "$work/routing.json" "$BACKEND"
 HEADROOM_NATS__URL=nats://127.0.0.1:1 HEADROOM_FRONTEND__CLUSTER=bench \
   HEADROOM_FRONTEND__LISTEN="127.0.0.1:$HEADROOM" \
   HEADROOM_FRONTEND__LAST_KNOWN_GOOD="$work/routing.json" \
@@ -59,70 +45,12 @@ HEADROOM_NATS__URL=nats://127.0.0.1:1 HEADROOM_FRONTEND__CLUSTER=bench \
 pids+=($!)
 headroom_pid=$!
 
-mkdir -p "$work/nginx/cache"
-# nginx's workers run as an unprivileged user.
-chmod 755 "$work"
-chmod -R 777 "$work/nginx"
-cat >"$work/nginx.conf" <<CONF
-worker_processes 2;
-# Each worker on a CPU of its own, as the front-end's are by default.
-worker_cpu_affinity auto;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx;
-  proxy_temp_path $work/nginx;
-  fastcgi_temp_path $work/nginx;
-  uwsgi_temp_path $work/nginx;
-  scgi_temp_path $work/nginx;
-  proxy_cache_path $work/nginx/cache keys_zone=bench:10m;
-  upstream backend { server 127.0.0.1:$BACKEND; keepalive 128; }
-  # Keep-alive to the backend, and the forwarding headers the front-end
-  # also sends, so both do the same work.
-  proxy_http_version 1.1;
-  proxy_set_header Connection "";
-  proxy_set_header Host \$host;
-  proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-  proxy_set_header X-Forwarded-Proto \$scheme;
-  proxy_set_header X-Forwarded-Host \$host;
-  proxy_set_header Via "1.1 nginx";
-  server {
-    listen 127.0.0.1:$NGINX;
-    location / { proxy_pass http://backend; }
-  }
-  server {
-    listen 127.0.0.1:$NGINX_CACHE;
-    location / { proxy_pass http://backend; proxy_cache bench; }
-  }
-}
-CONF
-nginx -c "$work/nginx.conf" -g 'daemon off;' &
+nginx_conf "$work" 2 "$BACKEND" "$NGINX" "$NGINX_CACHE"
+nginx -c "$work/nginx.conf" &
 pids+=($!)
 nginx_pid=$!
 
-cat >"$work/haproxy.cfg" <<CONF
-global
-  nbthread 2
-  cpu-map auto:1/1-2 0-1
-  maxconn 8192
-defaults
-  mode http
-  timeout connect 2s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend bench
-  bind 127.0.0.1:$HAPROXY
-  default_backend app
-backend app
-  option forwardfor
-  http-request set-header X-Forwarded-Proto http
-  http-request set-header X-Forwarded-Host %[req.hdr(host)]
-  http-request add-header Via "1.1 haproxy"
-  server b1 127.0.0.1:$BACKEND
-CONF
+haproxy_conf "$work" 2 "$BACKEND" "$HAPROXY"
 haproxy -f "$work/haproxy.cfg" &
 pids+=($!)
 haproxy_pid=$!
