@@ -540,3 +540,68 @@ fn applied(server: &ServerId) -> Outcome {
         error: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids() -> (ClusterId, ServerId, RequestId) {
+        let cluster = ClusterId::new("web").expect("a cluster id");
+        let server = ServerId::new("s1").expect("a server id");
+        let request = RequestId::new("r1").expect("a request id");
+        (cluster, server, request)
+    }
+
+    #[test]
+    fn an_audit_fact_is_one_key_however_often_it_is_logged() {
+        let (cluster, server, request) = ids();
+        let join = Fact::Join {
+            request: &request,
+            server: &server,
+            joined: 7,
+        };
+        assert_eq!(join.key(&EventKind::Allocated), "r1.s1.7.allocated");
+        assert_ne!(
+            join.key(&EventKind::Allocated),
+            join.key(&EventKind::DrainStarted),
+            "two steps on one join are two facts"
+        );
+        let write = Fact::Write {
+            record: server.as_str(),
+            revision: 12,
+        };
+        assert_eq!(write.key(&EventKind::Released), "s1.12.released");
+        let out = Fact::Request {
+            request: &request,
+            server: Some(&server),
+        };
+        assert_eq!(out.key(&EventKind::OutOfService), "r1.s1.out_of_service");
+
+        // Two instances that read the same records and apply the same
+        // repair log it once; the same repair on records read later (it
+        // was needed again) is another fact.
+        let repair = Repair::FinishDrain {
+            cluster: cluster.clone(),
+            server: server.clone(),
+        };
+        let read_at = |generation, updated_ms| Fact::Repair {
+            repair: &repair,
+            cluster_generation: Some(generation),
+            server_updated_ms: Some(updated_ms),
+        };
+        let kind = EventKind::Repaired;
+        assert_eq!(read_at(3, 1_000).key(&kind), read_at(3, 1_000).key(&kind));
+        assert_ne!(read_at(3, 1_000).key(&kind), read_at(4, 1_000).key(&kind));
+        assert_ne!(read_at(3, 1_000).key(&kind), read_at(3, 2_000).key(&kind));
+        let orphan = Repair::FreeOrphan {
+            server: server.clone(),
+        };
+        let key = Fact::Repair {
+            repair: &orphan,
+            cluster_generation: None,
+            server_updated_ms: Some(5),
+        }
+        .key(&kind);
+        assert_eq!(key, "repair.free_orphan.-.s1.-.5.repaired");
+    }
+}
