@@ -201,7 +201,7 @@ impl Proxy {
     }
 
     /// What the request is and where it goes, or why it goes nowhere.
-    /// `exact` is the body's length when its framing gives one: HTTP/1's
+    /// `length` is the body's, when its framing gives one: HTTP/1's
     /// parser and hyper's HTTP/2 have read `Content-Length` already (and
     /// a transfer coding, which decides the length whatever
     /// `Content-Length` says, RFC 9112 §6.3, gives none: the body goes on
@@ -209,9 +209,8 @@ impl Proxy {
     fn admit<'a>(
         &self,
         parts: &'a http::request::Parts,
-        exact: Option<u64>,
+        length: Option<u64>,
     ) -> Result<Admitted<'a>, (StatusCode, &'static str)> {
-        let length = exact;
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
         }

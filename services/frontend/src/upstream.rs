@@ -346,7 +346,7 @@ where
     // (a refusal) and closed before it, and that answer is still to read.
     let mut cut = None;
     if !matches!(body, RequestBody::None) {
-        match send_body_watching(conn, body, asked.head_request).await {
+        match send_body_watching(conn, body, asked).await {
             Ok(Some(answered)) => return Ok(answered),
             Ok(None) => {}
             Err(UpstreamError::Io(error)) => cut = Some(error),
@@ -392,7 +392,7 @@ where
 async fn send_body_watching<B>(
     conn: &mut Conn,
     body: &mut RequestBody<B>,
-    head_request: bool,
+    asked: Asked,
 ) -> Result<Option<ResponseHead>, UpstreamError>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -412,10 +412,6 @@ where
             biased;
             read = reader.read_buf(buf), if watching => match read {
                 Ok(n) if n > 0 => {
-                    let asked = Asked {
-                        head_request,
-                        upgrade: false,
-                    };
                     if let Some(mut parsed) = parse::response(buf, asked)? {
                         if parsed.status.as_u16() >= 300 {
                             parsed.keep_alive = false;

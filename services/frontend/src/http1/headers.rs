@@ -37,15 +37,20 @@ pub fn connection_tokens<'a>(
 
 /// Whether `token` is one of the message's `Connection` tokens.
 pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    connection_tokens(headers.get_all(header::CONNECTION)).any(|t| t.eq_ignore_ascii_case(token))
+    names(&headers.get_all(header::CONNECTION), token)
 }
 
-/// Whether `name` is listed in the message's `Connection` header(s).
+/// Whether `name` is listed in the message's `Connection` header(s),
+/// looked up once by the caller (it asks for every header).
 pub fn named_by_connection(
     connection: &header::GetAll<'_, HeaderValue>,
     name: &HeaderName,
 ) -> bool {
-    connection_tokens(connection).any(|token| token.eq_ignore_ascii_case(name.as_str()))
+    names(connection, name.as_str())
+}
+
+fn names(connection: &header::GetAll<'_, HeaderValue>, token: &str) -> bool {
+    connection_tokens(connection).any(|t| t.eq_ignore_ascii_case(token))
 }
 
 /// Whether a message has a transfer coding and, if it has, whether

@@ -104,9 +104,10 @@ pub fn request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
     }))
 }
 
-/// Which of the headers that decide framing and routing a request has,
+/// Which of the headers that decide framing and routing a message has,
 /// noted while its names are read: most requests have none but `Host`,
-/// and each lookup not made is a hash and a probe saved.
+/// most answers none but `Content-Length`, and each lookup not made is a
+/// hash and a probe saved.
 #[derive(Debug, Clone, Copy, Default)]
 struct Seen {
     /// `Host` headers. RFC 9112 §3.2: an HTTP/1.1 request names its host,
@@ -135,6 +136,25 @@ impl Seen {
         }
         seen
     }
+
+    /// Whether the connection may carry another message (HTTP/1.1 unless
+    /// it says `close`, HTTP/1.0 only when it says `keep-alive`). Without a
+    /// hop-by-hop header there is no `Connection` to look up.
+    fn keep_alive(&self, headers: &HeaderMap, http11: bool) -> bool {
+        let says = |token| self.hop_by_hop && headers::connection_has(headers, token);
+        if http11 {
+            !says("close")
+        } else {
+            says("keep-alive")
+        }
+    }
+
+    /// The message's transfer coding, as [`headers::transfer_coding`].
+    fn coding(&self, headers: &HeaderMap) -> Option<bool> {
+        self.hop_by_hop
+            .then(|| headers::transfer_coding(headers))
+            .flatten()
+    }
 }
 
 /// How a request's body comes, and whether the connection may carry
@@ -144,20 +164,12 @@ fn request_framing(
     version: Version,
     seen: Seen,
 ) -> Result<(Framing, bool), Refusal> {
-    let has_token = |token: &str| seen.hop_by_hop && headers::connection_has(headers, token);
-    let mut keep_alive = if version == Version::HTTP_11 {
-        !has_token("close")
-    } else {
-        has_token("keep-alive")
-    };
+    let mut keep_alive = seen.keep_alive(headers, version == Version::HTTP_11);
     // RFC 9112 §6.3: a transfer coding decides the length, and chunked
     // must be the last one; with a content-length beside it, the request
     // is answered and the connection closed (one of them may be what
     // another hop went by).
-    let coding = seen
-        .hop_by_hop
-        .then(|| headers::transfer_coding(headers))
-        .flatten();
+    let coding = seen.coding(headers);
     let body = match coding {
         Some(false) => return Err(Refusal::bad("unsupported transfer coding")),
         Some(true) => {
@@ -219,12 +231,12 @@ pub fn response(buf: &mut BytesMut, asked: Asked) -> Result<Option<ResponseHead>
         }
         let version_11 = response.version == Some(1);
         let places = places(buf, response.headers)?;
-        let hop_by_hop = places.iter().any(|(name, _)| headers::is_hop_by_hop(name));
+        let seen = Seen::of(&places);
         let head = buf.split_to(length).freeze();
         let all = header_map(&head, places)?;
         let answer = Answer {
             status,
-            hop_by_hop,
+            seen,
             version_11,
             head_request: asked.head_request,
         };
@@ -235,10 +247,9 @@ pub fn response(buf: &mut BytesMut, asked: Asked) -> Result<Option<ResponseHead>
 /// What the status line and the parse said of an answer.
 struct Answer {
     status: StatusCode,
-    /// Whether any header is hop-by-hop: without one there is no
-    /// `Connection` and no transfer coding to look up (the common answer:
-    /// three lookups saved).
-    hop_by_hop: bool,
+    /// Its framing headers: most answers have no hop-by-hop one, so no
+    /// `Connection` and no transfer coding to look up.
+    seen: Seen,
     version_11: bool,
     head_request: bool,
 }
@@ -247,21 +258,13 @@ impl Answer {
     /// Reads the framing and keep-alive off the member's headers, and
     /// keeps only the end-to-end ones (RFC 9112 §6.3).
     fn framed(self, all: HeaderMap) -> Result<ResponseHead, Malformed> {
-        let has_token = |token: &str| self.hop_by_hop && headers::connection_has(&all, token);
-        let keep_alive = if self.version_11 {
-            !has_token("close")
-        } else {
-            has_token("keep-alive")
-        };
+        let keep_alive = self.seen.keep_alive(&all, self.version_11);
         // Chunked only when it is the last coding; any other leaves the
         // body running to the close.
-        let coding = self
-            .hop_by_hop
-            .then(|| headers::transfer_coding(&all))
-            .flatten();
+        let coding = self.seen.coding(&all);
         let length = match coding {
-            Some(_) => None,
-            None => headers::content_length(&all)?,
+            None if self.seen.content_length => headers::content_length(&all)?,
+            _ => None,
         };
         // What the member switches to, which the client is told too.
         let switched = if self.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -291,7 +294,7 @@ impl Answer {
             // wrongly for the client.
             headers.remove(header::CONTENT_LENGTH);
         }
-        if self.hop_by_hop {
+        if self.seen.hop_by_hop {
             drop_hop_by_hop(&mut headers);
         }
         if let Some(protocol) = switched {
