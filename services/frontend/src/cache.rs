@@ -11,6 +11,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::StatusCode;
 use quick_cache::Weighter;
 
+use crate::http1::Lines;
+
 /// A stored response.
 #[derive(Debug)]
 pub struct Cached {
@@ -228,34 +230,93 @@ pub fn freshness(
     headers: &HeaderMap,
     now: impl FnOnce() -> SystemTime,
 ) -> Option<Duration> {
-    if !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 404 | 410) {
-        return None;
-    }
-    if headers.contains_key(header::SET_COOKIE) || headers.contains_key(header::VARY) {
-        return None;
-    }
-    if has_directive(headers, &["no-store", "no-cache", "private"]) {
-        return None;
-    }
-    let age = |name: &str| {
-        directives(headers)
-            .find_map(|d| {
-                let (key, value) = d.split_once('=')?;
-                key.trim().eq_ignore_ascii_case(name).then_some(value)
-            })
-            .and_then(|v| v.trim().trim_matches('"').parse::<u64>().ok())
+    let terms = Terms {
+        personal: headers.contains_key(header::SET_COOKIE) || headers.contains_key(header::VARY),
+        cache_control: Directives::read(directives(headers)),
+        expires: headers.get(header::EXPIRES).map(HeaderValue::as_bytes),
     };
-    let ttl = match age("s-maxage").or_else(|| age("max-age")) {
-        Some(secs) => Duration::from_secs(secs),
-        None => {
-            let expires = headers
-                .get(header::EXPIRES)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| httpdate::parse_http_date(v).ok())?;
-            expires.duration_since(now()).ok()?
+    terms.freshness(status, now)
+}
+
+/// [`freshness`], read off a member's header lines kept as they came.
+/// `None` from the outer option when the lines say too much to read so
+/// (repeated `Cache-Control` or `Expires`): the caller reads a map.
+pub fn freshness_of_lines(
+    status: StatusCode,
+    lines: &Lines,
+    now: impl FnOnce() -> SystemTime,
+) -> Option<Option<Duration>> {
+    let said = lines.cache_terms()?;
+    let values = said.cache_control.and_then(|v| std::str::from_utf8(v).ok());
+    let terms = Terms {
+        personal: said.personal,
+        cache_control: Directives::read(
+            values.into_iter().flat_map(|v| v.split(',')).map(str::trim),
+        ),
+        expires: said.expires,
+    };
+    Some(terms.freshness(status, now))
+}
+
+/// What a response says of its being stored by a shared cache (RFC 9111
+/// §3 and §4.2.1), wherever its headers are kept.
+struct Terms<'a> {
+    /// `Set-Cookie` or `Vary`: not for everyone alike.
+    personal: bool,
+    cache_control: Directives,
+    expires: Option<&'a [u8]>,
+}
+
+impl Terms<'_> {
+    fn freshness(&self, status: StatusCode, now: impl FnOnce() -> SystemTime) -> Option<Duration> {
+        if !matches!(status.as_u16(), 200 | 203 | 204 | 300 | 301 | 404 | 410) {
+            return None;
         }
-    };
-    (!ttl.is_zero()).then_some(ttl)
+        if self.personal || self.cache_control.forbids {
+            return None;
+        }
+        let ttl = match self.cache_control.s_maxage.or(self.cache_control.max_age) {
+            Some(secs) => Duration::from_secs(secs),
+            None => {
+                let expires = std::str::from_utf8(self.expires?).ok()?;
+                let expires = httpdate::parse_http_date(expires).ok()?;
+                expires.duration_since(now()).ok()?
+            }
+        };
+        (!ttl.is_zero()).then_some(ttl)
+    }
+}
+
+/// The `Cache-Control` directives a shared cache keeps by, read in one
+/// pass.
+#[derive(Debug, Default)]
+struct Directives {
+    /// `no-store`, `no-cache` or `private`.
+    forbids: bool,
+    s_maxage: Option<u64>,
+    max_age: Option<u64>,
+}
+
+impl Directives {
+    fn read<'a>(directives: impl Iterator<Item = &'a str>) -> Self {
+        let mut read = Self::default();
+        for directive in directives {
+            let (key, value) = directive.split_once('=').unwrap_or((directive, ""));
+            let key = key.trim();
+            let seconds = || value.trim().trim_matches('"').parse::<u64>().ok();
+            if ["no-store", "no-cache", "private"]
+                .iter()
+                .any(|n| key.eq_ignore_ascii_case(n))
+            {
+                read.forbids = true;
+            } else if key.eq_ignore_ascii_case("s-maxage") {
+                read.s_maxage = read.s_maxage.or_else(seconds);
+            } else if key.eq_ignore_ascii_case("max-age") {
+                read.max_age = read.max_age.or_else(seconds);
+            }
+        }
+        read
+    }
 }
 
 /// The `Age` header value.

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use bytes::{Bytes, BytesMut};
@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use crate::cache::{self, Cache};
 use crate::http1::headers::{self, is_hop_by_hop, named_by_connection};
-use crate::http1::{write, Asked};
+use crate::http1::{write, Asked, Lines};
 use crate::routing::{Backend, RouteId, Table};
 use crate::stats::Latency;
 use crate::upstream::{BoxError, RequestBody, Sending, Upstream, UpstreamBody, UpstreamError};
@@ -306,16 +306,19 @@ impl Proxy {
         method: &Method,
         refilling: bool,
     ) -> Response<ProxyBody> {
-        let (mut parts, body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
         let storable = match (&self.cache, cache_key) {
             (Some(cache), Some(key)) if *method == Method::GET => {
-                cache::freshness(parts.status, &parts.headers, SystemTime::now)
-                    .filter(|_| {
-                        headers::content_length(&parts.headers)
-                            .ok()
-                            .flatten()
-                            .is_some_and(|n| n <= cache.max_object())
-                    })
+                let length = match body.lines() {
+                    Some(lines) => Ok(lines.content_length()),
+                    None => headers::content_length(&parts.headers),
+                };
+                let fits = length
+                    .ok()
+                    .flatten()
+                    .is_some_and(|n| n <= cache.max_object());
+                fits.then(|| storable_for(&mut parts, &mut body))
+                    .flatten()
                     .map(|ttl| (cache, key, ttl))
             }
             _ => None,
@@ -355,6 +358,39 @@ impl Proxy {
                 _in_flight: guard,
             },
         )
+    }
+}
+
+/// How long the cache may keep a member's answer, if at all. Header lines
+/// kept as they came are read as they are when they can be, and into the
+/// map when the answer is to be kept (a stored answer is served from its
+/// map) or when they repeat what the cache reads.
+fn storable_for(parts: &mut http::response::Parts, body: &mut UpstreamBody) -> Option<Duration> {
+    let status = parts.status;
+    let off_lines = body
+        .lines()
+        .and_then(|lines| cache::freshness_of_lines(status, lines, SystemTime::now));
+    let ttl = match off_lines {
+        Some(ttl) => ttl?,
+        None => {
+            lines_into_map(parts, body).then_some(())?;
+            cache::freshness(status, &parts.headers, SystemTime::now)?
+        }
+    };
+    lines_into_map(parts, body).then_some(ttl)
+}
+
+/// Moves a member's kept header lines into the response's map; `false`
+/// (and the lines left as they are) if they cannot be read.
+fn lines_into_map(parts: &mut http::response::Parts, body: &mut UpstreamBody) -> bool {
+    match body.lines().map(Lines::to_map) {
+        Some(Ok(map)) => {
+            parts.headers = map;
+            body.take_lines();
+            true
+        }
+        Some(Err(_)) => false,
+        None => true,
     }
 }
 
@@ -445,6 +481,9 @@ impl Attempts<'_> {
                     asked: Asked {
                         head_request: parts.method == Method::HEAD,
                         upgrade: false,
+                        // `crate::server` writes HTTP/1 answers and takes
+                        // the lines; hyper's HTTP/2 needs the map.
+                        pass_through: matches!(parts.version, Version::HTTP_10 | Version::HTTP_11),
                     },
                     replayable,
                 };
@@ -689,6 +728,15 @@ enum Then<'a> {
 impl ProxyBody {
     fn full(bytes: Bytes) -> Self {
         Self::Full(Some(bytes))
+    }
+
+    /// A member's header lines, kept as they came for an HTTP/1 client
+    /// (the response's header map is empty then).
+    pub fn take_lines(&mut self) -> Option<Lines> {
+        match self {
+            Self::Member { body, .. } => body.take_lines(),
+            Self::Full(_) | Self::Tunnel(_) => None,
+        }
     }
 }
 

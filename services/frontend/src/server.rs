@@ -34,7 +34,9 @@ use tracing::debug;
 
 use crate::http1::chunked::{self, LAST_CHUNK};
 use crate::http1::write::{self, AnswerHead};
-use crate::http1::{parse, Answering, BodyDecoder, Framing, Malformed, Refusal, RequestHead, Step};
+use crate::http1::{
+    parse, Answering, BodyDecoder, Framing, Lines, Malformed, Refusal, RequestHead, Step,
+};
 use crate::proxy::{Proxy, ProxyBody, Tunnel};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -147,7 +149,7 @@ pub async fn serve(
                 http10: false,
                 keep_alive: true,
             };
-            if write_head(&sink, &mut out, &parts, head, None).await {
+            if write_head(&sink, &mut out, Answer::own(&parts), head, None).await {
                 let counters = &shared.proxy.counters;
                 counters.tunnels.fetch_add(1, Ordering::Relaxed);
                 counters.tunnels_open.fetch_add(1, Ordering::Relaxed);
@@ -357,6 +359,11 @@ async fn write_response(
     keep_alive: bool,
 ) -> Option<bool> {
     let (parts, mut body) = response.into_parts();
+    let lines = body.take_lines();
+    let answer = Answer {
+        parts: &parts,
+        lines: lines.as_ref(),
+    };
     let framing = Framing::of_answer(parts.status, answering, body.size_hint().exact());
     let head = AnswerHead {
         framing,
@@ -368,7 +375,7 @@ async fn write_response(
     // waited for below (this poll's waker is replaced by that one).
     let first = if framing == Framing::Empty {
         drop(body);
-        let written = write_head(sink, out, &parts, head, None).await;
+        let written = write_head(sink, out, answer, head, None).await;
         return written.then_some(head.keep_alive);
     } else {
         match poll_now(&mut body) {
@@ -383,7 +390,7 @@ async fn write_response(
                     keep_alive: false,
                     ..head
                 };
-                write_head(sink, out, &parts, head, Some(message)).await;
+                write_head(sink, out, Answer::own(&parts), head, Some(message)).await;
                 return None;
             }
             Poll::Ready(None) | Poll::Pending => None,
@@ -391,7 +398,7 @@ async fn write_response(
     };
     let mut sent = first.as_ref().map_or(0, |b| b.len() as u64);
     let ended = body.is_end_stream();
-    if !write_head(sink, out, &parts, head, first).await {
+    if !write_head(sink, out, answer, head, first).await {
         return None;
     }
     if !ended {
@@ -445,17 +452,32 @@ fn poll_now(body: &mut ProxyBody) -> Poll<Option<Result<Frame<Bytes>, UpstreamEr
     Pin::new(body).poll_frame(&mut cx)
 }
 
+/// An answer's status and headers: a member's header lines as it sent
+/// them, or the header map.
+#[derive(Clone, Copy)]
+struct Answer<'a> {
+    parts: &'a http::response::Parts,
+    lines: Option<&'a Lines>,
+}
+
+impl<'a> Answer<'a> {
+    /// One whose headers are all in the map.
+    fn own(parts: &'a http::response::Parts) -> Self {
+        Self { parts, lines: None }
+    }
+}
+
 /// Writes the answer's head with the first body data (chunk-framed if
 /// need be) in the same write.
 async fn write_head(
     sink: &Sink<'_>,
     out: &mut BytesMut,
-    parts: &http::response::Parts,
+    answer: Answer<'_>,
     head: AnswerHead,
     first: Option<Bytes>,
 ) -> bool {
     out.clear();
-    write::answer_head(out, parts, head);
+    write::answer_head(out, answer.parts, answer.lines, head);
     let written = match first {
         Some(data) if !data.is_empty() => {
             let in_chunks = head.framing == Framing::Chunked;
@@ -569,7 +591,7 @@ async fn refuse(stream: TcpStream, out: &mut BytesMut, Refusal { status, why }: 
         stream: &stream,
         stall: LINGER,
     };
-    if write_head(&sink, out, &parts, head, Some(message)).await {
+    if write_head(&sink, out, Answer::own(&parts), head, Some(message)).await {
         linger(stream).await;
     }
 }

@@ -26,7 +26,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::http1::chunked::{self, LAST_CHUNK};
-use crate::http1::{parse, Asked, BodyDecoder, Framing, Malformed, ResponseHead, Step};
+use crate::http1::{parse, Asked, BodyDecoder, Framing, Lines, Malformed, ResponseHead, Step};
 
 /// Bytes read from a member at a time.
 const READ_CHUNK: usize = 16 << 10;
@@ -85,7 +85,8 @@ pub enum RequestBody<B> {
     Chunked(B),
 }
 
-/// A connection kept alive to a member.
+/// A connection kept alive to a member. Boxed once when it is made: an
+/// answer's body carries it, and each move of an answer copies it.
 struct Conn {
     stream: TcpStream,
     /// What was read and not yet used.
@@ -95,7 +96,7 @@ struct Conn {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -170,6 +171,7 @@ impl Upstream {
             asked: Asked {
                 head_request: false,
                 upgrade: true,
+                pass_through: false,
             },
             replayable: true,
         };
@@ -233,7 +235,7 @@ impl Upstream {
         idle.values().map(Vec::len).sum()
     }
 
-    fn check_out(&self, authority: &str, fresh_only: bool) -> Option<Conn> {
+    fn check_out(&self, authority: &str, fresh_only: bool) -> Option<Box<Conn>> {
         if fresh_only {
             return None;
         }
@@ -249,7 +251,7 @@ impl Upstream {
         None
     }
 
-    fn check_in(&self, conn: Conn) {
+    fn check_in(&self, conn: Box<Conn>) {
         let mut idle = self.lock_idle();
         let conns = match idle.get_mut(&*conn.authority) {
             Some(conns) => conns,
@@ -263,7 +265,7 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self, authority: &str) -> Result<Conn, UpstreamError> {
+    async fn connect(&self, authority: &str) -> Result<Box<Conn>, UpstreamError> {
         let connecting = TcpStream::connect(authority);
         let stream = match tokio::time::timeout(self.inner.connect_timeout, connecting).await {
             Ok(Ok(stream)) => stream,
@@ -276,16 +278,17 @@ impl Upstream {
             Err(_) => return Err(UpstreamError::ConnectTimeout(authority.to_owned())),
         };
         stream.set_nodelay(true)?;
-        Ok(Conn {
+        Ok(Box::new(Conn {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             authority: Arc::from(authority),
-        })
+        }))
     }
 
-    fn response(&self, conn: Conn, parsed: ResponseHead) -> Response<UpstreamBody> {
+    fn response(&self, conn: Box<Conn>, parsed: ResponseHead) -> Response<UpstreamBody> {
         let mut body = UpstreamBody {
             conn: Some(conn),
+            lines: parsed.lines,
             decoder: BodyDecoder::new(parsed.framing),
             tunnel: parsed.framing == Framing::Tunnel,
             keep_alive: parsed.keep_alive,
@@ -495,7 +498,10 @@ where
 /// complete the connection goes back to the pool; dropped before, the
 /// connection is closed.
 pub struct UpstreamBody {
-    conn: Option<Conn>,
+    conn: Option<Box<Conn>>,
+    /// The answer's header lines, when they are kept as they came (then
+    /// the response's header map is empty).
+    lines: Option<Lines>,
     decoder: BodyDecoder,
     /// After a `101`: the connection is the tunnel's, not a body's.
     tunnel: bool,
@@ -514,7 +520,21 @@ impl UpstreamBody {
         if !self.tunnel {
             return None;
         }
-        self.conn.take().map(|conn| (conn.stream, conn.buf))
+        self.conn.take().map(|conn| {
+            let Conn { stream, buf, .. } = *conn;
+            (stream, buf)
+        })
+    }
+
+    /// The answer's header lines as the member sent them, if they were
+    /// kept so ([`Asked::pass_through`]): the response's header map is
+    /// empty then, and whoever takes them writes them or reads them.
+    pub fn take_lines(&mut self) -> Option<Lines> {
+        self.lines.take()
+    }
+
+    pub fn lines(&self) -> Option<&Lines> {
+        self.lines.as_ref()
     }
 
     fn finish_if_done(&mut self) {

@@ -18,6 +18,7 @@ const REPLAYABLE: Sending = Sending {
     asked: Asked {
         head_request: false,
         upgrade: false,
+        pass_through: false,
     },
     replayable: true,
 };
@@ -140,6 +141,7 @@ async fn get(
                 asked: Asked {
                     head_request: method == "HEAD",
                     upgrade: false,
+                    pass_through: false,
                 },
                 replayable: true,
             },

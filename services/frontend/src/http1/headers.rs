@@ -73,18 +73,25 @@ pub fn transfer_coding(headers: &HeaderMap) -> Option<bool> {
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        // Digits only: `u64::from_str` also takes a leading `+`, which
-        // another hop may read differently (request smuggling).
-        let digits = value.as_bytes().trim_ascii();
-        let n: u64 = Some(digits)
-            .filter(|d| !d.is_empty() && d.iter().all(u8::is_ascii_digit))
-            .and_then(|d| std::str::from_utf8(d).ok())
-            .and_then(|d| d.parse().ok())
-            .ok_or(Malformed("invalid content-length"))?;
+        let n = length_value(value.as_bytes())?;
         if length.is_some_and(|l| l != n) {
             return Err(Malformed("conflicting content-length"));
         }
         length = Some(n);
     }
     Ok(length)
+}
+
+/// One `content-length` value: digits only. `u64::from_str` also takes a
+/// leading `+`, which another hop may read differently (request
+/// smuggling).
+pub fn length_value(value: &[u8]) -> Result<u64, Malformed> {
+    let digits = value.trim_ascii();
+    let number = digits.iter().try_fold(0u64, |n, &b| {
+        let digit = b.is_ascii_digit().then(|| u64::from(b - b'0'))?;
+        n.checked_mul(10)?.checked_add(digit)
+    });
+    number
+        .filter(|_| !digits.is_empty())
+        .ok_or(Malformed("invalid content-length"))
 }

@@ -7,6 +7,8 @@
 //!   and the connection.
 //! - [`headers`]: the headers that are HTTP/1.1's own (hop-by-hop,
 //!   `Connection`, `Transfer-Encoding`, `Content-Length`).
+//! - [`lines`]: a member's header lines kept as they came, for a client on
+//!   HTTP/1.
 //! - [`framing`]: how a body is delimited, and reading one as it comes.
 //! - [`chunked`]: the chunked coding both ways.
 //! - [`write`]: answer heads, and the pieces of request heads.
@@ -17,11 +19,13 @@
 pub mod chunked;
 pub mod framing;
 pub mod headers;
+pub mod lines;
 pub mod parse;
 pub mod write;
 
 pub use chunked::Step;
 pub use framing::{Answering, BodyDecoder, Framing};
+pub use lines::Lines;
 pub use parse::{Asked, Refusal, RequestHead, ResponseHead};
 
 /// A message that is not valid HTTP/1.1, and what is wrong with it.

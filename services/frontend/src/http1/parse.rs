@@ -13,6 +13,7 @@ use http::{Method, Request, StatusCode, Uri, Version};
 
 use super::framing::Framing;
 use super::headers::{self, HOP_BY_HOP};
+use super::lines::{self, Lines, Place, Said};
 use super::Malformed;
 
 /// Most headers in a message.
@@ -73,8 +74,8 @@ pub fn request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
     let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
         .map_err(|_| Refusal::bad("invalid method"))?;
     let target = place(buf, parsed.path.unwrap_or("").as_bytes());
+    let seen = Seen::of(parsed.headers);
     let places = places(buf, parsed.headers).map_err(|m| Refusal::bad(m.0))?;
-    let seen = Seen::of(&places);
     let head = buf.split_to(length).freeze();
     let uri =
         Uri::from_maybe_shared(head.slice(target)).map_err(|_| Refusal::bad("invalid target"))?;
@@ -116,21 +117,56 @@ struct Seen {
     hosts: u32,
     /// A hop-by-hop header (`Connection`, `Transfer-Encoding`, ...).
     hop_by_hop: bool,
-    content_length: bool,
+    content_length: Found,
     expect: bool,
+    date: bool,
+    /// What a cache keeps an answer by: `Set-Cookie` or `Vary` (then it
+    /// does not), `Cache-Control` and `Expires`.
+    personal: bool,
+    cache_control: Found,
+    expires: Found,
+}
+
+/// How often a header came, and where it came last.
+#[derive(Debug, Clone, Copy, Default)]
+struct Found {
+    count: u32,
+    at: usize,
+}
+
+impl Found {
+    fn note(&mut self, at: usize) {
+        self.count += 1;
+        self.at = at;
+    }
+
+    /// Where it is, when it came once.
+    fn once(self) -> Option<usize> {
+        (self.count == 1).then_some(self.at)
+    }
 }
 
 impl Seen {
-    fn of(places: &[(HeaderName, Range<usize>)]) -> Self {
+    fn of(parsed: &[httparse::Header<'_>]) -> Self {
         let mut seen = Self::default();
-        for (name, _) in places {
-            if name == header::HOST {
+        for (i, h) in parsed.iter().enumerate() {
+            let name = h.name.as_bytes();
+            let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+            if is("host") {
                 seen.hosts += 1;
-            } else if name == header::CONTENT_LENGTH {
-                seen.content_length = true;
-            } else if name == header::EXPECT {
+            } else if is("content-length") {
+                seen.content_length.note(i);
+            } else if is("date") {
+                seen.date = true;
+            } else if is("cache-control") {
+                seen.cache_control.note(i);
+            } else if is("expires") {
+                seen.expires.note(i);
+            } else if is("set-cookie") || is("vary") {
+                seen.personal = true;
+            } else if is("expect") {
                 seen.expect = true;
-            } else if headers::is_hop_by_hop(name) {
+            } else if HOP_BY_HOP.iter().any(|hop| is(hop)) {
                 seen.hop_by_hop = true;
             }
         }
@@ -173,12 +209,12 @@ fn request_framing(
     let body = match coding {
         Some(false) => return Err(Refusal::bad("unsupported transfer coding")),
         Some(true) => {
-            if version == Version::HTTP_10 || seen.content_length {
+            if version == Version::HTTP_10 || seen.content_length.count > 0 {
                 keep_alive = false;
             }
             Framing::Chunked
         }
-        None if !seen.content_length => Framing::Empty,
+        None if seen.content_length.count == 0 => Framing::Empty,
         None => match headers::content_length(headers) {
             Ok(Some(n)) if n > 0 => Framing::Length(n),
             Ok(_) => Framing::Empty,
@@ -195,6 +231,9 @@ pub struct Asked {
     pub head_request: bool,
     /// The request asked to upgrade: a `101` is its answer, not an error.
     pub upgrade: bool,
+    /// The answer goes to a client on HTTP/1: its header lines may be kept
+    /// as they came ([`Lines`]) when none of them is this hop's.
+    pub pass_through: bool,
 }
 
 /// A member's answer head, its end-to-end headers only, and how its body
@@ -202,7 +241,9 @@ pub struct Asked {
 #[derive(Debug)]
 pub struct ResponseHead {
     pub status: StatusCode,
+    /// Empty when `lines` holds the headers.
     pub headers: HeaderMap,
+    pub lines: Option<Lines>,
     pub framing: Framing,
     pub keep_alive: bool,
 }
@@ -229,19 +270,56 @@ pub fn response(buf: &mut BytesMut, asked: Asked) -> Result<Option<ResponseHead>
             buf.advance(length);
             continue;
         }
-        let version_11 = response.version == Some(1);
-        let places = places(buf, response.headers)?;
-        let seen = Seen::of(&places);
-        let head = buf.split_to(length).freeze();
-        let all = header_map(&head, places)?;
+        let seen = Seen::of(response.headers);
         let answer = Answer {
             status,
             seen,
-            version_11,
+            version_11: response.version == Some(1),
             head_request: asked.head_request,
         };
+        if asked.pass_through && answer.passes_through() {
+            if let Some(at) = lines::block_start(buf, length, response.headers) {
+                let said = lines_said(buf, at, response.headers, seen)?;
+                let head = buf.split_to(length).freeze();
+                return Ok(Some(answer.with_lines(Lines::new(&head, at, said))));
+            }
+        }
+        let places = places(buf, response.headers)?;
+        let head = buf.split_to(length).freeze();
+        let all = header_map(&head, places)?;
         return answer.framed(all).map(Some);
     }
+}
+
+/// What the parse of an answer whose lines pass through said of them,
+/// for those who read them later (the framing, the cache). `at` is where
+/// the lines start in `buf`.
+fn lines_said(
+    buf: &[u8],
+    at: usize,
+    parsed: &[httparse::Header<'_>],
+    seen: Seen,
+) -> Result<Said, Malformed> {
+    let value = |found: Found| {
+        let place = place(buf, parsed[found.once()?].value);
+        Some(place.start - at..place.end - at)
+    };
+    let content_length = value(seen.content_length)
+        .map(|range| headers::length_value(&buf[at..][range]))
+        .transpose()?;
+    let cache_control = value(seen.cache_control).map(Place::of);
+    let expires = value(seen.expires).map(Place::of);
+    Ok(Said {
+        content_length,
+        dated: seen.date,
+        personal: seen.personal,
+        cache_control: cache_control.flatten().unwrap_or_default(),
+        expires: expires.flatten().unwrap_or_default(),
+        cache_readable: seen.cache_control.count <= 1
+            && seen.expires.count <= 1
+            && !matches!(cache_control, Some(None))
+            && !matches!(expires, Some(None)),
+    })
 }
 
 /// What the status line and the parse said of an answer.
@@ -255,15 +333,35 @@ struct Answer {
 }
 
 impl Answer {
+    /// Whether its header lines can go to an HTTP/1 client as they came:
+    /// nothing in them is this hop's to take out or to read twice.
+    fn passes_through(&self) -> bool {
+        !self.seen.hop_by_hop
+            && self.seen.content_length.count <= 1
+            && self.status != StatusCode::SWITCHING_PROTOCOLS
+    }
+
+    /// An answer whose lines pass through: without a hop-by-hop header
+    /// there is no coding and no `Connection` to read.
+    fn with_lines(self, lines: Lines) -> ResponseHead {
+        let (framing, keep_alive) = self.framing(None, lines.content_length(), false);
+        ResponseHead {
+            status: self.status,
+            headers: HeaderMap::new(),
+            lines: Some(lines),
+            framing,
+            keep_alive: keep_alive && self.version_11,
+        }
+    }
+
     /// Reads the framing and keep-alive off the member's headers, and
     /// keeps only the end-to-end ones (RFC 9112 §6.3).
     fn framed(self, all: HeaderMap) -> Result<ResponseHead, Malformed> {
-        let keep_alive = self.seen.keep_alive(&all, self.version_11);
         // Chunked only when it is the last coding; any other leaves the
         // body running to the close.
         let coding = self.seen.coding(&all);
         let length = match coding {
-            None if self.seen.content_length => headers::content_length(&all)?,
+            None if self.seen.content_length.count > 0 => headers::content_length(&all)?,
             _ => None,
         };
         // What the member switches to, which the client is told too.
@@ -273,20 +371,8 @@ impl Answer {
         } else {
             None
         };
-        let no_body = self.head_request
-            || self.status == StatusCode::NO_CONTENT
-            || self.status == StatusCode::NOT_MODIFIED;
-        let (framing, keep_alive) = if switched.is_some() {
-            (Framing::Tunnel, false)
-        } else if no_body {
-            (Framing::Empty, keep_alive)
-        } else if coding == Some(true) {
-            (Framing::Chunked, keep_alive)
-        } else if let Some(n) = length {
-            (Framing::Length(n), keep_alive)
-        } else {
-            (Framing::UntilClose, false)
-        };
+        let (framing, kept) = self.framing(coding, length, switched.is_some());
+        let keep_alive = kept && self.seen.keep_alive(&all, self.version_11);
         let mut headers = all;
         if coding.is_some() {
             // The coding decides the length (RFC 9112 §6.3): a
@@ -303,9 +389,34 @@ impl Answer {
         Ok(ResponseHead {
             status: self.status,
             headers,
+            lines: None,
             framing,
             keep_alive,
         })
+    }
+
+    /// How the body is framed, and whether the framing lets the connection
+    /// carry another answer (a body to the close, or a switch, does not).
+    fn framing(
+        &self,
+        coding: Option<bool>,
+        length: Option<u64>,
+        switched: bool,
+    ) -> (Framing, bool) {
+        let no_body = self.head_request
+            || self.status == StatusCode::NO_CONTENT
+            || self.status == StatusCode::NOT_MODIFIED;
+        if switched {
+            (Framing::Tunnel, false)
+        } else if no_body {
+            (Framing::Empty, true)
+        } else if coding == Some(true) {
+            (Framing::Chunked, true)
+        } else if let Some(n) = length {
+            (Framing::Length(n), true)
+        } else {
+            (Framing::UntilClose, false)
+        }
     }
 }
 
@@ -323,14 +434,14 @@ fn drop_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Where `part` sits in `buf`, which it borrows from.
-fn place(buf: &[u8], part: &[u8]) -> Range<usize> {
+pub(super) fn place(buf: &[u8], part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - buf.as_ptr() as usize;
     start..start + part.len()
 }
 
 /// Each header's name, and where its value sits in the head, so the head
 /// can be frozen and shared by the values instead of copied one by one.
-fn places(
+pub(super) fn places(
     buf: &[u8],
     parsed: &[httparse::Header<'_>],
 ) -> Result<Vec<(HeaderName, Range<usize>)>, Malformed> {
@@ -343,7 +454,7 @@ fn places(
     Ok(places)
 }
 
-fn header_map(
+pub(super) fn header_map(
     head: &Bytes,
     places: Vec<(HeaderName, Range<usize>)>,
 ) -> Result<HeaderMap, Malformed> {

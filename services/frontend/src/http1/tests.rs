@@ -200,3 +200,117 @@ fn heads_give_status_end_to_end_headers_and_framing() {
     let mut unnamed = BytesMut::from(&b"HTTP/1.1 101 Switching Protocols\r\n\r\n"[..]);
     assert!(parse::response(&mut unnamed, upgrade).is_err());
 }
+
+fn passing_through() -> Asked {
+    Asked {
+        pass_through: true,
+        ..Asked::default()
+    }
+}
+
+#[test]
+fn an_answer_with_nothing_of_this_hop_keeps_its_lines_as_they_came() {
+    let mut buf = BytesMut::from(
+        &b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5 \r\nX-Kept:  yes\r\n\r\nhello"[..],
+    );
+    let parsed = parse::response(&mut buf, passing_through())
+        .ok()
+        .flatten()
+        .expect("a head");
+    assert_eq!(parsed.framing, Framing::Length(5));
+    assert!(parsed.keep_alive);
+    assert!(parsed.headers.is_empty(), "the lines hold the headers");
+    let lines = parsed.lines.expect("lines kept");
+    assert_eq!(
+        lines.as_bytes(),
+        b"Content-Type: text/plain\r\nContent-Length: 5 \r\nX-Kept:  yes\r\n"
+    );
+    assert_eq!(lines.content_length(), Some(5));
+    assert!(!lines.is_dated());
+    let terms = lines.cache_terms().expect("readable");
+    assert!(!terms.personal && terms.cache_control.is_none() && terms.expires.is_none());
+    let map = lines.to_map().expect("a map");
+    assert_eq!(map.len(), 3);
+    assert_eq!(map["x-kept"], "yes");
+    assert_eq!(&buf[..], b"hello");
+
+    let parsed = answer(
+        b"HTTP/1.0 204 No Content\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nCache-Control: max-age=5\r\nVary: x\r\n\r\n",
+        passing_through(),
+    )
+    .expect("a head");
+    assert_eq!((parsed.framing, parsed.keep_alive), (Framing::Empty, false));
+    let lines = parsed.lines.expect("lines kept");
+    assert!(lines.is_dated());
+    let terms = lines.cache_terms().expect("readable");
+    assert_eq!(terms.cache_control, Some(&b"max-age=5"[..]));
+    assert!(terms.personal);
+    let twice = answer(
+        b"HTTP/1.1 200 OK\r\nCache-Control: public\r\nCache-Control: max-age=5\r\n\r\n",
+        passing_through(),
+    );
+    let lines = twice.and_then(|p| p.lines).expect("lines kept");
+    assert!(
+        lines.cache_terms().is_none(),
+        "two values are read from a map"
+    );
+    let parsed = answer(b"HTTP/1.1 200 OK\r\n\r\n", passing_through()).expect("a head");
+    assert_eq!(parsed.framing, Framing::UntilClose);
+    assert_eq!(parsed.lines.map(|l| l.as_bytes().len()), Some(0));
+}
+
+#[test]
+fn lines_that_another_hop_could_read_otherwise_go_through_the_map() {
+    for text in [
+        // A bare LF ends a line for httparse, maybe not for the client.
+        &b"HTTP/1.1 200 OK\r\nContent-Length: 0\nX-Next: 1\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\nX-Last: 1\n\r\n",
+        b"HTTP/1.1 200 OK\n\n",
+        // Two lengths, however they agree, are said once.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        // This hop's headers are taken out.
+        b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ] {
+        let parsed = answer(text, passing_through());
+        let shown = String::from_utf8_lossy(text);
+        let parsed = parsed.unwrap_or_else(|| panic!("not parsed: {shown:?}"));
+        assert!(parsed.lines.is_none(), "lines kept: {shown:?}");
+    }
+    let parsed = answer(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\nX-Next: 1\r\n\r\n",
+        passing_through(),
+    );
+    assert!(parsed.is_some_and(|p| p.headers.contains_key("x-next")));
+}
+
+#[test]
+fn kept_lines_are_written_with_this_hops_framing() {
+    let lines = answer(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: yes\r\n\r\n",
+        passing_through(),
+    )
+    .and_then(|p| p.lines)
+    .expect("lines kept");
+    let (parts, ()) = http::Response::new(()).into_parts();
+    let written = |framing, keep_alive| {
+        let mut out = BytesMut::new();
+        let head = write::AnswerHead {
+            framing,
+            http10: false,
+            keep_alive,
+        };
+        write::answer_head(&mut out, &parts, Some(&lines), head);
+        String::from_utf8(out.to_vec()).expect("text")
+    };
+    let text = written(Framing::Length(5), true);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Kept: yes\r\ndate: "));
+    assert_eq!(text.matches("ontent-").count(), 1, "{text}");
+    assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
+    let text = written(Framing::Chunked, false);
+    assert!(!text.contains("Content-Length"), "{text}");
+    assert!(text.contains("X-Kept: yes\r\n"));
+    assert!(text.ends_with("transfer-encoding: chunked\r\nconnection: close\r\n\r\n"));
+    let text = written(Framing::Length(7), true);
+    assert!(text.contains("content-length: 7\r\n") && !text.contains("Content-Length: 5"));
+}

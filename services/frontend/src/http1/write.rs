@@ -12,6 +12,7 @@ use http::header;
 use http::StatusCode;
 
 use super::framing::Framing;
+use super::lines::Lines;
 
 /// One `name: value` line.
 pub fn header_line(out: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -87,18 +88,56 @@ pub struct AnswerHead {
     pub keep_alive: bool,
 }
 
-/// Writes the status line, the end-to-end headers, the framing and the
-/// connection's fate, up to the blank line.
-pub fn answer_head(out: &mut BytesMut, parts: &http::response::Parts, head: AnswerHead) {
+/// Writes the status line, the end-to-end headers (the member's `lines`
+/// as they came, when it has them, else the map in `parts`), the framing
+/// and the connection's fate, up to the blank line.
+pub fn answer_head(
+    out: &mut BytesMut,
+    parts: &http::response::Parts,
+    lines: Option<&Lines>,
+    head: AnswerHead,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(parts.status.as_str().as_bytes());
     out.put_u8(b' ');
     let reason = parts.status.canonical_reason().unwrap_or("Unknown");
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    let has_body = !matches!(head.framing, Framing::Empty | Framing::Tunnel);
+    let (dated, length_said) = match lines {
+        Some(lines) => copy_lines(out, lines, head.framing),
+        None => map_lines(out, &parts.headers, head.framing),
+    };
+    if !dated {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    match head.framing {
+        Framing::Length(n) if !length_said => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(out, n);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(b"connection: upgrade\r\n");
+    } else if !head.keep_alive {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if head.http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The end-to-end headers from a map: whether there was a `date`, and
+/// whether the body's length is said already (never: the framing writes
+/// its own).
+fn map_lines(out: &mut BytesMut, headers: &http::HeaderMap, framing: Framing) -> (bool, bool) {
+    let has_body = !matches!(framing, Framing::Empty | Framing::Tunnel);
     let mut dated = false;
-    for (name, value) in &parts.headers {
+    for (name, value) in headers {
         // The framing and the connection are this hop's to say.
         if name == header::CONNECTION
             || name == header::TRANSFER_ENCODING
@@ -109,28 +148,26 @@ pub fn answer_head(out: &mut BytesMut, parts: &http::response::Parts, head: Answ
         dated |= name == header::DATE;
         header_line(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    if !dated {
-        out.extend_from_slice(b"date: ");
-        date(out);
-        out.extend_from_slice(b"\r\n");
+    (dated, false)
+}
+
+/// The member's own lines: in one piece when its `Content-Length` is the
+/// answer's (or there is none, or no body follows: a HEAD answer keeps
+/// its length), else without that line.
+fn copy_lines(out: &mut BytesMut, lines: &Lines, framing: Framing) -> (bool, bool) {
+    let length = lines.content_length();
+    let as_they_are = match framing {
+        Framing::Length(n) => length.is_none_or(|said| said == n),
+        Framing::Empty | Framing::Tunnel => true,
+        Framing::Chunked | Framing::UntilClose => length.is_none(),
+    };
+    if as_they_are {
+        out.extend_from_slice(lines.as_bytes());
+    } else {
+        lines.write_without_length(out);
     }
-    match head.framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            decimal(out, n);
-            out.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Empty | Framing::UntilClose | Framing::Tunnel => {}
-    }
-    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-        out.extend_from_slice(b"connection: upgrade\r\n");
-    } else if !head.keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    } else if head.http10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    let length_said = as_they_are && matches!(framing, Framing::Length(_)) && length.is_some();
+    (lines.is_dated(), length_said)
 }
 
 #[cfg(test)]
@@ -177,7 +214,7 @@ mod tests {
             .into_parts();
         let written = |parts: &http::response::Parts, head| {
             let mut out = BytesMut::new();
-            answer_head(&mut out, parts, head);
+            answer_head(&mut out, parts, None, head);
             String::from_utf8(out.to_vec()).expect("text")
         };
         let head = AnswerHead {
