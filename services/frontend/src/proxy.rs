@@ -4,6 +4,7 @@
 //! switches protocols (WebSocket).
 
 use std::cell::Cell;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,6 +23,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::cache::{self, Cache};
 use crate::http1::headers::{self, is_hop_by_hop, named_by_connection};
@@ -134,12 +136,15 @@ impl Proxy {
 
     /// Answers one request, whichever connection it came on (HTTP/1 from
     /// [`crate::server`], HTTP/2 through hyper); never fails (errors are
-    /// responses).
+    /// responses). `timer` bounds the wait for a member's answer: a
+    /// connection that carries one request at a time lends its own, as
+    /// moving an armed timer costs less than making one per request.
     pub async fn handle<B>(
         &self,
         upstream: &Upstream,
         request: Request<B>,
         client: SocketAddr,
+        timer: Option<Pin<&mut Sleep>>,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -148,7 +153,16 @@ impl Proxy {
         let started = Instant::now();
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        let response = self.forward(upstream, request, client, started).await;
+        let mut own = None;
+        let timer = match timer {
+            Some(lent) => lent,
+            None => own
+                .insert(Box::pin(tokio::time::sleep(self.settings.request_timeout)))
+                .as_mut(),
+        };
+        let response = self
+            .forward(upstream, request, client, started, timer)
+            .await;
         self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
         let elapsed = started.elapsed();
         self.counters.latency.record(elapsed);
@@ -168,6 +182,7 @@ impl Proxy {
         request: Request<B>,
         client: SocketAddr,
         started: Instant,
+        timer: Pin<&mut Sleep>,
     ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -197,7 +212,7 @@ impl Proxy {
             client,
             started,
         };
-        attempts.run(self, request_body).await
+        attempts.run(self, request_body, timer).await
     }
 
     /// What the request is and where it goes, or why it goes nowhere.
@@ -454,7 +469,12 @@ impl Attempts<'_> {
     /// The attempts, in one future: each layer of `async fn` between the
     /// request and the socket is a future moved (copied) when made, which
     /// showed in the instruction counts.
-    async fn run<B>(&self, proxy: &Proxy, mut body: RequestBody<B>) -> Response<ProxyBody>
+    async fn run<B>(
+        &self,
+        proxy: &Proxy,
+        mut body: RequestBody<B>,
+        mut timer: Pin<&mut Sleep>,
+    ) -> Response<ProxyBody>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -492,9 +512,22 @@ impl Attempts<'_> {
                     .send(&backend.authority, &head, body, sending)
                     .await
             };
-            let answer = tokio::time::timeout(settings.request_timeout, exchange).await;
+            // The exchange is raced with the timer where it is, rather
+            // than moved into a `Timeout`: each move of it was a copy of
+            // all its state.
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::from_std(sent) + settings.request_timeout);
+            let answer = {
+                tokio::pin!(exchange);
+                std::future::poll_fn(|cx| match exchange.as_mut().poll(cx) {
+                    Poll::Ready(answer) => Poll::Ready(Some(answer)),
+                    Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+                })
+                .await
+            };
             recycle_head(head);
-            let Ok(answer) = answer else {
+            let Some(answer) = answer else {
                 backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
                 return error(
                     StatusCode::GATEWAY_TIMEOUT,

@@ -133,7 +133,11 @@ pub async fn serve(
                 buf: &mut buf,
                 state: &mut body,
             });
-            shared.proxy.handle(&shared.upstream, request, client).await
+            let timer = Some(timer.as_mut());
+            shared
+                .proxy
+                .handle(&shared.upstream, request, client, timer)
+                .await
         };
         let sink = Sink {
             stream: &stream,
@@ -630,7 +634,7 @@ async fn serve_http2(
     } = shared;
     let service = service_fn(move |request: Request<Incoming>| {
         let (proxy, upstream) = (proxy.clone(), upstream.clone());
-        async move { Ok::<_, Infallible>(proxy.handle(&upstream, request, client).await) }
+        async move { Ok::<_, Infallible>(proxy.handle(&upstream, request, client, None).await) }
     });
     let connection = http2.serve_connection(TokioIo::new(Rewound { prefix, stream }), service);
     tokio::pin!(connection);

@@ -362,6 +362,40 @@ async fn one_connection_carries_pipelined_requests_and_every_body_framing() {
 }
 
 #[tokio::test]
+async fn a_member_slower_than_the_request_timeout_is_answered_for_and_the_connection_goes_on() {
+    let (member, _) = member().await;
+    // The connection's timer bounds the head, then the member's answer:
+    // each request gets the request timeout, however short the header
+    // timeout is.
+    let patient = Proxy::start_with(member, |c| {
+        c.frontend.header_timeout = Duration::from_millis(150);
+        c.frontend.request_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let mut client = patient.connect().await;
+    for _ in 0..2 {
+        client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(client.answer(false).await.body, "/slow ");
+    }
+    let hasty = Proxy::start_with(member, |c| {
+        c.frontend.request_timeout = Duration::from_millis(150);
+    })
+    .await;
+    let mut client = hasty.connect().await;
+    let asked = std::time::Instant::now();
+    client.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let answer = client.answer(false).await;
+    assert_eq!(answer.status(), 504, "{answer:?}");
+    assert!(
+        asked.elapsed() < Duration::from_millis(390),
+        "{:?}",
+        asked.elapsed()
+    );
+    client.send(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(client.answer(false).await.body, "/after ");
+}
+
+#[tokio::test]
 async fn http10_clients_get_what_http10_can_read() {
     let (member, _) = member().await;
     let proxy = Proxy::start(member).await;
