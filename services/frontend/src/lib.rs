@@ -23,6 +23,7 @@
 //! - [`Frontend`]: the listener and the tasks around it.
 
 pub mod cache;
+pub mod forward;
 pub mod http1;
 pub mod membership;
 pub mod metrics;

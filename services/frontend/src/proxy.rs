@@ -3,7 +3,6 @@
 //! and the answer, streamed or stored, or the member's connection when it
 //! switches protocols (WebSocket).
 
-use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,7 +17,7 @@ use headroom_shared::config::FrontendConfig;
 use headroom_shared::ops::Histogram;
 use headroom_shared::time::now_ms;
 use headroom_shared::ServerId;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, SizeHint};
@@ -26,14 +25,12 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::cache::{self, Cache};
-use crate::http1::headers::{self, is_hop_by_hop, named_by_connection};
-use crate::http1::{write, Asked, Lines};
+use crate::forward::{self, recycle_head, request_head, Forwarded, Present, Then};
+use crate::http1::headers;
+use crate::http1::{Asked, Lines};
 use crate::routing::{Backend, RouteId, Table};
 use crate::stats::Latency;
 use crate::upstream::{BoxError, RequestBody, Sending, Upstream, UpstreamBody, UpstreamError};
-
-/// Header on requests to members naming the routing table's generation.
-pub const GENERATION_HEADER: &str = "x-headroom-generation";
 
 /// What the proxy counts of itself.
 #[derive(Debug, Default)]
@@ -229,17 +226,16 @@ impl Proxy {
         if length.is_some_and(|n| n > self.settings.max_body_bytes) {
             return Err((StatusCode::PAYLOAD_TOO_LARGE, "request body too large"));
         }
-        let upgrade = (length == Some(0)).then(|| upgrade_asked(parts)).flatten();
+        let present = Present::of(&parts.headers);
+        let upgrade = (length == Some(0))
+            .then(|| forward::upgrade_asked(parts, &present))
+            .flatten();
         let Some(table) = self.table.load_full() else {
             return Err((StatusCode::SERVICE_UNAVAILABLE, "no routing table yet"));
         };
         // HTTP/2 carries the host in the request target, not a header.
         let authority = parts.uri.authority().map(|a| a.as_str());
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or(authority);
+        let host = present.host.and_then(|h| h.to_str().ok()).or(authority);
         let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         let Some(route) = table.route(parts.method.as_str(), host, parts.uri.path()) else {
             return Err((StatusCode::NOT_FOUND, "no route for this request"));
@@ -252,6 +248,7 @@ impl Proxy {
             path_and_query,
             length,
             upgrade,
+            present,
         })
     }
 
@@ -269,7 +266,7 @@ impl Proxy {
         let parts = admitted.parts;
         if admitted.upgrade.is_some()
             || parts.method != Method::GET
-            || !cache::request_allows(&parts.headers)
+            || (admitted.present.cache_terms && !cache::request_allows(&parts.headers))
         {
             return Ok(looked_up);
         }
@@ -419,6 +416,8 @@ struct Admitted<'a> {
     /// Its body's length, when the framing gives one (else it is chunked,
     /// or an HTTP/2 stream without a length).
     length: Option<u64>,
+    /// Which of the headers read here it has.
+    present: Present<'a>,
     /// The protocol it asks to switch to.
     upgrade: Option<&'a HeaderValue>,
 }
@@ -613,6 +612,7 @@ impl Attempts<'_> {
             client: self.client,
             generation: table.generation,
             then,
+            present: self.admitted.present,
         };
         let head = request_head(parts, &forwarded);
         let guard = InFlight::start(backend.clone());
@@ -727,37 +727,6 @@ pub struct Tunnel {
     pub in_flight: InFlight,
 }
 
-/// The protocol an HTTP/1.1 request asks to switch to: `Upgrade`, named
-/// by `Connection` (RFC 9110 §7.8). HTTP/2 has no such switch.
-///
-/// A switch to cleartext HTTP/2 (`h2c`) is about the client's connection
-/// to the front-end, not the member's: passed on, the member would take
-/// the client's connection over and its requests would go by routing,
-/// cache and balancing. So it is not passed on (the request goes as an
-/// ordinary one), as RFC 9113 has since dropped that switch anyway.
-fn upgrade_asked(parts: &http::request::Parts) -> Option<&HeaderValue> {
-    if parts.version != Version::HTTP_11 {
-        return None;
-    }
-    let protocol = parts.headers.get(header::UPGRADE)?;
-    let h2c = protocol.to_str().map_or(true, |p| {
-        p.split(',').any(|p| p.trim().eq_ignore_ascii_case("h2c"))
-    });
-    let named = named_by_connection(&parts.headers.get_all(header::CONNECTION), &header::UPGRADE);
-    (named && !h2c).then_some(protocol)
-}
-
-/// What follows the request head on the connection to the member.
-#[derive(Clone, Copy)]
-enum Then<'a> {
-    /// Nothing, or a body as long as the client's `content-length` says.
-    AsIs,
-    /// A body, chunked.
-    Chunked,
-    /// Another protocol, if the member agrees to switch (`Upgrade`).
-    Upgrade(&'a HeaderValue),
-}
-
 impl ProxyBody {
     fn full(bytes: Bytes) -> Self {
         Self::Full(Some(bytes))
@@ -825,183 +794,4 @@ fn detached(headers: &HeaderMap) -> HeaderMap {
         }
     }
     copy
-}
-
-/// A name looked up on every request: as a `HeaderName` it is not parsed
-/// from a string at each lookup.
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-
-/// Headers the proxy writes itself, so a client's are not passed on.
-fn set_by_proxy(name: &HeaderName) -> bool {
-    name == header::HOST
-        || name == header::EXPECT
-        || name.as_str() == "x-forwarded-for"
-        || name.as_str() == "x-forwarded-proto"
-        || name.as_str() == "x-forwarded-host"
-        || name.as_str() == GENERATION_HEADER
-}
-
-thread_local! {
-    /// A worker's buffer for request heads, used again from one request to
-    /// the next instead of allocated for each (see `recycle_head`).
-    static HEADS: Cell<Option<BytesMut>> = const { Cell::new(None) };
-}
-
-/// Gives a request head's buffer back once it has been sent.
-fn recycle_head(head: BytesMut) {
-    HEADS.with(|heads| heads.set(Some(head)));
-}
-
-/// The request head for the member, written once as HTTP/1.1: the
-/// client's end-to-end headers plus who asked and through what, and which
-/// membership generation routed it (so members and tests can tell a
-/// request routed before a change from one routed after).
-/// Where a request goes and what the member is told of it.
-struct Forwarded<'a> {
-    path_and_query: &'a str,
-    host: Option<&'a str>,
-    /// The member's `host:port`, the host when the client named none.
-    member: &'a str,
-    client: SocketAddr,
-    generation: u64,
-    then: Then<'a>,
-}
-
-fn request_head(parts: &http::request::Parts, forwarded: &Forwarded<'_>) -> BytesMut {
-    let &Forwarded {
-        path_and_query,
-        host,
-        member,
-        client,
-        generation,
-        then,
-    } = forwarded;
-    use write::header_line as line;
-    let chunked = matches!(then, Then::Chunked);
-    let mut head = HEADS.with(Cell::take).unwrap_or_default();
-    head.clear();
-    head.reserve(512 + path_and_query.len());
-    head.extend_from_slice(parts.method.as_str().as_bytes());
-    head.extend_from_slice(b" ");
-    head.extend_from_slice(path_and_query.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    line(&mut head, b"host", host.unwrap_or(member).as_bytes());
-    let connection = parts.headers.get_all(header::CONNECTION);
-    let connection_named = parts.headers.contains_key(header::CONNECTION);
-    for (name, value) in &parts.headers {
-        if is_hop_by_hop(name)
-            || set_by_proxy(name)
-            || (chunked && name == header::CONTENT_LENGTH)
-            || (connection_named && named_by_connection(&connection, name))
-        {
-            continue;
-        }
-        line(&mut head, name.as_str().as_bytes(), value.as_bytes());
-    }
-    // Earlier proxies' addresses, then the client's.
-    head.extend_from_slice(b"x-forwarded-for: ");
-    for value in parts.headers.get_all(&X_FORWARDED_FOR) {
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b", ");
-    }
-    write::ip(&mut head, client.ip());
-    head.extend_from_slice(b"\r\n");
-    line(&mut head, b"x-forwarded-proto", b"http");
-    if let Some(host) = host {
-        line(&mut head, b"x-forwarded-host", host.as_bytes());
-    }
-    line(&mut head, b"via", b"1.1 headroom");
-    head.extend_from_slice(GENERATION_HEADER.as_bytes());
-    head.extend_from_slice(b": ");
-    write::decimal(&mut head, generation);
-    head.extend_from_slice(b"\r\n");
-    match then {
-        Then::AsIs => {}
-        Then::Chunked => line(&mut head, b"transfer-encoding", b"chunked"),
-        Then::Upgrade(protocol) => {
-            line(&mut head, b"connection", b"upgrade");
-            line(&mut head, b"upgrade", protocol.as_bytes());
-        }
-    }
-    head.extend_from_slice(b"\r\n");
-    head
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_member_gets_end_to_end_headers_and_who_asked() {
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri("/cart?id=7")
-            .header("host", "shop.example")
-            .header("connection", "keep-alive, x-secret")
-            .header("x-secret", "hop")
-            .header("keep-alive", "timeout=5")
-            .header("transfer-encoding", "chunked")
-            .header("content-length", "12")
-            .header("expect", "100-continue")
-            .header("x-forwarded-for", "10.0.0.1")
-            .header("x-forwarded-for", "10.0.0.2")
-            .header("x-headroom-generation", "999")
-            .header("accept", "text/plain")
-            .header("via", "1.0 edge")
-            .body(())
-            .expect("request");
-        let (parts, ()) = request.into_parts();
-        let client: SocketAddr = "192.0.2.9:5000".parse().expect("addr");
-        let forwarded = Forwarded {
-            path_and_query: "/cart?id=7",
-            host: Some("shop.example"),
-            member: "127.0.0.1:9000",
-            client,
-            generation: 42,
-            then: Then::Chunked,
-        };
-        let head = request_head(&parts, &forwarded);
-        let head = String::from_utf8(head.to_vec()).expect("text");
-        assert_eq!(
-            head,
-            "POST /cart?id=7 HTTP/1.1\r\n\
-             host: shop.example\r\n\
-             accept: text/plain\r\n\
-             via: 1.0 edge\r\n\
-             x-forwarded-for: 10.0.0.1, 10.0.0.2, 192.0.2.9\r\n\
-             x-forwarded-proto: http\r\n\
-             x-forwarded-host: shop.example\r\n\
-             via: 1.1 headroom\r\n\
-             x-headroom-generation: 42\r\n\
-             transfer-encoding: chunked\r\n\r\n"
-        );
-
-        let v6: SocketAddr = "[2001:db8::1]:5000".parse().expect("addr");
-        let forwarded = Forwarded {
-            host: None,
-            member: "m:1",
-            client: v6,
-            generation: 0,
-            then: Then::AsIs,
-            ..forwarded
-        };
-        let head = request_head(&parts, &forwarded);
-        let head = String::from_utf8_lossy(&head).into_owned();
-        assert!(head.contains("x-forwarded-for: 10.0.0.1, 10.0.0.2, 2001:db8::1\r\n"));
-        assert!(head.contains("x-headroom-generation: 0\r\n"));
-
-        // Without a host (HTTP/1.0, or HTTP/2 without an authority) the
-        // member's own address is the host.
-        let (parts, ()) = Request::get("/").body(()).expect("request").into_parts();
-        let forwarded = Forwarded {
-            path_and_query: "/",
-            member: "127.0.0.1:9000",
-            client,
-            generation: 1,
-            ..forwarded
-        };
-        let head = request_head(&parts, &forwarded);
-        assert!(String::from_utf8_lossy(&head)
-            .starts_with("GET / HTTP/1.1\r\nhost: 127.0.0.1:9000\r\n"));
-    }
 }

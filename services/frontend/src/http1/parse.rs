@@ -152,22 +152,20 @@ impl Seen {
         for (i, h) in parsed.iter().enumerate() {
             let name = h.name.as_bytes();
             let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
-            if is("host") {
-                seen.hosts += 1;
-            } else if is("content-length") {
-                seen.content_length.note(i);
-            } else if is("date") {
-                seen.date = true;
-            } else if is("cache-control") {
-                seen.cache_control.note(i);
-            } else if is("expires") {
-                seen.expires.note(i);
-            } else if is("set-cookie") || is("vary") {
-                seen.personal = true;
-            } else if is("expect") {
-                seen.expect = true;
-            } else if HOP_BY_HOP.iter().any(|hop| is(hop)) {
-                seen.hop_by_hop = true;
+            // By length first: most names are then compared with one
+            // known name, or none.
+            match name.len() {
+                4 if is("host") => seen.hosts += 1,
+                4 if is("date") => seen.date = true,
+                4 | 10 if is("vary") || is("set-cookie") => seen.personal = true,
+                6 if is("expect") => seen.expect = true,
+                7 if is("expires") => seen.expires.note(i),
+                13 if is("cache-control") => seen.cache_control.note(i),
+                14 if is("content-length") => seen.content_length.note(i),
+                2 | 7 | 10 | 16 | 17 if HOP_BY_HOP.iter().any(|hop| is(hop)) => {
+                    seen.hop_by_hop = true;
+                }
+                _ => {}
             }
         }
         seen
