@@ -224,15 +224,16 @@ impl Table {
             };
             e.weight * ramp
         };
-        let eligible: Vec<(&Entry, f64)> = members
-            .iter()
-            .filter(|e| exclude != Some(&e.backend.server))
-            .map(|e| (e, weight(e)))
-            .filter(|(_, w)| *w > 0.0)
-            .collect();
+        let eligible = || {
+            members
+                .iter()
+                .filter(|e| exclude != Some(&e.backend.server))
+                .map(|e| (e, weight(e)))
+                .filter(|(_, w)| *w > 0.0)
+        };
         let chosen = match balance {
-            Balance::LeastRequests => least_requests(&eligible, now_ms),
-            Balance::Hash => bounded_hash(&eligible, key, now_ms),
+            Balance::LeastRequests => least_requests(eligible, now_ms),
+            Balance::Hash => bounded_hash(&eligible().collect::<Vec<_>>(), key, now_ms),
         };
         chosen.map(|e| e.backend.clone())
     }
@@ -258,30 +259,40 @@ fn matches(route: &Route, method: &str, host: Option<&str>, path: &str) -> bool 
 /// by its requests in flight plus one, and the member is drawn at random by
 /// that. Idle members share traffic exactly by weight; busy ones get less
 /// (Envoy's least-request with unequal weights, bias 1).
-fn least_requests<'a>(eligible: &[(&'a Entry, f64)], now_ms: u64) -> Option<&'a Entry> {
-    let live: Vec<(&Entry, f64)> = eligible
-        .iter()
-        .filter(|(e, _)| !e.backend.is_ejected(now_ms))
-        .map(|(e, w)| {
-            (
-                *e,
-                w / f64::from(e.backend.in_flight.load(Ordering::Relaxed) + 1),
-            )
-        })
-        .collect();
-    if live.is_empty() {
+///
+/// `eligible` is walked twice (the sum, then the draw) rather than
+/// collected: a pick allocates nothing, on every request.
+fn least_requests<'a, I>(eligible: impl Fn() -> I, now_ms: u64) -> Option<&'a Entry>
+where
+    I: Iterator<Item = (&'a Entry, f64)>,
+{
+    let live = || {
+        eligible()
+            .filter(|(e, _)| !e.backend.is_ejected(now_ms))
+            .map(|(e, w)| {
+                (
+                    e,
+                    w / f64::from(e.backend.in_flight.load(Ordering::Relaxed) + 1),
+                )
+            })
+    };
+    let total: f64 = live().map(|(_, w)| w).sum();
+    if total <= 0.0 {
         // Every member ejected: better a likely failure than a sure one.
-        return eligible.first().map(|(e, _)| *e);
+        return eligible().next().map(|(e, _)| e);
     }
-    let total: f64 = live.iter().map(|(_, w)| w).sum();
     let mut x = rand::rng().random_range(0.0..total);
-    for (e, w) in &live {
-        if x < *w {
+    // Counts in flight may have moved since the sum: past the end, the
+    // last one takes it.
+    let mut last = None;
+    for (e, w) in live() {
+        if x < w {
             return Some(e);
         }
         x -= w;
+        last = Some(e);
     }
-    live.last().map(|(e, _)| *e)
+    last
 }
 
 /// Weighted rendezvous hashing with bounded load: members ranked by
@@ -294,7 +305,7 @@ fn bounded_hash<'a>(eligible: &[(&'a Entry, f64)], key: &[u8], now_ms: u64) -> O
         .copied()
         .collect();
     if live.is_empty() {
-        return least_requests(eligible, now_ms);
+        return least_requests(|| eligible.iter().copied(), now_ms);
     }
     let mut ranked: Vec<(f64, &Entry)> = live
         .iter()
