@@ -30,7 +30,7 @@ use headroom_loadgen::{Profile, Summary, Target};
 use headroom_local_nats::NatsServer;
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::config::{BackendConfig, ServiceTime};
+use headroom_shared::config::{BackendConfig, Config, ServiceTime};
 use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
 use headroom_shared::ops::Ops;
 use headroom_shared::records::{
@@ -304,117 +304,38 @@ pub struct System {
     shutdown: CancellationToken,
 }
 
-fn spawn_service<E: std::fmt::Display>(
-    tasks: &mut JoinSet<()>,
-    name: String,
-    service: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
-) {
-    tasks.spawn(async move {
-        if let Err(err) = service.await {
-            tracing::error!(service = %name, "{err}");
-        }
-    });
+/// What a started system is made of.
+struct Parts {
+    client: async_nats::Client,
+    cluster: ClusterId,
+    address: SocketAddr,
+    proxy: Arc<Proxy>,
+    backends: Vec<Backend>,
 }
 
-const START_WITHIN: Duration = Duration::from_secs(30);
-
-/// Plays the scenario against `nats`, printing the live view on `out`.
-///
-/// # Errors
-/// A part cannot start, or the plot cannot be written.
-pub async fn run(
-    settings: &Settings,
-    nats: &NatsServer,
-    out: &mut (dyn Write + Send),
-) -> Result<Report, DemoError> {
-    let system = System::start(settings, nats, out).await?;
-    let report = system.play(settings, out).await;
-    system.stop().await;
-    report
+/// What starting the services reads from.
+#[derive(Clone, Copy)]
+struct Starting<'a> {
+    settings: &'a Settings,
+    nats: &'a NatsServer,
+    config: &'a Config,
+    shutdown: &'a CancellationToken,
 }
 
-impl System {
-    /// Starts the allocator, the sample backends and their agents (all
-    /// registered in the pool), the cluster at its minimum, the monitor
-    /// and the front-end; returns once the front-end routes to a member.
-    ///
-    /// # Errors
-    /// A part cannot start in time.
-    pub async fn start(
-        settings: &Settings,
-        nats: &NatsServer,
-        out: &mut (dyn Write + Send),
-    ) -> Result<Self, DemoError> {
-        let mut tasks = JoinSet::new();
-        let shutdown = CancellationToken::new();
-        let started = Self::start_parts(settings, nats, out, &mut tasks, &shutdown).await;
-        match started {
-            Ok((client, cluster, address, proxy, backends)) => Ok(Self {
-                js: async_nats::jetstream::new(client.clone()),
-                client,
-                cluster,
-                address,
-                proxy,
-                backends,
-                tasks,
-                shutdown,
-            }),
-            Err(err) => {
-                stop_all(tasks, shutdown).await;
-                Err(err)
-            }
-        }
-    }
-
-    /// Stops every service, as SIGTERM would.
-    pub async fn stop(self) {
-        stop_all(self.tasks, self.shutdown).await;
-    }
-
-    #[allow(clippy::type_complexity)]
-    async fn start_parts(
-        settings: &Settings,
-        nats: &NatsServer,
-        out: &mut (dyn Write + Send),
+impl Starting<'_> {
+    /// The sample backends, each with an agent that registers it, once
+    /// every one is in the pool.
+    async fn backends(
+        self,
         tasks: &mut JoinSet<()>,
-        shutdown: &CancellationToken,
-    ) -> Result<
-        (
-            async_nats::Client,
-            ClusterId,
-            SocketAddr,
-            Arc<Proxy>,
-            Vec<Backend>,
-        ),
-        DemoError,
-    > {
-        let mut config = nats.config();
-        config.monitor.instance = "demo-monitor".to_owned();
-        config.monitor.evaluate_interval = settings.interval;
-        config.agent.interval = settings.interval;
-        let cluster = ClusterId::new(CLUSTER).map_err(|e| DemoError::Start {
-            what: "the cluster".into(),
-            why: e.to_string(),
-        })?;
-        let client = nats.client().await?;
-        let _ = writeln!(
-            out,
-            "nats-server {} (JetStream, temporary store)",
-            nats.url()
-        );
-
-        spawn_service(
-            tasks,
-            "allocator".into(),
-            headroom_allocator::run(
-                config.clone(),
-                nats.client().await?,
-                Ops::new("headroom-allocator"),
-                shutdown.clone(),
-            ),
-        );
-
-        // Sample backends, and an agent for each that registers it.
+        client: &async_nats::Client,
+    ) -> Result<Vec<Backend>, DemoError> {
+        let Self {
+            settings,
+            nats,
+            config,
+            shutdown,
+        } = self;
         let mut backends = Vec::new();
         for n in 1..=settings.backends {
             let name = format!("backend-{n}");
@@ -461,30 +382,16 @@ impl System {
             (keys.len() >= settings.backends).then_some(())
         })
         .await?;
-        let _ = writeln!(
-            out,
-            "{} sample backends registered in the pool ({} ms per request, {} at once, {} may queue)",
-            settings.backends,
-            settings.backend.cost.as_millis(),
-            settings.backend.concurrency,
-            settings.backend.queue_limit
-        );
+        Ok(backends)
+    }
 
-        put_cluster(&client, &cluster, &settings.policy).await?;
-        if settings.monitor {
-            spawn_service(
-                tasks,
-                "monitor".into(),
-                headroom_monitor::run(
-                    config.clone(),
-                    nats.client().await?,
-                    Ops::new("headroom-monitor"),
-                    shutdown.clone(),
-                ),
-            );
-        }
-
-        let mut frontend_config = config.clone();
+    /// The front-end, once it routes to a member: its address and state.
+    async fn frontend(
+        self,
+        tasks: &mut JoinSet<()>,
+    ) -> Result<(SocketAddr, Arc<Proxy>), DemoError> {
+        let settings = self.settings;
+        let mut frontend_config = self.config.clone();
         frontend_config.frontend.cluster = CLUSTER.to_owned();
         frontend_config.frontend.instance = "demo-frontend".to_owned();
         frontend_config.frontend.listen = settings.listen.clone();
@@ -502,7 +409,7 @@ impl System {
             why: "no address".into(),
         })?;
         let proxy = frontend.proxy();
-        tasks.spawn(frontend.serve(shutdown.clone()));
+        tasks.spawn(frontend.serve(self.shutdown.clone()));
         wait_until(
             START_WITHIN,
             "the front-end routing to a member",
@@ -512,12 +419,155 @@ impl System {
             },
         )
         .await?;
+        Ok((address, proxy))
+    }
+}
+
+fn spawn_service<E: std::fmt::Display>(
+    tasks: &mut JoinSet<()>,
+    name: String,
+    service: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        if let Err(err) = service.await {
+            tracing::error!(service = %name, "{err}");
+        }
+    });
+}
+
+const START_WITHIN: Duration = Duration::from_secs(30);
+
+/// Plays the scenario against `nats`, printing the live view on `out`.
+///
+/// # Errors
+/// A part cannot start, or the plot cannot be written.
+pub async fn run(
+    settings: &Settings,
+    nats: &NatsServer,
+    out: &mut (dyn Write + Send),
+) -> Result<Report, DemoError> {
+    let system = System::start(settings, nats, out).await?;
+    let report = system.play(settings, out).await;
+    system.stop().await;
+    report
+}
+
+impl System {
+    /// Starts the allocator, the sample backends and their agents (all
+    /// registered in the pool), the cluster at its minimum, the monitor
+    /// and the front-end; returns once the front-end routes to a member.
+    ///
+    /// # Errors
+    /// A part cannot start in time.
+    pub async fn start(
+        settings: &Settings,
+        nats: &NatsServer,
+        out: &mut (dyn Write + Send),
+    ) -> Result<Self, DemoError> {
+        let mut tasks = JoinSet::new();
+        let shutdown = CancellationToken::new();
+        let started = Self::start_parts(settings, nats, out, &mut tasks, &shutdown).await;
+        match started {
+            Ok(Parts {
+                client,
+                cluster,
+                address,
+                proxy,
+                backends,
+            }) => Ok(Self {
+                js: async_nats::jetstream::new(client.clone()),
+                client,
+                cluster,
+                address,
+                proxy,
+                backends,
+                tasks,
+                shutdown,
+            }),
+            Err(err) => {
+                stop_all(tasks, shutdown).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Stops every service, as SIGTERM would.
+    pub async fn stop(self) {
+        stop_all(self.tasks, self.shutdown).await;
+    }
+
+    async fn start_parts(
+        settings: &Settings,
+        nats: &NatsServer,
+        out: &mut (dyn Write + Send),
+        tasks: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+    ) -> Result<Parts, DemoError> {
+        let mut config = nats.config();
+        config.monitor.instance = "demo-monitor".to_owned();
+        config.monitor.evaluate_interval = settings.interval;
+        config.agent.interval = settings.interval;
+        let cluster = ClusterId::new(CLUSTER).map_err(|e| DemoError::Start {
+            what: "the cluster".into(),
+            why: e.to_string(),
+        })?;
+        let client = nats.client().await?;
+        let _ = writeln!(
+            out,
+            "nats-server {} (JetStream, temporary store)",
+            nats.url()
+        );
+        let starting = Starting {
+            settings,
+            nats,
+            config: &config,
+            shutdown,
+        };
+        spawn_service(
+            tasks,
+            "allocator".into(),
+            headroom_allocator::run(
+                config.clone(),
+                nats.client().await?,
+                Ops::new("headroom-allocator"),
+                shutdown.clone(),
+            ),
+        );
+        let backends = starting.backends(tasks, &client).await?;
+        let _ = writeln!(
+            out,
+            "{} sample backends registered in the pool ({} ms per request, {} at once, {} may queue)",
+            settings.backends,
+            settings.backend.cost.as_millis(),
+            settings.backend.concurrency,
+            settings.backend.queue_limit
+        );
+        put_cluster(&client, &cluster, &settings.policy).await?;
+        if settings.monitor {
+            spawn_service(
+                tasks,
+                "monitor".into(),
+                headroom_monitor::run(
+                    config.clone(),
+                    nats.client().await?,
+                    Ops::new("headroom-monitor"),
+                    shutdown.clone(),
+                ),
+            );
+        }
+        let (address, proxy) = starting.frontend(tasks).await?;
         let _ = writeln!(
             out,
             "cluster {CLUSTER}: min {} max {}; front-end on http://{address}",
             settings.policy.min_size, settings.policy.max_size
         );
-        Ok((client, cluster, address, proxy, backends))
+        Ok(Parts {
+            client,
+            cluster,
+            address,
+            proxy,
+            backends,
+        })
     }
 
     /// Plays the load profile, showing what happens, then writes the plot.

@@ -89,84 +89,6 @@ fn values(samples: &[Sample], value: impl Fn(&Sample) -> Option<f64>) -> String 
         .join(",")
 }
 
-/// A polyline through the known values (a gap where one is unknown
-/// starts a new segment); `step` draws a staircase, for counts.
-#[allow(clippy::too_many_arguments)]
-fn series(
-    out: &mut String,
-    id: &str,
-    colour: &str,
-    samples: &[Sample],
-    axis: &Axis,
-    panel: (f64, f64),
-    max: f64,
-    step: bool,
-    value: impl Fn(&Sample) -> Option<f64> + Copy,
-) {
-    let mut points = Vec::new();
-    let mut previous: Option<f64> = None;
-    for s in samples {
-        match value(s) {
-            Some(v) => {
-                if let (true, Some(p)) = (step, previous) {
-                    points.push(format!("{:.1},{:.1}", axis.x(s.t_s), y(panel, p, max)));
-                }
-                points.push(format!("{:.1},{:.1}", axis.x(s.t_s), y(panel, v, max)));
-                previous = Some(v);
-            }
-            None => previous = None,
-        }
-    }
-    let _ = writeln!(
-        out,
-        r#"<polyline id="{id}" data-values="{}" fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
-        values(samples, value),
-        points.join(" ")
-    );
-}
-
-fn panel_frame(out: &mut String, panel: (f64, f64), title: &str, max: f64, unit: &str) {
-    let (top, height) = panel;
-    let _ = writeln!(
-        out,
-        r##"<rect x="{LEFT}" y="{top}" width="{}" height="{height}" fill="#fafafa" stroke="#ccc"/>"##,
-        WIDTH - LEFT - RIGHT
-    );
-    let _ = writeln!(
-        out,
-        r#"<text x="{LEFT}" y="{}" font-size="13" font-weight="bold">{title}</text>"#,
-        top - 6.0
-    );
-    for fraction in [0.0, 0.5, 1.0] {
-        let v = max * fraction;
-        let _ = writeln!(
-            out,
-            r##"<text x="{}" y="{:.1}" font-size="11" text-anchor="end" fill="#555">{}{unit}</text>"##,
-            LEFT - 6.0,
-            top + height - height * fraction + 4.0,
-            if v.fract() == 0.0 {
-                format!("{v:.0}")
-            } else {
-                format!("{v:.2}")
-            }
-        );
-    }
-}
-
-fn legend(out: &mut String, panel: (f64, f64), entries: &[(&str, &str)]) {
-    let mut x = WIDTH - RIGHT - 10.0;
-    for (name, colour) in entries.iter().rev() {
-        x -= 8.0 * name.len() as f64 + 24.0;
-        let _ = writeln!(
-            out,
-            r#"<rect x="{x:.0}" y="{:.0}" width="14" height="4" fill="{colour}"/><text x="{:.0}" y="{:.0}" font-size="11">{name}</text>"#,
-            panel.0 - 12.0,
-            x + 18.0,
-            panel.0 - 7.0
-        );
-    }
-}
-
 /// The levels drawn across the panels.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Levels {
@@ -178,242 +100,291 @@ pub struct Levels {
 
 /// The timeline as an SVG document.
 pub fn svg(samples: &[Sample], marks: &[Mark], title: &str, levels: Levels) -> String {
-    let Levels {
-        upper,
-        lower,
-        slo_ms,
-    } = levels;
     let t_max = samples
         .iter()
         .map(|s| s.t_s)
         .chain(marks.iter().map(|m| m.t_s))
         .fold(1.0, f64::max);
-    let axis = Axis { t_max };
-    let load_max = nice_max(
-        samples
-            .iter()
-            .map(|s| s.offered_rps.max(s.served_rps))
-            .fold(0.0, f64::max),
-    );
-    let util_max = samples
-        .iter()
-        .filter_map(|s| s.utilisation)
-        .fold(1.0f64, f64::max)
-        .min(3.0);
-    // Whole servers: an even top, so the middle label is whole too.
-    let size_max = {
-        let most = samples
+    let mut canvas = Canvas {
+        out: String::new(),
+        samples,
+        axis: Axis { t_max },
+    };
+    canvas.open(title);
+    canvas.load_panel();
+    canvas.utilisation_panel(levels);
+    canvas.size_panel();
+    canvas.latency_panel(levels.slo_ms);
+    canvas.marks(marks);
+    canvas.time_axis();
+    let _ = writeln!(canvas.out, "</svg>");
+    canvas.out
+}
+
+/// The document being drawn, and what every panel draws from.
+struct Canvas<'a> {
+    out: String,
+    samples: &'a [Sample],
+    axis: Axis,
+}
+
+/// Where a panel is, and the top of its scale.
+#[derive(Clone, Copy)]
+struct Panel {
+    place: (f64, f64),
+    max: f64,
+}
+
+/// How a series is drawn: its `id`, its colour, and whether as a
+/// staircase (for counts).
+struct Line<'a> {
+    id: &'a str,
+    colour: &'a str,
+    step: bool,
+}
+
+impl Canvas<'_> {
+    fn open(&mut self, title: &str) {
+        let out = &mut self.out;
+        let _ = writeln!(
+            out,
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
+        );
+        let _ = writeln!(out, "<title>{}</title>", escape(title));
+        let _ = writeln!(
+            out,
+            r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/><text x="{LEFT}" y="22" font-size="16" font-weight="bold">{}</text>"#,
+            escape(title)
+        );
+    }
+
+    fn load_panel(&mut self) {
+        let most = self.samples.iter().map(|s| s.offered_rps.max(s.served_rps));
+        let panel = Panel {
+            place: LOAD,
+            max: nice_max(most.fold(0.0, f64::max)),
+        };
+        self.frame(panel, "Load (requests/s)");
+        self.legend(LOAD, &[("offered", "#888"), ("served", "#1f77b4")]);
+        let offered = line("offered-load", "#888", false);
+        self.series(panel, &offered, |s| Some(s.offered_rps));
+        let served = line("served-load", "#1f77b4", false);
+        self.series(panel, &served, |s| Some(s.served_rps));
+    }
+
+    fn utilisation_panel(&mut self, levels: Levels) {
+        let known = self.samples.iter().filter_map(|s| s.utilisation);
+        let panel = Panel {
+            place: UTIL,
+            max: known.fold(1.0f64, f64::max).min(3.0),
+        };
+        self.frame(panel, "Utilisation (mean of active members)");
+        for (level, name) in [(levels.upper, "upper"), (levels.lower, "lower")] {
+            let ly = y(UTIL, level, panel.max);
+            let _ = writeln!(
+                self.out,
+                r##"<line x1="{LEFT}" x2="{:.0}" y1="{ly:.1}" y2="{ly:.1}" stroke="#d62728" stroke-dasharray="4 3" stroke-width="1"/><text x="{:.0}" y="{:.1}" font-size="10" fill="#d62728" text-anchor="end">{name} {level}</text>"##,
+                WIDTH - RIGHT,
+                WIDTH - RIGHT - 4.0,
+                ly - 3.0
+            );
+        }
+        let utilisation = line("utilisation", "#ff7f0e", false);
+        self.series(panel, &utilisation, |s| s.utilisation);
+    }
+
+    fn size_panel(&mut self) {
+        // Whole servers: an even top, so the middle label is whole too.
+        let most = self
+            .samples
             .iter()
             .map(|s| (s.members + s.changing).max(s.pool_free))
             .max()
             .unwrap_or(1);
-        f64::from((most + 2) / 2 * 2)
-    };
+        let panel = Panel {
+            place: SIZE,
+            max: f64::from((most + 2) / 2 * 2),
+        };
+        self.frame(panel, "Cluster size and free pool (servers)");
+        let entries = [
+            ("members", "#2ca02c"),
+            ("joining/draining", "#9467bd"),
+            ("pool free", "#8c564b"),
+        ];
+        self.legend(SIZE, &entries);
+        let members = line("cluster-size", "#2ca02c", true);
+        self.series(panel, &members, |s| Some(f64::from(s.members)));
+        let changing = line("changing", "#9467bd", true);
+        self.series(panel, &changing, |s| Some(f64::from(s.changing)));
+        let free = line("pool-free", "#8c564b", true);
+        self.series(panel, &free, |s| Some(f64::from(s.pool_free)));
+    }
 
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
-    );
-    let _ = writeln!(out, "<title>{}</title>", escape(title));
-    let _ = writeln!(
-        out,
-        r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/><text x="{LEFT}" y="22" font-size="16" font-weight="bold">{}</text>"#,
-        escape(title)
-    );
-
-    panel_frame(&mut out, LOAD, "Load (requests/s)", load_max, "");
-    legend(
-        &mut out,
-        LOAD,
-        &[("offered", "#888"), ("served", "#1f77b4")],
-    );
-    series(
-        &mut out,
-        "offered-load",
-        "#888",
-        samples,
-        &axis,
-        LOAD,
-        load_max,
-        false,
-        |s| Some(s.offered_rps),
-    );
-    series(
-        &mut out,
-        "served-load",
-        "#1f77b4",
-        samples,
-        &axis,
-        LOAD,
-        load_max,
-        false,
-        |s| Some(s.served_rps),
-    );
-
-    panel_frame(
-        &mut out,
-        UTIL,
-        "Utilisation (mean of active members)",
-        util_max,
-        "",
-    );
-    for (level, name) in [(upper, "upper"), (lower, "lower")] {
-        let ly = y(UTIL, level, util_max);
+    /// p99 latency on a log scale from 10 ms, so that both a healthy
+    /// 150 ms and an overloaded 5 s show, with the objective across it.
+    fn latency_panel(&mut self, slo_ms: f64) {
+        let worst = self
+            .samples
+            .iter()
+            .filter_map(|s| s.p99_ms)
+            .fold(slo_ms * 2.0, f64::max);
+        let decades = (worst / 10.0).log10().ceil().max(1.0);
+        let log = |ms: f64| (ms.max(10.0) / 10.0).log10();
+        let title = format!(
+            "p99 latency (ms, log scale from 10 to {:.0})",
+            10.0 * 10f64.powf(decades)
+        );
+        let panel = Panel {
+            place: LATENCY,
+            max: decades,
+        };
+        self.frame(panel, &title);
+        let ly = y(LATENCY, log(slo_ms), decades);
         let _ = writeln!(
-            out,
-            r##"<line x1="{LEFT}" x2="{:.0}" y1="{ly:.1}" y2="{ly:.1}" stroke="#d62728" stroke-dasharray="4 3" stroke-width="1"/><text x="{:.0}" y="{:.1}" font-size="10" fill="#d62728" text-anchor="end">{name} {level}</text>"##,
+            self.out,
+            r##"<line id="slo" data-value="{slo_ms}" x1="{LEFT}" x2="{:.0}" y1="{ly:.1}" y2="{ly:.1}" stroke="#d62728" stroke-dasharray="4 3" stroke-width="1"/><text x="{:.0}" y="{:.1}" font-size="10" fill="#d62728" text-anchor="end">SLO {slo_ms} ms</text>"##,
             WIDTH - RIGHT,
             WIDTH - RIGHT - 4.0,
             ly - 3.0
         );
-    }
-    series(
-        &mut out,
-        "utilisation",
-        "#ff7f0e",
-        samples,
-        &axis,
-        UTIL,
-        util_max,
-        false,
-        |s| s.utilisation,
-    );
-
-    panel_frame(
-        &mut out,
-        SIZE,
-        "Cluster size and free pool (servers)",
-        size_max,
-        "",
-    );
-    legend(
-        &mut out,
-        SIZE,
-        &[
-            ("members", "#2ca02c"),
-            ("joining/draining", "#9467bd"),
-            ("pool free", "#8c564b"),
-        ],
-    );
-    series(
-        &mut out,
-        "cluster-size",
-        "#2ca02c",
-        samples,
-        &axis,
-        SIZE,
-        size_max,
-        true,
-        |s| Some(f64::from(s.members)),
-    );
-    series(
-        &mut out,
-        "changing",
-        "#9467bd",
-        samples,
-        &axis,
-        SIZE,
-        size_max,
-        true,
-        |s| Some(f64::from(s.changing)),
-    );
-    series(
-        &mut out,
-        "pool-free",
-        "#8c564b",
-        samples,
-        &axis,
-        SIZE,
-        size_max,
-        true,
-        |s| Some(f64::from(s.pool_free)),
-    );
-
-    latency_panel(&mut out, samples, &axis, slo_ms);
-
-    for (i, mark) in marks.iter().enumerate() {
-        let x = axis.x(mark.t_s);
-        // Staggered on three rows, so marks close in time stay readable.
-        let label_y = SIZE.0 + 12.0 + 12.0 * (i % 3) as f64;
-        let colour = match mark.action.as_str() {
-            "allocate" => "#2ca02c",
-            "release" => "#d62728",
-            _ => "#9467bd",
-        };
+        let points: Vec<String> = self
+            .samples
+            .iter()
+            .filter_map(|s| {
+                let p = s.p99_ms?;
+                let (x, y) = (self.axis.x(s.t_s), y(LATENCY, log(p), decades));
+                Some(format!("{x:.1},{y:.1}"))
+            })
+            .collect();
         let _ = writeln!(
-            out,
-            r#"<g class="decision" data-t="{:.2}" data-action="{}"><title>{}</title><line x1="{x:.1}" x2="{x:.1}" y1="{}" y2="{}" stroke="{colour}" stroke-dasharray="2 3" stroke-width="1"/><text x="{:.1}" y="{label_y}" font-size="10" fill="{colour}">{}</text></g>"#,
-            mark.t_s,
-            escape(&mark.action),
-            escape(&mark.detail),
-            LOAD.0,
-            SIZE.0 + SIZE.1,
-            x + 2.0,
-            escape(&mark.label)
+            self.out,
+            r##"<polyline id="p99-latency" data-values="{}" fill="none" stroke="#e377c2" stroke-width="2" points="{}"/>"##,
+            values(self.samples, |s| s.p99_ms),
+            points.join(" ")
         );
     }
 
-    // The time axis.
-    let bottom = LATENCY.0 + LATENCY.1;
-    let tick = nice_max(t_max / 8.0);
-    let mut t = 0.0;
-    while t <= t_max + 1e-9 {
-        let _ = writeln!(
-            out,
-            r##"<text x="{:.1}" y="{:.0}" font-size="11" text-anchor="middle" fill="#555">{t:.0}s</text>"##,
-            axis.x(t),
-            bottom + 16.0
-        );
-        t += tick;
-    }
-    let _ = writeln!(out, "</svg>");
-    out
-}
-
-/// p99 latency on a log scale from 10 ms, so that both a healthy 150 ms
-/// and an overloaded 5 s show, with the objective across it.
-fn latency_panel(out: &mut String, samples: &[Sample], axis: &Axis, slo_ms: f64) {
-    let worst = samples
-        .iter()
-        .filter_map(|s| s.p99_ms)
-        .fold(slo_ms * 2.0, f64::max);
-    let decades = (worst / 10.0).log10().ceil().max(1.0);
-    let log = |ms: f64| (ms.max(10.0) / 10.0).log10();
-    panel_frame(
-        out,
-        LATENCY,
-        &format!(
-            "p99 latency (ms, log scale from 10 to {:.0})",
-            10.0 * 10f64.powf(decades)
-        ),
-        decades,
-        "",
-    );
-    let ly = y(LATENCY, log(slo_ms), decades);
-    let _ = writeln!(
-        out,
-        r##"<line id="slo" data-value="{slo_ms}" x1="{LEFT}" x2="{:.0}" y1="{ly:.1}" y2="{ly:.1}" stroke="#d62728" stroke-dasharray="4 3" stroke-width="1"/><text x="{:.0}" y="{:.1}" font-size="10" fill="#d62728" text-anchor="end">SLO {slo_ms} ms</text>"##,
-        WIDTH - RIGHT,
-        WIDTH - RIGHT - 4.0,
-        ly - 3.0
-    );
-    let mut points = Vec::new();
-    for s in samples {
-        if let Some(p) = s.p99_ms {
-            points.push(format!(
-                "{:.1},{:.1}",
-                axis.x(s.t_s),
-                y(LATENCY, log(p), decades)
-            ));
+    /// Each decision, a dashed line across the panels with its label.
+    fn marks(&mut self, marks: &[Mark]) {
+        for (i, mark) in marks.iter().enumerate() {
+            let x = self.axis.x(mark.t_s);
+            // Staggered on three rows, so marks close in time stay readable.
+            let label_y = SIZE.0 + 12.0 + 12.0 * (i % 3) as f64;
+            let colour = match mark.action.as_str() {
+                "allocate" => "#2ca02c",
+                "release" => "#d62728",
+                _ => "#9467bd",
+            };
+            let _ = writeln!(
+                self.out,
+                r#"<g class="decision" data-t="{:.2}" data-action="{}"><title>{}</title><line x1="{x:.1}" x2="{x:.1}" y1="{}" y2="{}" stroke="{colour}" stroke-dasharray="2 3" stroke-width="1"/><text x="{:.1}" y="{label_y}" font-size="10" fill="{colour}">{}</text></g>"#,
+                mark.t_s,
+                escape(&mark.action),
+                escape(&mark.detail),
+                LOAD.0,
+                SIZE.0 + SIZE.1,
+                x + 2.0,
+                escape(&mark.label)
+            );
         }
     }
-    let _ = writeln!(
-        out,
-        r##"<polyline id="p99-latency" data-values="{}" fill="none" stroke="#e377c2" stroke-width="2" points="{}"/>"##,
-        values(samples, |s| s.p99_ms),
-        points.join(" ")
-    );
+
+    fn time_axis(&mut self) {
+        let bottom = LATENCY.0 + LATENCY.1;
+        let t_max = self.axis.t_max;
+        let tick = nice_max(t_max / 8.0);
+        let mut t = 0.0;
+        while t <= t_max + 1e-9 {
+            let _ = writeln!(
+                self.out,
+                r##"<text x="{:.1}" y="{:.0}" font-size="11" text-anchor="middle" fill="#555">{t:.0}s</text>"##,
+                self.axis.x(t),
+                bottom + 16.0
+            );
+            t += tick;
+        }
+    }
+
+    /// A polyline through the known values (a gap where one is unknown
+    /// starts a new segment); a staircase when `line.step`.
+    fn series(
+        &mut self,
+        panel: Panel,
+        line: &Line<'_>,
+        value: impl Fn(&Sample) -> Option<f64> + Copy,
+    ) {
+        let Panel { place, max } = panel;
+        let mut points = Vec::new();
+        let mut previous: Option<f64> = None;
+        for s in self.samples {
+            let x = self.axis.x(s.t_s);
+            match value(s) {
+                Some(v) => {
+                    if let (true, Some(p)) = (line.step, previous) {
+                        points.push(format!("{x:.1},{:.1}", y(place, p, max)));
+                    }
+                    points.push(format!("{x:.1},{:.1}", y(place, v, max)));
+                    previous = Some(v);
+                }
+                None => previous = None,
+            }
+        }
+        let _ = writeln!(
+            self.out,
+            r#"<polyline id="{}" data-values="{}" fill="none" stroke="{}" stroke-width="2" points="{}"/>"#,
+            line.id,
+            values(self.samples, value),
+            line.colour,
+            points.join(" ")
+        );
+    }
+
+    fn frame(&mut self, panel: Panel, title: &str) {
+        let ((top, height), max) = (panel.place, panel.max);
+        let out = &mut self.out;
+        let _ = writeln!(
+            out,
+            r##"<rect x="{LEFT}" y="{top}" width="{}" height="{height}" fill="#fafafa" stroke="#ccc"/>"##,
+            WIDTH - LEFT - RIGHT
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{LEFT}" y="{}" font-size="13" font-weight="bold">{title}</text>"#,
+            top - 6.0
+        );
+        for fraction in [0.0, 0.5, 1.0] {
+            let v = max * fraction;
+            let label = if v.fract() == 0.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            };
+            let _ = writeln!(
+                out,
+                r##"<text x="{}" y="{:.1}" font-size="11" text-anchor="end" fill="#555">{label}</text>"##,
+                LEFT - 6.0,
+                top + height - height * fraction + 4.0,
+            );
+        }
+    }
+
+    fn legend(&mut self, place: (f64, f64), entries: &[(&str, &str)]) {
+        let mut x = WIDTH - RIGHT - 10.0;
+        for (name, colour) in entries.iter().rev() {
+            x -= 8.0 * name.len() as f64 + 24.0;
+            let _ = writeln!(
+                self.out,
+                r#"<rect x="{x:.0}" y="{:.0}" width="14" height="4" fill="{colour}"/><text x="{:.0}" y="{:.0}" font-size="11">{name}</text>"#,
+                place.0 - 12.0,
+                x + 18.0,
+                place.0 - 7.0
+            );
+        }
+    }
+}
+
+fn line<'a>(id: &'a str, colour: &'a str, step: bool) -> Line<'a> {
+    Line { id, colour, step }
 }
 
 /// Sets each sample's p99 from the requests sent since the sample before
