@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use async_nats::Client;
 use clap::{Parser, Subcommand};
 use headroom_cli as cli;
 use headroom_shared::config::Config;
@@ -188,115 +189,7 @@ fn main() -> ExitCode {
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut out = std::io::stdout().lock();
-        match args.command {
-            Command::Status { sample_ms } => {
-                cli::status(&client, Duration::from_millis(sample_ms), &mut out).await?;
-            }
-            Command::Pool { action: Pool::List } => cli::pool_list(&client, &mut out).await?,
-            Command::Cluster { action } => match action {
-                ClusterCommand::Put { id, policy } => {
-                    cli::cluster_put(&client, &id, &policy, &mut out).await?;
-                }
-                ClusterCommand::List => cli::cluster_show(&client, None, &mut out).await?,
-                ClusterCommand::Get { id } => {
-                    cli::cluster_show(&client, Some(&id), &mut out).await?;
-                }
-            },
-            Command::Pool {
-                action:
-                    Pool::Add {
-                        id,
-                        address,
-                        port,
-                        request_types,
-                    },
-            } => cli::pool_add(&client, &id, &address, port, request_types, &mut out).await?,
-            Command::Pool {
-                action: Pool::Remove { id },
-            } => cli::pool_remove(&client, &id, &mut out).await?,
-            Command::Drain { cluster, server } => {
-                cli::drain(&client, &cluster, &server, &mut out).await?
-            }
-            Command::Kv {
-                action: Kv::List { bucket },
-            } => cli::kv_list(&client, &bucket, &mut out).await?,
-            Command::Kv {
-                action: Kv::Get { bucket, key },
-            } => {
-                cli::kv_get(&client, &bucket, &key, false, &mut out).await?;
-            }
-            Command::Kv {
-                action: Kv::History { bucket, key },
-            } => {
-                cli::kv_get(&client, &bucket, &key, true, &mut out).await?;
-            }
-            Command::Kv {
-                action:
-                    Kv::Watch {
-                        bucket,
-                        pattern,
-                        count,
-                        seconds,
-                    },
-            } => {
-                cli::kv_watch(
-                    &client,
-                    &bucket,
-                    &pattern,
-                    count,
-                    seconds.map(Duration::from_secs),
-                    &mut out,
-                )
-                .await?;
-            }
-            Command::Watch {
-                pattern,
-                count,
-                seconds,
-            } => {
-                cli::watch(
-                    &client,
-                    &pattern,
-                    count,
-                    seconds.map(Duration::from_secs),
-                    &mut out,
-                )
-                .await?;
-            }
-            Command::Events { cluster, last } => {
-                cli::events(&client, cluster.as_deref(), last, &mut out).await?
-            }
-            Command::Services { ask, window_ms } => {
-                cli::services(
-                    &client,
-                    ask.into(),
-                    Duration::from_millis(window_ms),
-                    &mut out,
-                )
-                .await?;
-            }
-            // Offline: answered before connecting.
-            Command::Replay(_) => {}
-            Command::Record { out: path, seconds } => {
-                let file = std::fs::File::create(&path)?;
-                let stop = headroom_shared::shutdown::on_signal();
-                if let Some(s) = seconds {
-                    let stop = stop.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(s)).await;
-                        stop.cancel();
-                    });
-                }
-                let written = headroom_monitor::replay::record(
-                    &client,
-                    config.nats.replicas,
-                    std::io::BufWriter::new(file),
-                    stop,
-                )
-                .await?;
-                eprintln!("{written} inputs recorded in {}", path.display());
-            }
-        }
+        args.command.run(&client, &config, &mut out).await?;
         client.flush().await?;
         Ok::<(), anyhow::Error>(())
     });
@@ -307,4 +200,103 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+type Out<'a> = std::io::StdoutLock<'a>;
+
+impl Command {
+    async fn run(self, client: &Client, config: &Config, out: &mut Out<'_>) -> anyhow::Result<()> {
+        let seconds = |s: Option<u64>| s.map(Duration::from_secs);
+        match self {
+            Self::Status { sample_ms } => {
+                cli::status(client, Duration::from_millis(sample_ms), out).await?;
+            }
+            Self::Pool { action } => action.run(client, out).await?,
+            Self::Cluster { action } => action.run(client, out).await?,
+            Self::Drain { cluster, server } => cli::drain(client, &cluster, &server, out).await?,
+            Self::Kv { action } => action.run(client, out).await?,
+            Self::Watch {
+                pattern,
+                count,
+                seconds: s,
+            } => cli::watch(client, &pattern, count, seconds(s), out).await?,
+            Self::Events { cluster, last } => {
+                cli::events(client, cluster.as_deref(), last, out).await?;
+            }
+            Self::Services { ask, window_ms } => {
+                let window = Duration::from_millis(window_ms);
+                cli::services(client, ask.into(), window, out).await?;
+            }
+            // Offline: answered before connecting.
+            Self::Replay(_) => {}
+            Self::Record { out: path, seconds } => record(client, config, &path, seconds).await?,
+        }
+        Ok(())
+    }
+}
+
+impl Pool {
+    async fn run(self, client: &Client, out: &mut Out<'_>) -> Result<(), cli::CliError> {
+        match self {
+            Self::List => cli::pool_list(client, out).await,
+            Self::Add {
+                id,
+                address,
+                port,
+                request_types,
+            } => cli::pool_add(client, &id, &address, port, request_types, out).await,
+            Self::Remove { id } => cli::pool_remove(client, &id, out).await,
+        }
+    }
+}
+
+impl ClusterCommand {
+    async fn run(self, client: &Client, out: &mut Out<'_>) -> Result<(), cli::CliError> {
+        match self {
+            Self::Put { id, policy } => cli::cluster_put(client, &id, &policy, out).await,
+            Self::List => cli::cluster_show(client, None, out).await,
+            Self::Get { id } => cli::cluster_show(client, Some(&id), out).await,
+        }
+    }
+}
+
+impl Kv {
+    async fn run(self, client: &Client, out: &mut Out<'_>) -> Result<(), cli::CliError> {
+        match self {
+            Self::List { bucket } => cli::kv_list(client, &bucket, out).await,
+            Self::Get { bucket, key } => cli::kv_get(client, &bucket, &key, false, out).await,
+            Self::History { bucket, key } => cli::kv_get(client, &bucket, &key, true, out).await,
+            Self::Watch {
+                bucket,
+                pattern,
+                count,
+                seconds,
+            } => {
+                let seconds = seconds.map(Duration::from_secs);
+                cli::kv_watch(client, &bucket, &pattern, count, seconds, out).await
+            }
+        }
+    }
+}
+
+/// Records the live inputs to `path` until SIGTERM or `seconds`.
+async fn record(
+    client: &Client,
+    config: &Config,
+    path: &std::path::Path,
+    seconds: Option<u64>,
+) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path)?;
+    let stop = headroom_shared::shutdown::on_signal();
+    if let Some(s) = seconds {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(s)).await;
+            stop.cancel();
+        });
+    }
+    let out = std::io::BufWriter::new(file);
+    let written = headroom_monitor::replay::record(client, config.nats.replicas, out, stop).await?;
+    eprintln!("{written} inputs recorded in {}", path.display());
+    Ok(())
 }
