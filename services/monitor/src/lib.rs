@@ -33,7 +33,7 @@ use async_nats::jetstream::{self, kv};
 use async_nats::service::ServiceExt;
 use futures::StreamExt;
 use headroom_shared::codec::Codec;
-use headroom_shared::config::Config;
+use headroom_shared::config::{Config, MonitorConfig};
 use headroom_shared::kv::Bucket;
 use headroom_shared::ops::Ops;
 use headroom_shared::records::ClusterRecord;
@@ -166,33 +166,7 @@ pub async fn run_with_clock(
     let span = info_span!("monitor", instance = %settings.instance, shards = settings.shards);
     async move {
         let js = jetstream::new(client.clone());
-        let replicas = config.nats.replicas;
-        js.get_or_create_stream(subjects::reconfig_stream(replicas))
-            .await
-            .map_err(|e| MonitorError::Setup("reconfig stream", e.into()))?;
-        js.get_or_create_stream(subjects::events_stream(replicas))
-            .await
-            .map_err(|e| MonitorError::Setup("events stream", e.into()))?;
-        let clusters = headroom_shared::kv::open_bucket(&js, Bucket::Clusters, replicas)
-            .await
-            .map_err(|e| MonitorError::Setup("clusters bucket", e))?;
-        let monitors = headroom_shared::kv::open_bucket(&js, Bucket::Monitors, replicas)
-            .await
-            .map_err(|e| MonitorError::Setup("monitors bucket", e))?;
-        let decision_log = match &settings.decision_log {
-            Some(path) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| MonitorError::DecisionLog {
-                        path: path.display().to_string(),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
-        let reports = Reports::new(client.clone(), settings.shards);
+        let opened = Opened::open(&js, &settings, config.nats.replicas).await?;
         let counters = Arc::new(Counters::default());
         {
             let counters = counters.clone();
@@ -205,58 +179,22 @@ pub async fn run_with_clock(
             .start(subjects::MONITOR_SERVICE, env!("CARGO_PKG_VERSION"))
             .await
             .map_err(|e| MonitorError::Setup("stats service", e))?;
-        let stats_endpoint = stats
+        let endpoint = stats
             .endpoint(subjects::MONITOR_STATS)
             .await
             .map_err(|e| MonitorError::Setup("stats endpoint", e))?;
         info!(dry_run = settings.dry_run, "monitor starting");
 
         let stop = shutdown.child_token();
-        let (updates_tx, updates_rx) = mpsc::channel(1024);
-        let (decisions_tx, decisions_rx) = mpsc::channel(4096);
-        let (ownership_tx, ownership_rx) = mpsc::channel(64);
-        let decider_gone = CancellationToken::new();
-        let (first_round_tx, first_round) = oneshot::channel();
-        let mut tasks: JoinSet<Result<&'static str, MonitorError>> = JoinSet::new();
-        tasks.spawn(watch_clusters(clusters, updates_tx, stop.clone()));
-        tasks.spawn(leases::hold(
-            monitors,
-            js.clone(),
-            leases::LeaseSettings {
-                shards: settings.shards,
-                ttl: settings.lease_ttl,
-                instance: settings.instance.clone(),
-            },
-            ownership_tx,
-            stop.clone(),
-            decider_gone.clone(),
-            first_round_tx,
-        ));
-        {
-            let inputs = Inputs {
-                reports,
-                updates: updates_rx,
-                ownership: ownership_rx,
-                shards: Shards::none(settings.shards),
-                interval: settings.evaluate_interval,
-                clock,
-            };
-            let (counters, stop) = (counters.clone(), stop.clone());
-            tasks.spawn(async move {
-                // However it ends, the leases may then be handed over.
-                let _gone = decider_gone.drop_guard();
-                decide_loop(inputs, decisions_tx, counters, stop).await
-            });
-        }
-        tasks.spawn(send_loop(
+        let wiring = Wiring {
             js,
-            decisions_rx,
-            decision_log,
-            counters.clone(),
-            settings.instance.clone(),
-            settings.dry_run,
-        ));
-        tasks.spawn(serve_stats(stats_endpoint, counters, stop.clone()));
+            opened,
+            reports: Reports::new(client.clone(), settings.shards),
+            counters,
+            endpoint,
+            clock,
+        };
+        let (tasks, first_round) = wiring.spawn(&settings, &stop);
         // Ready once the first round of leases has taken what was free.
         if tokio::time::timeout(2 * settings.lease_ttl, first_round)
             .await
@@ -287,6 +225,129 @@ pub async fn run_with_clock(
     }
     .instrument(span)
     .await
+}
+
+/// What the monitor opens before its tasks start: its streams, its two
+/// buckets, and the decision log.
+struct Opened {
+    clusters: kv::Store,
+    monitors: kv::Store,
+    decision_log: Option<std::fs::File>,
+}
+
+impl Opened {
+    async fn open(
+        js: &jetstream::Context,
+        settings: &MonitorConfig,
+        replicas: usize,
+    ) -> Result<Self, MonitorError> {
+        js.get_or_create_stream(subjects::reconfig_stream(replicas))
+            .await
+            .map_err(|e| MonitorError::Setup("reconfig stream", e.into()))?;
+        js.get_or_create_stream(subjects::events_stream(replicas))
+            .await
+            .map_err(|e| MonitorError::Setup("events stream", e.into()))?;
+        let clusters = headroom_shared::kv::open_bucket(js, Bucket::Clusters, replicas)
+            .await
+            .map_err(|e| MonitorError::Setup("clusters bucket", e))?;
+        let monitors = headroom_shared::kv::open_bucket(js, Bucket::Monitors, replicas)
+            .await
+            .map_err(|e| MonitorError::Setup("monitors bucket", e))?;
+        let decision_log = match &settings.decision_log {
+            Some(path) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| MonitorError::DecisionLog {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            clusters,
+            monitors,
+            decision_log,
+        })
+    }
+}
+
+/// Everything the monitor's tasks are made of.
+struct Wiring {
+    js: jetstream::Context,
+    opened: Opened,
+    reports: Reports,
+    counters: Arc<Counters>,
+    endpoint: async_nats::service::endpoint::Endpoint,
+    clock: Clock,
+}
+
+type Tasks = JoinSet<Result<&'static str, MonitorError>>;
+
+impl Wiring {
+    /// Starts the cluster watch, the leases, the decider, the sender and
+    /// the stats endpoint: the tasks, and word of the leases' first round.
+    fn spawn(
+        self,
+        settings: &MonitorConfig,
+        stop: &CancellationToken,
+    ) -> (Tasks, oneshot::Receiver<()>) {
+        let Self {
+            js,
+            opened,
+            reports,
+            counters,
+            endpoint,
+            clock,
+        } = self;
+        let (updates_tx, updates_rx) = mpsc::channel(1024);
+        let (decisions_tx, decisions_rx) = mpsc::channel(4096);
+        let (ownership_tx, ownership_rx) = mpsc::channel(64);
+        let decider_gone = CancellationToken::new();
+        let (first_round_tx, first_round) = oneshot::channel();
+        let mut tasks = Tasks::new();
+        tasks.spawn(watch_clusters(opened.clusters, updates_tx, stop.clone()));
+        let lease = leases::LeaseSettings {
+            shards: settings.shards,
+            ttl: settings.lease_ttl,
+            instance: settings.instance.clone(),
+        };
+        tasks.spawn(leases::hold(
+            opened.monitors,
+            js.clone(),
+            lease,
+            ownership_tx,
+            stop.clone(),
+            decider_gone.clone(),
+            first_round_tx,
+        ));
+        let inputs = Inputs {
+            reports,
+            updates: updates_rx,
+            ownership: ownership_rx,
+            shards: Shards::none(settings.shards),
+            interval: settings.evaluate_interval,
+            clock,
+        };
+        let (deciding, stopping) = (counters.clone(), stop.clone());
+        tasks.spawn(async move {
+            // However it ends, the leases may then be handed over.
+            let _gone = decider_gone.drop_guard();
+            decide_loop(inputs, decisions_tx, deciding, stopping).await
+        });
+        tasks.spawn(send_loop(
+            js,
+            decisions_rx,
+            opened.decision_log,
+            counters.clone(),
+            settings.instance.clone(),
+            settings.dry_run,
+        ));
+        tasks.spawn(serve_stats(endpoint, counters, stop.clone()));
+        (tasks, first_round)
+    }
 }
 
 /// Follows the clusters bucket (current records first, then every change)

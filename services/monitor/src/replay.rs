@@ -194,31 +194,15 @@ pub fn replay(
     interval_ms: u64,
     log: &mut impl Write,
 ) -> Result<ReplaySummary, ReplayError> {
-    let interval_ms = interval_ms.max(1);
-    let mut decider = Decider::new();
-    let lone = Shards::default();
-    let counters = Counters::default();
-    let mut summary = ReplaySummary::default();
-    let mut next_tick: Option<u64> = None;
-    let mut previous_ms = 0;
-    // Evaluates at every step before `until_ms`.
-    let decided = &counters.decisions;
-    let evaluate = |decider: &mut Decider,
-                    until_ms: u64,
-                    next_tick: &mut Option<u64>,
-                    summary: &mut ReplaySummary,
-                    log: &mut dyn Write|
-     -> std::io::Result<()> {
-        while let Some(at) = next_tick.filter(|&t| t < until_ms) {
-            for decision in decider.tick(at) {
-                write_decision(log, &decision)?;
-                summary.decisions += 1;
-                decided.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            summary.evaluations += 1;
-            *next_tick = Some(at + interval_ms);
-        }
-        Ok(())
+    let mut replayer = Replayer {
+        decider: Decider::new(),
+        lone: Shards::default(),
+        counters: Counters::default(),
+        summary: ReplaySummary::default(),
+        policy,
+        interval_ms: interval_ms.max(1),
+        next_tick: None,
+        previous_ms: 0,
     };
     for (n, line) in input.lines().enumerate() {
         let line_no = n + 1;
@@ -230,85 +214,141 @@ pub fn replay(
             line: line_no,
             reason: e.to_string(),
         })?;
+        replayer.take(line_no, recorded, log)?;
+    }
+    replayer.finish(log)
+}
+
+/// A replay in progress: the decider, and when it evaluates next.
+struct Replayer<'a> {
+    decider: Decider,
+    lone: Shards,
+    counters: Counters,
+    summary: ReplaySummary,
+    policy: Option<&'a ClusterPolicy>,
+    interval_ms: u64,
+    next_tick: Option<u64>,
+    previous_ms: u64,
+}
+
+impl Replayer<'_> {
+    /// One recorded input, after the evaluations due before it.
+    fn take(
+        &mut self,
+        line_no: usize,
+        recorded: Recorded,
+        log: &mut dyn Write,
+    ) -> Result<(), ReplayError> {
         let at_ms = recorded.at_ms();
-        if at_ms < previous_ms {
+        if at_ms < self.previous_ms {
             return Err(ReplayError::OutOfOrder {
                 line: line_no,
                 at_ms,
-                previous_ms,
+                previous_ms: self.previous_ms,
             });
         }
-        previous_ms = at_ms;
-        next_tick.get_or_insert(at_ms);
+        self.previous_ms = at_ms;
+        self.next_tick.get_or_insert(at_ms);
         // Inputs at a time are seen by the evaluation at that same time.
-        evaluate(&mut decider, at_ms, &mut next_tick, &mut summary, log)?;
-        summary.inputs += 1;
+        self.evaluate_until(at_ms, log)?;
+        self.summary.inputs += 1;
         let (subject, headers, body) = match recorded {
             Recorded::Cluster { mut cluster, .. } => {
-                if let Some(policy) = policy {
+                if let Some(policy) = self.policy {
                     cluster.policy = policy.clone();
                 }
-                decider.set_cluster(at_ms, cluster);
-                continue;
+                self.decider.set_cluster(at_ms, cluster);
+                return Ok(());
             }
             Recorded::ClusterRemoved { id, .. } => {
-                decider.remove_cluster(&id);
-                continue;
+                self.decider.remove_cluster(&id);
+                return Ok(());
             }
-            // Through the JSON codec, so the report meets the same checks
-            // a live one does.
-            Recorded::Report {
-                subject, report, ..
-            } => {
-                let body = serde_json::to_vec(&report).map_err(|e| ReplayError::Line {
-                    line: line_no,
-                    reason: e.to_string(),
-                })?;
-                (subject, Some(Codec::Json.headers()), body)
-            }
-            Recorded::Raw {
-                subject,
-                content_type,
-                hex,
-                ..
-            } => {
-                let body = from_hex(&hex).ok_or_else(|| ReplayError::Line {
-                    line: line_no,
-                    reason: "hex is not hexadecimal".to_owned(),
-                })?;
-                let headers = content_type.map(|ct| {
-                    let mut headers = HeaderMap::new();
-                    headers.insert(CONTENT_TYPE, ct.as_str());
-                    headers
-                });
-                (subject, headers, body)
-            }
+            message => message_of(line_no, message)?,
         };
         // A rejection is counted; replay goes on, as the live monitor does.
         let _ = ingest(
-            &mut decider,
-            &lone,
-            &counters,
+            &mut self.decider,
+            &self.lone,
+            &self.counters,
             at_ms,
             &subject,
             headers.as_ref(),
             &body,
         );
+        Ok(())
     }
-    // The evaluation at the time of the last input.
-    if let Some(last) = next_tick.map(|_| previous_ms) {
-        evaluate(&mut decider, last + 1, &mut next_tick, &mut summary, log)?;
+
+    /// Evaluates at every step before `until_ms`.
+    fn evaluate_until(&mut self, until_ms: u64, log: &mut dyn Write) -> std::io::Result<()> {
+        while let Some(at) = self.next_tick.filter(|&t| t < until_ms) {
+            for decision in self.decider.tick(at) {
+                write_decision(log, &decision)?;
+                self.summary.decisions += 1;
+                self.counters
+                    .decisions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.summary.evaluations += 1;
+            self.next_tick = Some(at + self.interval_ms);
+        }
+        Ok(())
     }
-    counters.tracked_servers.store(
-        decider.tracked_servers() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    counters.clusters.store(
-        decider.clusters() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-    summary.counters = counters.snapshot();
-    Ok(summary)
+
+    /// The evaluation at the time of the last input, and the summary.
+    fn finish(mut self, log: &mut dyn Write) -> Result<ReplaySummary, ReplayError> {
+        if self.next_tick.is_some() {
+            self.evaluate_until(self.previous_ms + 1, log)?;
+        }
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let counters = &self.counters;
+        counters
+            .tracked_servers
+            .store(self.decider.tracked_servers() as u64, relaxed);
+        counters
+            .clusters
+            .store(self.decider.clusters() as u64, relaxed);
+        self.summary.counters = counters.snapshot();
+        Ok(self.summary)
+    }
+}
+
+/// A recorded message as it came off the bus: subject, headers, body.
+/// Reports go through the JSON codec, so they meet the same checks a live
+/// one does.
+fn message_of(
+    line_no: usize,
+    recorded: Recorded,
+) -> Result<(String, Option<HeaderMap>, Vec<u8>), ReplayError> {
+    let bad = |reason: String| ReplayError::Line {
+        line: line_no,
+        reason,
+    };
+    match recorded {
+        Recorded::Report {
+            subject, report, ..
+        } => {
+            let body = serde_json::to_vec(&report).map_err(|e| bad(e.to_string()))?;
+            Ok((subject, Some(Codec::Json.headers()), body))
+        }
+        Recorded::Raw {
+            subject,
+            content_type,
+            hex,
+            ..
+        } => {
+            let body = from_hex(&hex).ok_or_else(|| bad("hex is not hexadecimal".to_owned()))?;
+            let headers = content_type.map(|ct| {
+                let mut headers = HeaderMap::new();
+                headers.insert(CONTENT_TYPE, ct.as_str());
+                headers
+            });
+            Ok((subject, headers, body))
+        }
+        Recorded::Cluster { .. } | Recorded::ClusterRemoved { .. } => {
+            Err(bad("not a message".to_owned()))
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
