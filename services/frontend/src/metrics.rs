@@ -25,8 +25,25 @@ pub fn register(proxy: &Arc<Proxy>, ops: &Ops) {
 }
 
 fn expose(proxy: &Proxy, out: &mut Exposition) {
+    requests(proxy, out);
+    for (name, help, value) in counts(proxy) {
+        match value {
+            Value::Counter(n) => out.counter(name, help, &[], n),
+            Value::Gauge(v) => out.gauge(name, help, &[], v),
+        }
+    }
+    out.histogram(
+        "headroom_frontend_request_seconds",
+        "Time from a request's head to its response's head.",
+        &[],
+        &proxy.counters.duration,
+    );
+    routing(proxy, out);
+}
+
+/// Requests by status, and the cache's hits and misses.
+fn requests(proxy: &Proxy, out: &mut Exposition) {
     let c = &proxy.counters;
-    let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     const REQUESTS: &str = "headroom_frontend_requests_total";
     const REQUESTS_HELP: &str = "Requests answered, by status code (cache hits included).";
     let mut any = false;
@@ -34,12 +51,8 @@ fn expose(proxy: &Proxy, out: &mut Exposition) {
         let n = count.load(Ordering::Relaxed);
         if n > 0 {
             any = true;
-            out.counter(
-                REQUESTS,
-                REQUESTS_HELP,
-                &[("code", &(i + 100).to_string())],
-                n,
-            );
+            let code = (i + 100).to_string();
+            out.counter(REQUESTS, REQUESTS_HELP, &[("code", &code)], n);
         }
     }
     if !any {
@@ -47,70 +60,69 @@ fn expose(proxy: &Proxy, out: &mut Exposition) {
     }
     const CACHE: &str = "headroom_frontend_cache_total";
     const CACHE_HELP: &str = "Requests looked up in the cache (GETs that allow it), by result.";
-    out.counter(CACHE, CACHE_HELP, &[("result", "hit")], get(&c.cache_hits));
-    out.counter(
-        CACHE,
-        CACHE_HELP,
-        &[("result", "miss")],
-        get(&c.cache_misses),
-    );
-    out.gauge(
-        "headroom_frontend_cache_bytes",
-        "Bytes of responses held in the cache.",
-        &[],
-        proxy
-            .cache
-            .as_ref()
-            .map_or(0.0, |cache| cache.weight() as f64),
-    );
-    out.counter(
-        "headroom_frontend_retries_total",
-        "Requests retried on another member after a connection failure.",
-        &[],
-        get(&c.retries),
-    );
-    out.counter(
-        "headroom_frontend_resyncs_total",
-        "Times the routing was reloaded from the KV snapshot (missed changes).",
-        &[],
-        get(&c.resyncs),
-    );
-    out.gauge(
-        "headroom_frontend_in_flight",
-        "Requests being answered now.",
-        &[],
-        get(&c.in_flight) as f64,
-    );
-    out.counter(
-        "headroom_frontend_connections_total",
-        "Client connections accepted.",
-        &[],
-        get(&c.connections),
-    );
-    out.gauge(
-        "headroom_frontend_connections_open",
-        "Client connections open now (up to frontend.max_connections).",
-        &[],
-        get(&c.connections_open) as f64,
-    );
-    out.counter(
-        "headroom_frontend_tunnels_total",
-        "Protocol switches (WebSocket) joined to a member.",
-        &[],
-        get(&c.tunnels),
-    );
-    out.gauge(
-        "headroom_frontend_tunnels_open",
-        "Protocol switches (WebSocket) open now.",
-        &[],
-        get(&c.tunnels_open) as f64,
-    );
-    out.histogram(
-        "headroom_frontend_request_seconds",
-        "Time from a request's head to its response's head.",
-        &[],
-        &c.duration,
-    );
+    for (result, count) in [("hit", &c.cache_hits), ("miss", &c.cache_misses)] {
+        let n = count.load(Ordering::Relaxed);
+        out.counter(CACHE, CACHE_HELP, &[("result", result)], n);
+    }
+}
+
+enum Value {
+    Counter(u64),
+    Gauge(f64),
+}
+
+/// The front-end's single counts, each with its name and help.
+fn counts(proxy: &Proxy) -> [(&'static str, &'static str, Value); 8] {
+    let c = &proxy.counters;
+    let count = |a: &std::sync::atomic::AtomicU64| Value::Counter(a.load(Ordering::Relaxed));
+    let now = |a: &std::sync::atomic::AtomicU64| Value::Gauge(a.load(Ordering::Relaxed) as f64);
+    let cached = proxy.cache.as_ref().map_or(0, |cache| cache.weight());
+    [
+        (
+            "headroom_frontend_cache_bytes",
+            "Bytes of responses held in the cache.",
+            Value::Gauge(cached as f64),
+        ),
+        (
+            "headroom_frontend_retries_total",
+            "Requests retried on another member after a connection failure.",
+            count(&c.retries),
+        ),
+        (
+            "headroom_frontend_resyncs_total",
+            "Times the routing was reloaded from the KV snapshot (missed changes).",
+            count(&c.resyncs),
+        ),
+        (
+            "headroom_frontend_in_flight",
+            "Requests being answered now.",
+            now(&c.in_flight),
+        ),
+        (
+            "headroom_frontend_connections_total",
+            "Client connections accepted.",
+            count(&c.connections),
+        ),
+        (
+            "headroom_frontend_connections_open",
+            "Client connections open now (up to frontend.max_connections).",
+            now(&c.connections_open),
+        ),
+        (
+            "headroom_frontend_tunnels_total",
+            "Protocol switches (WebSocket) joined to a member.",
+            count(&c.tunnels),
+        ),
+        (
+            "headroom_frontend_tunnels_open",
+            "Protocol switches (WebSocket) open now.",
+            now(&c.tunnels_open),
+        ),
+    ]
+}
+
+/// The routing table in use, and each member as this front-end sees it.
+fn routing(proxy: &Proxy, out: &mut Exposition) {
     let table = proxy.table.load_full();
     out.gauge(
         "headroom_membership_generation",
@@ -118,15 +130,12 @@ fn expose(proxy: &Proxy, out: &mut Exposition) {
         &[],
         table.as_ref().map_or(0.0, |t| t.generation as f64),
     );
+    let from_file = proxy.from_file.load(Ordering::Acquire);
     out.gauge(
         "headroom_frontend_routing_from_file",
         "1 while routing comes from the last-known-good file, not NATS.",
         &[],
-        if proxy.from_file.load(Ordering::Acquire) {
-            1.0
-        } else {
-            0.0
-        },
+        if from_file { 1.0 } else { 0.0 },
     );
     let now = now_ms();
     let backends = table.as_ref().map(|t| t.backends.as_slice()).unwrap_or(&[]);
