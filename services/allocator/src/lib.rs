@@ -70,30 +70,11 @@ pub async fn run(
     ops: Arc<Ops>,
     shutdown: CancellationToken,
 ) -> Result<(), AllocatorError> {
-    let replicas = config.nats.replicas;
-    let deadline = config.nats.startup_deadline;
-    let settings = config.allocator;
+    let settings = config.allocator.clone();
     let js = jetstream::new(client.clone());
-    // JetStream can answer before it can place what is asked of it (a
-    // cluster still electing its meta leader, or not yet knowing all its
-    // peers for R3): try again until the start-up deadline instead of
-    // exiting at once.
     ops.set_not_ready("setting up KV and streams");
-    let started = Instant::now();
-    let mut delay = Duration::from_millis(200);
-    let (store, consumer) = loop {
-        match set_up(&js, replicas, &settings).await {
-            Ok(done) => break done,
-            Err(err) if started.elapsed() + delay < deadline => {
-                warn!(%err, retry_in = ?delay, "cannot set up KV and streams yet");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(err) => return Err(err),
-        }
+    let Some((store, consumer)) = set_up_in_time(&js, &config, &shutdown).await? else {
+        return Ok(());
     };
     let stop = shutdown.child_token();
     let mut tasks: JoinSet<Result<&'static str, AllocatorError>> = JoinSet::new();
@@ -129,7 +110,65 @@ pub async fn run(
     // that peer, or to the redelivery of its request.
     ops.set_not_ready("repairing what an earlier crash left");
     reconcile_once(&allocator, settings.repair_after).await;
+    spawn_work(&mut tasks, &allocator, consumer, &client, &settings, &stop);
+    ops.set_ready();
 
+    // Work abandoned after the grace period is redelivered to another.
+    let ended = headroom_shared::service::supervise(
+        tasks,
+        &ops,
+        &shutdown,
+        &stop,
+        settings.shutdown_grace,
+        AllocatorError::Setup,
+    )
+    .await;
+    if let Err(err) = client.drain().await {
+        warn!(%err, "could not drain the NATS connection");
+    }
+    ended
+}
+
+type Consumer = jetstream::consumer::Consumer<jetstream::consumer::pull::Config>;
+
+/// [`set_up`], tried again until the start-up deadline: JetStream can
+/// answer before it can place what is asked of it (a cluster still
+/// electing its meta leader, or not yet knowing all its peers for R3).
+/// `None` on shutdown meanwhile.
+async fn set_up_in_time(
+    js: &jetstream::Context,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<(store::Store, Consumer)>, AllocatorError> {
+    let (replicas, deadline) = (config.nats.replicas, config.nats.startup_deadline);
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match set_up(js, replicas, &config.allocator).await {
+            Ok(done) => return Ok(Some(done)),
+            Err(err) if started.elapsed() + delay < deadline => {
+                warn!(%err, retry_in = ?delay, "cannot set up KV and streams yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// The allocator's work once the pool is loaded and repaired: requests,
+/// the admin service, the reconciler, status, and the metrics' follower.
+fn spawn_work(
+    tasks: &mut JoinSet<Result<&'static str, AllocatorError>>,
+    allocator: &Arc<Allocator>,
+    consumer: Consumer,
+    client: &async_nats::Client,
+    settings: &AllocatorConfig,
+    stop: &CancellationToken,
+) {
     {
         let (allocator, stop) = (allocator.clone(), stop.clone());
         let (max_in_flight, ack_wait) = (settings.max_in_flight, settings.ack_wait);
@@ -158,22 +197,6 @@ pub async fn run(
             .clone()
             .follow(allocator.store.clusters_bucket(), stop.clone()),
     );
-    ops.set_ready();
-
-    // Work abandoned after the grace period is redelivered to another.
-    let ended = headroom_shared::service::supervise(
-        tasks,
-        &ops,
-        &shutdown,
-        &stop,
-        settings.shutdown_grace,
-        AllocatorError::Setup,
-    )
-    .await;
-    if let Err(err) = client.drain().await {
-        warn!(%err, "could not drain the NATS connection");
-    }
-    ended
 }
 
 /// One pass of the reconciler: plan repairs from a fresh snapshot and apply
@@ -208,13 +231,7 @@ async fn set_up(
     js: &jetstream::Context,
     replicas: usize,
     settings: &AllocatorConfig,
-) -> Result<
-    (
-        store::Store,
-        jetstream::consumer::Consumer<jetstream::consumer::pull::Config>,
-    ),
-    AllocatorError,
-> {
+) -> Result<(store::Store, Consumer), AllocatorError> {
     let store = store::Store::open(js, replicas).await?;
     js.get_or_create_stream(subjects::events_stream(replicas))
         .await

@@ -112,32 +112,64 @@ async fn working(
     }
 }
 
+/// One request: decoded, checked against the ledger, applied, and its
+/// outcome recorded before it is acknowledged. Each step that cannot go on
+/// acknowledges the message as it must (terminated when malformed, acked
+/// when done already, redelivered when it can be tried again).
 async fn handle(allocator: &Allocator, message: &jetstream::Message) {
     let subject_cluster =
         subjects::reconfig_cluster(&message.subject).and_then(|token| ClusterId::new(token).ok());
-    let request: ReconfigRequest = match codec::decode(message.headers.as_ref(), &message.payload) {
-        Ok(request) => request,
-        Err(err) => {
-            warn!(%err, subject = %message.subject, "rejected a malformed request");
-            let seq = message
-                .info()
-                .map(|i| i.stream_sequence)
-                .unwrap_or_default();
-            let event = Event::new(
-                EventKind::Rejected {
-                    error: BusError::new(err.code(), err.to_string()),
-                },
-                Fact::Malformed { sequence: seq },
-            )
-            .cluster(subject_cluster.as_ref())
-            .detail(format!("stream sequence {seq}"));
-            allocator.log(event).await;
-            allocator.metrics.requests.inc(&["unknown", "malformed"]);
-            // Nothing to retry: tell JetStream to stop delivering it.
-            ack(message, AckKind::Term).await;
-            return;
-        }
+    let Some(request) = decoded(allocator, message, subject_cluster.as_ref()).await else {
+        return;
     };
+    if done_already(allocator, message, &request).await {
+        return;
+    }
+    let Some(outcome) = outcome_of(allocator, message, &request, subject_cluster.as_ref()).await
+    else {
+        return;
+    };
+    settle(allocator, message, &request, outcome).await;
+}
+
+/// The request, or `None` when it is malformed (logged, counted, and
+/// not delivered again).
+async fn decoded(
+    allocator: &Allocator,
+    message: &jetstream::Message,
+    subject_cluster: Option<&ClusterId>,
+) -> Option<ReconfigRequest> {
+    let err = match codec::decode(message.headers.as_ref(), &message.payload) {
+        Ok(request) => return Some(request),
+        Err(err) => err,
+    };
+    warn!(%err, subject = %message.subject, "rejected a malformed request");
+    let seq = message
+        .info()
+        .map(|i| i.stream_sequence)
+        .unwrap_or_default();
+    let event = Event::new(
+        EventKind::Rejected {
+            error: BusError::new(err.code(), err.to_string()),
+        },
+        Fact::Malformed { sequence: seq },
+    )
+    .cluster(subject_cluster)
+    .detail(format!("stream sequence {seq}"));
+    allocator.log(event).await;
+    allocator.metrics.requests.inc(&["unknown", "malformed"]);
+    // Nothing to retry: tell JetStream to stop delivering it.
+    ack(message, AckKind::Term).await;
+    None
+}
+
+/// Whether the ledger has the request's outcome already (then it is
+/// acked), or cannot be read (then it comes again).
+async fn done_already(
+    allocator: &Allocator,
+    message: &jetstream::Message,
+    request: &ReconfigRequest,
+) -> bool {
     match allocator.store.outcome(&request.id).await {
         Ok(Some(done)) => {
             debug!(request = %request.id, outcome = ?done.outcome, "already applied");
@@ -146,18 +178,27 @@ async fn handle(allocator: &Allocator, message: &jetstream::Message) {
                 .requests
                 .inc(&[request.action.name(), "duplicate"]);
             ack(message, AckKind::Ack).await;
-            return;
+            true
         }
-        Ok(None) => {}
+        Ok(None) => false,
         Err(err) => {
             warn!(%err, "cannot read the outcome ledger; will retry");
             ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            return;
+            true
         }
     }
+}
 
+/// Applies the request: its outcome, or `None` when it failed in a way
+/// that may pass (then it comes again).
+async fn outcome_of(
+    allocator: &Allocator,
+    message: &jetstream::Message,
+    request: &ReconfigRequest,
+    subject_cluster: Option<&ClusterId>,
+) -> Option<Outcome> {
     let started = std::time::Instant::now();
-    let result = if subject_cluster.as_ref() != Some(&request.cluster) {
+    let result = if subject_cluster != Some(&request.cluster) {
         Err(OpError::Rejected(BusError::new(
             codes::SUBJECT_MISMATCH,
             format!(
@@ -166,12 +207,12 @@ async fn handle(allocator: &Allocator, message: &jetstream::Message) {
             ),
         )))
     } else {
-        allocator.apply(&request).await
+        allocator.apply(request).await
     };
     allocator.metrics.request_seconds.observe(started.elapsed());
-    let outcome = match result {
-        Ok(outcome) => outcome,
-        Err(OpError::Rejected(error)) => Outcome::Rejected { error },
+    match result {
+        Ok(outcome) => Some(outcome),
+        Err(OpError::Rejected(error)) => Some(Outcome::Rejected { error }),
         Err(err) => {
             allocator
                 .metrics
@@ -179,9 +220,19 @@ async fn handle(allocator: &Allocator, message: &jetstream::Message) {
                 .inc(&[request.action.name(), "retry"]);
             error!(%err, request = %request.id, "request failed; it will be retried");
             ack(message, AckKind::Nak(Some(Duration::from_millis(500)))).await;
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Records the outcome in the ledger (the first one recorded stands),
+/// logs what was not applied, and acknowledges the request.
+async fn settle(
+    allocator: &Allocator,
+    message: &jetstream::Message,
+    request: &ReconfigRequest,
+    outcome: Outcome,
+) {
     let record = RequestRecord {
         v: SCHEMA_VERSION,
         id: request.id.clone(),

@@ -16,7 +16,8 @@ use rand::Rng;
 use tracing::{debug, info};
 
 use super::{
-    reject, servers_of, Again, Allocator, Done, Event, Fact, FirstRead, Goal, OpError, Retry,
+    reject, servers_of, Again, Allocator, Attempt, Done, Event, Fact, FirstRead, Goal, OpError,
+    Retry,
 };
 use crate::store::{StoreError, Versioned};
 
@@ -49,43 +50,14 @@ impl Allocator {
                 return Ok(Again);
             }
             let mine = cluster.value.joins_by(id);
-            let size = u32::try_from(cluster.value.size()).unwrap_or(u32::MAX);
-            let policy = &cluster.value.policy;
-            let (reached, wanted) = match goal {
-                Goal::Count { count, .. } => (mine.len() >= count as usize, count as usize),
-                Goal::MinSize => (
-                    size >= policy.min_size,
-                    policy.min_size.saturating_sub(size) as usize + mine.len(),
-                ),
-            };
-            if reached {
+            let Some(wanted) = wanted(goal, &cluster.value, mine.len()) else {
                 return Ok(Done(Outcome::Applied {
                     servers: servers_of(mine),
                     error: None,
                 }));
-            }
-            if let Goal::Count { since, .. } = goal {
-                // Joins of ours that have left are counted from the log; if
-                // it no longer reaches back to when this request was taken
-                // up, more would risk allocating twice.
-                if !cluster.value.remembers_since(since) {
-                    return shortfall(
-                        mine,
-                        wanted,
-                        codes::PROGRESS_UNKNOWN,
-                        format!("{c}'s change log no longer reaches back to generation {since}, when this request was taken up"),
-                    )
-                    .map(Done);
-                }
-            }
-            if size >= policy.max_size {
-                return shortfall(
-                    mine,
-                    wanted,
-                    codes::AT_MAX_SIZE,
-                    format!("cluster {c} is at its maximum size {}", policy.max_size),
-                )
-                .map(Done);
+            };
+            if let Some((code, why)) = refusal(c, &cluster.value, goal) {
+                return shortfall(mine, wanted, code, why).map(Done);
             }
             // The best few from the view: the claim on the record decides.
             let candidates = self.pool.candidates(&cluster.value, request_type, 3);
@@ -94,13 +66,8 @@ impl Allocator {
                     || format!("cluster {c}"),
                     |t| format!("request type {t:?} in cluster {c}"),
                 );
-                return shortfall(
-                    mine,
-                    wanted,
-                    codes::POOL_EXHAUSTED,
-                    format!("no free server in the pool fits {what}"),
-                )
-                .map(Done);
+                let why = format!("no free server in the pool fits {what}");
+                return shortfall(mine, wanted, codes::POOL_EXHAUSTED, why).map(Done);
             }
             // The best candidate first; after a lost race, spread over the
             // best few so racing allocators stop choosing the same server.
@@ -109,41 +76,54 @@ impl Allocator {
             } else {
                 &candidates[rand::rng().random_range(0..candidates.len())]
             };
-            let mut record = cluster.value.clone();
-            record.members.push(Member {
-                server: pick.id.clone(),
-                address: pick.address.clone(),
-                port: pick.port,
-                request_types: pick.request_types.clone(),
-                state: MemberState::Joining,
-                weight: 1.0,
-                request: id.clone(),
-                drain_request: None,
-                since_ms: now_ms(),
-                joined: record.next_generation(),
-            });
-            match self
-                .commit_cluster(&mut record, cluster.revision, Some(id))
-                .await
-            {
-                // Claiming and committing happen on the next attempt, in
-                // settle_own_joining, the same path a retry takes.
-                Ok(revision) => {
-                    debug!(server = %pick.id, "reserved");
-                    first.keep(Versioned {
-                        value: record,
-                        revision,
-                    });
-                    Ok(Again)
-                }
-                Err(StoreError::Conflict { .. }) => {
-                    lost_races.fetch_add(1, Ordering::Relaxed);
-                    Ok(Retry)
-                }
-                Err(err) => Err(err.into()),
-            }
+            self.reserve(cluster, id, pick, first, lost_races).await
         })
         .await
+    }
+
+    /// Adds a `joining` entry for `pick` to the cluster record. Claiming
+    /// its server and committing happen on the next attempt, in
+    /// [`Self::settle_own_joining`], the same path a retry takes.
+    async fn reserve(
+        &self,
+        cluster: Versioned<ClusterRecord>,
+        id: &RequestId,
+        pick: &ServerRecord,
+        first: &FirstRead,
+        lost_races: &AtomicU32,
+    ) -> Result<Attempt<Outcome>, OpError> {
+        let mut record = cluster.value;
+        let joined = record.next_generation();
+        record.members.push(Member {
+            server: pick.id.clone(),
+            address: pick.address.clone(),
+            port: pick.port,
+            request_types: pick.request_types.clone(),
+            state: MemberState::Joining,
+            weight: 1.0,
+            request: id.clone(),
+            drain_request: None,
+            since_ms: now_ms(),
+            joined,
+        });
+        match self
+            .commit_cluster(&mut record, cluster.revision, Some(id))
+            .await
+        {
+            Ok(revision) => {
+                debug!(server = %pick.id, "reserved");
+                first.keep(Versioned {
+                    value: record,
+                    revision,
+                });
+                Ok(Again)
+            }
+            Err(StoreError::Conflict { .. }) => {
+                lost_races.fetch_add(1, Ordering::Relaxed);
+                Ok(Retry)
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// Moves one of this request's joining entries on: claim its server and
@@ -292,6 +272,41 @@ impl Allocator {
 
 /// The outcome when fewer servers than wanted could be allocated: a partial
 /// success if some were, a rejection if none.
+/// How many joins the request still wants in all (its own so far
+/// included), or `None` when it has what it asked for.
+fn wanted(goal: Goal, cluster: &ClusterRecord, mine: usize) -> Option<usize> {
+    let size = u32::try_from(cluster.size()).unwrap_or(u32::MAX);
+    let min_size = cluster.policy.min_size;
+    match goal {
+        Goal::Count { count, .. } => (mine < count as usize).then_some(count as usize),
+        Goal::MinSize => (size < min_size).then(|| min_size.saturating_sub(size) as usize + mine),
+    }
+}
+
+/// Why no server may be added to the cluster now, before the pool is
+/// asked: a log too short to count this request's earlier joins, or the
+/// maximum size.
+fn refusal(c: &ClusterId, cluster: &ClusterRecord, goal: Goal) -> Option<(&'static str, String)> {
+    if let Goal::Count { since, .. } = goal {
+        // Joins of ours that have left are counted from the log; if it no
+        // longer reaches back to when this request was taken up, more
+        // would risk allocating twice.
+        if !cluster.remembers_since(since) {
+            let why = format!("{c}'s change log no longer reaches back to generation {since}, when this request was taken up");
+            return Some((codes::PROGRESS_UNKNOWN, why));
+        }
+    }
+    let size = u32::try_from(cluster.size()).unwrap_or(u32::MAX);
+    if size >= cluster.policy.max_size {
+        let why = format!(
+            "cluster {c} is at its maximum size {}",
+            cluster.policy.max_size
+        );
+        return Some((codes::AT_MAX_SIZE, why));
+    }
+    None
+}
+
 fn shortfall(
     mine: Vec<Join>,
     wanted: usize,
