@@ -535,13 +535,26 @@ impl Config {
     /// # Errors
     /// The first out-of-range value, by key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                reason: reason.to_owned(),
-            })
-        };
-        let urls = self.nats.urls();
+        self.nats.validate()?;
+        self.allocator.validate()?;
+        self.monitor.validate()?;
+        self.agent.validate()?;
+        self.frontend.validate()?;
+        self.backend.validate()
+    }
+}
+
+/// The error for `key`, whose value is out of range.
+fn invalid(key: &'static str, reason: impl Into<String>) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key,
+        reason: reason.into(),
+    })
+}
+
+impl NatsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let urls = self.urls();
         if urls.is_empty() {
             return invalid("nats.url", "no server URL given");
         }
@@ -549,93 +562,82 @@ impl Config {
             .iter()
             .find(|u| u.contains(char::is_whitespace) || u.ends_with(':'))
         {
-            return Err(ConfigError::Invalid {
-                key: "nats.url",
-                reason: format!("{bad:?} is not a server URL"),
-            });
+            return invalid("nats.url", format!("{bad:?} is not a server URL"));
         }
-        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return invalid(
                 "nats.tls_cert_file",
                 "tls_cert_file and tls_key_file go together",
             );
         }
-        if self.nats.user.is_some() != self.nats.password.is_some() {
+        if self.user.is_some() != self.password.is_some() {
             return invalid("nats.user", "user and password go together");
         }
-        if self.nats.connect_timeout.is_zero() {
+        if self.connect_timeout.is_zero() {
             return invalid("nats.connect_timeout", "must be above zero");
         }
-        if !(1..=5).contains(&self.nats.replicas) {
+        if !(1..=5).contains(&self.replicas) {
             return invalid("nats.replicas", "must be between 1 and 5");
         }
-        if self.allocator.instance.is_empty() {
+        Ok(())
+    }
+}
+
+impl AllocatorConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.instance.is_empty() {
             return invalid("allocator.instance", "must not be empty");
         }
-        if self.allocator.ack_wait < Duration::from_secs(1) {
+        if self.ack_wait < Duration::from_secs(1) {
             return invalid("allocator.ack_wait", "must be at least 1s");
         }
-        if self.allocator.reconcile_interval.is_zero() {
+        if self.reconcile_interval.is_zero() {
             return invalid("allocator.reconcile_interval", "must be above zero");
         }
-        if self.allocator.max_in_flight == 0 {
+        if self.max_in_flight == 0 {
             return invalid("allocator.max_in_flight", "must be at least 1");
         }
-        if self.monitor.shard.is_some() {
+        Ok(())
+    }
+}
+
+impl MonitorConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.shard.is_some() {
             return invalid(
                 "monitor.shard",
                 "is gone: instances now take shards by lease; remove it and keep monitor.shards",
             );
         }
-        if !(1..=1024).contains(&self.monitor.shards) {
+        if !(1..=1024).contains(&self.shards) {
             return invalid("monitor.shards", "must be between 1 and 1024");
         }
-        if self.monitor.lease_ttl < Duration::from_millis(200) {
+        if self.lease_ttl < Duration::from_millis(200) {
             return invalid("monitor.lease_ttl", "must be at least 200ms");
         }
-        if self.monitor.evaluate_interval < Duration::from_millis(100) {
+        if self.evaluate_interval < Duration::from_millis(100) {
             return invalid("monitor.evaluate_interval", "must be at least 100ms");
         }
-        if self.agent.interval < Duration::from_millis(100) {
+        Ok(())
+    }
+}
+
+impl AgentConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.interval < Duration::from_millis(100) {
             return invalid("agent.interval", "must be at least 100ms");
         }
-        if self.agent.hook_timeout.is_zero() {
+        if self.hook_timeout.is_zero() {
             return invalid("agent.hook_timeout", "must be above zero");
         }
-        if self.frontend.max_header_bytes < 8192 {
-            return invalid("frontend.max_header_bytes", "must be at least 8192");
-        }
-        if self.frontend.max_connections == 0 {
-            return invalid("frontend.max_connections", "must be above zero");
-        }
-        for (key, d) in [
-            ("frontend.connect_timeout", self.frontend.connect_timeout),
-            ("frontend.request_timeout", self.frontend.request_timeout),
-            ("frontend.header_timeout", self.frontend.header_timeout),
-            (
-                "frontend.member_idle_timeout",
-                self.frontend.member_idle_timeout,
-            ),
-            ("frontend.report_interval", self.frontend.report_interval),
-            ("frontend.eject_for", self.frontend.eject_for),
-        ] {
-            if d.is_zero() {
-                return invalid(key, "must be above zero");
-            }
-        }
-        if !(self.backend.service_sigma.is_finite()
-            && (0.0..=4.0).contains(&self.backend.service_sigma))
-        {
-            return invalid("backend.service_sigma", "must be between 0 and 4");
-        }
-        if let Some(url) = &self.agent.stats_url {
+        if let Some(url) = &self.stats_url {
             if !url.starts_with("http://") {
                 return invalid("agent.stats_url", "must be an http:// URL");
             }
         }
         for (key, hook) in [
-            ("agent.on_allocate", &self.agent.on_allocate),
-            ("agent.on_release", &self.agent.on_release),
+            ("agent.on_allocate", &self.on_allocate),
+            ("agent.on_release", &self.on_release),
         ] {
             match hook {
                 Some(Hook::Command(argv)) if argv.is_empty() => {
@@ -646,6 +648,39 @@ impl Config {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+}
+
+impl FrontendConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_header_bytes < 8192 {
+            return invalid("frontend.max_header_bytes", "must be at least 8192");
+        }
+        if self.max_connections == 0 {
+            return invalid("frontend.max_connections", "must be above zero");
+        }
+        for (key, d) in [
+            ("frontend.connect_timeout", self.connect_timeout),
+            ("frontend.request_timeout", self.request_timeout),
+            ("frontend.header_timeout", self.header_timeout),
+            ("frontend.member_idle_timeout", self.member_idle_timeout),
+            ("frontend.report_interval", self.report_interval),
+            ("frontend.eject_for", self.eject_for),
+        ] {
+            if d.is_zero() {
+                return invalid(key, "must be above zero");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BackendConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.service_sigma.is_finite() && (0.0..=4.0).contains(&self.service_sigma)) {
+            return invalid("backend.service_sigma", "must be between 0 and 4");
         }
         Ok(())
     }

@@ -280,54 +280,100 @@ pub async fn run(
                 let uri = format!("{}{}", target.base, path);
                 sent += 1;
                 step_counts[step].0 += 1;
-                let (client, tally, timeout) = (client.clone(), tally.clone(), target.timeout);
-                tasks.spawn(async move {
-                    let begun = Instant::now();
-                    let answer = tokio::time::timeout(timeout, async {
-                        let request = http::Request::get(uri).body(Empty::new()).ok()?;
-                        let response = client.request(request).await.ok()?;
-                        let status = response.status();
-                        response.into_body().collect().await.ok()?;
-                        Some(status)
-                    })
-                    .await
-                    .ok()
-                    .flatten();
-                    let elapsed = u32::try_from(begun.elapsed().as_micros()).unwrap_or(u32::MAX);
-                    if let Ok(mut t) = tally.lock() {
-                        t.record(step, answer, elapsed);
-                    }
-                    drop(permit);
-                });
+                let asking = Asking {
+                    client: client.clone(),
+                    tally: tally.clone(),
+                    timeout: target.timeout,
+                    step,
+                };
+                tasks.spawn(asking.ask(uri, permit));
             }
             while tasks.try_join_next().is_some() {}
         }
-        if let Some(Progress { out, redraw }) = progress.as_mut() {
-            if let Ok(t) = tally.lock() {
-                let p99 = percentile(&mut t.latencies_us.clone(), 0.99);
-                let line = format!(
-                    "{} {:>4}/{} {:>7.1} req/s asked  sent {sent}  ok {}  errors {}  p99 {p99:.1} ms",
-                    bar(step + 1, profile.rates.len(), 30),
-                    step + 1,
-                    profile.rates.len(),
-                    rate,
-                    t.ok,
-                    t.failed + t.statuses.values().sum::<u64>()
-                );
-                let _ = if *redraw {
-                    // Back to the line's start and clear it: one line, redrawn.
-                    write!(out, "\r\x1b[2K{line}")
-                } else {
-                    writeln!(out, "{line}")
-                };
-                let _ = out.flush();
-            }
+        if let Some(progress) = progress.as_mut() {
+            let steps = (step + 1, profile.rates.len());
+            progress.show(&tally, steps, rate, sent);
         }
     }
     while tasks.join_next().await.is_some() {}
     if let Some(Progress { out, redraw: true }) = progress.as_mut() {
         let _ = writeln!(out);
     }
+    summarise(&tally, step_counts, sent, skipped, started)
+}
+
+/// One request of a step, and where its answer is counted.
+struct Asking {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    tally: Arc<Mutex<Tally>>,
+    timeout: Duration,
+    step: usize,
+}
+
+impl Asking {
+    /// Sends the request and counts its answer (or its failure) with its
+    /// latency; the permit is held until then.
+    async fn ask(self, uri: String, permit: tokio::sync::OwnedSemaphorePermit) {
+        let Self {
+            client,
+            tally,
+            timeout,
+            step,
+        } = self;
+        let begun = Instant::now();
+        let answer = tokio::time::timeout(timeout, async {
+            let request = http::Request::get(uri).body(Empty::new()).ok()?;
+            let response = client.request(request).await.ok()?;
+            let status = response.status();
+            response.into_body().collect().await.ok()?;
+            Some(status)
+        })
+        .await
+        .ok()
+        .flatten();
+        let elapsed = u32::try_from(begun.elapsed().as_micros()).unwrap_or(u32::MAX);
+        if let Ok(mut t) = tally.lock() {
+            t.record(step, answer, elapsed);
+        }
+        drop(permit);
+    }
+}
+
+impl Progress<'_> {
+    /// The line for a step done: `steps` is (done, of).
+    fn show(&mut self, tally: &Mutex<Tally>, steps: (usize, usize), rate: f64, sent: u64) {
+        let Ok(t) = tally.lock() else {
+            return;
+        };
+        let p99 = percentile(&mut t.latencies_us.clone(), 0.99);
+        let line = format!(
+            "{} {:>4}/{} {:>7.1} req/s asked  sent {sent}  ok {}  errors {}  p99 {p99:.1} ms",
+            bar(steps.0, steps.1, 30),
+            steps.0,
+            steps.1,
+            rate,
+            t.ok,
+            t.failed + t.statuses.values().sum::<u64>()
+        );
+        let out = &mut self.out;
+        let _ = if self.redraw {
+            // Back to the line's start and clear it: one line, redrawn.
+            write!(out, "\r\x1b[2K{line}")
+        } else {
+            writeln!(out, "{line}")
+        };
+        let _ = out.flush();
+    }
+}
+
+/// The run's summary, from the answers' tally and the sender's counts.
+fn summarise(
+    tally: &Mutex<Tally>,
+    step_counts: Vec<(u64, u64)>,
+    sent: u64,
+    skipped: u64,
+    started: Instant,
+) -> Summary {
     let seconds = started.elapsed().as_secs_f64();
     let mut t = tally
         .lock()
