@@ -36,7 +36,15 @@ pub enum ProfileError {
     Line { line: usize, value: String },
     #[error("the speed-up must be above 0")]
     Speedup,
+    #[error("profile steps {0:?} and before: more than {MAX_STEPS} seconds in all")]
+    TooLong(String),
 }
+
+/// Most one-second steps a `ramp:`/`hold:` profile may spell out (about
+/// 115 days; 80 MB of rates). A few characters could otherwise ask for
+/// more memory than the machine has (found by the `load_profile` fuzz
+/// target: `ramp:0-102:466888888888888888s`).
+pub const MAX_STEPS: u64 = 10_000_000;
 
 fn seconds(text: &str) -> Option<u64> {
     text.strip_suffix('s')?.parse().ok()
@@ -59,18 +67,25 @@ impl Profile {
         for step in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let bad = || ProfileError::Step(step.to_owned());
             let parts: Vec<&str> = step.split(':').collect();
+            let fits = |n: u64| {
+                let total = (rates.len() as u64).saturating_add(n);
+                let fits = total <= MAX_STEPS;
+                fits.then_some(n)
+                    .ok_or_else(|| ProfileError::TooLong(step.to_owned()))
+            };
             match parts.as_slice() {
                 ["ramp", range, duration] => {
                     let (from, to) = range.split_once('-').ok_or_else(bad)?;
                     let (from, to) = (rate(from).ok_or_else(bad)?, rate(to).ok_or_else(bad)?);
                     let n = seconds(duration).filter(|n| *n > 0).ok_or_else(bad)?;
+                    let n = fits(n)?;
                     for i in 0..n {
                         rates.push(from + (to - from) * (i as f64 + 0.5) / n as f64);
                     }
                 }
                 ["hold" | "spike", r, duration] => {
                     let r = rate(r).ok_or_else(bad)?;
-                    let n = seconds(duration).ok_or_else(bad)?;
+                    let n = fits(seconds(duration).ok_or_else(bad)?)?;
                     rates.extend(std::iter::repeat_n(r, usize::try_from(n).unwrap_or(0)));
                 }
                 _ => return Err(bad()),
@@ -448,5 +463,24 @@ mod tests {
             })
         );
         assert_eq!(Profile::from_lines("1", 0.0), Err(ProfileError::Speedup));
+    }
+
+    /// Found by the `load_profile` fuzz target: a few characters asked for
+    /// 466,888,888,888,888,888 steps and the allocation took the machine.
+    #[test]
+    fn a_profile_longer_than_the_limit_is_an_error_not_an_allocation() {
+        let found = "ramp:0-102:466888888888888888s";
+        assert_eq!(
+            Profile::parse(found),
+            Err(ProfileError::TooLong(found.into()))
+        );
+        let max = format!("hold:1:{MAX_STEPS}s");
+        assert_eq!(Profile::parse(&max).map(|p| p.rates.len()), Ok(10_000_000));
+        let past = format!("{max}, spike:5:1s");
+        assert_eq!(
+            Profile::parse(&past),
+            Err(ProfileError::TooLong("spike:5:1s".into()))
+        );
+        assert!(Profile::parse(&format!("hold:1:{}s", u64::MAX)).is_err());
     }
 }
