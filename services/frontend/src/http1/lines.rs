@@ -13,7 +13,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 
-use super::parse::{self, MAX_HEADERS};
+use super::parse::{self, MAX_ANSWER_HEADERS};
 use super::Malformed;
 
 /// The header lines of an answer, from the first to the blank line that
@@ -125,7 +125,7 @@ impl Lines {
     /// The lines as a header map, for the readers that need one: the cache
     /// deciding whether to keep an answer, or an HTTP/2 client.
     pub fn to_map(&self) -> Result<HeaderMap, Malformed> {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
         match httparse::parse_headers(&self.block, &mut slots) {
             Ok(httparse::Status::Complete((_, parsed))) => {
                 let places = parse::places(&self.block, parsed)?;

@@ -19,6 +19,13 @@ use super::Malformed;
 /// Most headers in a message.
 pub const MAX_HEADERS: usize = 100;
 
+/// Most headers in a member's answer: fewer than in a message by what the
+/// front-end adds to an answer's head at most (`Date`, its framing and
+/// its `Connection`), so what it writes to a client stays within what it
+/// would read itself (found by the `member_answer` fuzz target: an answer
+/// of 100 headers went out with 102).
+pub const MAX_ANSWER_HEADERS: usize = MAX_HEADERS - super::write::ADDED_HEADERS;
+
 /// A request the front-end answers itself, closing the connection after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
@@ -251,7 +258,7 @@ pub struct ResponseHead {
 /// `None` while more bytes are needed.
 pub fn response(buf: &mut BytesMut, asked: Asked) -> Result<Option<ResponseHead>, Malformed> {
     loop {
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
         let mut response = httparse::Response::new(&mut slots);
         let length = match response.parse(buf) {
             Ok(httparse::Status::Complete(length)) => length,

@@ -314,3 +314,42 @@ fn kept_lines_are_written_with_this_hops_framing() {
     let text = written(Framing::Length(7), true);
     assert!(text.contains("content-length: 7\r\n") && !text.contains("Content-Length: 5"));
 }
+
+/// Found by the `member_answer` fuzz target: an answer at the header
+/// limit went to the client with the front-end's own headers beside it,
+/// past the limit, so that its head no longer read back.
+#[test]
+fn an_answer_goes_out_within_the_header_limit_it_came_in_under() {
+    let with = |n: usize| {
+        let mut text = b"HTTP/1.1 200 OK\r\n".to_vec();
+        for i in 0..n {
+            text.extend_from_slice(format!("x-{i}: y\r\n").as_bytes());
+        }
+        text.extend_from_slice(b"\r\n");
+        text
+    };
+    let most = parse::MAX_ANSWER_HEADERS;
+    for asked in [Asked::default(), passing_through()] {
+        assert!(
+            parse::response(&mut BytesMut::from(&with(most + 1)[..]), asked).is_err(),
+            "more than the answer's limit"
+        );
+        let head = answer(&with(most), asked).expect("at the limit");
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.headers = head.headers;
+        let mut out = BytesMut::new();
+        let written = write::AnswerHead {
+            framing: Framing::Length(0),
+            http10: false,
+            keep_alive: false,
+        };
+        write::answer_head(&mut out, &parts, head.lines.as_ref(), written);
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut read = httparse::Response::new(&mut slots);
+        assert!(
+            matches!(read.parse(&out), Ok(httparse::Status::Complete(_))),
+            "the written head is within the limit"
+        );
+        assert_eq!(read.headers.len(), MAX_HEADERS);
+    }
+}

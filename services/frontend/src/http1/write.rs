@@ -79,6 +79,10 @@ pub fn date(out: &mut BytesMut) {
     });
 }
 
+/// Most header lines [`answer_head`] adds to an answer's own: `Date`, the
+/// framing (`Content-Length` or `Transfer-Encoding`) and `Connection`.
+pub const ADDED_HEADERS: usize = 3;
+
 /// How an answer's head frames what follows it, and the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnswerHead {
