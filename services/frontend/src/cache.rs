@@ -199,19 +199,23 @@ pub fn key(host: Option<&str>, path_and_query: &str) -> String {
     key
 }
 
-/// The `Cache-Control` directives, trimmed; compared without regard to
-/// case, so nothing is copied (this runs for every GET a member answers).
-fn directives(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+/// The directives of `Cache-Control` values, trimmed; compared without
+/// regard to case, so nothing is copied (this runs for every GET a member
+/// answers). The values come from a header map or a member's lines.
+fn directives<'a>(values: impl IntoIterator<Item = &'a str>) -> impl Iterator<Item = &'a str> {
+    values.into_iter().flat_map(|v| v.split(',')).map(str::trim)
+}
+
+/// A map's `Cache-Control` values.
+fn cache_control(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CACHE_CONTROL)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
 }
 
 fn has_directive(headers: &HeaderMap, names: &[&str]) -> bool {
-    directives(headers).any(|d| names.iter().any(|n| d.eq_ignore_ascii_case(n)))
+    directives(cache_control(headers)).any(|d| names.iter().any(|n| d.eq_ignore_ascii_case(n)))
 }
 
 /// Whether a request may be answered from the cache (and its answer
@@ -232,7 +236,7 @@ pub fn freshness(
 ) -> Option<Duration> {
     let terms = Terms {
         personal: headers.contains_key(header::SET_COOKIE) || headers.contains_key(header::VARY),
-        cache_control: Directives::read(directives(headers)),
+        cache_control: Directives::read(directives(cache_control(headers))),
         expires: headers.get(header::EXPIRES).map(HeaderValue::as_bytes),
     };
     terms.freshness(status, now)
@@ -247,12 +251,10 @@ pub fn freshness_of_lines(
     now: impl FnOnce() -> SystemTime,
 ) -> Option<Option<Duration>> {
     let said = lines.cache_terms()?;
-    let values = said.cache_control.and_then(|v| std::str::from_utf8(v).ok());
+    let value = said.cache_control.and_then(|v| std::str::from_utf8(v).ok());
     let terms = Terms {
         personal: said.personal,
-        cache_control: Directives::read(
-            values.into_iter().flat_map(|v| v.split(',')).map(str::trim),
-        ),
+        cache_control: Directives::read(directives(value)),
         expires: said.expires,
     };
     Some(terms.freshness(status, now))

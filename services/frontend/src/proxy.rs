@@ -382,14 +382,14 @@ fn storable_for(parts: &mut http::response::Parts, body: &mut UpstreamBody) -> O
     let off_lines = body
         .lines()
         .and_then(|lines| cache::freshness_of_lines(status, lines, SystemTime::now));
-    let ttl = match off_lines {
-        Some(ttl) => ttl?,
-        None => {
-            lines_into_map(parts, body).then_some(())?;
-            cache::freshness(status, &parts.headers, SystemTime::now)?
-        }
-    };
-    lines_into_map(parts, body).then_some(ttl)
+    if let Some(ttl) = off_lines {
+        // Kept only as a map: read into one only when it is kept.
+        return ttl.filter(|_| lines_into_map(parts, body));
+    }
+    if !lines_into_map(parts, body) {
+        return None;
+    }
+    cache::freshness(status, &parts.headers, SystemTime::now)
 }
 
 /// Moves a member's kept header lines into the response's map; `false`
