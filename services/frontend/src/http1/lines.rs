@@ -1,6 +1,6 @@
 //! A member's header lines kept as it sent them, for a client on HTTP/1:
 //! copied through in one piece instead of taken apart into a header map
-//! and written out again, which was a tenth of the proxy's instructions
+//! and written out again, which was an eighth of the proxy's instructions
 //! per request (see the README's counted figures).
 //!
 //! Only an answer that could go on as it is gets its lines kept: none of
