@@ -59,6 +59,16 @@ pub struct NatsConfig {
     /// Most time between two reconnect attempts (backoff is exponential).
     #[serde(with = "humantime_serde")]
     pub max_reconnect_delay: Duration,
+    /// How long the server may stay silent before the client pings it; a
+    /// connection is given up after three unanswered pings. A cut path
+    /// (a partition, a node whose address went away) sends no reset, so
+    /// this bounds how long a service stays on a connection that leads
+    /// nowhere before it moves to another node. async-nats pings every
+    /// minute by default, so it would give up after three: longer than
+    /// the outages Headroom has to see through. A busy connection never
+    /// pings, so this costs nothing under traffic.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
     /// Replicas for the KV buckets and streams this service creates
     /// (3 on a three-node cluster).
     pub replicas: usize,
@@ -78,6 +88,7 @@ impl Default for NatsConfig {
             connect_timeout: Duration::from_secs(5),
             startup_deadline: Duration::from_secs(60),
             max_reconnect_delay: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(5),
             replicas: 1,
         }
     }
@@ -576,6 +587,9 @@ impl NatsConfig {
         if self.connect_timeout.is_zero() {
             return invalid("nats.connect_timeout", "must be above zero");
         }
+        if self.ping_interval < Duration::from_millis(100) {
+            return invalid("nats.ping_interval", "must be at least 100ms");
+        }
         if !(1..=5).contains(&self.replicas) {
             return invalid("nats.replicas", "must be between 1 and 5");
         }
@@ -710,6 +724,7 @@ mod tests {
         assert_eq!(config.telemetry.format, LogFormat::Json);
         assert_eq!(config.allocator.ack_wait, Duration::from_secs(45));
         assert_eq!(config.allocator.max_in_flight, 16, "default kept");
+        assert_eq!(config.nats.ping_interval, Duration::from_secs(5));
     }
 
     #[test]
@@ -759,6 +774,8 @@ mod tests {
         assert!(err.to_string().contains("allocator.max_in_flight"), "{err}");
         let err = Config::from_toml("[allocator]\nack_wait = \"soon\"").expect_err("duration");
         assert!(err.to_string().contains("ack_wait"), "{err}");
+        let err = Config::from_toml("[nats]\nping_interval = \"10ms\"").expect_err("too often");
+        assert!(err.to_string().contains("nats.ping_interval"), "{err}");
     }
 
     #[test]

@@ -13,21 +13,44 @@ use rand::Rng;
 use crate::config::NatsConfig;
 
 /// Counts of what the client has seen happen to its connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConnectionEvents {
     pub disconnects: AtomicU64,
     pub slow_consumers: AtomicU64,
     pub server_errors: AtomicU64,
+    /// Connections made, for those who must catch up on what core NATS
+    /// did not deliver while there was none.
+    connections: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for ConnectionEvents {
+    fn default() -> Self {
+        Self {
+            disconnects: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
+            server_errors: AtomicU64::new(0),
+            connections: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl ConnectionEvents {
+    /// Changes each time the client connects from now on (after a
+    /// disconnection, to the same node or another).
+    pub fn connected(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.connections.subscribe()
+    }
+
     fn record(&self, event: &Event) {
         match event {
             Event::Disconnected => {
                 self.disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!("disconnected from NATS; reconnecting");
             }
-            Event::Connected => tracing::info!("connected to NATS"),
+            Event::Connected => {
+                self.connections.send_modify(|n| *n += 1);
+                tracing::info!("connected to NATS");
+            }
             Event::SlowConsumer(sid) => {
                 self.slow_consumers.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(sid, "slow consumer: messages were dropped");
@@ -96,6 +119,7 @@ async fn options(
         .name(name)
         .require_tls(config.tls_required)
         .connection_timeout(config.connect_timeout)
+        .ping_interval(config.ping_interval)
         .reconnect_delay_callback(move |attempts| reconnect_delay(attempts, cap))
         .event_callback(move |event| {
             let events = events.clone();

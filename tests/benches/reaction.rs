@@ -77,8 +77,12 @@ async fn follower(nats: &NatsServer, cluster: &ClusterId, stop: &CancellationTok
             }
         });
     }
+    // The bench's connection is not watched for reconnections: none
+    // are expected in a run.
+    let (_, connected) = tokio::sync::watch::channel(0);
     tokio::spawn(membership::follow(
         client,
+        connected,
         1,
         cluster.clone(),
         proxy.clone(),

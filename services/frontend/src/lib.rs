@@ -353,13 +353,14 @@ async fn control_plane(
     let mut nats = config.nats.clone();
     // Keep trying: the proxy serves meanwhile.
     nats.startup_deadline = Duration::from_secs(365 * 24 * 3600);
-    let client = tokio::select! {
+    let (client, connected) = tokio::select! {
         _ = shutdown.cancelled() => return,
         connected = headroom_shared::nats::connect(&nats, "headroom-frontend") => match connected {
             Ok((client, events)) => {
+                let connected = events.connected();
                 // Not required for readiness: it serves what routing it has.
                 ops.watch_nats(client.clone(), events, false);
-                client
+                (client, connected)
             }
             Err(err) => {
                 warn!(%err, "cannot reach NATS; serving from what routing there is");
@@ -370,6 +371,7 @@ async fn control_plane(
     let mut tasks = JoinSet::new();
     tasks.spawn(membership::follow(
         client.clone(),
+        connected,
         config.nats.replicas,
         cluster.clone(),
         proxy.clone(),

@@ -171,10 +171,12 @@ impl Follower {
 /// subscription is made before the snapshot is read, on the same
 /// connection, so no change falls between them. KV is read (one get, no
 /// consumer) at start, on a generation gap, on a message without the
-/// policy, and every `frontend.resync_interval` (which bounds how late a
-/// change whose message was lost, say while disconnected, is applied).
+/// policy, on every reconnection (changes published while there was no
+/// connection are not delivered), and every `frontend.resync_interval`
+/// (which bounds how late a change whose message was lost is applied).
 pub async fn follow(
     client: async_nats::Client,
+    mut connected: tokio::sync::watch::Receiver<u64>,
     replicas: usize,
     cluster: ClusterId,
     proxy: Arc<Proxy>,
@@ -211,6 +213,10 @@ pub async fn follow(
             () = shutdown.cancelled() => return,
             _ = check.tick() => {
                 resync(&bucket, &cluster, &mut follower, "periodic check").await;
+                continue;
+            }
+            Ok(()) = connected.changed() => {
+                resync(&bucket, &cluster, &mut follower, "reconnected").await;
                 continue;
             }
             message = changes.next() => match message {
