@@ -6,12 +6,25 @@
 # binaries and the images and runs the containerized tests against the
 # compose stack, one at a time, tearing each stack down after
 # (HEADROOM_CONTAINER_TESTS=0 skips them; =1 requires them).
+# The smuggling test sends its corpus through Debian's HAProxy as well,
+# installed here when missing (HEADROOM_HAPROXY=0 runs it without).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 NATS_SERVER_BIN="${NATS_SERVER_BIN:-$(./scripts/fetch-nats-server.sh)}"
 export NATS_SERVER_BIN
 echo "using $("$NATS_SERVER_BIN" --version)"
+if [[ "${HEADROOM_HAPROXY:-}" == 0 ]]; then
+  unset HEADROOM_HAPROXY
+  echo "the smuggling test runs without HAProxy (HEADROOM_HAPROXY=0)"
+else
+  # shellcheck source=scripts/peers.sh
+  source scripts/peers.sh
+  install_missing haproxy
+  HEADROOM_HAPROXY="${HEADROOM_HAPROXY:-$(command -v haproxy)}"
+  export HEADROOM_HAPROXY
+  echo "using $("$HEADROOM_HAPROXY" -v | head -1)"
+fi
 
 # The crash test runs the allocator as a real process (killed with
 # SIGKILL): build every binary first, with the tests' profile.

@@ -15,3 +15,4 @@ mod loadgen;
 mod monitor;
 mod ops;
 mod security;
+mod smuggling;

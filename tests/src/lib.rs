@@ -7,6 +7,8 @@ pub use headroom_local_nats::{
     eventually, nats_server_binary, LocalNatsError as FixtureError, NatsServer, PINNED_VERSION,
 };
 
+pub mod smuggling;
+
 /// A whole number from the environment variable `name`, or `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -116,7 +116,12 @@ pub async fn serve(
             http10: request.version() == Version::HTTP_10,
             head_request: request.method() == Method::HEAD,
         };
-        let mut body = BodyState::Reading(BodyDecoder::new(body));
+        let decoder = BodyDecoder::new(body);
+        if let Err(malformed) = decoder.check_ahead(&buf) {
+            let refusal = Refusal::new(StatusCode::BAD_REQUEST, malformed.0);
+            return refuse(stream, &mut out, refusal).await;
+        }
+        let mut body = BodyState::Reading(decoder);
         if expects_continue && !body.is_done() {
             // The client waits for this before it sends its body.
             if stream

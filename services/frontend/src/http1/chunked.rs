@@ -84,16 +84,41 @@ impl Decoder {
     }
 }
 
-/// A chunk-size line's size, its extensions ignored (RFC 9112 §7.1.1).
+/// A chunk-size line's size, its extensions ignored (RFC 9112 §7.1.1):
+/// hex digits only (`from_str_radix` would take a leading `+`), then
+/// optional whitespace before the extensions.
 fn chunk_size(line: &[u8]) -> Result<u64, Malformed> {
-    let digits = line.split(|b| *b == b';').next().unwrap_or(&[]);
-    let digits = std::str::from_utf8(digits).map_err(|_| Malformed("invalid chunk size"))?;
-    u64::from_str_radix(digits.trim(), 16).map_err(|_| Malformed("invalid chunk size"))
+    let invalid = Malformed("invalid chunk size");
+    let size = line.split(|b| *b == b';').next().unwrap_or(&[]);
+    let digits = size.trim_ascii_end();
+    if digits.is_empty()
+        || size[digits.len()..]
+            .iter()
+            .any(|b| !matches!(b, b' ' | b'\t'))
+    {
+        return Err(invalid);
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        let digit = char::from(b).to_digit(16).ok_or(invalid)?;
+        n.checked_mul(16)
+            .and_then(|n| n.checked_add(u64::from(digit)))
+            .ok_or(invalid)
+    })
 }
 
 /// One CRLF-terminated line off the front of `buf`, without its CRLF.
+/// A control character in it (a bare LF or CR, a NUL) is an error: a hop
+/// that ends lines at a bare LF would frame the chunks after it
+/// otherwise, and that difference is what request smuggling is made of.
 fn take_line(buf: &mut BytesMut) -> Result<Option<BytesMut>, Malformed> {
     match buf.windows(2).position(|w| w == b"\r\n") {
+        Some(at)
+            if buf[..at]
+                .iter()
+                .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) =>
+        {
+            Err(Malformed("control character in a chunk line"))
+        }
         Some(at) => {
             let line = buf.split_to(at);
             buf.advance(2);
@@ -165,6 +190,31 @@ mod tests {
         assert!(decode_all(&[b"zz\r\nhello\r\n"]).is_err());
         assert!(decode_all(&[b"2\r\nhiXX0\r\n\r\n"]).is_err());
         assert!(decode_all(&[&[b'1'; MAX_LINE + 10]]).is_err());
+        // What another hop may read otherwise: a sign, a bare LF or a NUL
+        // in the size line, a size past 64 bits, a bare LF in a trailer.
+        for bad in [
+            &b"+5\r\nhello\r\n0\r\n\r\n"[..],
+            b"5;a\nb\r\nhello\r\n0\r\n\r\n",
+            b"5\0\r\nhello\r\n0\r\n\r\n",
+            b"5 x\r\nhello\r\n0\r\n\r\n",
+            b"1ffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nx: a\nb\r\n\r\n",
+        ] {
+            assert!(
+                decode_all(&[bad]).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // What RFC 9112 §7.1 allows: leading zeros, whitespace before the
+        // extensions, quoted extension values.
+        for good in [
+            &b"0005\r\nhello\r\n0\r\n\r\n"[..],
+            b"5 ;a=b\r\nhello\r\n0\r\n\r\n",
+            b"5;a=\"b c\"\r\nhello\r\n0\r\n\r\n",
+        ] {
+            assert_eq!(decode_all(&[good]).expect("valid").0, b"hello");
+        }
     }
 
     #[test]

@@ -98,6 +98,27 @@ impl BodyDecoder {
         Ok(step)
     }
 
+    /// Whether the body bytes already in `buf` are well framed, leaving
+    /// them where they are. A chunked body that came with its head is
+    /// checked before the head goes to a member, so a bad one is refused
+    /// whole, not cut off after the member was sent part of it (a bad
+    /// chunk that comes later can only be cut off: RFC 9112 §8, the
+    /// member sees an incomplete message). Chunked requests are rare
+    /// enough for the copy this makes.
+    pub fn check_ahead(&self, buf: &[u8]) -> Result<(), Malformed> {
+        let Self::Chunked(decoder) = self else {
+            return Ok(());
+        };
+        let mut decoder = *decoder;
+        let mut ahead = BytesMut::from(buf);
+        loop {
+            match decoder.decode(&mut ahead)? {
+                Step::Data(_) => {}
+                Step::NeedMore | Step::Done => return Ok(()),
+            }
+        }
+    }
+
     /// The sender closed the connection: whether that ended the body (it
     /// does only one that runs to the close, or one already complete).
     pub fn at_close(&mut self) -> bool {

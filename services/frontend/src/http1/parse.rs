@@ -86,13 +86,24 @@ pub fn request(buf: &mut BytesMut) -> Result<Option<RequestHead>, Refusal> {
     let head = buf.split_to(length).freeze();
     let uri =
         Uri::from_maybe_shared(head.slice(target)).map_err(|_| Refusal::bad("invalid target"))?;
-    let headers = header_map(&head, places).map_err(|_| Refusal::bad("invalid header"))?;
+    let mut headers = header_map(&head, places).map_err(|_| Refusal::bad("invalid header"))?;
     let (body, keep_alive) = request_framing(&headers, version, seen)?;
     if seen.hosts > 1 {
         return Err(Refusal::bad("more than one Host header"));
     }
     if seen.hosts == 0 && version == Version::HTTP_11 {
         return Err(Refusal::bad("no Host header"));
+    }
+    // RFC 9112 §3.2.2: with an absolute-form target, its authority is the
+    // host, whatever `Host` said; it takes that header's place, so that
+    // the cache, the routing and the member see the host the client asked.
+    if let Some(authority) = uri.authority() {
+        let host = match authority.port() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_owned(),
+        };
+        let host = HeaderValue::try_from(host).map_err(|_| Refusal::bad("invalid target"))?;
+        headers.insert(header::HOST, host);
     }
     let expects_continue = version == Version::HTTP_11
         && seen.expect
@@ -206,27 +217,68 @@ fn request_framing(
     seen: Seen,
 ) -> Result<(Framing, bool), Refusal> {
     let mut keep_alive = seen.keep_alive(headers, version == Version::HTTP_11);
-    // RFC 9112 §6.3: a transfer coding decides the length, and chunked
-    // must be the last one; with a content-length beside it, the request
-    // is answered and the connection closed (one of them may be what
-    // another hop went by).
-    let coding = seen.coding(headers);
-    let body = match coding {
-        Some(false) => return Err(Refusal::bad("unsupported transfer coding")),
-        Some(true) => {
+    // RFC 9112 §6.3: a transfer coding decides the length; with a
+    // content-length beside it, the request is answered and the connection
+    // closed (one of them may be what another hop went by), as after an
+    // HTTP/1.0 request with a transfer coding (§6.1).
+    let chunked = seen.hop_by_hop && request_coding(headers)?;
+    let body = match chunked {
+        true => {
             if version == Version::HTTP_10 || seen.content_length.count > 0 {
                 keep_alive = false;
             }
             Framing::Chunked
         }
-        None if seen.content_length.count == 0 => Framing::Empty,
-        None => match headers::content_length(headers) {
+        false if seen.content_length.count == 0 => Framing::Empty,
+        // RFC 9110 §8.6 lets a recipient take repeats of one value as one
+        // length; they are refused instead, as a list ("5, 5") is: a hop
+        // that reads the repeats otherwise would frame another body.
+        false if seen.content_length.count > 1 => {
+            return Err(Refusal::bad("more than one content-length"))
+        }
+        false => match headers::content_length(headers) {
             Ok(Some(n)) if n > 0 => Framing::Length(n),
             Ok(_) => Framing::Empty,
             Err(_) => return Err(Refusal::bad("invalid content-length")),
         },
     };
     Ok((body, keep_alive))
+}
+
+/// Whether a request's body is chunked, by its `Transfer-Encoding`:
+/// `chunked` must come last (RFC 9112 §6.3: 400 otherwise) and once
+/// (§7: a sender applies it once; a hop that decoded it twice would read
+/// another body), and the front-end forwards no other coding, since it
+/// decodes the chunks and frames the body anew (§6.1: 501).
+fn request_coding(headers: &HeaderMap) -> Result<bool, Refusal> {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .peekable();
+    if codings.peek().is_none() {
+        return Ok(false);
+    }
+    let (mut chunked, mut others, mut last_chunked) = (0, 0, false);
+    for coding in codings {
+        last_chunked = coding.eq_ignore_ascii_case(b"chunked");
+        if last_chunked {
+            chunked += 1;
+        } else {
+            others += 1;
+        }
+    }
+    match (last_chunked, chunked, others) {
+        (false, _, _) => Err(Refusal::bad("the last transfer coding is not chunked")),
+        (true, 1, 0) => Ok(true),
+        (true, 1, _) => Err(Refusal::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "transfer coding not implemented",
+        )),
+        (true, _, _) => Err(Refusal::bad("chunked more than once")),
+    }
 }
 
 /// What the request asked that decides how its answer is read.

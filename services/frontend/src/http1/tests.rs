@@ -57,10 +57,19 @@ fn a_request_head_and_how_its_body_comes() {
     let parsed = accepted(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade, close\r\n\r\n");
     assert!(!parsed.keep_alive);
 
-    let parsed =
-        accepted(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n");
+    let parsed = accepted(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n");
     assert_eq!(parsed.body, Framing::Chunked);
     assert!(parsed.keep_alive);
+    // A coding the front-end would drop when it frames the body anew
+    // (found by the smuggling corpus: the member got gzip bytes as plain).
+    assert_eq!(
+        refused(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+        StatusCode::NOT_IMPLEMENTED
+    );
+    // The target's authority is the host (RFC 9112 §3.2.2).
+    let parsed = accepted(b"GET http://g:8080/a HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(parsed.request.headers()["host"], "g:8080");
+    assert_eq!(parsed.request.uri().path(), "/a");
     // Both framings: the coding wins and the connection closes after.
     let parsed = accepted(
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -85,6 +94,11 @@ fn a_head_that_could_be_read_two_ways_is_refused() {
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\n Folded: x\r\n\r\n",
+        // Found by the smuggling corpus: chunked twice was decoded once,
+        // and repeats of one length were passed on as they came.
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2, 2\r\n\r\n",
     ] {
         assert_eq!(refused(text), bad, "{:?}", String::from_utf8_lossy(text));
     }
@@ -108,10 +122,6 @@ fn a_head_that_could_be_read_two_ways_is_refused() {
     }
     many.extend_from_slice(b"\r\n");
     assert_eq!(refused(&many), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
-    // Repeats that agree are one length.
-    let parsed =
-        accepted(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n");
-    assert_eq!(parsed.body, Framing::Length(2));
 }
 
 fn answer(text: &[u8], asked: Asked) -> Option<ResponseHead> {
