@@ -5,11 +5,10 @@
 //! history of the three KV buckets, every revision in stream order, not
 //! only on the final state.
 //!
-//! KV keeps a few revisions per key; the test records every one by
-//! mirroring each bucket's stream into a stream of its own with no limits,
-//! created before any allocator starts. The reconfiguration stream is made
-//! here too, with a one-second de-duplication window, so a duplicate sent
-//! two seconds later goes past it as one sent after 120 s would.
+//! The history is recorded by mirrors made before any allocator starts
+//! (`history.rs`). The reconfiguration stream is made here too, with a
+//! one-second de-duplication window, so a duplicate sent two seconds later
+//! goes past it as one sent after 120 s would.
 //!
 //! Sizes come from the environment, so the soak (`scripts/soak-crash.sh`)
 //! runs the same test longer: `HEADROOM_CRASH_KILLS` (allocator kills, 120),
@@ -17,18 +16,14 @@
 //! `HEADROOM_ALLOCATOR_BIN` runs another allocator binary (an older build,
 //! to see the test fail on it).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, stream};
-use headroom_shared::codec::{Codec, Message};
-use headroom_shared::kv::{open_bucket, Bucket, CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET};
-use headroom_shared::records::{ClusterRecord, MemberState, ServerRecord, ServerState};
+use async_nats::jetstream;
 use headroom_shared::wire::{EventKind, ReconfigAction, ReconfigRequest};
-use headroom_shared::{bus, subjects, ClusterId, RequestId, ServerId};
+use headroom_shared::{bus, subjects, ServerId};
 use headroom_tests::{env_usize, eventually, NatsServer};
 use rand::Rng;
 use tokio::process::Child;
@@ -37,6 +32,7 @@ use tokio::sync::Mutex;
 use headroom_allocator::store::Store;
 
 use crate::common::*;
+use crate::history::{record_history, History};
 
 const CLUSTERS: [&str; 3] = ["c1", "c2", "c3"];
 const SERVERS: usize = 30;
@@ -169,7 +165,7 @@ async fn sigkilled_allocators_and_nats_server_never_apply_a_request_twice() {
         .await
         .expect("connect");
     let js = jetstream::new(client.clone());
-    record_history(&js).await;
+    record_history(&js, 1).await.expect("history mirrors");
     let store = Store::open(&js, 1).await.expect("buckets");
     let mut reconfig = subjects::reconfig_stream(1);
     reconfig.duplicate_window = DEDUP_WINDOW;
@@ -298,7 +294,7 @@ async fn sigkilled_allocators_and_nats_server_never_apply_a_request_twice() {
         .check_invariants(&registered)
         .expect("the final state holds the invariants");
     let history = History::read(&js).await;
-    let verdict = history.check(&sent);
+    let verdict = history.check(sent.iter().map(|r| (&r.id, &r.action)));
     let audit = audit_log(&js).await;
 
     let outcomes = outcomes(&js, &sent).await;
@@ -354,236 +350,4 @@ async fn logs(allocators: &[Arc<Mutex<AllocatorProcess>>]) -> String {
         }
     }
     out
-}
-
-fn history_stream(bucket: &str) -> String {
-    format!("HISTORY_{}", bucket.replace('-', "_"))
-}
-
-/// Creates the buckets as the services would, and a mirror of each with no
-/// limits, so every revision stays readable after KV has let it go.
-async fn record_history(js: &jetstream::Context) {
-    for bucket in [Bucket::Servers, Bucket::Clusters, Bucket::Requests] {
-        open_bucket(js, bucket, 1).await.expect("bucket");
-        let bucket = bucket.name();
-        js.create_stream(stream::Config {
-            name: history_stream(bucket),
-            mirror: Some(stream::Source {
-                name: format!("KV_{bucket}"),
-                ..Default::default()
-            }),
-            storage: stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .expect("history mirror");
-    }
-}
-
-/// One revision of a KV key: its key, and its value unless it was a delete.
-struct Revision<T> {
-    key: String,
-    value: Option<T>,
-}
-
-/// Every revision of the three buckets, each bucket in its stream order.
-struct History {
-    servers: Vec<Revision<ServerRecord>>,
-    clusters: Vec<Revision<ClusterRecord>>,
-    /// The ledger's keys only (outcomes and taken-up marks).
-    requests: Vec<Revision<()>>,
-}
-
-impl History {
-    async fn read(js: &jetstream::Context) -> Self {
-        Self {
-            servers: decoded(read_revisions(js, SERVERS_BUCKET).await),
-            clusters: decoded(read_revisions(js, CLUSTERS_BUCKET).await),
-            requests: read_revisions(js, REQUESTS_BUCKET)
-                .await
-                .into_iter()
-                .map(|r| Revision {
-                    key: r.key,
-                    value: r.value.map(|_| ()),
-                })
-                .collect(),
-        }
-    }
-}
-
-fn decoded<T: Message>(revisions: Vec<Revision<bytes::Bytes>>) -> Vec<Revision<T>> {
-    revisions
-        .into_iter()
-        .map(|r| Revision {
-            value: r.value.map(|bytes| {
-                Codec::MsgPack
-                    .decode::<T>(&bytes)
-                    .unwrap_or_else(|e| panic!("revision of {} decodes: {e}", r.key))
-            }),
-            key: r.key,
-        })
-        .collect()
-}
-
-/// Waits until the mirror of `bucket` holds every message its stream ever
-/// had, then reads them all in order.
-async fn read_revisions(js: &jetstream::Context, bucket: &str) -> Vec<Revision<bytes::Bytes>> {
-    let origin = format!("KV_{bucket}");
-    let caught_up = eventually(Duration::from_secs(30), || async {
-        let mut origin = js.get_stream(&origin).await.ok()?;
-        let last = origin.info().await.ok()?.state.last_sequence;
-        let mut mirror = js.get_stream(history_stream(bucket)).await.ok()?;
-        let state = mirror.info().await.ok()?.state.clone();
-        (state.messages == last).then_some(state)
-    })
-    .await
-    .unwrap_or_else(|| panic!("the mirror of {bucket} never held every revision"));
-    let mirror = js.get_stream(history_stream(bucket)).await.expect("mirror");
-    let prefix = format!("$KV.{bucket}.");
-    let mut out = Vec::new();
-    for seq in caught_up.first_sequence..=caught_up.last_sequence {
-        let raw = mirror
-            .get_raw_message(seq)
-            .await
-            .expect("mirrored revision");
-        let deleted = headroom_shared::kv::is_removal(&raw.headers);
-        out.push(Revision {
-            key: raw.subject.as_str().trim_start_matches(&prefix).to_owned(),
-            value: (!deleted).then_some(raw.payload),
-        });
-    }
-    out
-}
-
-/// What the history shows.
-struct Verdict {
-    joins: usize,
-    drains: usize,
-    violations: Vec<String>,
-}
-
-impl History {
-    /// The invariants, revision by revision.
-    fn check(&self, sent: &[ReconfigRequest]) -> Verdict {
-        let mut violations = Vec::new();
-        let wanted: HashMap<&RequestId, u32> = sent
-            .iter()
-            .filter_map(|r| match r.action {
-                ReconfigAction::Allocate { count, .. } => Some((&r.id, count)),
-                ReconfigAction::Replace { .. } => Some((&r.id, 1)),
-                _ => None,
-            })
-            .collect();
-        let releases: HashSet<&RequestId> = sent
-            .iter()
-            .filter(|r| matches!(r.action, ReconfigAction::Release { .. }))
-            .map(|r| &r.id)
-            .collect();
-
-        // Servers: never lost, and the claims each request made (a claim
-        // is a server record turning allocated, naming its request).
-        let mut claims: HashMap<(&RequestId, &ServerId), usize> = HashMap::new();
-        let mut was: HashMap<&str, &ServerRecord> = HashMap::new();
-        for rev in &self.servers {
-            let Some(record) = &rev.value else {
-                violations.push(format!("server {} was deleted", rev.key));
-                continue;
-            };
-            let before = was.insert(rev.key.as_str(), record);
-            let claimed = matches!(record.state, ServerState::Allocated { .. })
-                && !before.is_some_and(|b| matches!(b.state, ServerState::Allocated { .. }));
-            if let (true, Some(request)) = (claimed, &record.last_request) {
-                *claims.entry((request, &record.id)).or_default() += 1;
-            }
-        }
-
-        // Clusters, revision by revision in stream order (one stream for
-        // every cluster key, so this is one timeline).
-        let mut now: BTreeMap<&str, &ClusterRecord> = BTreeMap::new();
-        let mut joins: HashMap<&RequestId, usize> = HashMap::new();
-        let mut joins_of: HashMap<(&RequestId, &ServerId), usize> = HashMap::new();
-        let mut drains: HashMap<&RequestId, usize> = HashMap::new();
-        let (mut all_joins, mut all_drains) = (0, 0);
-        for (seq, rev) in self.clusters.iter().enumerate() {
-            let Some(record) = &rev.value else {
-                continue;
-            };
-            let before = now.insert(rev.key.as_str(), record);
-            let state_before =
-                |server: &ServerId| before.and_then(|b| b.member(server)).map(|m| m.state);
-            for m in &record.members {
-                let was = state_before(&m.server);
-                if m.state == MemberState::Active && was != Some(MemberState::Active) {
-                    all_joins += 1;
-                    *joins.entry(&m.request).or_default() += 1;
-                    *joins_of.entry((&m.request, &m.server)).or_default() += 1;
-                }
-                if m.state == MemberState::Draining && was != Some(MemberState::Draining) {
-                    all_drains += 1;
-                    if let Some(release) = &m.drain_request {
-                        *drains.entry(release).or_default() += 1;
-                    }
-                }
-            }
-            // No server serves two clusters at any revision.
-            let mut serving: HashMap<&ServerId, &ClusterId> = HashMap::new();
-            for cluster in now.values() {
-                for m in cluster
-                    .members
-                    .iter()
-                    .filter(|m| m.state != MemberState::Joining)
-                {
-                    if let Some(other) = serving.insert(&m.server, &cluster.id) {
-                        violations.push(format!(
-                            "revision {}: {} serves {} and {}",
-                            seq + 1,
-                            m.server,
-                            other,
-                            cluster.id
-                        ));
-                    }
-                }
-            }
-        }
-        for (request, n) in &joins {
-            if let Some(count) = wanted.get(request) {
-                if *n > *count as usize {
-                    violations.push(format!("{request} asked for {count} and made {n} joins"));
-                }
-            }
-        }
-        for ((request, server), n) in &joins_of {
-            let claimed = claims.get(&(*request, *server)).copied().unwrap_or(0);
-            if wanted.contains_key(request) && *n > claimed {
-                violations.push(format!(
-                    "{request} joined {server} {n} times on {claimed} claims of it"
-                ));
-            }
-        }
-        for (request, n) in &drains {
-            if releases.contains(request) && *n > 1 {
-                violations.push(format!("release {request} started {n} drains"));
-            }
-        }
-        // The ledger: one outcome per request, written once.
-        let mut outcomes: HashMap<&str, usize> = HashMap::new();
-        for rev in self
-            .requests
-            .iter()
-            .filter(|r| !r.key.starts_with("started."))
-        {
-            *outcomes.entry(rev.key.as_str()).or_default() += 1;
-        }
-        for request in sent {
-            match outcomes.get(request.id.as_str()) {
-                Some(1) => {}
-                n => violations.push(format!("{} has {n:?} outcomes", request.id)),
-            }
-        }
-        Verdict {
-            joins: all_joins,
-            drains: all_drains,
-            violations,
-        }
-    }
 }

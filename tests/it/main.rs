@@ -10,6 +10,9 @@ mod crash;
 mod demo;
 mod evaluate;
 mod frontend;
+// Shared with the container tests, which use all of it.
+#[allow(dead_code)]
+mod history;
 mod leases;
 mod loadgen;
 mod monitor;
