@@ -1,7 +1,9 @@
 //! The chunked coding read whole and read in two pieces (split where the
 //! first two bytes say): the same data, the same end, the same bytes left
 //! after it. A decoder that read the pieces differently from the whole
-//! would let a body be framed two ways.
+//! would let a body be framed two ways. And the check the front-end makes
+//! of what came with a head before it forwards it refuses exactly what
+//! decoding the same bytes would find malformed.
 #![no_main]
 
 use bytes::BytesMut;
@@ -49,4 +51,11 @@ fuzz_target!(|data: &[u8]| {
     let whole = decode(&[body]);
     let pieces = decode(&[&body[..at], &body[at..]]);
     assert_eq!(whole, pieces, "split at {at}");
+    let checked = BodyDecoder::new(Framing::Chunked).check_ahead(body);
+    assert_eq!(
+        checked.is_err(),
+        whole.1 == End::Malformed,
+        "check ahead {checked:?}, decoded {:?}",
+        whole.1
+    );
 });

@@ -167,6 +167,45 @@ async fn line(stream: &mut TcpStream, buffer: &mut Vec<u8>, at: usize) -> Result
     }
 }
 
+/// What a request's header fields say of its framing and host.
+#[derive(Default)]
+struct Fields {
+    length: Option<usize>,
+    chunked: bool,
+    host: Option<String>,
+}
+
+impl Fields {
+    /// One header line: a token name, a colon, a value with no CR, LF or
+    /// NUL; one Content-Length at most, and no coding but chunked.
+    fn read(&mut self, field: &str) -> Result<(), String> {
+        let Some((name, value)) = field.split_once(':') else {
+            return Err(format!("header line {field:?}"));
+        };
+        if name.is_empty() || name.contains([' ', '\t']) || value.contains(['\r', '\n', '\0']) {
+            return Err(format!("header line {field:?}"));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("host") {
+            self.host = Some(value.to_owned());
+        } else if name.eq_ignore_ascii_case("content-length") {
+            if self.length.is_some() {
+                return Err("two Content-Length fields".to_owned());
+            }
+            let length = value
+                .parse()
+                .map_err(|_| format!("Content-Length {value:?}"))?;
+            self.length = Some(length);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if !value.eq_ignore_ascii_case("chunked") {
+                return Err(format!("Transfer-Encoding {value:?}"));
+            }
+            self.chunked = true;
+        }
+        Ok(())
+    }
+}
+
 /// One request off `stream`; `None` when it ends between requests.
 async fn read_request(
     stream: &mut TcpStream,
@@ -193,41 +232,21 @@ async fn read_request(
         return Err(format!("request line {request_line:?}"));
     }
     let mut at = end + 2;
-    let (mut length, mut chunked, mut host) = (None, false, None);
+    let mut fields = Fields::default();
     loop {
         let end = line(stream, buffer, at).await?;
         if end == at {
             at += 2;
             break;
         }
-        let field = String::from_utf8_lossy(&buffer[at..end]).into_owned();
-        let Some((name, value)) = field.split_once(':') else {
-            return Err(format!("header line {field:?}"));
-        };
-        if name.is_empty() || name.contains([' ', '\t']) || value.contains(['\r', '\n', '\0']) {
-            return Err(format!("header line {field:?}"));
-        }
-        let value = value.trim_matches([' ', '\t']);
-        if name.eq_ignore_ascii_case("host") {
-            host = Some(value.to_owned());
-        }
-        if name.eq_ignore_ascii_case("content-length") {
-            if length.is_some() {
-                return Err("two Content-Length fields".to_owned());
-            }
-            length = Some(
-                value
-                    .parse::<usize>()
-                    .map_err(|_| format!("Content-Length {value:?}"))?,
-            );
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if !value.eq_ignore_ascii_case("chunked") {
-                return Err(format!("Transfer-Encoding {value:?}"));
-            }
-            chunked = true;
-        }
+        fields.read(&String::from_utf8_lossy(&buffer[at..end]))?;
         at = end + 2;
     }
+    let Fields {
+        length,
+        chunked,
+        host,
+    } = fields;
     if chunked && length.is_some() {
         return Err("both Content-Length and Transfer-Encoding".to_owned());
     }
