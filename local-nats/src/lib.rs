@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use headroom_shared::{nats_users, ServerId};
 use tokio::process::{Child, Command};
 
 /// The nats-server version the fixture expects (per-message TTL and the KV
@@ -31,6 +32,8 @@ pub enum LocalNatsError {
     NoStart(Duration, String),
     #[error("local nats-server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the agents' users: {0}")]
+    Users(#[from] headroom_shared::nats_users::UsersError),
 }
 
 /// Headroom's nats-server configuration, the one the compose stack mounts.
@@ -40,9 +43,17 @@ const NATS_CONF: &str = include_str!("../../nats/nats.conf");
 const USERS_CONF: &str = include_str!("../../nats/users.conf");
 const SECURE_CONF: &str = include_str!("../../nats/secure.conf");
 
-/// The users `nats/users.conf` defines; each password comes from
-/// `HEADROOM_<USER>_PASSWORD` in the server's environment.
-pub const USERS: [&str; 5] = ["allocator", "monitor", "agent", "frontend", "operator"];
+/// The services' users `nats/users.conf` defines; each password comes from
+/// `HEADROOM_<USER>_PASSWORD` in the server's environment. Agents have a
+/// user each (`headroom_shared::nats_users`).
+pub const USERS: [&str; 4] = ["allocator", "monitor", "frontend", "operator"];
+
+/// A user the server knows, with the variable its password is read from.
+struct Login {
+    user: String,
+    password: String,
+    variable: String,
+}
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -105,8 +116,8 @@ fn check_version(path: &Path) -> Result<(), LocalNatsError> {
 pub struct NatsServer {
     child: Child,
     url: String,
-    /// (user, password) when started with [`NatsServer::start_secure`].
-    users: Vec<(String, String)>,
+    /// The users, when started with [`NatsServer::start_secure`].
+    users: Vec<Login>,
     /// The configuration file it runs with, inside `dir`.
     conf: PathBuf,
     dir: tempfile::TempDir,
@@ -118,7 +129,7 @@ impl NatsServer {
     /// # Errors
     /// When the binary is missing or too old, or the server does not come up.
     pub async fn start() -> Result<Self, LocalNatsError> {
-        Self::launch(false).await
+        Self::launch(None).await
     }
 
     /// Starts a server with one user per service (`nats/secure.conf`), each
@@ -128,26 +139,47 @@ impl NatsServer {
     /// # Errors
     /// As [`NatsServer::start`].
     pub async fn start_secure() -> Result<Self, LocalNatsError> {
-        Self::launch(true).await
+        Self::launch(Some(&[])).await
     }
 
-    async fn launch(secure: bool) -> Result<Self, LocalNatsError> {
+    /// [`NatsServer::start_secure`], with a user for the agent of each of
+    /// `servers`, bound to its server as the stack's are;
+    /// [`NatsServer::config_as_agent`] logs in as one of them.
+    ///
+    /// # Errors
+    /// As [`NatsServer::start`].
+    pub async fn start_secure_with_agents(servers: &[ServerId]) -> Result<Self, LocalNatsError> {
+        Self::launch(Some(servers)).await
+    }
+
+    async fn launch(agents: Option<&[ServerId]>) -> Result<Self, LocalNatsError> {
         let binary = nats_server_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("headroom-nats-")
             .tempdir()?;
-        let users: Vec<(String, String)> = if secure {
-            USERS
-                .iter()
-                .map(|user| ((*user).to_owned(), nuid::next().to_string()))
-                .collect()
-        } else {
-            Vec::new()
+        let login = |user: String, variable: String| Login {
+            user,
+            password: nuid::next().to_string(),
+            variable,
         };
+        let mut users: Vec<Login> = Vec::new();
         let mut conf = dir.path().join("nats.conf");
         std::fs::write(&conf, NATS_CONF)?;
-        if secure {
-            std::fs::write(dir.path().join("users.conf"), USERS_CONF)?;
+        if let Some(agents) = agents {
+            users.extend(USERS.iter().map(|user| {
+                login(
+                    (*user).to_owned(),
+                    format!("HEADROOM_{}_PASSWORD", user.to_uppercase()),
+                )
+            }));
+            users.extend(agents.iter().map(|server| {
+                login(
+                    nats_users::user(server),
+                    nats_users::password_variable(server),
+                )
+            }));
+            let users_conf = nats_users::rewrite(USERS_CONF, agents)?;
+            std::fs::write(dir.path().join("users.conf"), users_conf)?;
             conf = dir.path().join("secure.conf");
             std::fs::write(&conf, SECURE_CONF)?;
         }
@@ -205,8 +237,8 @@ impl NatsServer {
     pub fn password(&self, user: &str) -> Option<&str> {
         self.users
             .iter()
-            .find(|(u, _)| u == user)
-            .map(|(_, p)| p.as_str())
+            .find(|login| login.user == user)
+            .map(|login| login.password.as_str())
     }
 
     /// [`NatsServer::config`], logged in as `user`.
@@ -215,6 +247,33 @@ impl NatsServer {
         config.nats.user = Some(user.to_owned());
         config.nats.password = self.password(user).map(str::to_owned);
         config
+    }
+
+    /// [`NatsServer::config`] for the agent of `server`, logged in as its
+    /// own user, with its own inbox prefix.
+    pub fn config_as_agent(&self, server: &ServerId) -> headroom_shared::config::Config {
+        let mut config = self.config_as(&nats_users::user(server));
+        config.agent.server = server.to_string();
+        config.nats.inbox_prefix = Some(nats_users::inbox_prefix(server));
+        config
+    }
+
+    /// A client logged in as the agent of `server`, with its inbox prefix.
+    ///
+    /// # Errors
+    /// When the server refuses the connection.
+    pub async fn client_as_agent(
+        &self,
+        server: &ServerId,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        let user = nats_users::user(server);
+        async_nats::ConnectOptions::with_user_and_password(
+            user.clone(),
+            self.password(&user).unwrap_or_default().to_owned(),
+        )
+        .custom_inbox_prefix(nats_users::inbox_prefix(server))
+        .connect(&self.url)
+        .await
     }
 
     /// A client logged in as `user`.
@@ -265,16 +324,13 @@ async fn spawn(
     binary: &Path,
     conf: &Path,
     dir: &Path,
-    users: &[(String, String)],
+    users: &[Login],
     port: &str,
 ) -> Result<(Child, String), LocalNatsError> {
     let log = dir.join("nats.log");
     let mut command = Command::new(binary);
-    for (user, password) in users {
-        command.env(
-            format!("HEADROOM_{}_PASSWORD", user.to_uppercase()),
-            password,
-        );
+    for login in users {
+        command.env(&login.variable, &login.password);
     }
     let child = command
         .arg("-c")

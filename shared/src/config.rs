@@ -69,6 +69,10 @@ pub struct NatsConfig {
     /// pings, so this costs nothing under traffic.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
+    /// The prefix of this connection's inboxes (`_INBOX` when unset). An
+    /// agent sets its own ([`crate::nats_users::inbox_prefix`]), so that
+    /// its user may read its own replies and no one else's.
+    pub inbox_prefix: Option<String>,
     /// Replicas for the KV buckets and streams this service creates
     /// (3 on a three-node cluster).
     pub replicas: usize,
@@ -89,6 +93,7 @@ impl Default for NatsConfig {
             startup_deadline: Duration::from_secs(60),
             max_reconnect_delay: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
+            inbox_prefix: None,
             replicas: 1,
         }
     }
@@ -259,6 +264,10 @@ pub struct AgentConfig {
     /// JSON with any of `in_flight`, `requests_per_s`, `latency_p50_ms`,
     /// `latency_p99_ms`, `errors_per_s`.
     pub stats_url: Option<String>,
+    /// Unreadable stats reads in a row after which a member's application
+    /// counts as dead: the agent reports `failed`, and the allocator
+    /// replaces the member (0: never).
+    pub stats_failures: u32,
     /// Where the kernel's counters are read (`/proc`).
     pub proc_root: PathBuf,
     /// The network interfaces counted; empty counts all but loopback.
@@ -281,6 +290,7 @@ impl Default for AgentConfig {
             request_types: Vec::new(),
             interval: Duration::from_secs(1),
             stats_url: None,
+            stats_failures: 3,
             proc_root: PathBuf::from("/proc"),
             interfaces: Vec::new(),
             register: true,

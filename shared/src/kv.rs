@@ -166,6 +166,18 @@ pub async fn latest_entries(
     }
 }
 
+/// A watch's entries, whoever started it.
+type Entries =
+    futures::stream::BoxStream<'static, Result<async_nats::jetstream::kv::Entry, String>>;
+/// What starts a watch of a pattern in a bucket.
+type StartWatch = Box<
+    dyn Fn(
+            async_nats::jetstream::kv::Store,
+            String,
+        ) -> futures::future::BoxFuture<'static, Result<Entries, String>>
+        + Send,
+>;
+
 /// Follows the keys of `bucket` matching `pattern` until `stop`: current
 /// values first, then every change. A watch that ends or fails is started
 /// again (after a second); an entry at or below the revision already
@@ -177,18 +189,122 @@ pub fn follow(
     pattern: String,
     stop: tokio_util::sync::CancellationToken,
 ) -> impl futures::Stream<Item = async_nats::jetstream::kv::Entry> {
+    use futures::{FutureExt, StreamExt, TryStreamExt};
+    let start: StartWatch = Box::new(|bucket, pattern| {
+        async move {
+            let watch = bucket
+                .watch_with_history(pattern)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(watch.map_err(|e| e.to_string()).boxed())
+        }
+        .boxed()
+    });
+    following(bucket, pattern, stop, start)
+}
+
+/// [`follow`], on a watch whose consumer this process names, so that its
+/// filter is in the subject it is created on
+/// (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) and a user's
+/// permissions can bind it to its own keys: an agent may watch its own
+/// server's record and no other. async-nats's own watch creates its
+/// consumer on the stream's subject alone, with the filter in the body.
+pub fn follow_named(
+    client: async_nats::Client,
+    bucket: async_nats::jetstream::kv::Store,
+    pattern: String,
+    stop: tokio_util::sync::CancellationToken,
+) -> impl futures::Stream<Item = async_nats::jetstream::kv::Entry> {
+    use futures::FutureExt;
+    let start: StartWatch =
+        Box::new(move |bucket, pattern| named_watch(client.clone(), bucket, pattern).boxed());
+    following(bucket, pattern, stop, start)
+}
+
+/// An ordered consumer named `watch_<nuid>` on `bucket`'s stream, from each
+/// key's last value on, read as KV entries.
+async fn named_watch(
+    client: async_nats::Client,
+    bucket: async_nats::jetstream::kv::Store,
+    pattern: String,
+) -> Result<Entries, String> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+    use futures::StreamExt;
+    let consumer = bucket
+        .stream
+        .create_consumer(push::OrderedConfig {
+            name: Some(format!("watch_{}", nuid::next())),
+            deliver_subject: client.new_inbox(),
+            description: Some("headroom kv watch".to_owned()),
+            filter_subject: format!("{}{pattern}", bucket.prefix),
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let (prefix, name) = (bucket.prefix.clone(), bucket.name.clone());
+    Ok(messages
+        .map(move |message| {
+            let message = message.map_err(|e| e.to_string())?;
+            entry_of(&prefix, &name, &message)
+        })
+        .boxed())
+}
+
+/// A KV entry from the message its stream delivered (as async-nats reads
+/// its own watch's).
+fn entry_of(
+    prefix: &str,
+    bucket: &str,
+    message: &async_nats::jetstream::Message,
+) -> Result<async_nats::jetstream::kv::Entry, String> {
+    use async_nats::jetstream::kv::Operation;
+    let info = message.info().map_err(|e| e.to_string())?;
+    let header = |name| message.headers.as_ref()?.get(name).map(|v| v.as_str());
+    // A delete or purge, or the server's marker of a key that expired.
+    let operation = match (header("KV-Operation"), header("Nats-Marker-Reason")) {
+        (Some("DEL"), _) | (None, Some("Remove")) => Operation::Delete,
+        (Some("PURGE"), _) | (None, Some("MaxAge" | "Purge")) => Operation::Purge,
+        _ => Operation::Put,
+    };
+    let key = message
+        .subject
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("{} is not a key of {bucket}", message.subject))?;
+    Ok(async_nats::jetstream::kv::Entry {
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        value: message.payload.clone(),
+        revision: info.stream_sequence,
+        delta: info.pending,
+        created: info.published,
+        operation,
+        seen_current: info.pending == 0,
+    })
+}
+
+fn following(
+    bucket: async_nats::jetstream::kv::Store,
+    pattern: String,
+    stop: tokio_util::sync::CancellationToken,
+    start: StartWatch,
+) -> impl futures::Stream<Item = async_nats::jetstream::kv::Entry> {
     use futures::StreamExt;
     struct Following {
         bucket: async_nats::jetstream::kv::Store,
         pattern: String,
         stop: tokio_util::sync::CancellationToken,
-        watch: Option<async_nats::jetstream::kv::Watch>,
+        start: StartWatch,
+        watch: Option<Entries>,
         delivered: std::collections::HashMap<String, u64>,
     }
     let state = Following {
         bucket,
         pattern,
         stop,
+        start,
         watch: None,
         delivered: std::collections::HashMap::new(),
     };
@@ -197,7 +313,7 @@ pub fn follow(
             let Some(watch) = s.watch.as_mut() else {
                 let started = tokio::select! {
                     _ = s.stop.cancelled() => return None,
-                    started = s.bucket.watch_with_history(s.pattern.as_str()) => started,
+                    started = (s.start)(s.bucket.clone(), s.pattern.clone()) => started,
                 };
                 match started {
                     Ok(watch) => s.watch = Some(watch),

@@ -16,6 +16,7 @@
 //! - [`http_client`]: the small HTTP/1.0 client for an application on
 //!   its own server (the agent's stats and hooks, the health probe).
 //! - [`nats`]: connecting, with credentials, TLS and backoff.
+//! - [`nats_users`]: the nats-server user of each agent, bound to its server.
 //! - [`ops`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`shutdown`]: SIGINT / SIGTERM as a cancellation token.
 //! - [`service`]: the common `main` of a service binary.
@@ -30,6 +31,7 @@ pub mod ids;
 pub mod kv;
 pub mod ledger;
 pub mod nats;
+pub mod nats_users;
 pub mod ops;
 pub mod records;
 pub mod service;

@@ -114,6 +114,9 @@ async fn options(
     if let (Some(cert), Some(key)) = (&config.tls_cert_file, &config.tls_key_file) {
         options = options.add_client_certificate(cert.clone(), key.clone());
     }
+    if let Some(prefix) = &config.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix.clone());
+    }
     let cap = config.max_reconnect_delay;
     Ok(options
         .name(name)

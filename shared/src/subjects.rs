@@ -36,6 +36,14 @@ pub const ADMIN_GROUP: &str = "headroom.admin";
 pub mod admin {
     pub const POOL_LIST: &str = "pool.list";
     pub const POOL_REGISTER: &str = "pool.register";
+    /// A server's own registration, `pool.register.<server>`: the subject
+    /// an agent's user may publish, and the allocator refuses a body that
+    /// names another server.
+    pub const POOL_REGISTER_OWN: &str = "pool.register.*";
+
+    pub fn pool_register_own(server: &crate::ServerId) -> String {
+        format!("pool.register.{server}")
+    }
     pub const POOL_DEREGISTER: &str = "pool.deregister";
     pub const CLUSTER_LIST: &str = "cluster.list";
     pub const CLUSTER_GET: &str = "cluster.get";

@@ -66,6 +66,12 @@ pub struct PerformanceReport {
     pub latency_p99_ms: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub errors_per_s: Option<f64>,
+    /// A front-end's: it has ejected the server (too many failures in a
+    /// row) and has had no answer from it since. A member every live
+    /// front-end has ejected for long while its agent still reports is
+    /// replaced: its application is down behind a live agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejected: Option<bool>,
 }
 
 impl PerformanceReport {
@@ -114,6 +120,7 @@ impl PerformanceReport {
             latency_p50_ms: None,
             latency_p99_ms: None,
             errors_per_s: None,
+            ejected: None,
         }
     }
 
@@ -620,6 +627,7 @@ mod tests {
             latency_p50_ms: Some(2.0),
             latency_p99_ms: Some(9.5),
             errors_per_s: None,
+            ejected: Some(true),
         };
         round_trip(&report);
         round_trip(&PerformanceReport {

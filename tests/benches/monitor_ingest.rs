@@ -51,6 +51,7 @@ fn reports(servers: usize) -> Vec<(String, bytes::Bytes)> {
                 latency_p50_ms: Some(3.0),
                 latency_p99_ms: Some(12.0),
                 errors_per_s: Some(0.0),
+                ejected: None,
             };
             (
                 subjects::metrics(Some(&cluster), &server),

@@ -96,15 +96,15 @@ fn no_request_failed(what: &str, summary: &Summary) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_front_end_cut_off_from_nats_serves_from_its_table_and_catches_up() {
-    if !enabled() {
+    let Some(Started {
+        stack,
+        operator,
+        js,
+        web: before,
+    }) = started("frontend-cut", false).await
+    else {
         return;
-    }
-    let stack = Stack::up("frontend-cut", false).await;
-    let operator = stack.operator().await;
-    let js = jetstream::new(operator.clone());
-    let before = wait_members(&js, Duration::from_secs(120), |n| n == 1)
-        .await
-        .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
+    };
     let applied = || stack.metric("frontend-1", "headroom_membership_generation");
     let generation = |r: &ClusterRecord| Some(r.generation as f64);
     assert!(
@@ -184,17 +184,50 @@ async fn server_record(js: &jetstream::Context, server: &ServerId) -> Option<Ser
         .map(|(record, _)| record.clone())
 }
 
+/// Whether an agent's own report comes (front-ends report on the same
+/// subjects) before `reports` ends.
+async fn from_agent(reports: &mut async_nats::Subscriber) -> bool {
+    while let Some(message) = reports.next().await {
+        let report: Option<PerformanceReport> =
+            codec::decode(message.headers.as_ref(), &message.payload).ok();
+        if report.is_some_and(|r| r.source == ReportSource::Agent) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Registers the server of `record` in the pool again, as `headroom pool
+/// add` does: the way back for a server taken out of service.
+async fn register_again(operator: &async_nats::Client, record: &ServerRecord) {
+    let registration = RegisterServer {
+        v: SCHEMA_VERSION,
+        id: record.id.clone(),
+        address: record.address.clone(),
+        port: record.port,
+        request_types: record.request_types.clone(),
+    };
+    let _: ServerRecord = common::admin(
+        operator,
+        subjects::admin::POOL_REGISTER,
+        &registration,
+        codec::Codec::MsgPack,
+    )
+    .await
+    .unwrap_or_else(|(code, message)| panic!("registered again: {code}: {message}"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_cut_off_is_replaced_and_its_server_returns_only_through_the_pool() {
-    if !enabled() {
+    let Some(Started {
+        stack,
+        operator,
+        js,
+        web: before,
+    }) = started("agent-cut", false).await
+    else {
         return;
-    }
-    let stack = Stack::up("agent-cut", false).await;
-    let operator = stack.operator().await;
-    let js = jetstream::new(operator.clone());
-    let before = wait_members(&js, Duration::from_secs(120), |n| n == 1)
-        .await
-        .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
+    };
     // A second cluster, so that "used by two clusters" can happen.
     let mut batch = before.policy.clone();
     batch.min_size = 1;
@@ -211,18 +244,14 @@ async fn an_agent_cut_off_is_replaced_and_its_server_returns_only_through_the_po
     tokio::time::sleep(Duration::from_secs(5)).await;
     stack.cut(&agent, "bus");
     let cut = Instant::now();
-    let replaced = eventually(Duration::from_secs(40), || async {
+    let took = eventually(Duration::from_secs(40), || async {
         let snapshot = Snapshot::read(&js).await;
-        let out = snapshot
-            .servers
-            .get(&victim)
-            .is_some_and(|(r, _)| matches!(r.state, ServerState::OutOfService { .. }));
         let members = snapshot.active_members("web");
-        (out && members.len() == 1 && !members.contains(&victim)).then_some(cut.elapsed())
+        (replaced(&snapshot, &victim) && members.len() == 1).then_some(cut.elapsed())
     })
     .await
     .unwrap_or_else(|| panic!("{victim} replaced\n{}", stack.logs("monitor")));
-    println!("{agent} cut off: {victim} out of service and replaced {replaced:?} after the cut");
+    println!("{agent} cut off: {victim} out of service and replaced {took:?} after the cut");
 
     until(cut + CUT).await;
     let mut reports = operator
@@ -231,18 +260,7 @@ async fn an_agent_cut_off_is_replaced_and_its_server_returns_only_through_the_po
         .expect("subscribe to its reports");
     stack.heal(&agent, "bus");
     let healed = Instant::now();
-    // The agent's own report (front-ends report on the same subjects).
-    let from_agent = async {
-        while let Some(message) = reports.next().await {
-            let report: Option<PerformanceReport> =
-                codec::decode(message.headers.as_ref(), &message.payload).ok();
-            if report.is_some_and(|r| r.source == ReportSource::Agent) {
-                return true;
-            }
-        }
-        false
-    };
-    let back = tokio::time::timeout(Duration::from_secs(60), from_agent).await;
+    let back = tokio::time::timeout(Duration::from_secs(60), from_agent(&mut reports)).await;
     assert!(
         back == Ok(true),
         "{agent} reports again once the cut healed\n{}",
@@ -269,23 +287,7 @@ async fn an_agent_cut_off_is_replaced_and_its_server_returns_only_through_the_po
         );
     }
 
-    // Through the pool: registered again (as `headroom pool add` does),
-    // it is free, and allocated like any free server.
-    let registration = RegisterServer {
-        v: SCHEMA_VERSION,
-        id: victim.clone(),
-        address: record.address.clone(),
-        port: record.port,
-        request_types: record.request_types.clone(),
-    };
-    let _: ServerRecord = common::admin(
-        &operator,
-        subjects::admin::POOL_REGISTER,
-        &registration,
-        codec::Codec::MsgPack,
-    )
-    .await
-    .unwrap_or_else(|(code, message)| panic!("registered again: {code}: {message}"));
+    register_again(&operator, &record).await;
     batch.min_size = 3;
     common::put_cluster(&operator, "batch", batch)
         .await
@@ -315,15 +317,15 @@ async fn an_agent_cut_off_is_replaced_and_its_server_returns_only_through_the_po
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_allocator_cut_off_mid_drain_finishes_it_once_healed() {
-    if !enabled() {
+    let Some(Started {
+        stack,
+        operator,
+        js,
+        web: before,
+    }) = started("allocator-cut", false).await
+    else {
         return;
-    }
-    let stack = Stack::up("allocator-cut", false).await;
-    let operator = stack.operator().await;
-    let js = jetstream::new(operator.clone());
-    let before = wait_members(&js, Duration::from_secs(120), |n| n == 1)
-        .await
-        .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
+    };
     // Only this test's requests change the cluster.
     stack.compose(&["stop", "-t", "5", "monitor"]);
     set_min_size(&operator, &before, 2).await;
@@ -411,35 +413,6 @@ async fn the_allocator_cut_off_mid_drain_finishes_it_once_healed() {
     history_holds(&js).await;
 }
 
-/// The names of Headroom's connections to the node whose monitoring port
-/// is `port`.
-async fn connections(port: u16) -> Option<Vec<String>> {
-    let url = format!("http://127.0.0.1:{port}/connz?limit=1024");
-    let body = headroom_shared::http_client::call("GET", &url, None, Duration::from_secs(2))
-        .await
-        .ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    Some(
-        value["connections"]
-            .as_array()?
-            .iter()
-            .filter_map(|c| c["name"].as_str())
-            .filter(|name| name.starts_with("headroom-"))
-            .map(str::to_owned)
-            .collect(),
-    )
-}
-
-/// Routes of the node whose monitoring port is `port`.
-async fn routes(port: u16) -> Option<u64> {
-    let url = format!("http://127.0.0.1:{port}/routez");
-    let body = headroom_shared::http_client::call("GET", &url, None, Duration::from_secs(2))
-        .await
-        .ok()?;
-    let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    value["num_routes"].as_u64()
-}
-
 /// Every replica of every stream current, none lagging.
 async fn replicas_current(js: &jetstream::Context) -> Result<(), String> {
     let mut names = js.stream_names();
@@ -465,37 +438,45 @@ async fn replicas_current(js: &jetstream::Context) -> Result<(), String> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_nats_node_cut_off_from_the_other_two_loses_nothing() {
-    if !enabled() {
-        return;
-    }
-    let stack = Stack::up("node-cut", true).await;
-    let operator = stack.operator().await;
-    let js = jetstream::new(operator.clone());
-    wait_members(&js, Duration::from_secs(120), |n| n == 1)
-        .await
-        .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
-    let [one, two, three] = [0, 1, 2].map(|n| stack.monitor_ports[n]);
-    let routed = eventually(Duration::from_secs(30), || async {
-        let all = [routes(one).await?, routes(two).await?, routes(three).await?];
-        all.iter().all(|n| *n >= 2).then_some(())
-    })
-    .await;
-    assert!(routed.is_some(), "three nodes routed");
-    // Every service connected (two front-ends, four agents, the allocator
-    // and the monitor), some of them to nats-2.
-    let services = 8;
-    let placed = eventually(Duration::from_secs(30), || async {
-        let on = [
-            connections(one).await?,
-            connections(two).await?,
-            connections(three).await?,
-        ];
-        (on.iter().map(Vec::len).sum::<usize>() == services).then_some(on)
+/// Headroom's services in the stack (two front-ends, four agents, the
+/// allocator and the monitor), each with one connection.
+const SERVICES: usize = 8;
+
+/// Each of the three nodes routed to the other two, within a minute.
+async fn all_routed(stack: &Stack) -> bool {
+    eventually(Duration::from_secs(60), || async {
+        for port in &stack.monitor_ports {
+            if routes(*port).await? < 2 {
+                return None;
+            }
+        }
+        Some(())
     })
     .await
-    .expect("every service connected");
+    .is_some()
+}
+
+/// The services connected to each node, once all of them are.
+async fn placement(stack: &Stack) -> Vec<Vec<String>> {
+    eventually(Duration::from_secs(30), || async {
+        let mut on = Vec::new();
+        for port in &stack.monitor_ports {
+            on.push(connections(*port).await?);
+        }
+        (on.iter().map(Vec::len).sum::<usize>() == SERVICES).then_some(on)
+    })
+    .await
+    .expect("every service connected")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_nats_node_cut_off_from_the_other_two_loses_nothing() {
+    let Some(Started { stack, js, .. }) = started("node-cut", true).await else {
+        return;
+    };
+    let [one, _, three] = [0, 1, 2].map(|n| stack.monitor_ports[n]);
+    assert!(all_routed(&stack).await, "three nodes routed");
+    let placed = placement(&stack).await;
     println!(
         "before the cut: {} services on nats, {} on nats-2 ({:?}), {} on nats-3",
         placed[0].len(),
@@ -515,7 +496,7 @@ async fn one_nats_node_cut_off_from_the_other_two_loses_nothing() {
     let cut = Instant::now();
     let moved = eventually(Duration::from_secs(60), || async {
         let on = connections(one).await?.len() + connections(three).await?.len();
-        (on == services).then_some(cut.elapsed())
+        (on == SERVICES).then_some(cut.elapsed())
     })
     .await;
     let moved = moved.unwrap_or_else(|| {
@@ -542,13 +523,8 @@ async fn one_nats_node_cut_off_from_the_other_two_loses_nothing() {
     until(cut + NODE_CUT).await;
     stack.heal("nats-2", "bus");
     let healed = Instant::now();
-    let rejoined = eventually(Duration::from_secs(60), || async {
-        let all = [routes(one).await?, routes(two).await?, routes(three).await?];
-        all.iter().all(|n| *n >= 2).then_some(())
-    })
-    .await;
     assert!(
-        rejoined.is_some(),
+        all_routed(&stack).await,
         "nats-2 rejoined\n{}",
         stack.logs("nats-2")
     );

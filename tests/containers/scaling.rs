@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use headroom_shared::records::ServerState;
-use headroom_shared::{subjects, ServerId};
+use headroom_shared::time::now_ms;
+use headroom_shared::wire::{PerformanceReport, ReportSource, ServerStatus, ServerStatusKind};
+use headroom_shared::{bus, subjects, ServerId, SCHEMA_VERSION};
 use headroom_tests::eventually;
 
 use crate::common::{self, Snapshot};
@@ -13,23 +15,22 @@ use crate::stack::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stack_scales_survives_crashes_and_keeps_agents_in_their_place() {
-    if !enabled() {
-        return;
-    }
-    let stack = Stack::up("scaling", false).await;
-    let operator = stack.operator().await;
-    let js = jetstream::new(operator.clone());
-    let started = Instant::now();
-
+    let began = Instant::now();
     // Up: the cluster at its minimum, both front-ends serving it.
-    let first = wait_members(&js, Duration::from_secs(120), |n| n == 1)
-        .await
-        .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
+    let Some(Started {
+        stack,
+        js,
+        web: first,
+        ..
+    }) = started("scaling", false).await
+    else {
+        return;
+    };
     for frontend in 0..2 {
         let served = load(&stack, frontend, "hold:5:1s").await.expect("load");
         assert_eq!(served.errors(), 0, "front-end {frontend}: {served:?}");
     }
-    eprintln!("stack up in {:?}", started.elapsed());
+    eprintln!("stack up in {:?}", began.elapsed());
 
     // 1. Load: scale up, then down, then the released servers come back.
     let rise = load(&stack, 0, "ramp:10-200:10s,hold:200:25s");
@@ -90,17 +91,12 @@ async fn the_stack_scales_survives_crashes_and_keeps_agents_in_their_place() {
         .unwrap_or_else(|| active(&regrown)[0].clone());
     let n = victim.as_str().trim_start_matches("backend-").to_owned();
     stack.compose(&["kill", &format!("backend-{n}"), &format!("agent-{n}")]);
-    let replaced = eventually(Duration::from_secs(40), || async {
-        let snapshot = Snapshot::read(&js).await;
-        let out = snapshot
-            .servers
-            .get(&victim)
-            .is_some_and(|(r, _)| matches!(r.state, ServerState::OutOfService { .. }));
-        (out && !active(snapshot.cluster("web")).contains(&victim)).then_some(())
+    let taken_out = eventually(Duration::from_secs(40), || async {
+        replaced(&Snapshot::read(&js).await, &victim).then_some(())
     })
     .await;
     assert!(
-        replaced.is_some(),
+        taken_out.is_some(),
         "{victim} taken out and replaced\n{}",
         stack.logs("monitor")
     );
@@ -146,46 +142,72 @@ async fn the_stack_scales_survives_crashes_and_keeps_agents_in_their_place() {
         "every request applied after the restarts"
     );
 
-    // 4. An agent's user cannot ask for a reconfiguration nor write KV.
-    let agent = stack
-        .client_as(
-            "agent",
-            &passwords()
-                .remove("HEADROOM_AGENT_PASSWORD")
-                .expect("agent password"),
-        )
-        .await;
-    let (asked, wrote) = common::act_as_intruder(agent, "backend-1").await;
+    // 4. An agent's user cannot ask for a reconfiguration nor write KV,
+    // nor speak for another server.
+    let backend_1 = ServerId::new("backend-1").expect("id");
+    let agent = stack.client_as_agent(&backend_1).await;
+    let (asked, wrote) = common::act_as_intruder(agent.clone(), "backend-1").await;
     assert!(
         asked.is_err(),
         "an agent's reconfiguration request is refused"
     );
     assert!(wrote.is_err(), "an agent's KV write is refused");
-    eprintln!("single-node stack tests took {:?}", started.elapsed());
+    speaks_for_itself_only(&stack, &js, agent).await;
+    eprintln!("single-node stack tests took {:?}", began.elapsed());
+}
+
+/// `agent` (backend-1's) reports backend-2 idle and failed, on backend-2's
+/// subjects: the server refuses both and logs it, and backend-2 is left as
+/// it was.
+async fn speaks_for_itself_only(stack: &Stack, js: &jetstream::Context, agent: async_nats::Client) {
+    let backend_2 = ServerId::new("backend-2").expect("id");
+    let before = Snapshot::read(js).await.servers[&backend_2].1;
+    let forged = PerformanceReport {
+        in_flight: Some(0),
+        concurrency: Some(8),
+        ..PerformanceReport::new(backend_2.clone(), None, ReportSource::Agent, now_ms(), 1000)
+    };
+    let failed = ServerStatus {
+        v: SCHEMA_VERSION,
+        server: backend_2.clone(),
+        cluster: None,
+        status: ServerStatusKind::Failed {
+            reason: "forged".to_owned(),
+        },
+        at_ms: now_ms(),
+    };
+    // Refused by the server, so the client hears nothing back.
+    let _ = bus::publish(&agent, subjects::metrics(None, &backend_2), &forged).await;
+    let _ = bus::publish(&agent, subjects::status(&backend_2), &failed).await;
+    let _ = agent.flush().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        Snapshot::read(js).await.servers[&backend_2].1,
+        before,
+        "backend-2's record untouched"
+    );
+    let log = stack.logs("nats");
+    for subject in [
+        "headroom.metrics._pool.backend-2",
+        "headroom.status.backend-2",
+    ] {
+        assert!(
+            log.lines().any(|l| l.contains("user:agent-backend-1")
+                && l.contains("Publish Violation")
+                && l.contains(subject)),
+            "the server logs the refusal of {subject}:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_three_nats_nodes_one_can_stop_and_rejoin() {
-    if !enabled() {
+    let Some(Started { stack, js, .. }) = started("three-nodes", true).await else {
         return;
-    }
-    let stack = Stack::up("three-nodes", true).await;
-    let operator = stack.operator().await;
-    let js = jetstream::new(operator.clone());
-    wait_members(&js, Duration::from_secs(120), |n| n == 1)
-        .await
-        .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
-    let routes = || async {
-        let url = format!("http://127.0.0.1:{}/routez", stack.monitor_ports[0]);
-        let body = headroom_shared::http_client::call("GET", &url, None, Duration::from_secs(2))
-            .await
-            .ok()?;
-        let value: serde_json::Value = serde_json::from_slice(&body).ok()?;
-        value["num_routes"].as_u64()
     };
     assert!(
         eventually(Duration::from_secs(30), || async {
-            routes().await.filter(|n| *n >= 2)
+            routes(stack.monitor_ports[0]).await.filter(|n| *n >= 2)
         })
         .await
         .is_some(),
@@ -207,7 +229,7 @@ async fn with_three_nats_nodes_one_can_stop_and_rejoin() {
     // It rejoins when started.
     stack.compose(&["start", "nats-2"]);
     let rejoined = eventually(Duration::from_secs(60), || async {
-        routes().await.filter(|n| *n >= 2)
+        routes(stack.monitor_ports[0]).await.filter(|n| *n >= 2)
     })
     .await;
     assert!(

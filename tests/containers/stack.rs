@@ -11,9 +11,9 @@ use async_nats::jetstream;
 use headroom_loadgen::{Profile, Summary, Target};
 use headroom_shared::codec::Codec;
 use headroom_shared::kv::CLUSTERS_BUCKET;
-use headroom_shared::records::{ClusterRecord, MemberState};
+use headroom_shared::records::{ClusterRecord, MemberState, ServerState};
 use headroom_shared::wire::{AuditEvent, EventKind};
-use headroom_shared::ServerId;
+use headroom_shared::{nats_users, ServerId};
 use headroom_tests::eventually;
 
 use crate::common::Snapshot;
@@ -213,7 +213,7 @@ impl Stack {
 
     pub fn logs(&self, service: &str) -> String {
         let out = self
-            .command(&["logs", "--no-color", "--tail", "40", service])
+            .command(&["logs", "--no-color", "--tail", "200", service])
             .output();
         out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default()
@@ -227,12 +227,29 @@ impl Stack {
     }
 
     pub async fn client_as(&self, user: &str, password: &str) -> async_nats::Client {
+        self.connect(
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into()),
+            user,
+        )
+        .await
+    }
+
+    /// A client with the credentials and inbox prefix of `server`'s agent.
+    pub async fn client_as_agent(&self, server: &ServerId) -> async_nats::Client {
+        let password = passwords()
+            .remove(&nats_users::password_variable(server))
+            .expect("the agent's password");
+        let user = nats_users::user(server);
+        let options = async_nats::ConnectOptions::with_user_and_password(user.clone(), password)
+            .custom_inbox_prefix(nats_users::inbox_prefix(server));
+        self.connect(options, &user).await
+    }
+
+    async fn connect(&self, options: async_nats::ConnectOptions, user: &str) -> async_nats::Client {
         let url = format!("nats://127.0.0.1:{}", self.nats_port);
+        // A connection attempt spends its options: each one gets a copy.
         let client = eventually(Duration::from_secs(60), || async {
-            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
-                .connect(&url)
-                .await
-                .ok()
+            options.clone().connect(&url).await.ok()
         })
         .await;
         client.unwrap_or_else(|| panic!("NATS at {url} as {user}\n{}", self.logs("nats")))
@@ -246,6 +263,65 @@ impl Stack {
             max_in_flight: 4096,
         }
     }
+}
+
+/// A stack whose cluster `web` has reached its minimum, with the
+/// operator's connection to it.
+pub struct Started {
+    pub stack: Stack,
+    pub operator: async_nats::Client,
+    pub js: jetstream::Context,
+    /// Cluster `web` at its minimum of one member.
+    pub web: ClusterRecord,
+}
+
+/// Brings project `name` up (see [`Stack::up`]) and waits for cluster
+/// `web` at its minimum; `None` when container tests are not enabled.
+pub async fn started(name: &str, cluster: bool) -> Option<Started> {
+    if !enabled() {
+        return None;
+    }
+    let stack = Stack::up(name, cluster).await;
+    let operator = stack.operator().await;
+    let js = jetstream::new(operator.clone());
+    let web = wait_members(&js, Duration::from_secs(120), |n| n == 1)
+        .await
+        .unwrap_or_else(|| panic!("cluster web at its minimum\n{}", stack.logs("allocator")));
+    Some(Started {
+        stack,
+        operator,
+        js,
+        web,
+    })
+}
+
+/// A JSON page of the NATS node whose monitoring port is `port`.
+async fn monitoring(port: u16, page: &str) -> Option<serde_json::Value> {
+    let url = format!("http://127.0.0.1:{port}/{page}");
+    let body = headroom_shared::http_client::call("GET", &url, None, Duration::from_secs(2))
+        .await
+        .ok()?;
+    serde_json::from_slice(&body).ok()
+}
+
+/// Routes of the NATS node whose monitoring port is `port`.
+pub async fn routes(port: u16) -> Option<u64> {
+    monitoring(port, "routez").await?["num_routes"].as_u64()
+}
+
+/// The names of Headroom's connections to the node whose monitoring port
+/// is `port`.
+pub async fn connections(port: u16) -> Option<Vec<String>> {
+    let page = monitoring(port, "connz?limit=1024").await?;
+    Some(
+        page["connections"]
+            .as_array()?
+            .iter()
+            .filter_map(|c| c["name"].as_str())
+            .filter(|name| name.starts_with("headroom-"))
+            .map(str::to_owned)
+            .collect(),
+    )
 }
 
 /// Runs `docker <args>`; panics with its output when it fails.
@@ -304,6 +380,15 @@ pub fn load(stack: &Stack, frontend: usize, spec: &str) -> tokio::task::JoinHand
     let profile = Profile::parse(spec).expect("profile");
     let target = stack.target(frontend);
     tokio::spawn(async move { headroom_loadgen::run(&profile, &target, None).await })
+}
+
+/// `server` is out of service in `snapshot`, and in no cluster `web`.
+pub fn replaced(snapshot: &Snapshot, server: &ServerId) -> bool {
+    let out = snapshot
+        .servers
+        .get(server)
+        .is_some_and(|(r, _)| matches!(r.state, ServerState::OutOfService { .. }));
+    out && !active(snapshot.cluster("web")).contains(server)
 }
 
 pub fn servers() -> Vec<ServerId> {

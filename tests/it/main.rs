@@ -10,6 +10,7 @@ mod crash;
 mod demo;
 mod evaluate;
 mod frontend;
+mod health;
 // Shared with the container tests, which use all of it.
 #[allow(dead_code)]
 mod history;

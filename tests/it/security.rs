@@ -1,6 +1,10 @@
 //! NATS security as the stack configures it (`nats/secure.conf`): each
 //! service works with its own user, and an agent's user can neither ask
-//! for a reconfiguration nor write KV; the server refuses it.
+//! for a reconfiguration nor write KV; the server refuses it. Each agent
+//! has a user of its own and speaks for its own server only: the server
+//! refuses its publications for another, and the monitor and the
+//! allocator refuse, and count, a body that names another server than
+//! its subject does.
 
 use std::time::Duration;
 
@@ -12,15 +16,25 @@ use headroom_tests::{eventually, NatsServer};
 use hyper::StatusCode;
 use tokio_util::sync::CancellationToken;
 
+use headroom_shared::bus::{self, AdminError};
+use headroom_shared::errors::codes;
+use headroom_shared::records::ServerRecord;
+use headroom_shared::wire::{
+    PerformanceReport, RegisterServer, ReportSource, ServerStatus, ServerStatusKind,
+};
+use headroom_shared::SCHEMA_VERSION;
+
 use crate::common::{
-    act_as_intruder, policy, put_cluster, stream_messages, wait_for_admin, Snapshot, WAIT,
+    act_as_intruder, cid, policy, put_cluster, sid, stream_messages, wait_for_admin, Snapshot, WAIT,
 };
 use crate::frontend::backend;
 
 #[tokio::test]
 async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_or_write_kv() {
     headroom_shared::telemetry::init_for_tests();
-    let nats = NatsServer::start_secure().await.expect("nats-server");
+    let nats = NatsServer::start_secure_with_agents(&[sid("sec-1")])
+        .await
+        .expect("nats-server");
     let operator = nats.client().await.expect("operator connects");
     let js = async_nats::jetstream::new(operator.clone());
     let shutdown = CancellationToken::new();
@@ -30,9 +44,10 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
         async_nats::connect(nats.url()).await.is_err(),
         "anonymous refused"
     );
-    let wrong = async_nats::ConnectOptions::with_user_and_password("agent".into(), "nope".into())
-        .connect(nats.url())
-        .await;
+    let wrong =
+        async_nats::ConnectOptions::with_user_and_password("agent-sec-1".into(), "nope".into())
+            .connect(nats.url())
+            .await;
     assert!(wrong.is_err(), "a wrong password is refused");
 
     tokio::spawn(headroom_allocator::run(
@@ -47,8 +62,7 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
 
     // A sample backend and its agent, with the agent's user.
     let app = backend("sec-1", &shutdown).await;
-    let mut agent_config = nats.config_as("agent");
-    agent_config.agent.server = "sec-1".to_owned();
+    let mut agent_config = nats.config_as_agent(&sid("sec-1"));
     agent_config.agent.address = app.addr.ip().to_string();
     agent_config.agent.port = app.addr.port();
     agent_config.agent.interval = Duration::from_millis(200);
@@ -56,7 +70,9 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
     let agent_ops = Ops::new("headroom-agent");
     tokio::spawn(headroom_agent::run(
         agent_config,
-        nats.client_as("agent").await.expect("agent connects"),
+        nats.client_as_agent(&sid("sec-1"))
+            .await
+            .expect("agent connects"),
         agent_ops.clone(),
         shutdown.clone(),
     ));
@@ -69,10 +85,7 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
         shutdown.clone(),
     ));
     let registered = eventually(WAIT, || async {
-        Snapshot::read(&js)
-            .await
-            .servers
-            .get(&crate::common::sid("sec-1"))?;
+        Snapshot::read(&js).await.servers.get(&sid("sec-1"))?;
         Some(())
     })
     .await;
@@ -131,7 +144,10 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
     );
 
     // The agent's user: no reconfiguration request, no KV write.
-    let agent = nats.client_as("agent").await.expect("agent connects");
+    let agent = nats
+        .client_as_agent(&sid("sec-1"))
+        .await
+        .expect("agent connects");
     let stream_before = stream_messages(&js, subjects::RECONFIG_STREAM).await;
     let servers_before = Snapshot::read(&js).await;
     let (asked, wrote) = act_as_intruder(agent.clone(), "sec-1").await;
@@ -144,14 +160,8 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
     );
     let servers_after = Snapshot::read(&js).await;
     assert_eq!(
-        servers_after
-            .servers
-            .get(&crate::common::sid("sec-1"))
-            .map(|s| s.1),
-        servers_before
-            .servers
-            .get(&crate::common::sid("sec-1"))
-            .map(|s| s.1),
+        servers_after.servers.get(&sid("sec-1")).map(|s| s.1),
+        servers_before.servers.get(&sid("sec-1")).map(|s| s.1),
         "the server's record is untouched"
     );
     // Nor read other services' traffic it has no business with.
@@ -174,9 +184,179 @@ async fn every_service_works_with_its_own_user_and_an_agent_cannot_reconfigure_o
     assert_eq!(refused.len(), expected.len(), "{}", refused.join("\n"));
     for line in &refused {
         assert!(
-            line.contains("user:agent") && expected.iter().any(|e| line.contains(e)),
+            line.contains("user:agent-sec-1") && expected.iter().any(|e| line.contains(e)),
             "unexpected refusal: {line}"
         );
     }
+    shutdown.cancel();
+}
+
+/// Publishes `message` on `subject` as `client` would, and flushes (a
+/// publication the server refuses is dropped there; the client only hears
+/// of it in an error event).
+async fn publish<M: headroom_shared::Message>(
+    client: &async_nats::Client,
+    subject: String,
+    message: &M,
+) {
+    headroom_shared::bus::publish(client, subject, message)
+        .await
+        .expect("published");
+    client.flush().await.expect("flushed");
+}
+
+#[tokio::test]
+async fn an_agent_speaks_for_its_own_server_only() {
+    headroom_shared::telemetry::init_for_tests();
+    let (a, b) = (sid("own-1"), sid("own-2"));
+    let nats = NatsServer::start_secure_with_agents(&[a.clone(), b.clone()])
+        .await
+        .expect("nats-server");
+    let operator = nats.client().await.expect("operator connects");
+    let shutdown = CancellationToken::new();
+    let allocator_ops = Ops::new("headroom-allocator");
+    tokio::spawn(headroom_allocator::run(
+        nats.config_as("allocator"),
+        nats.client_as("allocator").await.expect("allocator"),
+        allocator_ops.clone(),
+        shutdown.clone(),
+    ));
+    wait_for_admin(&operator).await;
+    tokio::spawn(headroom_monitor::run(
+        nats.config_as("monitor"),
+        nats.client_as("monitor").await.expect("monitor"),
+        Ops::new("headroom-monitor"),
+        shutdown.clone(),
+    ));
+    let agent = nats.client_as_agent(&a).await.expect("agent connects");
+    let mut seen = operator
+        .subscribe(format!("headroom.*.*.{b}"))
+        .await
+        .expect("subscribe");
+    let mut statuses = operator
+        .subscribe(subjects::status(&b))
+        .await
+        .expect("subscribe");
+
+    // For server B on B's subjects: the server refuses them.
+    let forged = PerformanceReport {
+        cpu: Some(0.0),
+        ..PerformanceReport::new(
+            b.clone(),
+            Some(cid("web")),
+            ReportSource::Agent,
+            headroom_shared::time::now_ms(),
+            1000,
+        )
+    };
+    publish(&agent, subjects::metrics(Some(&cid("web")), &b), &forged).await;
+    let failed = ServerStatus {
+        v: SCHEMA_VERSION,
+        server: b.clone(),
+        cluster: None,
+        status: ServerStatusKind::Failed {
+            reason: "forged".to_owned(),
+        },
+        at_ms: headroom_shared::time::now_ms(),
+    };
+    publish(&agent, subjects::status(&b), &failed).await;
+    let b_registration = RegisterServer {
+        v: SCHEMA_VERSION,
+        id: b.clone(),
+        address: "10.9.9.9".to_owned(),
+        port: 80,
+        request_types: Vec::new(),
+    };
+    // Refused by the server, so no one answers.
+    let on_b = tokio::time::timeout(
+        Duration::from_secs(2),
+        bus::admin::<_, ServerRecord>(
+            &agent,
+            &subjects::admin::pool_register_own(&b),
+            &b_registration,
+        ),
+    )
+    .await;
+    assert!(
+        !matches!(on_b, Ok(Ok(_))),
+        "B's registration subject is refused"
+    );
+    let any = tokio::time::timeout(Duration::from_millis(500), async {
+        tokio::select! {
+            m = seen.next() => m,
+            m = statuses.next() => m,
+        }
+    })
+    .await;
+    assert!(
+        !matches!(any, Ok(Some(_))),
+        "nothing for B got through: {any:?}"
+    );
+
+    // For server B on A's own subjects: they reach the monitor and the
+    // allocator, which refuse them and count them.
+    publish(&agent, subjects::metrics(Some(&cid("web")), &a), &forged).await;
+    publish(&agent, subjects::status(&a), &failed).await;
+    let refused = bus::admin::<_, ServerRecord>(
+        &agent,
+        &subjects::admin::pool_register_own(&a),
+        &b_registration,
+    )
+    .await;
+    assert!(
+        matches!(&refused, Err(AdminError::Refused(e)) if e.code == codes::SUBJECT_MISMATCH),
+        "a registration of B on A's subject: {refused:?}"
+    );
+    let counted = eventually(WAIT, || async {
+        let monitor = headroom_monitor::fetch_stats(&operator).await.ok()?;
+        let allocator = |what: &str| {
+            headroom_tests::metric(
+                &allocator_ops,
+                "headroom_allocator_server_messages_refused_total",
+                &format!("{{what=\"{what}\",reason=\"subject_mismatch\"}}"),
+            )
+        };
+        (monitor.subject_mismatch >= 1
+            && allocator("status") >= 1
+            && allocator("registration") >= 1)
+            .then_some(())
+    })
+    .await;
+    assert!(counted.is_some(), "each forgery refused and counted");
+    assert!(
+        !Snapshot::read(&async_nats::jetstream::new(operator.clone()))
+            .await
+            .servers
+            .contains_key(&b),
+        "B was never registered"
+    );
+
+    // What A needs for itself still works: its own registration.
+    let own = RegisterServer {
+        id: a.clone(),
+        ..b_registration
+    };
+    let record: ServerRecord = bus::admin(&agent, &subjects::admin::pool_register_own(&a), &own)
+        .await
+        .expect("A registers itself");
+    assert_eq!(record.id, a);
+
+    // The server's log names the refusals, and only those.
+    let log = nats.log();
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("Violation")).collect();
+    for subject in [
+        format!("headroom.metrics.web.{b}"),
+        format!("headroom.status.{b}"),
+        format!("headroom.admin.pool.register.{b}"),
+    ] {
+        assert!(
+            refusals
+                .iter()
+                .any(|l| l.contains("user:agent-own-1") && l.contains(&format!("\"{subject}\""))),
+            "the log names {subject}:\n{}",
+            refusals.join("\n")
+        );
+    }
+    assert_eq!(refusals.len(), 3, "{}", refusals.join("\n"));
     shutdown.cancel();
 }

@@ -99,6 +99,17 @@ fn placement_of(state: &ServerState) -> Option<ClusterId> {
     state.cluster().cloned()
 }
 
+/// Gives the agent's connection an inbox prefix of its server's own, unless
+/// one is set: its NATS user may read its own replies only
+/// (`headroom_shared::nats_users`).
+pub fn own_inbox(config: &mut Config) {
+    if config.nats.inbox_prefix.is_none() {
+        if let Ok(server) = ServerId::new(config.agent.server.clone()) {
+            config.nats.inbox_prefix = Some(headroom_shared::nats_users::inbox_prefix(&server));
+        }
+    }
+}
+
 /// Runs the agent until `shutdown`.
 ///
 /// # Errors
@@ -133,6 +144,7 @@ pub async fn run(
         let stop = shutdown.child_token();
         let mut tasks: JoinSet<&'static str> = JoinSet::new();
         tasks.spawn(follow_record(
+            client.clone(),
             servers,
             server.clone(),
             placement.clone(),
@@ -187,12 +199,16 @@ struct Agent {
 
 /// Keeps `placement` equal to what the server's KV record says.
 async fn follow_record(
+    client: async_nats::Client,
     bucket: kv::Store,
     server: ServerId,
     placement: Placement,
     stop: CancellationToken,
 ) -> &'static str {
-    let entries = headroom_shared::kv::follow(bucket, server.to_string(), stop);
+    // Named, so that its user's permissions can bind the watch to this
+    // server's record (`headroom_shared::nats_users`).
+    let entries =
+        headroom_shared::kv::follow_named(client.clone(), bucket, server.to_string(), stop);
     futures::pin_mut!(entries);
     while let Some(entry) = entries.next().await {
         let cluster = match entry.operation {
@@ -231,11 +247,13 @@ async fn register(
         port: settings.port,
         request_types: settings.request_types.clone(),
     };
+    // Its own subject: its user may register this server and no other.
+    let verb = subjects::admin::pool_register_own(&request.id);
     let mut attempt = 0;
     loop {
         let answer = tokio::select! {
             _ = stop.cancelled() => return "register",
-            answer = bus::admin::<_, ServerRecord>(&client, subjects::admin::POOL_REGISTER, &request) => answer,
+            answer = bus::admin::<_, ServerRecord>(&client, &verb, &request) => answer,
         };
         match answer {
             Ok(record) => {
@@ -277,6 +295,7 @@ async fn report_loop(
     let interval_ms = u32::try_from(settings.interval.as_millis()).unwrap_or(u32::MAX);
     let mut ticker = tokio::time::interval(settings.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unreadable = 0u32;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return "reports",
@@ -284,14 +303,24 @@ async fn report_loop(
         }
         let now = now_ms();
         let kernel = sampler.sample(now);
+        let cluster = placement.lock().ok().and_then(|p| p.clone());
         let app = match &settings.stats_url {
-            Some(url) => app_stats(url, settings.interval).await.unwrap_or_else(|| {
-                metrics.app_stats_failed.fetch_add(1, Ordering::Relaxed);
-                AppStats::default()
-            }),
+            Some(url) => match app_stats(url, settings.interval).await {
+                Some(stats) => {
+                    unreadable = 0;
+                    stats
+                }
+                None => {
+                    metrics.app_stats_failed.fetch_add(1, Ordering::Relaxed);
+                    unreadable = unreadable.saturating_add(1);
+                    if unreadable == settings.stats_failures {
+                        application_dead(client, server, cluster.as_ref(), unreadable).await;
+                    }
+                    AppStats::default()
+                }
+            },
             None => AppStats::default(),
         };
-        let cluster = placement.lock().ok().and_then(|p| p.clone());
         let report = PerformanceReport {
             v: SCHEMA_VERSION,
             server: server.clone(),
@@ -315,6 +344,7 @@ async fn report_loop(
             latency_p50_ms: app.latency_p50_ms,
             latency_p99_ms: app.latency_p99_ms,
             errors_per_s: app.errors_per_s,
+            ejected: None,
         };
         // Never send what the monitor would reject: say so here instead.
         if let Err(err) = report.validate() {
@@ -335,6 +365,40 @@ async fn report_loop(
             }
         }
     }
+}
+
+/// The application has not answered its stats `reads` times in a row: a
+/// member whose application is dead is reported `failed`, once a streak,
+/// so the allocator replaces it (the front-ends have ejected it already,
+/// but the cluster would stay a member short). A server in the pool is
+/// not: nothing is lost until it is allocated, and then it is a member.
+async fn application_dead(
+    client: &async_nats::Client,
+    server: &ServerId,
+    cluster: Option<&ClusterId>,
+    reads: u32,
+) {
+    let Some(cluster) = cluster else {
+        warn!(
+            reads,
+            "the application's stats cannot be read; in the pool, nothing to replace"
+        );
+        return;
+    };
+    warn!(%cluster, reads, "the application's stats cannot be read; reporting the server failed");
+    let status = ServerStatus {
+        v: SCHEMA_VERSION,
+        server: server.clone(),
+        cluster: Some(cluster.clone()),
+        status: ServerStatusKind::Failed {
+            reason: format!("the application's stats could not be read {reads} times in a row"),
+        },
+        at_ms: now_ms(),
+    };
+    if let Err(err) = bus::publish(client, subjects::status(server), &status).await {
+        warn!(%err, "could not send the server status");
+    }
+    let _ = client.flush().await;
 }
 
 /// Answers assignment notices one at a time, in order.

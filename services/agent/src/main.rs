@@ -2,8 +2,16 @@
 
 use std::process::ExitCode;
 
-use headroom_agent::run;
+use headroom_agent::{own_inbox, run};
+use headroom_shared::service;
 
 fn main() -> ExitCode {
-    headroom_shared::service::main("headroom-agent", run)
+    let name = "headroom-agent";
+    match service::configure(name) {
+        Ok(mut config) => {
+            own_inbox(&mut config);
+            service::run(name, config, run)
+        }
+        Err(code) => code,
+    }
 }

@@ -27,9 +27,10 @@ use crate::AllocatorError;
 
 pub const SERVICE_NAME: &str = "headroom-allocator";
 
-const ENDPOINTS: [(&str, &str); 7] = [
+const ENDPOINTS: [(&str, &str); 8] = [
     ("pool-list", admin::POOL_LIST),
     ("pool-register", admin::POOL_REGISTER),
+    ("pool-register-own", admin::POOL_REGISTER_OWN),
     ("pool-deregister", admin::POOL_DEREGISTER),
     ("cluster-list", admin::CLUSTER_LIST),
     ("cluster-get", admin::CLUSTER_GET),
@@ -87,10 +88,17 @@ pub async fn serve(
 
 async fn answer(allocator: &Allocator, subject: &str, request: service::Request) {
     let codec = Codec::of(request.message.headers.as_ref());
+    let sent_to = request.message.subject.as_str();
     let (codec, result) = match codec {
         Ok(codec) => (
             codec,
-            dispatch(allocator, subject, codec, &request.message.payload).await,
+            dispatch(
+                allocator,
+                (subject, sent_to),
+                codec,
+                &request.message.payload,
+            )
+            .await,
         ),
         Err(err) => (Codec::default(), Err(AdminError::Wire(err))),
     };
@@ -200,9 +208,11 @@ fn reply<T: Message>(codec: Codec, message: &T) -> Result<Bytes, AdminError> {
     Ok(codec.encode(message)?)
 }
 
+/// Answers a request to endpoint `subject` (sent to `sent_to`, which names
+/// the server on a server's own endpoint).
 async fn dispatch(
     allocator: &Allocator,
-    subject: &str,
+    (subject, sent_to): (&str, &str),
     codec: Codec,
     body: &[u8],
 ) -> Result<Bytes, AdminError> {
@@ -220,6 +230,22 @@ async fn dispatch(
         }
         admin::POOL_REGISTER => {
             let reg: RegisterServer = codec.decode(body)?;
+            reply(codec, &allocator.register(&reg).await?)
+        }
+        // An agent's: its user may publish here for its own server only,
+        // so a body that names another is forged.
+        admin::POOL_REGISTER_OWN => {
+            let reg: RegisterServer = codec.decode(body)?;
+            if sent_to.rsplit('.').next() != Some(reg.id.as_str()) {
+                allocator
+                    .metrics
+                    .refused
+                    .inc(&["registration", codes::SUBJECT_MISMATCH]);
+                return Err(AdminError::Op(OpError::Rejected(BusError::new(
+                    codes::SUBJECT_MISMATCH,
+                    format!("a registration of {} on {sent_to}", reg.id),
+                ))));
+            }
             reply(codec, &allocator.register(&reg).await?)
         }
         admin::POOL_DEREGISTER => {

@@ -33,6 +33,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use headroom_shared::codec;
 use headroom_shared::config::{AllocatorConfig, Config};
+use headroom_shared::errors::codes;
 use headroom_shared::ops::Ops;
 use headroom_shared::records::ServerState;
 use headroom_shared::subjects;
@@ -278,15 +279,20 @@ async fn status_loop(
                 None => return Ok("status"),
             },
         };
+        let refused = |reason| allocator.metrics.refused.inc(&["status", reason]);
         let status: ServerStatus = match codec::decode(message.headers.as_ref(), &message.payload) {
             Ok(status) => status,
             Err(err) => {
                 warn!(%err, subject = %message.subject, "ignoring a malformed server status");
+                refused(codes::MALFORMED);
                 continue;
             }
         };
+        // A server speaks for itself only: its agent's user may publish on
+        // its own subject, so a body naming another server is forged.
         if message.subject.as_str() != subjects::status(&status.server) {
             warn!(subject = %message.subject, server = %status.server, "server status on another server's subject; ignored");
+            refused(codes::SUBJECT_MISMATCH);
             continue;
         }
         if let Err(err) = on_status(&allocator, &status).await {
@@ -306,7 +312,7 @@ async fn on_status(allocator: &Allocator, status: &ServerStatus) -> Result<(), o
                 .await?;
         }
         (ServerStatusKind::Failed { reason }, ServerState::Allocated { cluster }) => {
-            warn!(server = %status.server, %reason, "allocate hook failed; replacing");
+            warn!(server = %status.server, %reason, "server reported failed; replacing");
             // One id per failure of this allocation, so repeats collapse.
             let id = RequestId::new(format!("failed-{}-{}", status.server, record.revision))
                 .map_err(|e| {
@@ -317,7 +323,7 @@ async fn on_status(allocator: &Allocator, status: &ServerStatus) -> Result<(), o
                 })?;
             let request = ReconfigRequest {
                 id,
-                reason: format!("allocate hook failed: {reason}"),
+                reason: format!("server reported failed: {reason}"),
                 ..ReconfigRequest::new(
                     cluster.clone(),
                     ReconfigAction::Replace {

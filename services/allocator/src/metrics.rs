@@ -28,6 +28,8 @@ pub struct Metrics {
     pub events: CounterVec,
     pub requests: CounterVec,
     pub request_seconds: Histogram,
+    /// Servers' statuses and registrations refused, by reason code.
+    pub refused: CounterVec,
     pub pool: GaugeVec,
     pub members: GaugeVec,
     pub generation: GaugeVec,
@@ -49,6 +51,11 @@ impl Default for Metrics {
                 &["action", "outcome"],
             ),
             request_seconds: Histogram::default(),
+            refused: CounterVec::new(
+                "headroom_allocator_server_messages_refused_total",
+                "Servers' statuses and registrations refused, by what (status, registration) and reason code (malformed, subject_mismatch).",
+                &["what", "reason"],
+            ),
             pool: GaugeVec::new(
                 "headroom_pool_servers",
                 "Registered servers by state.",
@@ -144,6 +151,7 @@ impl Metrics {
             metrics.refresh(&pool);
             metrics.events.write(out);
             metrics.requests.write(out);
+            metrics.refused.write(out);
             out.histogram(
                 "headroom_allocator_request_seconds",
                 "Time to apply a reconfiguration request.",

@@ -39,6 +39,14 @@ pub enum CliError {
     Output(#[from] std::io::Error),
     #[error(transparent)]
     Policy(#[from] headroom_shared::records::PolicyFileError),
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Users(#[from] headroom_shared::nats_users::UsersError),
 }
 
 fn nats(what: impl Into<String>) -> impl FnOnce(async_nats::Error) -> CliError {
@@ -671,5 +679,51 @@ pub async fn services(
         }
     }
     writeln!(out, "{} services answered", found.len())?;
+    Ok(())
+}
+
+/// Rewrites the agents' users in the nats-server configuration `file` (the
+/// block between its markers) for `servers`, or prints the whole file so
+/// changed; then names the password variables nats-server will read.
+///
+/// # Errors
+/// A bad server id, a file that cannot be read or written, or one without
+/// the markers.
+pub fn nats_users(
+    file: &std::path::Path,
+    servers: &[String],
+    print: bool,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let servers = servers
+        .iter()
+        .map(|s| ServerId::new(s.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let failed = |source| CliError::File {
+        path: file.display().to_string(),
+        source,
+    };
+    let conf = std::fs::read_to_string(file).map_err(failed)?;
+    let written = headroom_shared::nats_users::rewrite(&conf, &servers)?;
+    if print {
+        write!(out, "{written}")?;
+        return Ok(());
+    }
+    std::fs::write(file, written).map_err(failed)?;
+    writeln!(
+        out,
+        "{}: {} agent users; nats-server reads their passwords from",
+        file.display(),
+        servers.len()
+    )?;
+    for server in &servers {
+        writeln!(
+            out,
+            "  {} (user {}, inbox prefix {})",
+            headroom_shared::nats_users::password_variable(server),
+            headroom_shared::nats_users::user(server),
+            headroom_shared::nats_users::inbox_prefix(server)
+        )?;
+    }
     Ok(())
 }

@@ -74,6 +74,19 @@ enum Command {
     /// Judge a recording by a policy and print every decision (offline; see
     /// headroom-monitor replay).
     Replay(headroom_monitor::replay::ReplayArgs),
+    /// Write one NATS user per agent, bound to its own server, into the
+    /// nats-server configuration (offline).
+    NatsUsers {
+        /// The users file, with its agent-users markers.
+        #[arg(long, default_value = "nats/users.conf")]
+        file: PathBuf,
+        /// Print the file so changed instead of writing it.
+        #[arg(long)]
+        print: bool,
+        /// The servers whose agents get a user.
+        #[arg(required = true)]
+        servers: Vec<String>,
+    },
     /// Record the live reports and cluster records (see headroom-monitor record).
     Record {
         #[arg(long, short)]
@@ -159,6 +172,21 @@ enum Kv {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Command::NatsUsers {
+        file,
+        print,
+        servers,
+    } = &args.command
+    {
+        let mut out = std::io::stdout().lock();
+        return match cli::nats_users(file, servers, *print, &mut out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("headroom nats-users: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::Replay(replay) = &args.command {
         return match replay.run_to_stdout() {
             Ok(()) => ExitCode::SUCCESS,
@@ -228,7 +256,7 @@ impl Command {
                 cli::services(client, ask.into(), window, out).await?;
             }
             // Offline: answered before connecting.
-            Self::Replay(_) => {}
+            Self::Replay(_) | Self::NatsUsers { .. } => {}
             Self::Record { out: path, seconds } => record(client, config, &path, seconds).await?,
         }
         Ok(())

@@ -441,6 +441,7 @@ async fn report_loop(
                 errors_per_s: Some(errors.saturating_sub(e0) as f64 / seconds),
                 latency_p50_ms: p50,
                 latency_p99_ms: p99,
+                ejected: Some(backend.failing()),
                 ..blank(backend.server.clone())
             };
             publish(

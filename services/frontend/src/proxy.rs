@@ -543,12 +543,22 @@ impl Attempts<'_> {
                     }
                 },
             };
-            backend.succeeded();
+            // An answer is a sign of life, but a server error is not:
+            // an application that fails every request behind a port that
+            // still accepts is as down as one that refuses (a 503, a full
+            // backlog's answer, is overload, and ejecting for it would move
+            // the load onto the others).
+            let status = response.status();
+            if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+                backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
+            } else {
+                backend.succeeded();
+                if status.is_server_error() {
+                    backend.errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             backend.requests.fetch_add(1, Ordering::Relaxed);
             backend.latency.record(sent.elapsed());
-            if response.status().is_server_error() {
-                backend.errors.fetch_add(1, Ordering::Relaxed);
-            }
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 return tunnel(response, guard);
             }
@@ -650,14 +660,10 @@ impl Attempts<'_> {
                 error(StatusCode::BAD_REQUEST, "the request body broke off")
             });
         }
-        // Only a member that cannot be connected to counts towards
-        // ejection; other failures are its errors.
-        if err.is_connect() {
-            let settings = &proxy.settings;
-            backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
-        } else {
-            backend.errors.fetch_add(1, Ordering::Relaxed);
-        }
+        // A member that cannot be connected to, resets or breaks the
+        // protocol counts towards ejection (and as an error).
+        let settings = &proxy.settings;
+        backend.failed(now_ms(), settings.eject_after, eject_for_ms(settings));
         tracing::debug!(server = %backend.server, %err, "member failed a request");
         if may_retry {
             proxy.counters.retries.fetch_add(1, Ordering::Relaxed);

@@ -63,6 +63,12 @@ impl Backend {
         now_ms < self.ejected_until_ms.load(Ordering::Acquire)
     }
 
+    /// It has been ejected and has not answered since (between two
+    /// ejections, too, while the next request probes it).
+    pub fn failing(&self) -> bool {
+        self.ejections.load(Ordering::Acquire) != 0
+    }
+
     /// A request reached it and got an answer.
     pub fn succeeded(&self) {
         // Read before writing: every worker thread calls this on every

@@ -145,6 +145,17 @@ pub struct Evidence {
     pub projected: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub silent_ms: Option<u64>,
+    /// The front-ends that have ejected the member, and since when.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ejected_by: Vec<EjectedBy>,
+}
+
+/// A front-end that has ejected a member, since when (its clock: when
+/// this monitor first heard it say so).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EjectedBy {
+    pub frontend: String,
+    pub since_ms: u64,
 }
 
 /// Why a report was not taken.
@@ -172,7 +183,11 @@ struct Reading {
 
 impl Reading {
     fn of(report: &PerformanceReport, now_ms: u64, silent_after_ms: u64) -> Self {
-        let fresh = (u64::from(report.interval_ms) * STALE_INTERVALS).clamp(1_500, silent_after_ms);
+        // Not `clamp`: a policy may say silent after 1 s, under the floor,
+        // and `clamp` panics when its bounds cross.
+        let fresh = (u64::from(report.interval_ms) * STALE_INTERVALS)
+            .max(1_500)
+            .min(silent_after_ms);
         Self {
             at_ms: now_ms,
             fresh_for_ms: u32::try_from(fresh).unwrap_or(u32::MAX),
@@ -188,12 +203,23 @@ impl Reading {
     }
 }
 
+/// What one front-end says of a server.
+#[derive(Debug, Clone)]
+struct FrontView {
+    /// The front-end's name, hashed.
+    key: u64,
+    reading: Reading,
+    /// Since when it has reported the server ejected, and its name: kept
+    /// only then, for the evidence of a replacement.
+    ejected: Option<(u64, Box<str>)>,
+}
+
 /// What one server is known to be doing, and how long it has been so.
 #[derive(Debug, Clone)]
 struct Tracked {
     cluster: ClusterId,
     agent: Option<Reading>,
-    frontends: Vec<(u64, Reading)>,
+    frontends: Vec<FrontView>,
     /// When it became a member as far as this monitor knows: its silence is
     /// counted from here until its first report.
     first_seen_ms: u64,
@@ -209,6 +235,8 @@ struct Tracked {
     /// (or the ask is old enough to be taken as lost).
     asked_weight: Option<(f32, u64)>,
     replace_asked: bool,
+    /// A replacement was asked for because every front-end ejected it.
+    eject_replace_asked: bool,
 }
 
 impl Tracked {
@@ -224,7 +252,28 @@ impl Tracked {
             cool_since: None,
             asked_weight: None,
             replace_asked: false,
+            eject_replace_asked: false,
         }
+    }
+
+    /// Every live front-end (one heard within its report's freshness)
+    /// has had the server ejected for `for_ms`: who, and since when.
+    /// `None` when one has not, or none is live.
+    fn ejected_by_all(&self, now_ms: u64, for_ms: u64) -> Option<Vec<EjectedBy>> {
+        let mut live = self
+            .frontends
+            .iter()
+            .filter(|f| f.reading.fresh(now_ms))
+            .peekable();
+        live.peek()?;
+        live.map(|f| {
+            let (since_ms, name) = f.ejected.as_ref()?;
+            (now_ms.saturating_sub(*since_ms) >= for_ms).then(|| EjectedBy {
+                frontend: name.to_string(),
+                since_ms: *since_ms,
+            })
+        })
+        .collect()
     }
 
     /// The merged view: the agent's own CPU and in-flight count are
@@ -235,12 +284,16 @@ impl Tracked {
     /// front-ends see where the agent says nothing.
     fn current(&self, now_ms: u64) -> records::Reading {
         let agent = self.agent.filter(|r| r.fresh(now_ms));
-        let fronts = self.frontends.iter().filter(|(_, r)| r.fresh(now_ms));
+        let fronts = self
+            .frontends
+            .iter()
+            .map(|f| &f.reading)
+            .filter(|r| r.fresh(now_ms));
         let cpu = agent.and_then(|r| r.cpu).map(f64::from);
         let mut in_flight = agent.and_then(|r| r.in_flight);
         let mut latency = agent.and_then(|r| r.latency_p99_ms).map(f64::from);
         let mut front_in_flight: Option<u32> = None;
-        for (_, r) in fronts {
+        for r in fronts {
             if let Some(n) = r.in_flight {
                 front_in_flight = Some(front_in_flight.unwrap_or(0).saturating_add(n));
             }
@@ -523,14 +576,27 @@ impl Decider {
             }
             ReportSource::Frontend { frontend } => {
                 let key = headroom_shared::hash::fnv1a(frontend.as_bytes());
-                if let Some(slot) = tracked.frontends.iter_mut().find(|(k, _)| *k == key) {
-                    slot.1 = reading;
+                let slot = tracked.frontends.iter().position(|f| f.key == key);
+                let ejected = (report.ejected == Some(true)).then(|| {
+                    let since = slot.and_then(|i| tracked.frontends[i].ejected.as_ref());
+                    (
+                        since.map_or(now_ms, |(at, _)| *at),
+                        frontend.as_str().into(),
+                    )
+                });
+                let view = FrontView {
+                    key,
+                    reading,
+                    ejected,
+                };
+                if let Some(i) = slot {
+                    tracked.frontends[i] = view;
                 } else if tracked.frontends.len() < MAX_FRONTENDS {
-                    tracked.frontends.push((key, reading));
+                    tracked.frontends.push(view);
                 } else if let Some(oldest) =
-                    tracked.frontends.iter_mut().min_by_key(|(_, r)| r.at_ms)
+                    tracked.frontends.iter_mut().min_by_key(|f| f.reading.at_ms)
                 {
-                    *oldest = (key, reading);
+                    *oldest = view;
                 }
             }
         }
@@ -592,6 +658,7 @@ fn evaluate(
         last_down: (*last_down_ms).max(removed_ms),
     };
     replace_silent(&cx, servers, last_heard_ms, decisions);
+    replace_ejected(&cx, servers, decisions);
     if let Some(up) = scale_up(&cx, history) {
         *last_up_ms = Some(now_ms);
         decisions.push(up);
@@ -611,6 +678,9 @@ struct Measured<'a> {
     /// Members that stopped reporting, not yet asked to be replaced, and
     /// for how long.
     silent: Vec<(ServerId, u64)>,
+    /// Members whose agent reports but every live front-end has ejected
+    /// for `silent_after_ms`, not yet asked to be replaced, and by whom.
+    ejected: Vec<(ServerId, Vec<EjectedBy>)>,
 }
 
 impl Measured<'_> {
@@ -633,6 +703,7 @@ fn measure<'a>(
         members: Vec::new(),
         joining: 0,
         silent: Vec::new(),
+        ejected: Vec::new(),
     };
     for m in &view.members {
         match m.state {
@@ -671,6 +742,13 @@ fn measure<'a>(
         );
         if is_silent && !t.replace_asked {
             measured.silent.push((m.server.clone(), quiet_ms));
+        }
+        match t.ejected_by_all(now_ms, s.silent_after_ms) {
+            Some(by) if !is_silent && !t.eject_replace_asked => {
+                measured.ejected.push((m.server.clone(), by));
+            }
+            Some(_) => {}
+            None => t.eject_replace_asked = false,
         }
         measured.members.push(Now {
             server: &m.server,
@@ -802,6 +880,50 @@ fn replace_silent(
             format!("no report for {quiet_ms} ms: unhealthy, not idle"),
             Evidence {
                 silent_ms: Some(*quiet_ms),
+                ..cx.evidence.clone()
+            },
+        ));
+    }
+}
+
+/// Step 3 too: a member whose agent reports, but that every live front-end
+/// has ejected for `silent_after_ms`, has an application that is down (or
+/// answers only errors): it is replaced, with the front-ends and since
+/// when in the evidence. Unless more than half the members are ejected
+/// together: that is the front-ends' path to them failing, not them.
+fn replace_ejected(
+    cx: &Context<'_>,
+    servers: &mut HashMap<ServerId, Tracked>,
+    decisions: &mut Vec<Decision>,
+) {
+    let ejected = &cx.measured.ejected;
+    if ejected.len() > 1 && ejected.len() * 2 > cx.measured.members.len() {
+        return;
+    }
+    for (server, by) in ejected {
+        if let Some(t) = servers.get_mut(server) {
+            t.eject_replace_asked = true;
+        }
+        let names: Vec<String> = by
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} for {} ms",
+                    e.frontend,
+                    cx.now_ms.saturating_sub(e.since_ms)
+                )
+            })
+            .collect();
+        decisions.push(cx.decision(
+            ReconfigAction::Replace {
+                server: server.clone(),
+            },
+            format!(
+                "ejected by every live front-end ({}) while its agent reports: its application is down",
+                names.join(", ")
+            ),
+            Evidence {
+                ejected_by: by.clone(),
                 ..cx.evidence.clone()
             },
         ));
@@ -1129,6 +1251,116 @@ mod tests {
         );
         // Once the agent's reading is stale, the front-ends' counts add up.
         assert_eq!(t.current(3_100).in_flight, None, "all stale");
+    }
+
+    #[test]
+    fn a_policy_silent_after_less_than_the_freshness_floor_is_taken() {
+        // silent_after_ms may be 1 s (the policy's own floor), under the
+        // 1.5 s freshness floor: a report is then fresh for 1 s. It was a
+        // panic in the monitor (found by the dead-application test).
+        let mut decider = Decider::new();
+        let mut cluster = view(&["s1"]);
+        cluster.policy.scaling.silent_after_ms = 1_000;
+        decider.set_cluster(0, cluster);
+        let web = ClusterId::new("web").expect("id");
+        decider
+            .observe(0, &web, &report("s1", 0.5, ReportSource::Agent))
+            .expect("taken");
+        let t = &decider.servers[&ServerId::new("s1").expect("id")];
+        assert_eq!(t.current(1_000).cpu, Some(0.5));
+        assert_eq!(t.current(1_001).cpu, None, "stale after silent_after_ms");
+    }
+
+    /// At `t`: every agent of `members` reports, and front-ends fe0 and fe1
+    /// report `ejected` members as ejected, the others as answering.
+    fn seen(
+        decider: &mut Decider,
+        t: u64,
+        members: &[&str],
+        ejected: [&[&str]; 2],
+    ) -> Vec<Decision> {
+        let web = ClusterId::new("web").expect("id");
+        for server in members {
+            let r = PerformanceReport {
+                at_ms: t,
+                ..report(server, 0.5, ReportSource::Agent)
+            };
+            decider.observe(t, &web, &r).expect("agent");
+            for (f, which) in ejected.iter().enumerate() {
+                let r = PerformanceReport {
+                    at_ms: t,
+                    ejected: Some(which.contains(server)),
+                    ..report(
+                        server,
+                        0.0,
+                        ReportSource::Frontend {
+                            frontend: format!("fe{f}"),
+                        },
+                    )
+                };
+                decider.observe(t, &web, &r).expect("front-end");
+            }
+        }
+        decider.tick(t)
+    }
+
+    fn replaced(decisions: &[Decision]) -> Vec<&ServerId> {
+        decisions
+            .iter()
+            .filter_map(|d| match &d.action {
+                ReconfigAction::Replace { server } => Some(server),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_member_every_front_end_ejects_is_replaced_while_its_agent_reports() {
+        let members = ["s1", "s2", "s3"];
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&members));
+        let silent_after = ClusterPolicy::default().scaling.silent_after_ms;
+        // Only one front-end ejects it: its path, not the member.
+        for t in (0..=silent_after + 2_000).step_by(1_000) {
+            let decisions = seen(&mut decider, t, &members, [&["s1"], &[]]);
+            assert!(replaced(&decisions).is_empty(), "{decisions:?}");
+        }
+        // Both eject it: replaced once silent_after_ms has passed, not before,
+        // with who and since when.
+        let start = silent_after + 3_000;
+        let mut asked = Vec::new();
+        for t in (start..=start + silent_after + 2_000).step_by(1_000) {
+            for d in seen(&mut decider, t, &members, [&["s1"], &["s1"]]) {
+                if matches!(d.action, ReconfigAction::Replace { .. }) {
+                    asked.push((t, d));
+                }
+            }
+        }
+        assert_eq!(asked.len(), 1, "asked once: {asked:?}");
+        let (at, decision) = &asked[0];
+        assert_eq!(*at, start + silent_after, "after silent_after_ms of it");
+        assert_eq!(
+            replaced(std::slice::from_ref(decision)),
+            [&ServerId::new("s1").expect("id")]
+        );
+        let by: Vec<(&str, u64)> = decision
+            .evidence
+            .ejected_by
+            .iter()
+            .map(|e| (e.frontend.as_str(), e.since_ms))
+            .collect();
+        // fe0 has said so since the start; fe1 since `start`.
+        assert_eq!(by, [("fe0", 0), ("fe1", start)], "{decision:?}");
+        assert!(decision.reason.contains("fe0") && decision.reason.contains("fe1"));
+
+        // Two of three ejected by both: the front-ends' path failing, not
+        // the members; nothing is replaced.
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&members));
+        for t in (0..=2 * silent_after).step_by(1_000) {
+            let decisions = seen(&mut decider, t, &members, [&["s1", "s2"], &["s1", "s2"]]);
+            assert!(replaced(&decisions).is_empty(), "{decisions:?}");
+        }
     }
 
     /// `in_flight` requests on 8 slots for each of s1 and s2, at `t`.
