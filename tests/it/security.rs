@@ -6,6 +6,7 @@
 //! allocator refuse, and count, a body that names another server than
 //! its subject does.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -22,7 +23,7 @@ use headroom_shared::records::ServerRecord;
 use headroom_shared::wire::{
     PerformanceReport, RegisterServer, ReportSource, ServerStatus, ServerStatusKind,
 };
-use headroom_shared::SCHEMA_VERSION;
+use headroom_shared::{ServerId, SCHEMA_VERSION};
 
 use crate::common::{
     act_as_intruder, cid, policy, put_cluster, sid, stream_messages, wait_for_admin, Snapshot, WAIT,
@@ -205,6 +206,63 @@ async fn publish<M: headroom_shared::Message>(
     client.flush().await.expect("flushed");
 }
 
+/// An allocator and a monitor, each with its own user; the allocator's ops.
+async fn allocator_and_monitor(
+    nats: &NatsServer,
+    operator: &async_nats::Client,
+    shutdown: &CancellationToken,
+) -> Arc<Ops> {
+    let allocator_ops = Ops::new("headroom-allocator");
+    tokio::spawn(headroom_allocator::run(
+        nats.config_as("allocator"),
+        nats.client_as("allocator").await.expect("allocator"),
+        allocator_ops.clone(),
+        shutdown.clone(),
+    ));
+    wait_for_admin(operator).await;
+    tokio::spawn(headroom_monitor::run(
+        nats.config_as("monitor"),
+        nats.client_as("monitor").await.expect("monitor"),
+        Ops::new("headroom-monitor"),
+        shutdown.clone(),
+    ));
+    allocator_ops
+}
+
+/// What an agent would forge for server `b`: an idle report, a failed
+/// status, a registration with another address.
+struct Forgeries {
+    report: PerformanceReport,
+    status: ServerStatus,
+    registration: RegisterServer,
+}
+
+fn forgeries(b: &ServerId) -> Forgeries {
+    let now = headroom_shared::time::now_ms();
+    Forgeries {
+        report: PerformanceReport {
+            cpu: Some(0.0),
+            ..PerformanceReport::new(b.clone(), Some(cid("web")), ReportSource::Agent, now, 1000)
+        },
+        status: ServerStatus {
+            v: SCHEMA_VERSION,
+            server: b.clone(),
+            cluster: None,
+            status: ServerStatusKind::Failed {
+                reason: "forged".to_owned(),
+            },
+            at_ms: now,
+        },
+        registration: RegisterServer {
+            v: SCHEMA_VERSION,
+            id: b.clone(),
+            address: "10.9.9.9".to_owned(),
+            port: 80,
+            request_types: Vec::new(),
+        },
+    }
+}
+
 #[tokio::test]
 async fn an_agent_speaks_for_its_own_server_only() {
     headroom_shared::telemetry::init_for_tests();
@@ -214,20 +272,7 @@ async fn an_agent_speaks_for_its_own_server_only() {
         .expect("nats-server");
     let operator = nats.client().await.expect("operator connects");
     let shutdown = CancellationToken::new();
-    let allocator_ops = Ops::new("headroom-allocator");
-    tokio::spawn(headroom_allocator::run(
-        nats.config_as("allocator"),
-        nats.client_as("allocator").await.expect("allocator"),
-        allocator_ops.clone(),
-        shutdown.clone(),
-    ));
-    wait_for_admin(&operator).await;
-    tokio::spawn(headroom_monitor::run(
-        nats.config_as("monitor"),
-        nats.client_as("monitor").await.expect("monitor"),
-        Ops::new("headroom-monitor"),
-        shutdown.clone(),
-    ));
+    let allocator_ops = allocator_and_monitor(&nats, &operator, &shutdown).await;
     let agent = nats.client_as_agent(&a).await.expect("agent connects");
     let mut seen = operator
         .subscribe(format!("headroom.*.*.{b}"))
@@ -239,34 +284,13 @@ async fn an_agent_speaks_for_its_own_server_only() {
         .expect("subscribe");
 
     // For server B on B's subjects: the server refuses them.
-    let forged = PerformanceReport {
-        cpu: Some(0.0),
-        ..PerformanceReport::new(
-            b.clone(),
-            Some(cid("web")),
-            ReportSource::Agent,
-            headroom_shared::time::now_ms(),
-            1000,
-        )
-    };
+    let Forgeries {
+        report: forged,
+        status: failed,
+        registration: b_registration,
+    } = forgeries(&b);
     publish(&agent, subjects::metrics(Some(&cid("web")), &b), &forged).await;
-    let failed = ServerStatus {
-        v: SCHEMA_VERSION,
-        server: b.clone(),
-        cluster: None,
-        status: ServerStatusKind::Failed {
-            reason: "forged".to_owned(),
-        },
-        at_ms: headroom_shared::time::now_ms(),
-    };
     publish(&agent, subjects::status(&b), &failed).await;
-    let b_registration = RegisterServer {
-        v: SCHEMA_VERSION,
-        id: b.clone(),
-        address: "10.9.9.9".to_owned(),
-        port: 80,
-        request_types: Vec::new(),
-    };
     // Refused by the server, so no one answers.
     let on_b = tokio::time::timeout(
         Duration::from_secs(2),

@@ -304,23 +304,7 @@ async fn report_loop(
         let now = now_ms();
         let kernel = sampler.sample(now);
         let cluster = placement.lock().ok().and_then(|p| p.clone());
-        let app = match &settings.stats_url {
-            Some(url) => match app_stats(url, settings.interval).await {
-                Some(stats) => {
-                    unreadable = 0;
-                    stats
-                }
-                None => {
-                    metrics.app_stats_failed.fetch_add(1, Ordering::Relaxed);
-                    unreadable = unreadable.saturating_add(1);
-                    if unreadable == settings.stats_failures {
-                        application_dead(client, server, cluster.as_ref(), unreadable).await;
-                    }
-                    AppStats::default()
-                }
-            },
-            None => AppStats::default(),
-        };
+        let app = read_app(&agent, cluster.as_ref(), &mut unreadable).await;
         let report = PerformanceReport {
             v: SCHEMA_VERSION,
             server: server.clone(),
@@ -365,6 +349,28 @@ async fn report_loop(
             }
         }
     }
+}
+
+/// The application's stats, or all unknown; `unreadable` counts the reads
+/// that failed in a row, and at `agent.stats_failures` the server is
+/// reported failed.
+async fn read_app(agent: &Agent, cluster: Option<&ClusterId>, unreadable: &mut u32) -> AppStats {
+    let Some(url) = &agent.settings.stats_url else {
+        return AppStats::default();
+    };
+    if let Some(stats) = app_stats(url, agent.settings.interval).await {
+        *unreadable = 0;
+        return stats;
+    }
+    agent
+        .metrics
+        .app_stats_failed
+        .fetch_add(1, Ordering::Relaxed);
+    *unreadable = unreadable.saturating_add(1);
+    if *unreadable == agent.settings.stats_failures {
+        application_dead(&agent.client, &agent.server, cluster, *unreadable).await;
+    }
+    AppStats::default()
 }
 
 /// The application has not answered its stats `reads` times in a row: a

@@ -208,6 +208,27 @@ fn reply<T: Message>(codec: Codec, message: &T) -> Result<Bytes, AdminError> {
     Ok(codec.encode(message)?)
 }
 
+/// A server's own registration, on `pool.register.<server>` (`sent_to`).
+async fn register_own(
+    allocator: &Allocator,
+    sent_to: &str,
+    codec: Codec,
+    body: &[u8],
+) -> Result<Bytes, AdminError> {
+    let reg: RegisterServer = codec.decode(body)?;
+    if sent_to.rsplit('.').next() != Some(reg.id.as_str()) {
+        allocator
+            .metrics
+            .refused
+            .inc(&["registration", codes::SUBJECT_MISMATCH]);
+        return Err(AdminError::Op(OpError::Rejected(BusError::new(
+            codes::SUBJECT_MISMATCH,
+            format!("a registration of {} on {sent_to}", reg.id),
+        ))));
+    }
+    reply(codec, &allocator.register(&reg).await?)
+}
+
 /// Answers a request to endpoint `subject` (sent to `sent_to`, which names
 /// the server on a server's own endpoint).
 async fn dispatch(
@@ -234,20 +255,7 @@ async fn dispatch(
         }
         // An agent's: its user may publish here for its own server only,
         // so a body that names another is forged.
-        admin::POOL_REGISTER_OWN => {
-            let reg: RegisterServer = codec.decode(body)?;
-            if sent_to.rsplit('.').next() != Some(reg.id.as_str()) {
-                allocator
-                    .metrics
-                    .refused
-                    .inc(&["registration", codes::SUBJECT_MISMATCH]);
-                return Err(AdminError::Op(OpError::Rejected(BusError::new(
-                    codes::SUBJECT_MISMATCH,
-                    format!("a registration of {} on {sent_to}", reg.id),
-                ))));
-            }
-            reply(codec, &allocator.register(&reg).await?)
-        }
+        admin::POOL_REGISTER_OWN => register_own(allocator, sent_to, codec, body).await,
         admin::POOL_DEREGISTER => {
             let dereg: DeregisterServer = codec.decode(body)?;
             allocator.deregister(&dereg.id).await?;
