@@ -258,18 +258,15 @@ pub struct Snapshot {
     pub clusters: BTreeMap<ClusterId, (ClusterRecord, u64)>,
 }
 
-async fn read_all<T: Message>(js: &jetstream::Context, bucket: &str) -> Vec<(T, u64)> {
-    let kv = js.get_key_value(bucket).await.expect("bucket exists");
-    let keys: Vec<String> = kv
-        .keys()
-        .await
-        .expect("keys")
-        .try_collect()
-        .await
-        .expect("keys");
+/// Every live record of `bucket` with its revision; `None` when KV does
+/// not answer (a stream electing its leader after a partition, say). A
+/// record that does not decode is a bug, and panics.
+async fn read_all<T: Message>(js: &jetstream::Context, bucket: &str) -> Option<Vec<(T, u64)>> {
+    let kv = js.get_key_value(bucket).await.ok()?;
+    let keys: Vec<String> = kv.keys().await.ok()?.try_collect().await.ok()?;
     let mut out = Vec::new();
     for key in keys {
-        if let Some(entry) = kv.entry(&key).await.expect("entry") {
+        if let Some(entry) = kv.entry(&key).await.ok()? {
             if entry.operation == jetstream::kv::Operation::Put {
                 let value = Codec::MsgPack
                     .decode(&entry.value)
@@ -278,22 +275,27 @@ async fn read_all<T: Message>(js: &jetstream::Context, bucket: &str) -> Vec<(T, 
             }
         }
     }
-    out
+    Some(out)
 }
 
 impl Snapshot {
     pub async fn read(js: &jetstream::Context) -> Self {
+        Self::try_read(js).await.expect("KV answers")
+    }
+
+    /// [`Snapshot::read`], or `None` when KV does not answer now.
+    pub async fn try_read(js: &jetstream::Context) -> Option<Self> {
         let servers = read_all::<ServerRecord>(js, SERVERS_BUCKET)
-            .await
+            .await?
             .into_iter()
             .map(|(s, rev)| (s.id.clone(), (s, rev)))
             .collect();
         let clusters = read_all::<ClusterRecord>(js, CLUSTERS_BUCKET)
-            .await
+            .await?
             .into_iter()
             .map(|(c, rev)| (c.id.clone(), (c, rev)))
             .collect();
-        Self { servers, clusters }
+        Some(Self { servers, clusters })
     }
 
     pub fn cluster(&self, id: &str) -> &ClusterRecord {
