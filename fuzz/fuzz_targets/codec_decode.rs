@@ -8,8 +8,8 @@ use headroom_shared::ledger::{RequestRecord, RequestStarted};
 use headroom_shared::records::{ClusterRecord, MonitorHeartbeat, ServerRecord, ShardLease};
 use headroom_shared::wire::{
     AssignmentNotice, AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty,
-    GetCluster, MembershipChange, PerformanceReport, PutCluster, ReconfigRequest, RegisterServer,
-    ServerList, ServerStatus,
+    FrontendApplied, GetCluster, MembershipChange, PerformanceReport, PutCluster, ReconfigRequest,
+    RegisterServer, ServerList, ServerStatus,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let codec = Codec::ALL[usize::from(pick % 3)];
-    match (pick / 3) % 21 {
+    match (pick / 3) % 22 {
         0 => round_trip::<PerformanceReport>(codec, body),
         1 => round_trip::<ReconfigRequest>(codec, body),
         2 => round_trip::<MembershipChange>(codec, body),
@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
         17 => round_trip::<ShardLease>(codec, body),
         18 => round_trip::<MonitorHeartbeat>(codec, body),
         19 => round_trip::<RequestRecord>(codec, body),
+        20 => round_trip::<FrontendApplied>(codec, body),
         _ => round_trip::<RequestStarted>(codec, body),
     }
 });

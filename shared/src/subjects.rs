@@ -11,6 +11,7 @@
 //! | `headroom.status.<server>` | [`ServerStatus`](crate::wire::ServerStatus) | core NATS |
 //! | `headroom.events.<cluster>.<kind>` | [`AuditEvent`](crate::wire::AuditEvent) | JetStream `HEADROOM_EVENTS`, the audit log; `<cluster>` is `_none` when no cluster applies |
 //! | `headroom.frontend.<cluster>.<instance>` | a front-end's report of itself | core NATS |
+//! | `headroom.frontend.<cluster>.<instance>.applied` | [`FrontendApplied`](crate::wire::FrontendApplied): the generation it routes by | core NATS |
 //! | `headroom.admin.>` | the allocator's admin endpoints | NATS services API |
 //! | `headroom.monitor.stats` | the monitor's counters | NATS services API |
 
@@ -81,6 +82,14 @@ pub fn parse_metrics(subject: &str) -> Option<(Option<&str>, &str)> {
 pub fn frontend_stats(cluster: &ClusterId, instance: &str) -> String {
     format!("{ROOT}.frontend.{cluster}.{instance}")
 }
+
+/// Where a front-end says which membership generation it applied.
+pub fn frontend_applied(cluster: &ClusterId, instance: &str) -> String {
+    format!("{ROOT}.frontend.{cluster}.{instance}.applied")
+}
+
+/// Every front-end's applied generation.
+pub const FRONTEND_APPLIED_ALL: &str = "headroom.frontend.*.*.applied";
 
 /// The monitor's services API name; its `stats` endpoint answers with its
 /// counters.

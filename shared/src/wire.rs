@@ -285,6 +285,25 @@ pub struct MembershipChange {
 }
 message!(MembershipChange, "membership_change");
 
+/// A front-end's word that it routes by a membership generation, on
+/// `headroom.frontend.<cluster>.<instance>.applied`: sent when it applies a
+/// new one, and again every report interval, so its silence (three
+/// intervals) says it is gone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrontendApplied {
+    #[serde(default = "crate::codec::default_schema_version")]
+    pub v: u16,
+    pub cluster: ClusterId,
+    /// The front-end's instance name.
+    pub frontend: String,
+    /// The membership generation its routing table holds.
+    pub generation: u64,
+    /// How often it says so.
+    pub interval_ms: u32,
+    pub at_ms: u64,
+}
+message!(FrontendApplied, "frontend_applied");
+
 impl MembershipChange {
     pub fn of(record: &ClusterRecord, revision: u64, cause: Option<RequestId>) -> Self {
         Self {
@@ -663,6 +682,14 @@ mod tests {
             1,
             None,
         ));
+        round_trip(&FrontendApplied {
+            v: SCHEMA_VERSION,
+            cluster: cluster(),
+            frontend: "fe-1".into(),
+            generation: 7,
+            interval_ms: 1000,
+            at_ms: 12,
+        });
         for assignment in [
             Assignment::Allocated,
             Assignment::Draining { deadline_ms: 9 },

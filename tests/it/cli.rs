@@ -7,7 +7,8 @@ use headroom_shared::codec::Codec;
 use headroom_shared::kv::SERVERS_BUCKET;
 use headroom_shared::records::{ServerRecord, ServerState};
 use headroom_shared::subjects;
-use headroom_shared::wire::{PerformanceReport, ReportSource};
+use headroom_shared::wire::{FrontendApplied, PerformanceReport, ReportSource};
+use headroom_shared::SCHEMA_VERSION;
 
 use crate::common::{cid, policy, put_cluster, register, sid, Snapshot, Stack, WAIT};
 
@@ -60,13 +61,51 @@ async fn status_pool_and_drain_print_what_kv_holds() {
             }
         })
     };
+    // Two front-ends' word on the generation they route by: one current,
+    // one a generation behind.
+    let record = snapshot.cluster("web").clone();
+    let saying = {
+        let client = stack.client.clone();
+        let generation = record.generation;
+        tokio::spawn(async move {
+            loop {
+                for (frontend, generation) in [("fe-a", generation), ("fe-b", generation - 1)] {
+                    let said = FrontendApplied {
+                        v: SCHEMA_VERSION,
+                        cluster: cid("web"),
+                        frontend: frontend.to_owned(),
+                        generation,
+                        interval_ms: 100,
+                        at_ms: 1,
+                    };
+                    let subject = subjects::frontend_applied(&cid("web"), frontend);
+                    let _ = headroom_shared::bus::publish(&client, subject, &said).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
     let mut out = Vec::new();
     headroom_cli::status(&stack.client, Duration::from_millis(400), &mut out)
         .await
         .expect("status");
     reporter.abort();
+    saying.abort();
     let status = text(out);
-    let record = snapshot.cluster("web");
+    let generation = record.generation;
+    assert!(
+        status.contains(&format!(
+            "front-end fe-a       generation {generation}  applied (lag 0)"
+        )),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!(
+            "front-end fe-b       generation {}  lagging (lag 1)",
+            generation - 1
+        )),
+        "{status}"
+    );
     assert!(
         status.contains(&format!("cluster web  generation {}", record.generation)),
         "{status}"

@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use headroom_backend::Backend;
 use headroom_frontend::{Frontend, Proxy};
-use headroom_shared::codec::Codec;
+use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::{BackendConfig, Config};
 use headroom_shared::records::{Balance, ClusterPolicy, Route};
 use headroom_shared::subjects;
 use headroom_shared::wire::{
-    DrainMember, DrainQueued, ReconfigAction, ReconfigRequest, RegisterServer,
+    DrainMember, DrainQueued, FrontendApplied, ReconfigAction, ReconfigRequest, RegisterServer,
 };
 use headroom_shared::{bus, SCHEMA_VERSION};
 use headroom_tests::eventually;
@@ -26,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{admin, cid, put_cluster, sid, Stack, WAIT};
+use crate::common::{admin, cid, put_cluster, sid, Snapshot, Stack, WAIT};
 
 type Http = Client<HttpConnector, Empty<Bytes>>;
 
@@ -216,6 +217,61 @@ fn two_types() -> ClusterPolicy {
         drain_timeout_ms: 2_000,
         ..ClusterPolicy::default()
     }
+}
+
+#[tokio::test]
+async fn it_says_which_generation_it_routes_by_when_it_applies_one() {
+    let site = Site::start(&[("g1", &[]), ("g2", &[])], any_type()).await;
+    let mut said = site
+        .stack
+        .client
+        .subscribe(subjects::FRONTEND_APPLIED_ALL)
+        .await
+        .expect("subscribe");
+    // A change: a third server, and the minimum raised to take it.
+    let third = backend("g3", &site.shutdown).await;
+    register(&site.stack.client, &third, &[]).await;
+    put_cluster(
+        &site.stack.client,
+        "web",
+        ClusterPolicy {
+            min_size: 3,
+            ..any_type()
+        },
+    )
+    .await
+    .expect("policy");
+    let grown = eventually(WAIT, || async {
+        let snapshot = Snapshot::read(&site.stack.js).await;
+        (snapshot.active_members("web").len() == 3).then(|| snapshot.cluster("web").generation)
+    })
+    .await
+    .expect("three members");
+    let heard = tokio::time::timeout(WAIT, async {
+        while let Some(message) = said.next().await {
+            let applied: Option<FrontendApplied> =
+                codec::decode(message.headers.as_ref(), &message.payload).ok();
+            if let Some(applied) = applied.filter(|a| a.generation >= grown) {
+                return Some((message.subject, applied));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let (subject, applied) = heard.expect("the front-end said it applied the new generation");
+    assert_eq!(
+        subject.as_str(),
+        subjects::frontend_applied(&cid("web"), "fe-1")
+    );
+    assert_eq!(
+        (applied.cluster, applied.frontend.as_str()),
+        (cid("web"), "fe-1")
+    );
+    let table = site.proxy.table.load_full().expect("a table");
+    assert_eq!(applied.generation, table.generation, "what its table holds");
+    site.shutdown.cancel();
 }
 
 #[tokio::test]
@@ -621,7 +677,6 @@ async fn it_speaks_http2_and_reports_what_it_sees_of_each_backend() {
     }
     let mut seen = None;
     for _ in 0..100 {
-        use futures::StreamExt;
         let message = tokio::time::timeout(WAIT, reports.next())
             .await
             .expect("a report in time")
@@ -641,7 +696,6 @@ async fn it_speaks_http2_and_reports_what_it_sees_of_each_backend() {
     let seen = seen.expect("a report about a backend, from the front-end");
     assert!(report_is_valid(&seen), "{seen:?}");
     assert!(seen.latency_p99_ms.is_some() && seen.in_flight.is_some());
-    use futures::StreamExt;
     let message = tokio::time::timeout(WAIT, own.next())
         .await
         .expect("own report")

@@ -16,8 +16,8 @@ use headroom_shared::codec::{self, Codec};
 use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
 use headroom_shared::records::{ClusterRecord, ServerRecord};
 use headroom_shared::wire::{
-    AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, GetCluster,
-    PerformanceReport, PutCluster, RegisterServer, ReportSource, ServerList,
+    AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, FrontendApplied,
+    GetCluster, PerformanceReport, PutCluster, RegisterServer, ReportSource, ServerList,
 };
 use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
 
@@ -99,36 +99,50 @@ async fn records<T: codec::Message>(
     Ok(out)
 }
 
-/// Each server's CPU, from the agents' reports heard during `sample`.
-async fn utilisation(
-    client: &async_nats::Client,
-    sample: Duration,
-) -> Result<BTreeMap<String, f64>, CliError> {
-    let mut reports = client
-        .subscribe(subjects::METRICS_ALL)
-        .await
-        .map_err(|e| nats("subscribing to reports")(e.into()))?;
-    let mut cpu = BTreeMap::new();
+/// What `status` heard during its sample: each server's CPU from its
+/// agent, and each front-end's applied generation, by (cluster, front-end).
+#[derive(Default)]
+struct Heard {
+    cpu: BTreeMap<String, f64>,
+    applied: BTreeMap<(String, String), u64>,
+}
+
+async fn hear(client: &async_nats::Client, sample: Duration) -> Result<Heard, CliError> {
+    let subscribe = |subject: &'static str| async move {
+        client
+            .subscribe(subject)
+            .await
+            .map_err(|e| nats(format!("subscribing to {subject}"))(e.into()))
+    };
+    let mut reports = subscribe(subjects::METRICS_ALL).await?;
+    let mut applied = subscribe(subjects::FRONTEND_APPLIED_ALL).await?;
+    let mut heard = Heard::default();
     let deadline = tokio::time::sleep(sample);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
             () = &mut deadline => break,
-            message = reports.next() => {
-                let Some(message) = message else { break };
+            Some(message) = reports.next() => {
                 if let Ok(report) = codec::decode::<PerformanceReport>(message.headers.as_ref(), &message.payload) {
                     if let (ReportSource::Agent, Some(c)) = (&report.source, report.cpu) {
-                        cpu.insert(report.server.to_string(), c);
+                        heard.cpu.insert(report.server.to_string(), c);
                     }
                 }
             }
+            Some(message) = applied.next() => {
+                if let Ok(said) = codec::decode::<FrontendApplied>(message.headers.as_ref(), &message.payload) {
+                    heard.applied.insert((said.cluster.to_string(), said.frontend), said.generation);
+                }
+            }
+            else => break,
         }
     }
-    Ok(cpu)
+    Ok(heard)
 }
 
-/// `headroom status`: every cluster and its members (with the CPU their
-/// agents report), the pool, and the monitor's counters.
+/// `headroom status`: every cluster, the generation each of its front-ends
+/// routes by (and how far behind the record it is), its members (with the
+/// CPU their agents report), the pool, and the monitor's counters.
 ///
 /// # Errors
 /// NATS or KV cannot be read, or the output cannot be written.
@@ -139,7 +153,7 @@ pub async fn status(
 ) -> Result<(), CliError> {
     let clusters: Vec<(String, ClusterRecord, u64)> = records(client, CLUSTERS_BUCKET).await?;
     let servers: Vec<(String, ServerRecord, u64)> = records(client, SERVERS_BUCKET).await?;
-    let cpu = utilisation(client, sample).await?;
+    let heard = hear(client, sample).await?;
     for (_, c, revision) in &clusters {
         writeln!(
             out,
@@ -151,8 +165,22 @@ pub async fn status(
             c.policy.min_size,
             c.policy.max_size
         )?;
+        // What traffic follows: the generation each front-end routes by.
+        let fronts = heard
+            .applied
+            .iter()
+            .filter(|((cluster, _), _)| cluster == c.id.as_str());
+        for ((_, frontend), generation) in fronts {
+            let lag = c.generation.saturating_sub(*generation);
+            let state = if lag == 0 { "applied" } else { "lagging" };
+            writeln!(
+                out,
+                "  front-end {frontend:<10} generation {generation}  {state} (lag {lag})"
+            )?;
+        }
         for m in &c.members {
-            let load = cpu
+            let load = heard
+                .cpu
                 .get(m.server.as_str())
                 .map_or("cpu ?".to_owned(), |u| format!("cpu {u:.2}"));
             writeln!(

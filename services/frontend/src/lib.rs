@@ -42,8 +42,8 @@ use headroom_shared::bus;
 use headroom_shared::config::Config;
 use headroom_shared::ops::Ops;
 use headroom_shared::time::now_ms;
-use headroom_shared::wire::{PerformanceReport, ReportSource};
-use headroom_shared::{subjects, ClusterId, IdError, ServerId};
+use headroom_shared::wire::{FrontendApplied, PerformanceReport, ReportSource};
+use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -378,6 +378,13 @@ async fn control_plane(
         config.frontend.last_known_good.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(applied_loop(
+        client.clone(),
+        cluster.clone(),
+        proxy.clone(),
+        config.frontend.instance.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(report_loop(
         client.clone(),
         cluster,
@@ -388,6 +395,46 @@ async fn control_plane(
     while tasks.join_next().await.is_some() {}
     if let Err(err) = client.drain().await {
         debug!(%err, "could not drain the NATS connection");
+    }
+}
+
+/// Says which membership generation it routes by: at once when it applies
+/// one, so that a change can be known to be followed by traffic, and again
+/// every report interval, so that its silence says it is gone.
+async fn applied_loop(
+    client: async_nats::Client,
+    cluster: ClusterId,
+    proxy: Arc<Proxy>,
+    instance: String,
+    shutdown: CancellationToken,
+) {
+    let interval = proxy.settings().report_interval;
+    let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
+    let subject = subjects::frontend_applied(&cluster, &instance);
+    let mut applied = proxy.applied();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+            changed = applied.changed() => if changed.is_err() { return },
+        }
+        let generation = *applied.borrow_and_update();
+        if generation == 0 {
+            continue; // no table yet
+        }
+        let said = FrontendApplied {
+            v: SCHEMA_VERSION,
+            cluster: cluster.clone(),
+            frontend: instance.clone(),
+            generation,
+            interval_ms,
+            at_ms: now_ms(),
+        };
+        if let Err(err) = bus::publish(&client, subject.clone(), &said).await {
+            debug!(%err, "applied generation not sent");
+        }
     }
 }
 
