@@ -378,13 +378,6 @@ async fn control_plane(
         config.frontend.last_known_good.clone(),
         shutdown.clone(),
     ));
-    tasks.spawn(applied_loop(
-        client.clone(),
-        cluster.clone(),
-        proxy.clone(),
-        config.frontend.instance.clone(),
-        shutdown.clone(),
-    ));
     tasks.spawn(report_loop(
         client.clone(),
         cluster,
@@ -398,48 +391,36 @@ async fn control_plane(
     }
 }
 
-/// Says which membership generation it routes by: at once when it applies
-/// one, so that a change can be known to be followed by traffic, and again
-/// every report interval, so that its silence says it is gone.
-async fn applied_loop(
-    client: async_nats::Client,
-    cluster: ClusterId,
-    proxy: Arc<Proxy>,
-    instance: String,
-    shutdown: CancellationToken,
+/// Says which membership generation it routes by, on its applied subject.
+async fn say_applied(
+    client: &async_nats::Client,
+    cluster: &ClusterId,
+    instance: &str,
+    generation: u64,
+    interval_ms: u32,
 ) {
-    let interval = proxy.settings().report_interval;
-    let interval_ms = u32::try_from(interval.as_millis()).unwrap_or(u32::MAX);
-    let subject = subjects::frontend_applied(&cluster, &instance);
-    let mut applied = proxy.applied();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticker.tick() => {}
-            changed = applied.changed() => if changed.is_err() { return },
-        }
-        let generation = *applied.borrow_and_update();
-        if generation == 0 {
-            continue; // no table yet
-        }
-        let said = FrontendApplied {
-            v: SCHEMA_VERSION,
-            cluster: cluster.clone(),
-            frontend: instance.clone(),
-            generation,
-            interval_ms,
-            at_ms: now_ms(),
-        };
-        if let Err(err) = bus::publish(&client, subject.clone(), &said).await {
-            debug!(%err, "applied generation not sent");
-        }
+    if generation == 0 {
+        return; // no table yet
+    }
+    let said = FrontendApplied {
+        v: SCHEMA_VERSION,
+        cluster: cluster.clone(),
+        frontend: instance.to_owned(),
+        generation,
+        interval_ms,
+        at_ms: now_ms(),
+    };
+    let subject = subjects::frontend_applied(cluster, instance);
+    if let Err(err) = bus::publish(client, subject, &said).await {
+        debug!(%err, "applied generation not sent");
     }
 }
 
 /// Every interval: what it saw of each member, on the member's metrics
-/// subject (the monitor merges it with the agent's own), and of itself.
+/// subject (the monitor merges it with the agent's own), of itself, and the
+/// membership generation it routes by; that one also at once when it
+/// applies a new one, so that a change can be known to be followed by
+/// traffic, while its silence says it is gone.
 async fn report_loop(
     client: async_nats::Client,
     cluster: ClusterId,
@@ -453,13 +434,21 @@ async fn report_loop(
     let mut last: std::collections::HashMap<ServerId, (u64, u64)> =
         std::collections::HashMap::new();
     let mut own_last = (0u64, 0u64);
+    let mut applied = proxy.applied();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            Ok(()) = applied.changed() => {
+                let generation = *applied.borrow_and_update();
+                say_applied(&client, &cluster, &instance, generation, interval_ms).await;
+                continue;
+            }
         }
+        let generation = *applied.borrow_and_update();
+        say_applied(&client, &cluster, &instance, generation, interval_ms).await;
         let at_ms = now_ms();
         let blank = |server: ServerId| {
             PerformanceReport::new(
