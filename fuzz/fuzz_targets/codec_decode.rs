@@ -4,7 +4,7 @@
 #![no_main]
 
 use headroom_shared::codec::{Codec, Message};
-use headroom_shared::ledger::{RequestRecord, RequestStarted};
+use headroom_shared::ledger::{RequestConfirmed, RequestRecord, RequestStarted};
 use headroom_shared::records::{ClusterRecord, MonitorHeartbeat, ServerRecord, ShardLease};
 use headroom_shared::wire::{
     AssignmentNotice, AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty,
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let codec = Codec::ALL[usize::from(pick % 3)];
-    match (pick / 3) % 22 {
+    match (pick / 3) % 23 {
         0 => round_trip::<PerformanceReport>(codec, body),
         1 => round_trip::<ReconfigRequest>(codec, body),
         2 => round_trip::<MembershipChange>(codec, body),
@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
         18 => round_trip::<MonitorHeartbeat>(codec, body),
         19 => round_trip::<RequestRecord>(codec, body),
         20 => round_trip::<FrontendApplied>(codec, body),
-        _ => round_trip::<RequestStarted>(codec, body),
+        21 => round_trip::<RequestStarted>(codec, body),
+        _ => round_trip::<RequestConfirmed>(codec, body),
     }
 });

@@ -172,6 +172,12 @@ pub struct AllocatorConfig {
     /// Grace period for in-flight work at shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A change not yet applied by every live front-end this long after
+    /// it was written is logged as lagging, naming those behind. It stays
+    /// unconfirmed until they apply it or fall silent for three of their
+    /// report intervals.
+    #[serde(with = "humantime_serde")]
+    pub confirm_deadline: Duration,
 }
 
 impl Default for AllocatorConfig {
@@ -183,6 +189,7 @@ impl Default for AllocatorConfig {
             repair_after: Duration::from_secs(10),
             max_in_flight: 16,
             shutdown_grace: Duration::from_secs(10),
+            confirm_deadline: Duration::from_secs(5),
         }
     }
 }

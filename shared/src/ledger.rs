@@ -66,6 +66,12 @@ pub struct RequestStarted {
     pub generation: u64,
     pub by: String,
     pub at_ms: u64,
+    /// When the request was asked ([`ReconfigRequest::issued_ms`]): for
+    /// a monitor's request, its decision. 0 when unknown.
+    ///
+    /// [`ReconfigRequest::issued_ms`]: crate::wire::ReconfigRequest::issued_ms
+    #[serde(default)]
+    pub issued_ms: u64,
 }
 message!(RequestStarted, "request_started");
 
@@ -73,5 +79,58 @@ impl RequestStarted {
     /// Its key: apart from the outcomes (request ids have no '.').
     pub fn key(id: &RequestId) -> String {
         format!("started.{id}")
+    }
+}
+
+/// A front-end and the membership generation it routes by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendGeneration {
+    pub frontend: String,
+    pub generation: u64,
+}
+
+/// The data plane's word that a request's change is followed by traffic:
+/// every live front-end of its cluster routes by a generation that holds
+/// it. In `headroom-requests` under [`RequestConfirmed::key`], created
+/// once, by whichever allocator instance sees it first; the monitor starts
+/// its cooldowns from `confirmed_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestConfirmed {
+    #[serde(default = "crate::codec::default_schema_version")]
+    pub v: u16,
+    pub id: RequestId,
+    pub cluster: ClusterId,
+    /// The first cluster generation that held the request's whole change
+    /// (no member of it still joining).
+    pub generation: u64,
+    /// When it was asked (the decision), 0 when unknown.
+    pub issued_ms: u64,
+    pub confirmed_ms: u64,
+    /// The live front-ends and the generation each had applied.
+    pub frontends: Vec<FrontendGeneration>,
+    /// Front-ends that fell silent while it waited, so no longer held it
+    /// back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gone: Vec<String>,
+    /// The allocator instance that confirmed it.
+    pub by: String,
+}
+message!(RequestConfirmed, "request_confirmed");
+
+impl RequestConfirmed {
+    /// Its key: apart from the outcomes and the marks.
+    pub fn key(id: &RequestId) -> String {
+        format!("confirmed.{id}")
+    }
+
+    /// The request whose confirmation a key of the requests bucket holds.
+    pub fn of_key(key: &str) -> Option<&str> {
+        key.strip_prefix("confirmed.")
+    }
+
+    /// Milliseconds from the decision to the confirmation, when the
+    /// decision's time is known.
+    pub fn waited_ms(&self) -> Option<u64> {
+        (self.issued_ms > 0).then(|| self.confirmed_ms.saturating_sub(self.issued_ms))
     }
 }

@@ -414,6 +414,14 @@ pub enum EventKind {
     /// The monitor decided to change a cluster; `detail` holds the decision
     /// and the window values that caused it.
     Decided,
+    /// Every live front-end of the cluster routes by a generation that
+    /// holds the request's change; `detail` says how long after the
+    /// decision, and by which front-ends.
+    Confirmed,
+    /// A request's change was not applied by every live front-end within
+    /// the confirmation deadline; `detail` names those behind and the
+    /// generation each routes by.
+    Lagging,
     /// A monitor instance took a shard's lease: it decides for the shard's
     /// clusters from `at_ms`. `detail` names the shard.
     ShardTaken,
@@ -437,6 +445,8 @@ impl EventKind {
             EventKind::Repaired => "repaired",
             EventKind::Rejected { .. } => "rejected",
             EventKind::Decided => "decided",
+            EventKind::Confirmed => "confirmed",
+            EventKind::Lagging => "lagging",
             EventKind::ShardTaken => "shard_taken",
             EventKind::ShardLeft => "shard_left",
         }

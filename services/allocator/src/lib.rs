@@ -15,10 +15,12 @@
 //!   register, repairs) as compare-and-set sequences.
 //! - [`requests`]: the durable request consumer and the outcome ledger.
 //! - [`admin`]: the NATS services API endpoints.
+//! - [`confirm`]: which changes every live front-end follows.
 //! - [`metrics`]: what `/metrics` shows of it.
 //! - [`run`]: wires them together until shutdown.
 
 pub mod admin;
+pub mod confirm;
 pub mod metrics;
 pub mod ops;
 pub mod placement;
@@ -111,7 +113,7 @@ pub async fn run(
     // that peer, or to the redelivery of its request.
     ops.set_not_ready("repairing what an earlier crash left");
     reconcile_once(&allocator, settings.repair_after).await;
-    spawn_work(&mut tasks, &allocator, consumer, &client, &settings, &stop);
+    spawn_work(&mut tasks, &allocator, consumer, &client, &config, &stop);
     ops.set_ready();
 
     // Work abandoned after the grace period is redelivered to another.
@@ -167,9 +169,10 @@ fn spawn_work(
     allocator: &Arc<Allocator>,
     consumer: Consumer,
     client: &async_nats::Client,
-    settings: &AllocatorConfig,
+    config: &Config,
     stop: &CancellationToken,
 ) {
+    let settings = &config.allocator;
     {
         let (allocator, stop) = (allocator.clone(), stop.clone());
         let (max_in_flight, ack_wait) = (settings.max_in_flight, settings.ack_wait);
@@ -192,6 +195,15 @@ fn spawn_work(
         stop.clone(),
     ));
     tasks.spawn(status_loop(allocator.clone(), client.clone(), stop.clone()));
+    // A front-end not heard within three of its report intervals is not
+    // live; until then, one not heard yet may be.
+    tasks.spawn(confirm::serve(
+        allocator.clone(),
+        client.clone(),
+        config.frontend.report_interval * 3,
+        settings.confirm_deadline,
+        stop.clone(),
+    ));
     tasks.spawn(
         allocator
             .metrics

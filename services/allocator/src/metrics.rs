@@ -28,6 +28,8 @@ pub struct Metrics {
     pub events: CounterVec,
     pub requests: CounterVec,
     pub request_seconds: Histogram,
+    /// From a decision to every live front-end routing by its change.
+    pub confirm_seconds: Histogram,
     /// Servers' statuses and registrations refused, by reason code.
     pub refused: CounterVec,
     pub pool: GaugeVec,
@@ -51,6 +53,7 @@ impl Default for Metrics {
                 &["action", "outcome"],
             ),
             request_seconds: Histogram::default(),
+            confirm_seconds: Histogram::default(),
             refused: CounterVec::new(
                 "headroom_allocator_server_messages_refused_total",
                 "Servers' statuses and registrations refused, by what (status, registration) and reason code (malformed, subject_mismatch).",
@@ -157,6 +160,12 @@ impl Metrics {
                 "Time to apply a reconfiguration request.",
                 &[],
                 &metrics.request_seconds,
+            );
+            out.histogram(
+                "headroom_allocator_confirm_seconds",
+                "Time from a decision to every live front-end routing by its change.",
+                &[],
+                &metrics.confirm_seconds,
             );
             metrics.pool.write(out);
             metrics.members.write(out);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_nats::jetstream::{self, kv};
 use headroom_shared::codec::{self, Message, WireError};
 use headroom_shared::kv::{compare_and_set, Bucket, CasError};
-use headroom_shared::ledger::{RequestRecord, RequestStarted};
+use headroom_shared::ledger::{RequestConfirmed, RequestRecord, RequestStarted};
 use headroom_shared::ops::CounterVec;
 use headroom_shared::records::{ClusterRecord, ServerRecord};
 use headroom_shared::{ClusterId, RequestId, ServerId};
@@ -309,6 +309,35 @@ impl Store {
                 .map_or_else(|| value.clone(), |v| v.value)),
             Err(err) => Err(err),
         }
+    }
+
+    /// The mark that `id` was taken up, if it was.
+    ///
+    /// # Errors
+    /// On a KV failure or an undecodable record.
+    pub async fn started(&self, id: &RequestId) -> Result<Option<RequestStarted>, StoreError> {
+        Ok(self
+            .get(&self.requests, &RequestStarted::key(id))
+            .await?
+            .map(|v| v.value))
+    }
+
+    /// Records that every live front-end follows a request's change, once:
+    /// the confirmation that stands is returned, this one or another
+    /// instance's.
+    ///
+    /// # Errors
+    /// On a KV failure or an undecodable record.
+    pub async fn confirm(
+        &self,
+        confirmed: &RequestConfirmed,
+    ) -> Result<RequestConfirmed, StoreError> {
+        self.create_once(
+            &self.requests,
+            &RequestConfirmed::key(&confirmed.id),
+            confirmed,
+        )
+        .await
     }
 
     /// Marks a request as taken up, once: the mark that stands is returned,

@@ -502,6 +502,7 @@ impl Allocator {
             generation,
             by: self.instance.clone(),
             at_ms: now_ms(),
+            issued_ms: request.issued_ms,
         };
         let since = self.store.start(&mark).await?.generation;
         Ok((since, FirstRead(std::sync::Mutex::new(read))))
