@@ -118,14 +118,16 @@ pub struct RequestConfirmed {
 message!(RequestConfirmed, "request_confirmed");
 
 impl RequestConfirmed {
-    /// Its key: apart from the outcomes and the marks.
+    /// What its keys start with: apart from the outcomes and the marks.
+    pub const PREFIX: &'static str = "confirmed.";
+
     pub fn key(id: &RequestId) -> String {
-        format!("confirmed.{id}")
+        format!("{}{id}", Self::PREFIX)
     }
 
     /// The request whose confirmation a key of the requests bucket holds.
     pub fn of_key(key: &str) -> Option<&str> {
-        key.strip_prefix("confirmed.")
+        key.strip_prefix(Self::PREFIX)
     }
 
     /// Milliseconds from the decision to the confirmation, when the

@@ -239,6 +239,11 @@ pub struct ScalingPolicy {
     /// window's trend carried `cooldown_up_ms` ahead, at most twice the
     /// held load) rather than for the least load of the window.
     pub project_rise: bool,
+    /// How long a member's arrival, written but not yet confirmed by every
+    /// live front-end, holds the next scale-up back: cooldowns run from
+    /// confirmation, and until then traffic has not followed the change.
+    /// Past it, the cooldown runs from the write, as without confirmation.
+    pub confirm_wait_ms: u64,
 }
 
 /// How a server's utilisation is computed from its report: a weighted mean
@@ -336,6 +341,7 @@ impl Default for ScalingPolicy {
             silent_after_ms: 10_000,
             panic_ratio: 2.0,
             project_rise: true,
+            confirm_wait_ms: 15_000,
         }
     }
 }
@@ -480,6 +486,10 @@ impl ClusterPolicy {
         }
         if s.silent_after_ms < 1_000 {
             return err("scaling.silent_after_ms", "must be at least 1000".into());
+        }
+        // The monitor keeps a confirmation ten minutes.
+        if s.confirm_wait_ms > 600_000 {
+            return err("scaling.confirm_wait_ms", "must be at most 600000".into());
         }
         let m = &s.measures;
         for (field, weight) in [

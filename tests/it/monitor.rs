@@ -82,7 +82,10 @@ impl Sim {
         Self::start_with(policy, members, false).await
     }
 
-    pub async fn start_with(policy: ClusterPolicy, members: u32, dry_run: bool) -> Self {
+    pub async fn start_with(mut policy: ClusterPolicy, members: u32, dry_run: bool) -> Self {
+        // The simulation plays an allocator whose changes every front-end
+        // follows at once: a change is confirmed when it is written.
+        policy.scaling.confirm_wait_ms = 0;
         headroom_shared::telemetry::init_for_tests();
         let nats = NatsServer::start().await.expect("nats-server");
         let client = nats.client().await.expect("connect");

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use headroom_shared::errors::{codes, BusError};
 use headroom_shared::records::{self, ClusterPolicy, ClusterRecord, MemberState, ScalingPolicy};
 use headroom_shared::wire::{PerformanceReport, ReconfigAction, ReportSource};
-use headroom_shared::{ClusterId, ServerId};
+use headroom_shared::{ClusterId, RequestId, ServerId};
 use serde::{Deserialize, Serialize};
 
 /// Front-ends whose view of one server is kept; more is noise, and the
@@ -37,6 +37,9 @@ const HOT_RATIO: f64 = 1.5;
 /// Consecutive evaluations a panic (`panic_ratio`) must hold: one reading
 /// is not enough.
 const PANIC_SAMPLES: usize = 2;
+/// How long a change's confirmation is kept: longer than any cooldown it
+/// could start.
+const CONFIRMATIONS_KEPT_MS: u64 = 10 * 60 * 1000;
 
 /// A member as the monitor needs it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +51,10 @@ pub struct MemberView {
     /// When it entered its state (allocator's clock); 0 when unknown.
     #[serde(default)]
     pub since_ms: u64,
+    /// The request whose change put it in its state (its drain's, when
+    /// draining), whose confirmation the cooldowns count from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestId>,
 }
 
 fn full_weight() -> f64 {
@@ -81,6 +88,12 @@ impl From<&ClusterRecord> for ClusterView {
                     state: m.state,
                     weight: m.weight,
                     since_ms: m.since_ms,
+                    request: Some(match m.state {
+                        MemberState::Draining => {
+                            m.drain_request.clone().unwrap_or_else(|| m.request.clone())
+                        }
+                        _ => m.request.clone(),
+                    }),
                 })
                 .collect(),
         }
@@ -433,16 +446,35 @@ impl History {
 
 /// When the last member was added or removed, as the membership tells it
 /// (a `since_ms` of 0 is unknown): cooldowns then hold across a monitor
-/// restart.
-fn membership_times(view: &ClusterView) -> (Option<u64>, Option<u64>) {
+/// restart. A change counts from when every live front-end confirmed it
+/// (`confirmed`, by request), not from when it was written: until then
+/// traffic has not followed it. An arrival written but not yet confirmed
+/// counts as happening now, for up to `wait_ms`: the next scale-up waits
+/// for traffic to reach the last one, and a lost confirmation holds it
+/// back no longer than that.
+fn membership_times(
+    view: &ClusterView,
+    confirmed: &HashMap<RequestId, u64>,
+    now_ms: u64,
+    wait_ms: u64,
+) -> (Option<u64>, Option<u64>) {
     let mut added = None;
     let mut removed = None;
     for m in view.members.iter().filter(|m| m.since_ms > 0) {
+        let confirmation = m.request.as_ref().and_then(|r| confirmed.get(r));
+        let awaited = m.request.is_some()
+            && m.state == MemberState::Active
+            && now_ms.saturating_sub(m.since_ms) < wait_ms;
+        let at = match confirmation {
+            Some(&at) => m.since_ms.max(at),
+            None if awaited => now_ms,
+            None => m.since_ms,
+        };
         let slot = match m.state {
             MemberState::Draining => &mut removed,
             MemberState::Joining | MemberState::Active => &mut added,
         };
-        *slot = Some(slot.map_or(m.since_ms, |t: u64| t.max(m.since_ms)));
+        *slot = Some(slot.map_or(at, |t: u64| t.max(at)));
     }
     (added, removed)
 }
@@ -460,6 +492,11 @@ struct Now<'a> {
 pub struct Decider {
     clusters: BTreeMap<ClusterId, ClusterState>,
     servers: HashMap<ServerId, Tracked>,
+    /// When each recent change was confirmed by every live front-end (the
+    /// allocator's clock), whichever cluster it is of: a confirmation may
+    /// come before the record that shows its change, or before this
+    /// instance holds its cluster's shard.
+    confirmed: HashMap<RequestId, u64>,
     last_report_ms: Option<u64>,
 }
 
@@ -522,6 +559,12 @@ impl Decider {
                 );
             }
         }
+    }
+
+    /// Takes word that every live front-end follows `request`'s change
+    /// since `confirmed_ms`.
+    pub fn confirmed(&mut self, request: RequestId, confirmed_ms: u64) {
+        self.confirmed.insert(request, confirmed_ms);
     }
 
     /// Forgets a deleted cluster.
@@ -611,11 +654,26 @@ impl Decider {
         // A monitor that has heard nothing at all for a while is more
         // likely cut off than looking at a fleet that died at once.
         let hearing = self.last_report_ms;
+        // Past this, a confirmation moves no cooldown that policies use.
+        self.confirmed
+            .retain(|_, at| now_ms.saturating_sub(*at) < CONFIRMATIONS_KEPT_MS);
         for state in self.clusters.values_mut() {
-            evaluate(state, &mut self.servers, now_ms, hearing, &mut decisions);
+            let heard = Heard {
+                last_report_ms: hearing,
+                confirmed: &self.confirmed,
+            };
+            evaluate(state, &mut self.servers, now_ms, &heard, &mut decisions);
         }
         decisions
     }
+}
+
+/// What the whole monitor has heard, beside a cluster's own reports.
+struct Heard<'a> {
+    /// When any report last came: a monitor that has heard nothing for a
+    /// while is more likely cut off than looking at a fleet that died.
+    last_report_ms: Option<u64>,
+    confirmed: &'a HashMap<RequestId, u64>,
 }
 
 /// Evaluates one cluster: measure its members, sample the cluster, then
@@ -625,7 +683,7 @@ fn evaluate(
     state: &mut ClusterState,
     servers: &mut HashMap<ServerId, Tracked>,
     now_ms: u64,
-    last_heard_ms: Option<u64>,
+    heard: &Heard<'_>,
     decisions: &mut Vec<Decision>,
 ) {
     let ClusterState {
@@ -642,7 +700,7 @@ fn evaluate(
         load.sample(now_ms, &measured),
         s.sustain_ms.max(s.release_sustain_ms),
     );
-    let (added_ms, removed_ms) = membership_times(view);
+    let (added_ms, removed_ms) = membership_times(view, heard.confirmed, now_ms, s.confirm_wait_ms);
     let cx = Context {
         now_ms,
         view,
@@ -657,7 +715,7 @@ fn evaluate(
         last_up: (*last_up_ms).max(added_ms),
         last_down: (*last_down_ms).max(removed_ms),
     };
-    replace_silent(&cx, servers, last_heard_ms, decisions);
+    replace_silent(&cx, servers, heard.last_report_ms, decisions);
     replace_ejected(&cx, servers, decisions);
     if let Some(up) = scale_up(&cx, history) {
         *last_up_ms = Some(now_ms);
@@ -1194,6 +1252,7 @@ mod tests {
                     state: MemberState::Active,
                     weight: 1.0,
                     since_ms: 0,
+                    request: None,
                 })
                 .collect(),
         }
@@ -1251,6 +1310,77 @@ mod tests {
         );
         // Once the agent's reading is stale, the front-ends' counts add up.
         assert_eq!(t.current(3_100).in_flight, None, "all stale");
+    }
+
+    /// Runs a hot cluster from `from` to `to` (agents at CPU 0.9 every
+    /// second); the times it asked for servers.
+    fn hot(decider: &mut Decider, members: &[&str], from: u64, to: u64) -> Vec<u64> {
+        let web = ClusterId::new("web").expect("id");
+        let mut ups = Vec::new();
+        for t in (from..=to).step_by(1_000) {
+            for server in members {
+                let r = PerformanceReport {
+                    at_ms: t,
+                    ..report(server, 0.9, ReportSource::Agent)
+                };
+                decider.observe(t, &web, &r).expect("agent");
+            }
+            let decisions = decider.tick(t);
+            if decisions
+                .iter()
+                .any(|d| matches!(d.action, ReconfigAction::Allocate { .. }))
+            {
+                ups.push(t);
+            }
+        }
+        ups
+    }
+
+    /// A cluster that scaled up at `at`: its new member s3 active since
+    /// then, by request `up-1`.
+    fn grown(at: u64) -> ClusterView {
+        let mut grown = view(&["s1", "s2", "s3"]);
+        grown.members[2].since_ms = at;
+        grown.members[2].request = Some(RequestId::new("up-1").expect("id"));
+        grown
+    }
+
+    #[test]
+    fn the_next_scale_up_waits_for_the_front_ends_to_follow_the_last() {
+        let s = ClusterPolicy::default().scaling;
+        assert_eq!((s.cooldown_up_ms, s.confirm_wait_ms), (10_000, 15_000));
+        // Confirmed 12 s after it was written: the cooldown runs from then.
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&["s1", "s2"]));
+        let first = hot(&mut decider, &["s1", "s2"], 1_000, 10_000);
+        let at = *first.first().expect("a first scale-up");
+        decider.set_cluster(at, grown(at));
+        let members = ["s1", "s2", "s3"];
+        let waiting = hot(&mut decider, &members, at + 1_000, at + 12_000);
+        assert!(waiting.is_empty(), "not confirmed yet: {waiting:?}");
+        decider.confirmed(RequestId::new("up-1").expect("id"), at + 12_000);
+        let next = hot(&mut decider, &members, at + 13_000, at + 30_000);
+        assert_eq!(next.first(), Some(&(at + 22_000)), "{next:?}");
+
+        // Never confirmed (an allocator that does not confirm, a lost
+        // record): held back for confirm_wait_ms, no longer.
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&["s1", "s2"]));
+        hot(&mut decider, &["s1", "s2"], 1_000, 10_000);
+        decider.set_cluster(at, grown(at));
+        let next = hot(&mut decider, &members, at + 1_000, at + 30_000);
+        assert_eq!(next.first(), Some(&(at + 15_000)), "{next:?}");
+
+        // Without confirmation in view (a recording), as before: the
+        // cooldown runs from the write.
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&["s1", "s2"]));
+        hot(&mut decider, &["s1", "s2"], 1_000, 10_000);
+        let mut unnamed = grown(at);
+        unnamed.members[2].request = None;
+        decider.set_cluster(at, unnamed);
+        let next = hot(&mut decider, &members, at + 1_000, at + 30_000);
+        assert_eq!(next.first(), Some(&(at + 10_000)), "{next:?}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ use futures::StreamExt;
 use headroom_shared::codec::Codec;
 use headroom_shared::config::{Config, MonitorConfig};
 use headroom_shared::kv::Bucket;
+use headroom_shared::ledger::RequestConfirmed;
 use headroom_shared::ops::Ops;
 use headroom_shared::records::ClusterRecord;
 use headroom_shared::time::now_ms;
@@ -134,6 +135,8 @@ impl Clock {
 enum ClusterUpdate {
     Put(ClusterView),
     Removed(ClusterId),
+    /// Every live front-end follows a request's change, since when.
+    Confirmed(RequestId, u64),
 }
 
 /// Runs the monitor until `shutdown`, then stops evaluating, sends the
@@ -308,7 +311,12 @@ impl Wiring {
         let decider_gone = CancellationToken::new();
         let (first_round_tx, first_round) = oneshot::channel();
         let mut tasks = Tasks::new();
-        tasks.spawn(watch_clusters(opened.clusters, updates_tx, stop.clone()));
+        tasks.spawn(watch_clusters(
+            opened.clusters,
+            updates_tx.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(watch_confirmations(js.clone(), updates_tx, stop.clone()));
         let lease = leases::LeaseSettings {
             shards: settings.shards,
             ttl: settings.lease_ttl,
@@ -379,6 +387,47 @@ async fn watch_clusters(
         }
     }
     Ok("cluster watch")
+}
+
+/// Follows the allocators' confirmations (`confirmed.<request>` in the
+/// requests bucket) and hands each to the decider's loop: cooldowns run
+/// from them. The bucket is the allocator's: until it is made, this waits
+/// rather than failing, so a monitor may start first.
+async fn watch_confirmations(
+    js: jetstream::Context,
+    updates: mpsc::Sender<ClusterUpdate>,
+    stop: CancellationToken,
+) -> Result<&'static str, MonitorError> {
+    let bucket = loop {
+        match js.get_key_value(Bucket::Requests.name()).await {
+            Ok(bucket) => break bucket,
+            Err(err) => debug!(%err, "no requests bucket yet; confirmations wait"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return Ok("confirmation watch"),
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    };
+    let pattern = format!("{}>", RequestConfirmed::PREFIX);
+    let entries = headroom_shared::kv::follow_named(js.client(), bucket, pattern, stop);
+    futures::pin_mut!(entries);
+    while let Some(entry) = entries.next().await {
+        if entry.operation != kv::Operation::Put {
+            continue;
+        }
+        let confirmed = match Codec::MsgPack.decode::<RequestConfirmed>(&entry.value) {
+            Ok(confirmed) => confirmed,
+            Err(err) => {
+                warn!(key = %entry.key, %err, "unreadable confirmation; ignored");
+                continue;
+            }
+        };
+        let update = ClusterUpdate::Confirmed(confirmed.id, confirmed.confirmed_ms);
+        if updates.send(update).await.is_err() {
+            break;
+        }
+    }
+    Ok("confirmation watch")
 }
 
 /// What the decider listens to.
@@ -500,6 +549,7 @@ impl Deciding {
                 self.known.remove(&id);
                 self.let_go(&id);
             }
+            ClusterUpdate::Confirmed(request, at_ms) => self.decider.confirmed(request, at_ms),
         }
         self.gauges();
         Ok(())

@@ -6,6 +6,7 @@
 //! {"kind":"report","at_ms":1000,"subject":"headroom.metrics.web.s1","report":{...}}
 //! {"kind":"raw","at_ms":1000,"subject":"...","content_type":"application/msgpack","hex":"81a1..."}
 //! {"kind":"cluster_removed","at_ms":5000,"id":"web"}
+//! {"kind":"confirmed","at_ms":5200,"request":"allocate-web-4000","confirmed_ms":5150}
 //! ```
 //!
 //! `record` writes what it sees live (a message that does not decode or
@@ -19,7 +20,7 @@ use std::io::{BufRead, Write};
 use async_nats::HeaderMap;
 use headroom_shared::codec::{Codec, CONTENT_TYPE};
 use headroom_shared::records::ClusterPolicy;
-use headroom_shared::ClusterId;
+use headroom_shared::{ClusterId, RequestId};
 use serde::{Deserialize, Serialize};
 
 use crate::decide::{ClusterView, Decider, Decision};
@@ -36,6 +37,13 @@ pub enum Recorded {
     ClusterRemoved {
         at_ms: u64,
         id: ClusterId,
+    },
+    /// Every live front-end followed a request's change: cooldowns run
+    /// from `confirmed_ms`.
+    Confirmed {
+        at_ms: u64,
+        request: RequestId,
+        confirmed_ms: u64,
     },
     Report {
         at_ms: u64,
@@ -56,6 +64,7 @@ impl Recorded {
         match self {
             Recorded::Cluster { at_ms, .. }
             | Recorded::ClusterRemoved { at_ms, .. }
+            | Recorded::Confirmed { at_ms, .. }
             | Recorded::Report { at_ms, .. }
             | Recorded::Raw { at_ms, .. } => *at_ms,
         }
@@ -264,6 +273,14 @@ impl Replayer<'_> {
                 self.decider.remove_cluster(&id);
                 return Ok(());
             }
+            Recorded::Confirmed {
+                request,
+                confirmed_ms,
+                ..
+            } => {
+                self.decider.confirmed(request, confirmed_ms);
+                return Ok(());
+            }
             message => message_of(line_no, message)?,
         };
         // A rejection is counted; replay goes on, as the live monitor does.
@@ -345,7 +362,7 @@ fn message_of(
             });
             Ok((subject, headers, body))
         }
-        Recorded::Cluster { .. } | Recorded::ClusterRemoved { .. } => {
+        Recorded::Cluster { .. } | Recorded::ClusterRemoved { .. } | Recorded::Confirmed { .. } => {
             Err(bad("not a message".to_owned()))
         }
     }
@@ -361,8 +378,8 @@ pub enum RecordError {
     Ended(&'static str),
 }
 
-/// Writes every cluster record and every report seen on NATS to `sink`, as
-/// a recording, until `stop`. Returns how many inputs it wrote.
+/// Writes every cluster record, confirmation and report seen on NATS to
+/// `sink`, as a recording, until `stop`. Returns how many inputs it wrote.
 ///
 /// # Errors
 /// When the watch or subscription cannot be set up or ends, or on I/O.
@@ -383,6 +400,8 @@ pub async fn record(
         .map_err(RecordError::Setup)?;
     let clusters = headroom_shared::kv::follow(bucket, ">".to_owned(), stop.clone());
     futures::pin_mut!(clusters);
+    let confirmations = confirmations(&js, stop.clone()).await;
+    futures::pin_mut!(confirmations);
     let mut reports = client
         .subscribe(headroom_shared::subjects::METRICS_ALL)
         .await
@@ -416,6 +435,11 @@ pub async fn record(
                 // The watch only ends with `stop`.
                 None => break,
             },
+            Some(confirmed) = confirmations.next() => Recorded::Confirmed {
+                at_ms: now_ms(),
+                request: confirmed.id,
+                confirmed_ms: confirmed.confirmed_ms,
+            },
             message = reports.next() => match message {
                 Some(m) => Recorded::message(now_ms(), m.subject.as_str(), m.headers.as_ref(), &m.payload),
                 None => return Err(RecordError::Ended("reports subscription")),
@@ -427,6 +451,33 @@ pub async fn record(
     }
     sink.flush()?;
     Ok(written)
+}
+
+/// The allocators' confirmations as they are made; none while there is no
+/// requests bucket (no allocator has run).
+async fn confirmations(
+    js: &async_nats::jetstream::Context,
+    stop: tokio_util::sync::CancellationToken,
+) -> futures::stream::BoxStream<'static, headroom_shared::ledger::RequestConfirmed> {
+    use futures::StreamExt;
+    use headroom_shared::kv::Bucket;
+    use headroom_shared::ledger::RequestConfirmed;
+    let bucket = match js.get_key_value(Bucket::Requests.name()).await {
+        Ok(bucket) => bucket,
+        Err(err) => {
+            tracing::warn!(%err, "no requests bucket: recording without confirmations");
+            return futures::stream::pending().boxed();
+        }
+    };
+    let pattern = format!("{}>", RequestConfirmed::PREFIX);
+    // Named, so that the monitor's own user may record too.
+    headroom_shared::kv::follow_named(js.client(), bucket, pattern, stop)
+        .filter_map(|entry| async move {
+            let put = entry.operation == async_nats::jetstream::kv::Operation::Put;
+            put.then(|| Codec::MsgPack.decode::<RequestConfirmed>(&entry.value).ok())
+                .flatten()
+        })
+        .boxed()
 }
 
 /// One decision as one JSON line; the same bytes for the same decision.
@@ -490,6 +541,21 @@ mod tests {
 {"kind":"report","at_ms":5000,"subject":"headroom.metrics.web.s1","report":{"server":"s1","cluster":"web","source":"agent","at_ms":1,"interval_ms":1000,"cpu":0.9}}
 {"kind":"report","at_ms":5000,"subject":"headroom.metrics.web.s2","report":{"server":"s2","cluster":"web","source":"agent","at_ms":1,"interval_ms":1000,"cpu":0.9}}
 "#;
+
+    #[test]
+    fn a_confirmation_is_recorded_as_the_module_shows_it() {
+        let line = r#"{"kind":"confirmed","at_ms":5200,"request":"allocate-web-4000","confirmed_ms":5150}"#;
+        let read: Recorded = serde_json::from_str(line).expect("a confirmation");
+        assert_eq!(
+            read,
+            Recorded::Confirmed {
+                at_ms: 5_200,
+                request: RequestId::new("allocate-web-4000").expect("id"),
+                confirmed_ms: 5_150,
+            }
+        );
+        assert_eq!(serde_json::to_string(&read).expect("written"), line);
+    }
 
     #[test]
     fn a_hand_written_recording_replays_the_same_every_time() {
