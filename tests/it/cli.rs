@@ -85,13 +85,22 @@ async fn status_pool_and_drain_print_what_kv_holds() {
             }
         })
     };
-    let mut out = Vec::new();
-    headroom_cli::status(&stack.client, Duration::from_millis(400), &mut out)
-        .await
-        .expect("status");
+    // Behind for longer than a deadline of nothing: lagging; within an
+    // hour's: applying.
+    let status_with = |deadline: Duration| {
+        let client = stack.client.clone();
+        async move {
+            let mut out = Vec::new();
+            headroom_cli::status(&client, Duration::from_millis(400), deadline, &mut out)
+                .await
+                .expect("status");
+            text(out)
+        }
+    };
+    let status = status_with(Duration::ZERO).await;
+    let patient = status_with(Duration::from_secs(3600)).await;
     reporter.abort();
     saying.abort();
-    let status = text(out);
     let generation = record.generation;
     assert!(
         status.contains(&format!(
@@ -99,13 +108,23 @@ async fn status_pool_and_drain_print_what_kv_holds() {
         )),
         "{status}"
     );
+    let behind = format!("front-end fe-b       generation {}  ", generation - 1);
     assert!(
-        status.contains(&format!(
-            "front-end fe-b       generation {}  lagging (lag 1)",
-            generation - 1
-        )),
+        status.contains(&format!("{behind}lagging (lag 1, ")),
         "{status}"
     );
+    assert!(
+        patient.contains(&format!("{behind}applying (lag 1, ")),
+        "{patient}"
+    );
+    // Each member's arrival is a change whose confirmation is shown (fe-b
+    // may have held it back, or been heard too late to).
+    for m in &record.members {
+        assert!(
+            status.contains(&format!("  change {}  ", m.request)),
+            "{status}"
+        );
+    }
     assert!(
         status.contains(&format!("cluster web  generation {}", record.generation)),
         "{status}"

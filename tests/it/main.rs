@@ -6,6 +6,7 @@ mod allocator;
 mod backend;
 mod cli;
 mod common;
+mod confirm;
 mod crash;
 mod demo;
 mod evaluate;

@@ -13,13 +13,16 @@ use async_nats::jetstream;
 use futures::{StreamExt, TryStreamExt};
 use headroom_shared::bus::{self, AdminError};
 use headroom_shared::codec::{self, Codec};
-use headroom_shared::kv::{CLUSTERS_BUCKET, SERVERS_BUCKET};
-use headroom_shared::records::{ClusterRecord, ServerRecord};
+use headroom_shared::kv::{CLUSTERS_BUCKET, REQUESTS_BUCKET, SERVERS_BUCKET};
+use headroom_shared::ledger::RequestConfirmed;
+use headroom_shared::records::{ClusterRecord, MemberState, ServerRecord};
+use headroom_shared::time::now_ms;
 use headroom_shared::wire::{
-    AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, FrontendApplied,
-    GetCluster, PerformanceReport, PutCluster, RegisterServer, ReportSource, ServerList,
+    AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty, EventKind,
+    FrontendApplied, GetCluster, PerformanceReport, PutCluster, RegisterServer, ReportSource,
+    ServerList,
 };
-use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
+use headroom_shared::{subjects, ClusterId, IdError, RequestId, ServerId, SCHEMA_VERSION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
@@ -141,20 +144,26 @@ async fn hear(client: &async_nats::Client, sample: Duration) -> Result<Heard, Cl
 }
 
 /// `headroom status`: every cluster, the generation each of its front-ends
-/// routes by (and how far behind the record it is), its members (with the
-/// CPU their agents report), the pool, and the monitor's counters.
+/// routes by (how far behind the record it is, and for how long: lagging
+/// past `deadline`), whether its recent changes are confirmed by the data
+/// plane, its members (with the CPU their agents report), the pool, and
+/// the monitor's counters.
 ///
 /// # Errors
 /// NATS or KV cannot be read, or the output cannot be written.
 pub async fn status(
     client: &async_nats::Client,
     sample: Duration,
+    deadline: Duration,
     out: &mut impl Write,
 ) -> Result<(), CliError> {
     let clusters: Vec<(String, ClusterRecord, u64)> = records(client, CLUSTERS_BUCKET).await?;
     let servers: Vec<(String, ServerRecord, u64)> = records(client, SERVERS_BUCKET).await?;
     let heard = hear(client, sample).await?;
-    for (_, c, revision) in &clusters {
+    let clusters_bucket = bucket(client, CLUSTERS_BUCKET).await?;
+    // No requests bucket before an allocator's first run: nothing to confirm.
+    let requests = bucket(client, REQUESTS_BUCKET).await.ok();
+    for (key, c, revision) in &clusters {
         writeln!(
             out,
             "cluster {}  generation {}  revision {}  size {} (min {}, max {})",
@@ -165,6 +174,9 @@ pub async fn status(
             c.policy.min_size,
             c.policy.max_size
         )?;
+        if let Some(requests) = &requests {
+            write_changes(client, requests, c, out).await?;
+        }
         // What traffic follows: the generation each front-end routes by.
         let fronts = heard
             .applied
@@ -172,10 +184,21 @@ pub async fn status(
             .filter(|((cluster, _), _)| cluster == c.id.as_str());
         for ((_, frontend), generation) in fronts {
             let lag = c.generation.saturating_sub(*generation);
-            let state = if lag == 0 { "applied" } else { "lagging" };
+            let state = if lag == 0 {
+                "applied (lag 0)".to_owned()
+            } else {
+                let since = past(&clusters_bucket, key, *generation).await?;
+                let behind_ms = now_ms().saturating_sub(since);
+                let word = if Duration::from_millis(behind_ms) > deadline {
+                    "lagging"
+                } else {
+                    "applying"
+                };
+                format!("{word} (lag {lag}, {:.1} s behind)", behind_ms as f64 / 1e3)
+            };
             writeln!(
                 out,
-                "  front-end {frontend:<10} generation {generation}  {state} (lag {lag})"
+                "  front-end {frontend:<10} generation {generation}  {state}"
             )?;
         }
         for m in &c.members {
@@ -225,6 +248,111 @@ pub async fn status(
         Err(_) => writeln!(out, "monitor: no answer")?,
     }
     Ok(())
+}
+
+/// When the cluster's record first went past `generation` (its kept
+/// history's oldest, when that is already past it): a front-end at
+/// `generation` has been behind since then.
+async fn past(
+    clusters: &jetstream::kv::Store,
+    key: &str,
+    generation: u64,
+) -> Result<u64, CliError> {
+    let what = || nats(format!("history of {CLUSTERS_BUCKET}/{key}"));
+    let mut history = clusters.history(key).await.map_err(|e| what()(e.into()))?;
+    while let Some(entry) = history.next().await {
+        let entry = entry.map_err(|e| what()(e.into()))?;
+        let Ok(record) = Codec::MsgPack.decode::<ClusterRecord>(&entry.value) else {
+            continue;
+        };
+        if record.generation > generation {
+            let ms = entry.created.unix_timestamp_nanos() / 1_000_000;
+            return Ok(u64::try_from(ms).unwrap_or(0));
+        }
+    }
+    Ok(now_ms())
+}
+
+/// The cluster's changes of the last ten minutes that traffic can follow
+/// (members that came or are draining), each confirmed by every live
+/// front-end or not yet, as the allocators' `confirmed.<request>` records
+/// say.
+async fn write_changes(
+    client: &async_nats::Client,
+    requests: &jetstream::kv::Store,
+    c: &ClusterRecord,
+    out: &mut impl Write,
+) -> Result<(), CliError> {
+    let now = now_ms();
+    let mut changes: Vec<(u64, &RequestId)> = c
+        .members
+        .iter()
+        .filter(|m| now.saturating_sub(m.since_ms) < 10 * 60 * 1000)
+        .filter_map(|m| match m.state {
+            MemberState::Active => Some((m.since_ms, &m.request)),
+            MemberState::Draining => m.drain_request.as_ref().map(|r| (m.since_ms, r)),
+            MemberState::Joining => None,
+        })
+        .collect();
+    changes.sort();
+    changes.dedup_by(|a, b| a.1 == b.1);
+    for (since_ms, request) in changes {
+        let key = RequestConfirmed::key(request);
+        let entry = requests
+            .get(&key)
+            .await
+            .map_err(|e| nats(format!("{REQUESTS_BUCKET}/{key}"))(e.into()))?;
+        let confirmed = entry.and_then(|v| Codec::MsgPack.decode::<RequestConfirmed>(&v).ok());
+        let said = match confirmed {
+            Some(k) => {
+                let after = k
+                    .waited_ms()
+                    .map_or("at an unknown time after the decision".to_owned(), |ms| {
+                        format!("{ms} ms after the decision")
+                    });
+                let gone = if k.gone.is_empty() {
+                    String::new()
+                } else {
+                    format!(", gone: {}", k.gone.join(", "))
+                };
+                format!(
+                    "confirmed {after} (generation {}, {} front-ends{gone})",
+                    k.generation,
+                    k.frontends.len()
+                )
+            }
+            None => {
+                let mut said = format!(
+                    "not confirmed, {:.1} s after it was written",
+                    now.saturating_sub(since_ms) as f64 / 1e3
+                );
+                if let Some(lagging) = last_lagging(client, &c.id).await {
+                    if lagging.request.as_ref() == Some(request) {
+                        said.push_str(&format!("; lagging: {}", lagging.detail));
+                    }
+                }
+                said
+            }
+        };
+        writeln!(out, "  change {request}  {said}")?;
+    }
+    Ok(())
+}
+
+/// The allocators' last `lagging` event of a cluster: who is behind on its
+/// newest unconfirmed change. A paused front-end says nothing, so only
+/// the allocator, which heard it last, can name it.
+async fn last_lagging(client: &async_nats::Client, cluster: &ClusterId) -> Option<AuditEvent> {
+    let stream = jetstream::new(client.clone())
+        .get_stream(subjects::EVENTS_STREAM)
+        .await
+        .ok()?;
+    let subject = subjects::events(Some(cluster), EventKind::Lagging.token());
+    let raw = stream
+        .get_last_raw_message_by_subject(&subject)
+        .await
+        .ok()?;
+    codec::decode(Some(&raw.headers), &raw.payload).ok()
 }
 
 /// `headroom pool list`.

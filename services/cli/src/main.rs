@@ -237,7 +237,8 @@ impl Command {
         let seconds = |s: Option<u64>| s.map(Duration::from_secs);
         match self {
             Self::Status { sample_ms } => {
-                cli::status(client, Duration::from_millis(sample_ms), out).await?;
+                let deadline = config.allocator.confirm_deadline;
+                cli::status(client, Duration::from_millis(sample_ms), deadline, out).await?;
             }
             Self::Pool { action } => action.run(client, out).await?,
             Self::Cluster { action } => action.run(client, out).await?,
