@@ -12,11 +12,17 @@
 //!    the whole system (agents, monitor, allocator, front-end, sample
 //!    backends) with the default 1 s report interval and 2 s sustain; the
 //!    load steps from 25 % to 125 % of one member at a known instant.
+//! 3. Decision to confirmed by every front-end: real front-ends (in this
+//!    process), 1 and 10, each saying the generation it applied as in
+//!    production; the allocator confirms when all of them route by the
+//!    change, and the bench times when the `confirmed.<request>` record
+//!    arrives on a KV watch.
 //!
 //! `cargo bench -p headroom-tests --bench reaction` (the nats-server
 //! binary from `NATS_SERVER_BIN`, as for the tests). `BENCH_TRIALS` and
 //! `BENCH_CROSSINGS` change the number of trials (0 crossings skips part
-//! two), `BENCH_FRONTENDS` the front-end counts (`1,100,1000`).
+//! two), `BENCH_FRONTENDS` the simulated front-end counts (`1,100,1000`),
+//! `BENCH_CONFIRMING` the real ones of part three (`1,10`).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -24,12 +30,13 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use headroom_demo::{Settings, System};
-use headroom_frontend::{membership, Proxy};
+use headroom_frontend::{membership, Frontend, Proxy};
 use headroom_loadgen::{Profile, Target};
 use headroom_shared::bus;
 use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::FrontendConfig;
-use headroom_shared::kv::CLUSTERS_BUCKET;
+use headroom_shared::kv::{CLUSTERS_BUCKET, REQUESTS_BUCKET};
+use headroom_shared::ledger::RequestConfirmed;
 use headroom_shared::ops::Ops;
 use headroom_shared::records::{ClusterPolicy, ClusterRecord, MemberState};
 use headroom_shared::time::now_ms;
@@ -61,22 +68,7 @@ async fn follower(nats: &NatsServer, cluster: &ClusterId, stop: &CancellationTok
         cache_bytes: 0,
         ..FrontendConfig::default()
     }));
-    let applied = Arc::new(Mutex::new(Vec::new()));
-    {
-        let (applied, mut generations, stop) = (applied.clone(), proxy.applied(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    changed = generations.changed() => if changed.is_err() { return },
-                }
-                let generation = *generations.borrow_and_update();
-                if let Ok(mut log) = applied.lock() {
-                    log.push((generation, Instant::now()));
-                }
-            }
-        });
-    }
+    let applied = applied_log(&proxy, stop);
     // The bench's connection is not watched for reconnections: none
     // are expected in a run.
     let (_, connected) = tokio::sync::watch::channel(0);
@@ -92,6 +84,25 @@ async fn follower(nats: &NatsServer, cluster: &ClusterId, stop: &CancellationTok
     Follower { applied, proxy }
 }
 
+/// When `proxy` swapped in each generation, until `stop`.
+fn applied_log(proxy: &Proxy, stop: &CancellationToken) -> Arc<Mutex<Vec<(u64, Instant)>>> {
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let (log, mut generations, stop) = (applied.clone(), proxy.applied(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                changed = generations.changed() => if changed.is_err() { return },
+            }
+            let generation = *generations.borrow_and_update();
+            if let Ok(mut log) = log.lock() {
+                log.push((generation, Instant::now()));
+            }
+        }
+    });
+    applied
+}
+
 impl Follower {
     fn applied_at(&self, generation: u64) -> Option<Instant> {
         self.applied
@@ -103,59 +114,97 @@ impl Follower {
     }
 }
 
-async fn decision_to_frontends(frontends: usize, trials: usize) {
-    let nats = NatsServer::start().await.expect("nats-server");
-    let client = nats.client().await.expect("connect");
-    let js = async_nats::jetstream::new(client.clone());
-    let stop = CancellationToken::new();
-    let mut config = nats.config();
-    config.allocator.instance = "bench".to_owned();
-    tokio::spawn(headroom_allocator::run(
-        config,
-        nats.client().await.expect("connect"),
-        Ops::new("headroom-allocator"),
-        stop.clone(),
-    ));
-    for i in 0..=trials {
-        let register = RegisterServer {
-            v: SCHEMA_VERSION,
-            id: headroom_shared::ServerId::new(format!("s{i}")).expect("id"),
-            address: "127.0.0.1".to_owned(),
-            port: 9,
-            request_types: Vec::new(),
-        };
-        eventually(WAIT, || async {
-            bus::admin::<_, headroom_shared::records::ServerRecord>(
-                &client,
-                subjects::admin::POOL_REGISTER,
-                &register,
-            )
+/// A nats-server, an allocator, `trials + 1` servers in the pool, and
+/// cluster `bench` with one member and room for `trials` more.
+struct Bench {
+    nats: NatsServer,
+    js: async_nats::jetstream::Context,
+    cluster: ClusterId,
+    stop: CancellationToken,
+}
+
+impl Bench {
+    async fn start(trials: usize) -> Self {
+        let nats = NatsServer::start().await.expect("nats-server");
+        let client = nats.client().await.expect("connect");
+        let js = async_nats::jetstream::new(client.clone());
+        let stop = CancellationToken::new();
+        let mut config = nats.config();
+        config.allocator.instance = "bench".to_owned();
+        tokio::spawn(headroom_allocator::run(
+            config,
+            nats.client().await.expect("connect"),
+            Ops::new("headroom-allocator"),
+            stop.clone(),
+        ));
+        for i in 0..=trials {
+            let register = RegisterServer {
+                v: SCHEMA_VERSION,
+                id: headroom_shared::ServerId::new(format!("s{i}")).expect("id"),
+                address: "127.0.0.1".to_owned(),
+                port: 9,
+                request_types: Vec::new(),
+            };
+            eventually(WAIT, || async {
+                bus::admin::<_, headroom_shared::records::ServerRecord>(
+                    &client,
+                    subjects::admin::POOL_REGISTER,
+                    &register,
+                )
+                .await
+                .ok()
+            })
             .await
-            .ok()
-        })
+            .expect("registered");
+        }
+        let cluster = ClusterId::new("bench").expect("id");
+        let policy = ClusterPolicy {
+            min_size: 1,
+            max_size: u32::try_from(trials + 1).unwrap_or(u32::MAX),
+            ..ClusterPolicy::default()
+        };
+        let _: ClusterRecord = bus::admin(
+            &client,
+            subjects::admin::CLUSTER_PUT,
+            &PutCluster {
+                v: SCHEMA_VERSION,
+                id: cluster.clone(),
+                policy,
+            },
+        )
         .await
-        .expect("registered");
+        .expect("cluster");
+        Self {
+            nats,
+            js,
+            cluster,
+            stop,
+        }
     }
-    let cluster = ClusterId::new("bench").expect("id");
-    let policy = ClusterPolicy {
-        min_size: 1,
-        max_size: u32::try_from(trials + 1).unwrap_or(u32::MAX),
-        ..ClusterPolicy::default()
-    };
-    let _: ClusterRecord = bus::admin(
-        &client,
-        subjects::admin::CLUSTER_PUT,
-        &PutCluster {
-            v: SCHEMA_VERSION,
-            id: cluster.clone(),
-            policy,
-        },
-    )
-    .await
-    .expect("cluster");
+
+    /// Asks for one more member, as the monitor does.
+    async fn allocate(&self) -> ReconfigRequest {
+        let request = ReconfigRequest::new(
+            self.cluster.clone(),
+            ReconfigAction::Allocate {
+                count: 1,
+                request_type: None,
+            },
+            "bench",
+        );
+        bus::request_reconfig(&self.js, &request)
+            .await
+            .expect("sent");
+        request
+    }
+}
+
+async fn decision_to_frontends(frontends: usize, trials: usize) {
+    let bench = Bench::start(trials).await;
+    let (nats, js, cluster, stop) = (&bench.nats, &bench.js, &bench.cluster, &bench.stop);
     let mut followers = Vec::new();
     for _ in 0..frontends {
-        followers.push(follower(&nats, &cluster, &stop).await);
+        followers.push(follower(nats, cluster, stop).await);
     }
     let bucket = js.get_key_value(CLUSTERS_BUCKET).await.expect("bucket");
     let active = |record: &ClusterRecord| {
@@ -185,16 +234,8 @@ async fn decision_to_frontends(frontends: usize, trials: usize) {
     let cpu_before = (cpu_seconds(None), cpu_seconds(nats.pid()));
     for trial in 0..trials {
         let before = active(&current().await.expect("record"));
-        let request = ReconfigRequest::new(
-            cluster.clone(),
-            ReconfigAction::Allocate {
-                count: 1,
-                request_type: None,
-            },
-            "bench",
-        );
         let decided = Instant::now();
-        bus::request_reconfig(&js, &request).await.expect("sent");
+        bench.allocate().await;
         // The change in KV: the record where the new member is active.
         let (generation, in_kv) = loop {
             let entry = tokio::time::timeout(WAIT, watch.next())
@@ -246,6 +287,96 @@ async fn decision_to_frontends(frontends: usize, trials: usize) {
         .sum();
     println!("  KV reads to resynchronise, all front-ends together: {resyncs}");
     stop.cancel();
+}
+
+/// Real front-ends (in this process, one worker each), each saying the
+/// generation it applied as it does in production; the allocator
+/// confirms a change when every one of them routes by it.
+async fn decision_to_confirmed(frontends: usize, trials: usize) {
+    let bench = Bench::start(trials).await;
+    let mut followers = Vec::new();
+    for n in 0..frontends {
+        let mut config = bench.nats.config();
+        config.frontend = FrontendConfig {
+            instance: format!("fe-{n}"),
+            cluster: bench.cluster.to_string(),
+            listen: "127.0.0.1:0".to_owned(),
+            workers: 1,
+            pin_workers: false,
+            cache_bytes: 0,
+            ..FrontendConfig::default()
+        };
+        let frontend = Frontend::bind(config).await.expect("front-end binds");
+        let proxy = frontend.proxy();
+        let applied = applied_log(&proxy, &bench.stop);
+        followers.push(Follower { applied, proxy });
+        tokio::spawn(frontend.serve(bench.stop.clone()));
+    }
+    let requests = eventually(WAIT, || async {
+        bench.js.get_key_value(REQUESTS_BUCKET).await.ok()
+    })
+    .await
+    .expect("the requests bucket");
+    let mut confirmations = requests
+        .watch(format!("{}>", RequestConfirmed::PREFIX))
+        .await
+        .expect("watch");
+    // The first member's, once the allocator has listened for the
+    // front-ends (three report intervals).
+    let (first, _) = confirmation(&mut confirmations).await;
+    assert_eq!(first.frontends.len(), frontends, "{first:?}");
+    let (mut to_applied, mut applied_to_confirmed, mut to_confirmed, mut stamped) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for trial in 0..trials {
+        let decided = Instant::now();
+        let request = bench.allocate().await;
+        let (confirmed, seen) = confirmation(&mut confirmations).await;
+        assert_eq!(
+            confirmed.id, request.id,
+            "trial {trial}: one change at a time"
+        );
+        let applied = followers
+            .iter()
+            .map(|f| f.applied_at(confirmed.generation))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_else(|| {
+                panic!("trial {trial}: confirmed before every front-end applied it")
+            });
+        let last = applied.iter().max().copied().unwrap_or(seen);
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        to_applied.push(ms(last.duration_since(decided)));
+        applied_to_confirmed.push(ms(seen.saturating_duration_since(last)));
+        to_confirmed.push(ms(seen.duration_since(decided)));
+        stamped.push(confirmed.waited_ms().unwrap_or(0) as f64);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "decision -> confirmed by every front-end, {frontends} real front-end(s), {trials} allocations:"
+    );
+    row("decision -> every front-end applied", &mut to_applied);
+    row(
+        "last applied -> confirmation seen",
+        &mut applied_to_confirmed,
+    );
+    row("decision -> confirmation seen", &mut to_confirmed);
+    row("decision -> confirmed (allocator's stamps)", &mut stamped);
+    bench.stop.cancel();
+}
+
+/// The next confirmation the watch delivers, and when it came.
+async fn confirmation(
+    confirmations: &mut async_nats::jetstream::kv::Watch,
+) -> (RequestConfirmed, Instant) {
+    loop {
+        let entry = tokio::time::timeout(WAIT, confirmations.next())
+            .await
+            .expect("a confirmation in time")
+            .expect("watch open")
+            .expect("entry");
+        if let Ok(confirmed) = Codec::MsgPack.decode::<RequestConfirmed>(&entry.value) {
+            return (confirmed, Instant::now());
+        }
+    }
 }
 
 /// What the audit log said, with when it was said.
@@ -410,6 +541,11 @@ fn main() {
     headroom_shared::telemetry::init_for_tests();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let trials = env_usize("BENCH_TRIALS", 50);
+    let confirming: Vec<usize> = std::env::var("BENCH_CONFIRMING")
+        .unwrap_or_else(|_| "1,10".to_owned())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
     let crossings = env_usize("BENCH_CROSSINGS", 5);
     let frontends: Vec<usize> = std::env::var("BENCH_FRONTENDS")
         .unwrap_or_else(|_| "1,100,1000".to_owned())
@@ -419,6 +555,9 @@ fn main() {
     runtime.block_on(async {
         for n in frontends {
             decision_to_frontends(n, trials).await;
+        }
+        for n in confirming {
+            decision_to_confirmed(n, trials).await;
         }
         if crossings > 0 {
             crossing_to_first_request(crossings).await;

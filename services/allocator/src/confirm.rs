@@ -177,15 +177,36 @@ impl Confirmer {
     }
 
     /// Confirms what every live front-end follows, and names once those
-    /// behind past the deadline.
+    /// behind past the deadline; first forgets the front-ends gone silent.
     pub fn due(&mut self, now: u64) -> Vec<Verdict> {
-        if now.saturating_sub(self.started_at) < self.listen_first_ms {
+        if self.listening(now) {
             return Vec::new();
         }
         self.drop_gone(now);
+        self.check(now, |_| true)
+    }
+
+    /// [`Confirmer::due`] for one cluster, at once on word from one of its
+    /// front-ends or a new record: a confirmation waits for no tick. The
+    /// silent are forgotten only at [`Confirmer::due`], whose sweep of
+    /// every front-end is too much for each message.
+    pub fn due_for(&mut self, cluster: &ClusterId, now: u64) -> Vec<Verdict> {
+        if self.listening(now) {
+            return Vec::new();
+        }
+        self.check(now, |c| c == cluster)
+    }
+
+    /// Until a while after starting nothing is confirmed: a front-end
+    /// not heard yet is not known to be gone.
+    fn listening(&self, now: u64) -> bool {
+        now.saturating_sub(self.started_at) < self.listen_first_ms
+    }
+
+    fn check(&mut self, now: u64, wanted: impl Fn(&ClusterId) -> bool) -> Vec<Verdict> {
         let mut verdicts = Vec::new();
         let mut confirmed = Vec::new();
-        for (request, p) in &mut self.pending {
+        for (request, p) in self.pending.iter_mut().filter(|(_, p)| wanted(&p.cluster)) {
             let live = self.frontends.get(&p.cluster);
             let of = |f: (&String, &Heard)| FrontendGeneration {
                 frontend: f.0.clone(),
@@ -287,9 +308,18 @@ pub async fn serve(
             Some(message) = applied.next() => {
                 if let Some(said) = read_applied(&allocator, &message) {
                     confirmer.heard(&said, now());
+                    for verdict in confirmer.due_for(&said.cluster, now()) {
+                        act(&allocator, verdict).await;
+                    }
                 }
             }
-            Some(entry) = clusters.next() => on_record(&mut confirmer, &entry, now()),
+            Some(entry) = clusters.next() => {
+                if let Some(cluster) = on_record(&mut confirmer, &entry, now()) {
+                    for verdict in confirmer.due_for(&cluster, now()) {
+                        act(&allocator, verdict).await;
+                    }
+                }
+            }
             _ = ticker.tick() => {
                 for verdict in confirmer.due(now()) {
                     act(&allocator, verdict).await;
@@ -318,18 +348,19 @@ fn read_applied(allocator: &Allocator, message: &async_nats::Message) -> Option<
     Some(said)
 }
 
-fn on_record(confirmer: &mut Confirmer, entry: &kv::Entry, now: u64) {
-    let cluster = ClusterId::new(entry.key.clone()).ok();
+/// Takes a cluster's record, or its deletion; the cluster, when it still
+/// has one.
+fn on_record(confirmer: &mut Confirmer, entry: &kv::Entry, now: u64) -> Option<ClusterId> {
+    let cluster = ClusterId::new(entry.key.clone()).ok()?;
     if entry.operation != kv::Operation::Put {
-        if let Some(cluster) = cluster {
-            confirmer.forget(&cluster);
-        }
-        return;
+        confirmer.forget(&cluster);
+        return None;
     }
     match Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
         Ok(record) => confirmer.record(&record, now, now_ms()),
         Err(err) => debug!(%err, key = %entry.key, "cluster record not read for confirmation"),
     }
+    Some(cluster)
 }
 
 /// Records a confirmation once and logs it, or logs a laggard.
@@ -535,7 +566,12 @@ mod tests {
         c.heard(&said("fe-1", 5), 3_100);
         assert!(confirmed(&c.due(3_100)).is_empty(), "fe-2 is behind");
         c.heard(&said("fe-2", 6), 3_200);
-        let verdicts = c.due(3_200);
+        let other = ClusterId::new("api").expect("id");
+        assert!(
+            c.due_for(&other, 3_200).is_empty(),
+            "another cluster's word"
+        );
+        let verdicts = c.due_for(&cluster(), 3_200);
         assert_eq!(confirmed(&verdicts), ["up"]);
         let Verdict::Confirmed {
             frontends,
