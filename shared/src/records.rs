@@ -72,6 +72,10 @@ pub struct ServerRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_cluster: Option<ClusterId>,
     pub updated_ms: u64,
+    /// It registered itself (its agent, on its own subject): a drain of it
+    /// ends only once its agent, too, has seen nothing in flight.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agent: bool,
 }
 message!(ServerRecord, "server_record");
 
@@ -94,6 +98,7 @@ impl ServerRecord {
             last_request: None,
             last_cluster: None,
             updated_ms: now_ms,
+            agent: false,
         }
     }
 

@@ -301,8 +301,27 @@ pub struct FrontendApplied {
     /// How often it says so.
     pub interval_ms: u32,
     pub at_ms: u64,
+    /// What it still has open with each member its table has as draining:
+    /// the evidence a drain ends on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<DrainingMember>,
 }
 message!(FrontendApplied, "frontend_applied");
+
+/// One front-end's open work with a draining member. Draining members get
+/// no new requests; those already sent still count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainingMember {
+    pub server: ServerId,
+    /// Requests in flight to it, WebSocket tunnels among them.
+    pub in_flight: u32,
+    /// Of those, open WebSocket tunnels.
+    #[serde(default)]
+    pub tunnels: u32,
+    /// Answers it has had from it, ever: unchanged over a report interval
+    /// with nothing in flight, nothing reached it in that interval.
+    pub answered: u64,
+}
 
 impl MembershipChange {
     pub fn of(record: &ClusterRecord, revision: u64, cause: Option<RequestId>) -> Self {
@@ -699,6 +718,12 @@ mod tests {
             generation: 7,
             interval_ms: 1000,
             at_ms: 12,
+            draining: vec![DrainingMember {
+                server: ServerId::new("s1").expect("id"),
+                in_flight: 2,
+                tunnels: 1,
+                answered: 40,
+            }],
         });
         for assignment in [
             Assignment::Allocated,
@@ -766,6 +791,7 @@ mod tests {
                     last_request: None,
                     last_cluster: Some(cluster()),
                     updated_ms: 2,
+                    agent: false,
                 },
                 ServerRecord {
                     v: 1,
@@ -777,6 +803,7 @@ mod tests {
                     last_request: Some(RequestId::random()),
                     last_cluster: None,
                     updated_ms: 2,
+                    agent: false,
                 },
             ],
         });

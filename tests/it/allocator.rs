@@ -910,13 +910,16 @@ async fn a_redelivered_allocation_counts_its_joins_not_its_servers() {
     ops.finish_drain(&cid("web"), &gone, "test")
         .await
         .expect("drained");
-    ops.register(&RegisterServer {
-        v: SCHEMA_VERSION,
-        id: spare.clone(),
-        address: "10.0.0.3".into(),
-        port: 8080,
-        request_types: vec![],
-    })
+    ops.register(
+        &RegisterServer {
+            v: SCHEMA_VERSION,
+            id: spare.clone(),
+            address: "10.0.0.3".into(),
+            port: 8080,
+            request_types: vec![],
+        },
+        false,
+    )
     .await
     .expect("back in the pool");
 
@@ -1065,13 +1068,16 @@ async fn a_stale_view_never_assigns_a_server_twice() {
 
     // Two current views racing for one server: one winner, one clean miss.
     let ops = fresh;
-    ops.register(&RegisterServer {
-        v: SCHEMA_VERSION,
-        id: sid("one"),
-        address: "10.0.0.9".into(),
-        port: 8080,
-        request_types: vec![],
-    })
+    ops.register(
+        &RegisterServer {
+            v: SCHEMA_VERSION,
+            id: sid("one"),
+            address: "10.0.0.9".into(),
+            port: 8080,
+            request_types: vec![],
+        },
+        false,
+    )
     .await
     .expect("registered");
     let (other, _following) = bare_allocator_following(&stack.nats).await;

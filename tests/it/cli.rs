@@ -77,6 +77,7 @@ async fn status_pool_and_drain_print_what_kv_holds() {
                         generation,
                         interval_ms: 100,
                         at_ms: 1,
+                        draining: Vec::new(),
                     };
                     let subject = subjects::frontend_applied(&cid("web"), frontend);
                     let _ = headroom_shared::bus::publish(&client, subject, &said).await;

@@ -226,7 +226,7 @@ async fn register_own(
             format!("a registration of {} on {sent_to}", reg.id),
         ))));
     }
-    reply(codec, &allocator.register(&reg).await?)
+    reply(codec, &allocator.register(&reg, true).await?)
 }
 
 /// Answers a request to endpoint `subject` (sent to `sent_to`, which names
@@ -251,7 +251,7 @@ async fn dispatch(
         }
         admin::POOL_REGISTER => {
             let reg: RegisterServer = codec.decode(body)?;
-            reply(codec, &allocator.register(&reg).await?)
+            reply(codec, &allocator.register(&reg, false).await?)
         }
         // An agent's: its user may publish here for its own server only,
         // so a body that names another is forged.

@@ -25,8 +25,8 @@ use headroom_shared::ledger::{FrontendGeneration, RequestConfirmed};
 use headroom_shared::records::{ClusterRecord, MemberState};
 use headroom_shared::subjects;
 use headroom_shared::time::now_ms;
-use headroom_shared::wire::{EventKind, FrontendApplied};
-use headroom_shared::{ClusterId, RequestId, SCHEMA_VERSION};
+use headroom_shared::wire::{DrainingMember, EventKind, FrontendApplied};
+use headroom_shared::{ClusterId, RequestId, ServerId, SCHEMA_VERSION};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -40,6 +40,10 @@ const GONE_AFTER_INTERVALS: u64 = 3;
 /// replayed) are not confirmed again: whatever confirmed them has.
 const TRACK_WINDOW_MS: u64 = 10 * 60 * 1000;
 
+/// How long an agent's word that its server is drained is kept for a
+/// drain this instance has not read yet.
+const AGENT_WORD_KEPT_MS: u64 = 60_000;
+
 /// How often waiting changes are looked at.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -49,6 +53,8 @@ struct Heard {
     generation: u64,
     interval_ms: u64,
     at: u64,
+    /// What it still had open with each member it has as draining.
+    draining: Vec<DrainingMember>,
 }
 
 /// A change waiting for the front-ends.
@@ -81,6 +87,66 @@ pub enum Verdict {
     },
 }
 
+/// One live front-end's open work with a draining member.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenWork {
+    pub frontend: String,
+    pub in_flight: u32,
+    pub tunnels: u32,
+    /// Nothing answered by the member for one report interval.
+    pub quiet: bool,
+}
+
+/// What is known of a drain's progress: the evidence it ends on, or the
+/// work it cut when it ends on its deadline.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DrainEvidence {
+    pub frontends: Vec<OpenWork>,
+    /// Live front-ends that do not have it as draining yet: they may still
+    /// send it requests.
+    pub routing: Vec<String>,
+    pub agent_drained: bool,
+}
+
+impl DrainEvidence {
+    /// Every live front-end has it as draining, has nothing open with it,
+    /// and has had nothing from it for an interval.
+    pub fn proven(&self) -> bool {
+        self.routing.is_empty()
+            && self
+                .frontends
+                .iter()
+                .all(|f| f.in_flight == 0 && f.tunnels == 0 && f.quiet)
+    }
+
+    /// For the audit log.
+    pub fn describe(&self) -> String {
+        let mut parts: Vec<String> = self
+            .frontends
+            .iter()
+            .map(|f| {
+                let mut said = format!("{} {} in flight", f.frontend, f.in_flight);
+                if f.tunnels > 0 {
+                    said.push_str(&format!(" ({} WebSocket tunnels)", f.tunnels));
+                }
+                said
+            })
+            .collect();
+        if !self.routing.is_empty() {
+            parts.push(format!("still routing to it: {}", self.routing.join(", ")));
+        }
+        if parts.is_empty() {
+            parts.push("no front-end live".to_owned());
+        }
+        let agent = if self.agent_drained {
+            "its agent saw nothing in flight"
+        } else {
+            "its agent had not said it was idle"
+        };
+        format!("{}; {agent}", parts.join(", "))
+    }
+}
+
 /// Which changes every live front-end follows: the state, fed with what is
 /// heard and read, asked at each tick. Times are milliseconds of one
 /// monotonic clock, so that tests can drive it.
@@ -96,6 +162,16 @@ pub struct Confirmer {
     /// not heard yet is not known to be gone.
     listen_first_ms: u64,
     deadline_ms: u64,
+    /// Members being drained, by server: their cluster.
+    draining: HashMap<ServerId, ClusterId>,
+    /// Per (front-end, draining member): its answer count, and since when
+    /// it has stood still.
+    quiet: HashMap<(String, ServerId), (u64, u64)>,
+    /// Servers whose agent said nothing is in flight on its drain, and
+    /// when: its word may come before this instance reads the record that
+    /// drains it.
+    agent_drained: HashMap<ServerId, u64>,
+    epoch: Instant,
 }
 
 impl Confirmer {
@@ -107,7 +183,25 @@ impl Confirmer {
             started_at: now,
             listen_first_ms: millis(listen_first),
             deadline_ms: millis(deadline),
+            draining: HashMap::new(),
+            quiet: HashMap::new(),
+            agent_drained: HashMap::new(),
+            epoch: Instant::now(),
         }
+    }
+
+    /// Milliseconds of this instance's monotonic clock, the one `now` is
+    /// in when live.
+    pub fn now(&self) -> u64 {
+        millis(self.epoch.elapsed())
+    }
+
+    /// Starts listening afresh at `now` with these timings (the serve loop,
+    /// as it starts).
+    pub fn start(&mut self, now: u64, listen_first: Duration, deadline: Duration) {
+        self.started_at = now;
+        self.listen_first_ms = millis(listen_first);
+        self.deadline_ms = millis(deadline);
     }
 
     /// A front-end said which generation it routes by.
@@ -116,7 +210,17 @@ impl Confirmer {
             generation: said.generation,
             interval_ms: u64::from(said.interval_ms.max(1)),
             at: now,
+            draining: said.draining.clone(),
         };
+        for open in &said.draining {
+            let key = (said.frontend.clone(), open.server.clone());
+            match self.quiet.get_mut(&key) {
+                Some(quiet) if quiet.0 == open.answered => {}
+                _ => {
+                    self.quiet.insert(key, (open.answered, now));
+                }
+            }
+        }
         self.frontends
             .entry(said.cluster.clone())
             .or_default()
@@ -144,6 +248,20 @@ impl Confirmer {
                 _ => {}
             }
         }
+        self.draining.retain(|_, c| c != &record.id);
+        for m in &record.members {
+            if m.state == MemberState::Draining {
+                self.draining.insert(m.server.clone(), record.id.clone());
+            } else {
+                // A join after its drain: that word was of the last one.
+                self.agent_drained.remove(&m.server);
+            }
+        }
+        let draining = &self.draining;
+        self.agent_drained.retain(|s, at| {
+            draining.contains_key(s) || now.saturating_sub(*at) < AGENT_WORD_KEPT_MS
+        });
+        self.quiet.retain(|(_, s), _| draining.contains_key(s));
         let done = self.done.entry(record.id.clone()).or_default();
         // What the record no longer shows cannot come back.
         let shown: HashSet<&RequestId> = record
@@ -172,6 +290,7 @@ impl Confirmer {
     /// A cluster was deleted: nothing of it waits.
     pub fn forget(&mut self, cluster: &ClusterId) {
         self.pending.retain(|_, p| &p.cluster != cluster);
+        self.draining.retain(|_, c| c != cluster);
         self.done.remove(cluster);
         self.frontends.remove(cluster);
     }
@@ -266,6 +385,61 @@ impl Confirmer {
         }
     }
 
+    /// A draining server's agent said nothing is in flight there.
+    pub fn agent_drained(&mut self, server: &ServerId, now: u64) {
+        self.agent_drained.insert(server.clone(), now);
+    }
+
+    /// What the live front-ends of `cluster` have open with `server`.
+    pub fn drain_evidence(
+        &self,
+        cluster: &ClusterId,
+        server: &ServerId,
+        now: u64,
+    ) -> DrainEvidence {
+        let mut evidence = DrainEvidence {
+            agent_drained: self.agent_drained.contains_key(server),
+            ..DrainEvidence::default()
+        };
+        for (name, heard) in self.frontends.get(cluster).into_iter().flatten() {
+            let Some(open) = heard.draining.iter().find(|d| &d.server == server) else {
+                // Still routing to it, or not yet told: not proven.
+                evidence.routing.push(name.clone());
+                continue;
+            };
+            let quiet_ms = self
+                .quiet
+                .get(&(name.clone(), server.clone()))
+                .map_or(0, |(_, since)| now.saturating_sub(*since));
+            evidence.frontends.push(OpenWork {
+                frontend: name.clone(),
+                in_flight: open.in_flight,
+                tunnels: open.tunnels,
+                quiet: quiet_ms >= heard.interval_ms,
+            });
+        }
+        evidence
+    }
+
+    /// Drains that every live front-end proves over (nothing in flight,
+    /// nothing answered for one of its report intervals) and, for a server
+    /// with an agent (`has_agent`), its agent too: each with what proved it.
+    pub fn drains_due(
+        &self,
+        now: u64,
+        has_agent: impl Fn(&ServerId) -> bool,
+    ) -> Vec<(ClusterId, ServerId, DrainEvidence)> {
+        if self.listening(now) {
+            return Vec::new();
+        }
+        self.draining
+            .iter()
+            .map(|(server, cluster)| (cluster, server, self.drain_evidence(cluster, server, now)))
+            .filter(|(_, server, e)| e.proven() && (e.agent_drained || !has_agent(server)))
+            .map(|(c, s, e)| (c.clone(), s.clone(), e))
+            .collect()
+    }
+
     /// How many changes wait.
     pub fn waiting(&self) -> usize {
         self.pending.len()
@@ -297,34 +471,58 @@ pub async fn serve(
         ">".to_owned(),
         stop.clone(),
     ));
-    let clock = Instant::now();
-    let now = || millis(clock.elapsed());
-    let mut confirmer = Confirmer::new(now(), listen_first, deadline);
+    {
+        let mut view = allocator.data_plane();
+        let now = view.now();
+        view.start(now, listen_first, deadline);
+    }
+    // The lock is held for each step, never across an await.
+    let with = |f: &mut dyn FnMut(&mut Confirmer, u64) -> Vec<Verdict>| {
+        let mut view = allocator.data_plane();
+        let now = view.now();
+        f(&mut view, now)
+    };
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let verdicts = tokio::select! {
             () = stop.cancelled() => return Ok("confirmations"),
-            Some(message) = applied.next() => {
-                if let Some(said) = read_applied(&allocator, &message) {
-                    confirmer.heard(&said, now());
-                    for verdict in confirmer.due_for(&said.cluster, now()) {
-                        act(&allocator, verdict).await;
-                    }
+            Some(message) = applied.next() => match read_applied(&allocator, &message) {
+                Some(said) => with(&mut |c, now| {
+                    c.heard(&said, now);
+                    c.due_for(&said.cluster, now)
+                }),
+                None => continue,
+            },
+            Some(entry) = clusters.next() => with(&mut |c, now| {
+                match on_record(c, &entry, now) {
+                    Some(cluster) => c.due_for(&cluster, now),
+                    None => Vec::new(),
                 }
-            }
-            Some(entry) = clusters.next() => {
-                if let Some(cluster) = on_record(&mut confirmer, &entry, now()) {
-                    for verdict in confirmer.due_for(&cluster, now()) {
-                        act(&allocator, verdict).await;
-                    }
-                }
-            }
+            }),
             _ = ticker.tick() => {
-                for verdict in confirmer.due(now()) {
-                    act(&allocator, verdict).await;
-                }
+                finish_proven_drains(&allocator).await;
+                with(&mut |c, now| c.due(now))
             }
+        };
+        for verdict in verdicts {
+            act(&allocator, verdict).await;
+        }
+    }
+}
+
+/// Ends each drain its evidence proves over: every live front-end has
+/// nothing open with the member, and its agent (where it has one) agrees.
+async fn finish_proven_drains(allocator: &Allocator) {
+    let due = {
+        let view = allocator.data_plane();
+        let has_agent = |s: &ServerId| allocator.pool.get(s).is_some_and(|r| r.value.agent);
+        view.drains_due(view.now(), has_agent)
+    };
+    for (cluster, server, evidence) in due {
+        let why = format!("drained: {}", evidence.describe());
+        if let Err(err) = allocator.finish_drain(&cluster, &server, &why).await {
+            warn!(%err, %cluster, %server, "could not finish a proven drain");
         }
     }
 }
@@ -520,6 +718,7 @@ mod tests {
             generation,
             interval_ms: 1_000,
             at_ms: 0,
+            draining: Vec::new(),
         }
     }
 

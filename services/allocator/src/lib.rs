@@ -319,9 +319,12 @@ async fn on_status(allocator: &Allocator, status: &ServerStatus) -> Result<(), o
     };
     match (&status.status, &record.value.state) {
         (ServerStatusKind::Drained, ServerState::Draining { cluster, .. }) => {
-            allocator
-                .finish_drain(cluster, &status.server, "server reported drained")
-                .await?;
+            // Its word is half the proof: the drain ends once every live
+            // front-end has nothing open with it either (confirm.rs).
+            let mut view = allocator.data_plane();
+            let now = view.now();
+            view.agent_drained(&status.server, now);
+            info!(server = %status.server, %cluster, "its agent sees nothing in flight");
         }
         (ServerStatusKind::Failed { reason }, ServerState::Allocated { cluster }) => {
             warn!(server = %status.server, %reason, "server reported failed; replacing");

@@ -238,6 +238,7 @@ mod tests {
             last_request: None,
             last_cluster: None,
             updated_ms: 0,
+            agent: false,
         }
     }
     fn cluster(id: &str, types: &[&str]) -> ClusterRecord {

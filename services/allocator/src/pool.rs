@@ -374,6 +374,7 @@ mod tests {
             last_request: None,
             last_cluster: last.map(|c| ClusterId::new(c).expect("id")),
             updated_ms: 0,
+            agent: false,
         }
     }
 

@@ -42,7 +42,7 @@ use headroom_shared::bus;
 use headroom_shared::config::Config;
 use headroom_shared::ops::Ops;
 use headroom_shared::time::now_ms;
-use headroom_shared::wire::{FrontendApplied, PerformanceReport, ReportSource};
+use headroom_shared::wire::{DrainingMember, FrontendApplied, PerformanceReport, ReportSource};
 use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
@@ -391,24 +391,36 @@ async fn control_plane(
     }
 }
 
-/// Says which membership generation it routes by, on its applied subject.
+/// Says which membership generation it routes by, and what it still has
+/// open with each draining member, on its applied subject.
 async fn say_applied(
     client: &async_nats::Client,
     cluster: &ClusterId,
     instance: &str,
-    generation: u64,
+    proxy: &Proxy,
     interval_ms: u32,
 ) {
-    if generation == 0 {
+    let Some(table) = proxy.table.load_full() else {
         return; // no table yet
-    }
+    };
+    let draining = table
+        .draining
+        .iter()
+        .map(|b| DrainingMember {
+            server: b.server.clone(),
+            in_flight: b.in_flight.load(Ordering::Relaxed),
+            tunnels: b.tunnels.load(Ordering::Relaxed),
+            answered: b.requests.load(Ordering::Relaxed),
+        })
+        .collect();
     let said = FrontendApplied {
         v: SCHEMA_VERSION,
         cluster: cluster.clone(),
         frontend: instance.to_owned(),
-        generation,
+        generation: table.generation,
         interval_ms,
         at_ms: now_ms(),
+        draining,
     };
     let subject = subjects::frontend_applied(cluster, instance);
     if let Err(err) = bus::publish(client, subject, &said).await {
@@ -442,13 +454,13 @@ async fn report_loop(
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
             Ok(()) = applied.changed() => {
-                let generation = *applied.borrow_and_update();
-                say_applied(&client, &cluster, &instance, generation, interval_ms).await;
+                applied.borrow_and_update();
+                say_applied(&client, &cluster, &instance, &proxy, interval_ms).await;
                 continue;
             }
         }
-        let generation = *applied.borrow_and_update();
-        say_applied(&client, &cluster, &instance, generation, interval_ms).await;
+        applied.borrow_and_update();
+        say_applied(&client, &cluster, &instance, &proxy, interval_ms).await;
         let at_ms = now_ms();
         let blank = |server: ServerId| {
             PerformanceReport::new(

@@ -685,6 +685,7 @@ fn tunnel(response: Response<UpstreamBody>, guard: InFlight) -> Response<ProxyBo
     let tunnel = Tunnel {
         member,
         early,
+        _open: TunnelOpen::start(guard.0.clone()),
         in_flight: guard,
     };
     Response::from_parts(parts, ProxyBody::Tunnel(tunnel))
@@ -710,6 +711,23 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts an open tunnel at a member until dropped: a drain that ends on
+/// its deadline names what it cut.
+pub struct TunnelOpen(Arc<Backend>);
+
+impl TunnelOpen {
+    fn start(backend: Arc<Backend>) -> Self {
+        backend.tunnels.fetch_add(1, Ordering::Relaxed);
+        Self(backend)
+    }
+}
+
+impl Drop for TunnelOpen {
+    fn drop(&mut self) {
+        self.0.tunnels.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What the proxy answers with: its own bytes (errors, cache hits) or a
 /// member's body, streamed, holding the member's in-flight count until done;
 /// or, with a `101`, no body but the member's connection.
@@ -731,6 +749,7 @@ pub struct Tunnel {
     /// What the member sent after its `101`, for the client.
     pub early: BytesMut,
     pub in_flight: InFlight,
+    pub _open: TunnelOpen,
 }
 
 impl ProxyBody {

@@ -31,6 +31,8 @@ pub struct Backend {
     /// `host:port`.
     pub authority: String,
     pub in_flight: AtomicU32,
+    /// Of those in flight, open WebSocket tunnels.
+    pub tunnels: AtomicU32,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub latency: Latency,
@@ -47,6 +49,7 @@ impl Backend {
             server,
             authority,
             in_flight: AtomicU32::new(0),
+            tunnels: AtomicU32::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             latency: Latency::default(),
@@ -125,6 +128,10 @@ pub struct Table {
     /// routes at all.
     everyone: Vec<Entry>,
     pub backends: Vec<Arc<Backend>>,
+    /// Members being drained: sent nothing new, but what is still open
+    /// with them is counted and reported, so that the drain ends on
+    /// evidence.
+    pub draining: Vec<Arc<Backend>>,
 }
 
 /// Which route a request took, as an index into the table.
@@ -135,6 +142,16 @@ impl Table {
     /// Builds the table for `record`, reusing the backends of `previous`
     /// (so counters and ejections survive the swap).
     pub fn build(record: &ClusterRecord, previous: &HashMap<ServerId, Arc<Backend>>) -> Self {
+        let reuse = |server: &ServerId, authority: String| match previous.get(server) {
+            Some(b) if b.authority == authority => b.clone(),
+            _ => Arc::new(Backend::new(server.clone(), authority)),
+        };
+        let draining = record
+            .members
+            .iter()
+            .filter(|m| m.state == MemberState::Draining)
+            .map(|m| reuse(&m.server, format!("{}:{}", m.address, m.port)))
+            .collect();
         let mut backends = Vec::new();
         let entries: Vec<(Entry, &[String])> = record
             .members
@@ -142,11 +159,7 @@ impl Table {
             // Draining and joining members get no new requests.
             .filter(|m| m.state == MemberState::Active)
             .map(|m| {
-                let authority = format!("{}:{}", m.address, m.port);
-                let backend = match previous.get(&m.server) {
-                    Some(b) if b.authority == authority => b.clone(),
-                    _ => Arc::new(Backend::new(m.server.clone(), authority)),
-                };
+                let backend = reuse(&m.server, format!("{}:{}", m.address, m.port));
                 backends.push(backend.clone());
                 (
                     Entry {
@@ -181,13 +194,16 @@ impl Table {
             routes,
             everyone: entries.into_iter().map(|(e, _)| e).collect(),
             backends,
+            draining,
         }
     }
 
-    /// The backends by server, to build the next table from.
+    /// The backends by server, draining ones too, to build the next table
+    /// from.
     pub fn backends_by_server(&self) -> HashMap<ServerId, Arc<Backend>> {
         self.backends
             .iter()
+            .chain(&self.draining)
             .map(|b| (b.server.clone(), b.clone()))
             .collect()
     }

@@ -526,6 +526,7 @@ async fn join(
         mut member,
         early,
         in_flight: _in_flight,
+        _open,
     } = tunnel;
     // What either side sent after its head, before the switch was through.
     if !from_client.is_empty() && member.write_all(&from_client).await.is_err() {

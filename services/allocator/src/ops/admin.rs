@@ -18,7 +18,11 @@ impl Allocator {
     /// # Errors
     /// [`OpError::Rejected`] when the server is in use with other
     /// connection info.
-    pub async fn register(&self, reg: &RegisterServer) -> Result<ServerRecord, OpError> {
+    pub async fn register(
+        &self,
+        reg: &RegisterServer,
+        by_agent: bool,
+    ) -> Result<ServerRecord, OpError> {
         if reg.address.trim().is_empty() || reg.port == 0 {
             return Err(reject(codes::INVALID, "address and port are required"));
         }
@@ -27,28 +31,40 @@ impl Allocator {
             let existing = self.server(&reg.id).await?;
             let (record, revision) = match existing {
                 None => (
-                    ServerRecord::new_free(
-                        reg.id.clone(),
-                        reg.address.clone(),
-                        reg.port,
-                        reg.request_types.clone(),
-                        now_ms(),
-                    ),
+                    ServerRecord {
+                        agent: by_agent,
+                        ..ServerRecord::new_free(
+                            reg.id.clone(),
+                            reg.address.clone(),
+                            reg.port,
+                            reg.request_types.clone(),
+                            now_ms(),
+                        )
+                    },
                     0,
                 ),
                 Some(current) => {
+                    // An agent once seen stays known: an operator's later
+                    // registration does not make its server agentless.
+                    let agent = current.value.agent || by_agent;
                     let same = current.value.address == reg.address
                         && current.value.port == reg.port
                         && current.value.request_types == reg.request_types;
-                    match current.value.state {
-                        ServerState::Free
-                        | ServerState::Allocated { .. }
-                        | ServerState::Draining { .. }
-                            if same =>
-                        {
+                    let in_use = current.value.state.cluster().is_some();
+                    match (same, current.value.agent == agent) {
+                        (true, true) if in_use || current.value.state == ServerState::Free => {
                             return Ok(Done(current.value))
                         }
-                        ServerState::Allocated { .. } | ServerState::Draining { .. } => {
+                        (true, false) if in_use => {
+                            // Only the agent is news: the state stays.
+                            let mut record = current.value.clone();
+                            record.agent = true;
+                            record.updated_ms = now_ms();
+                            self.put_server(&record, current.revision).await?;
+                            info!(server = %record.id, "its agent registered it");
+                            return Ok(Done(record));
+                        }
+                        (false, _) if in_use => {
                             return Err(reject(
                                 codes::SERVER_IN_USE,
                                 format!(
@@ -58,12 +74,13 @@ impl Allocator {
                                 ),
                             ))
                         }
-                        ServerState::Free | ServerState::OutOfService { .. } => {}
+                        _ => {}
                     }
                     let mut record = current.value.clone();
                     record.address = reg.address.clone();
                     record.port = reg.port;
                     record.request_types = reg.request_types.clone();
+                    record.agent = agent;
                     record.state = ServerState::Free;
                     record.updated_ms = now_ms();
                     (record, current.revision)

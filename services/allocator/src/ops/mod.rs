@@ -257,6 +257,8 @@ pub struct Allocator {
     client: async_nats::Client,
     instance: String,
     pub metrics: Arc<Metrics>,
+    /// What the front-ends and agents have said of changes and drains.
+    data_plane: std::sync::Mutex<crate::confirm::Confirmer>,
 }
 
 async fn backoff(attempt: u32) {
@@ -282,7 +284,19 @@ impl Allocator {
             client,
             instance,
             metrics: Arc::default(),
+            data_plane: std::sync::Mutex::new(crate::confirm::Confirmer::new(
+                0,
+                Duration::ZERO,
+                Duration::MAX,
+            )),
         }
+    }
+
+    /// What the front-ends and agents have said (see [`crate::confirm`]).
+    pub(crate) fn data_plane(&self) -> std::sync::MutexGuard<'_, crate::confirm::Confirmer> {
+        // Its state is a cache of what was heard: a panic elsewhere does
+        // not make it wrong.
+        self.data_plane.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn instance(&self) -> &str {

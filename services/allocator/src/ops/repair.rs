@@ -77,7 +77,16 @@ impl Allocator {
                 true
             }
             Repair::FinishDrain { cluster, server } => {
-                return self.finish_drain(cluster, server, "drain deadline").await;
+                // Ended by the timer, not by evidence: say what it cut.
+                let evidence = {
+                    let view = self.data_plane();
+                    view.drain_evidence(cluster, server, view.now())
+                };
+                let why = format!(
+                    "forced at its drain deadline; open then: {}",
+                    evidence.describe()
+                );
+                return self.finish_drain(cluster, server, &why).await;
             }
             Repair::FreeOrphan { server: s } => {
                 match server.as_ref().and_then(|r| r.state.cluster()) {
