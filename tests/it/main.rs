@@ -9,6 +9,7 @@ mod common;
 mod confirm;
 mod crash;
 mod demo;
+mod drain;
 mod evaluate;
 mod frontend;
 mod health;

@@ -837,6 +837,76 @@ mod tests {
         );
     }
 
+    fn open(
+        frontend: &str,
+        generation: u64,
+        server: &str,
+        in_flight: u32,
+        answered: u64,
+    ) -> FrontendApplied {
+        FrontendApplied {
+            draining: vec![DrainingMember {
+                server: ServerId::new(server).expect("id"),
+                in_flight,
+                tunnels: 0,
+                answered,
+            }],
+            ..said(frontend, generation)
+        }
+    }
+
+    #[test]
+    fn a_drain_ends_when_every_live_front_end_and_the_agent_prove_it_idle() {
+        let s2 = ServerId::new("s2").expect("id");
+        let mut draining = member("s2", MemberState::Draining, "up", WALL);
+        draining.drain_request = Some(request("down"));
+        let members = vec![member("s1", MemberState::Active, "up-1", WALL), draining];
+        let mut c = confirmer();
+        c.record(&record(9, members), 0, WALL);
+        let with_agent = |_: &ServerId| true;
+        let without = |_: &ServerId| false;
+        // fe-2 has not applied the drain: it may still send s2 requests.
+        c.heard(&open("fe-1", 9, "s2", 2, 10), 3_000);
+        c.heard(&said("fe-2", 8), 3_000);
+        assert!(c.drains_due(3_000, without).is_empty());
+        let evidence = c.drain_evidence(&cluster(), &s2, 3_000);
+        assert_eq!(evidence.routing, ["fe-2"]);
+        assert!(
+            evidence.describe().contains("fe-1 2 in flight"),
+            "{}",
+            evidence.describe()
+        );
+        // Both have it as draining; fe-1's last two requests finish at 3.5 s.
+        c.heard(&open("fe-2", 9, "s2", 0, 4), 3_200);
+        c.heard(&open("fe-1", 9, "s2", 0, 12), 3_500);
+        assert!(
+            c.drains_due(4_000, without).is_empty(),
+            "fe-1 answered within the interval"
+        );
+        c.heard(&open("fe-1", 9, "s2", 0, 12), 4_500);
+        c.heard(&open("fe-2", 9, "s2", 0, 4), 4_500);
+        let due = c.drains_due(4_500, without);
+        assert_eq!(due.len(), 1, "quiet for an interval, nothing open: {due:?}");
+        assert!(due[0].2.proven());
+        // With an agent, its word is wanted too.
+        assert!(c.drains_due(4_500, with_agent).is_empty());
+        c.agent_drained(&s2, 4_600);
+        let due = c.drains_due(4_600, with_agent);
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert!(due[0]
+            .2
+            .describe()
+            .contains("its agent saw nothing in flight"));
+        // Gone back to active (a new join): the old word does not count.
+        c.record(
+            &record(10, vec![member("s2", MemberState::Active, "up-2", WALL)]),
+            4_700,
+            WALL,
+        );
+        assert!(c.drains_due(4_700, with_agent).is_empty());
+        assert!(!c.drain_evidence(&cluster(), &s2, 4_700).agent_drained);
+    }
+
     #[test]
     fn a_drain_waits_for_its_generation_and_old_changes_are_left_alone() {
         let mut c = confirmer();
