@@ -201,3 +201,116 @@ async fn a_member_whose_requests_never_end_is_released_on_its_deadline_as_forced
     }
     site.shutdown.cancel();
 }
+
+/// A member that answers every request with a switch to WebSocket and then
+/// echoes: each connection to it is a tunnel for as long as it is open.
+async fn tunnel_member() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let switch = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+                if stream.write_all(switch).await.is_err() {
+                    return;
+                }
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_drain_forced_on_its_deadline_names_the_tunnels_it_cut() {
+    use headroom_shared::records::Balance;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let routes = vec![
+        crate::frontend::route("ws", "/ws", Balance::LeastRequests),
+        crate::frontend::route("page", "/", Balance::LeastRequests),
+    ];
+    let site = Site::start(
+        &[("b1", &["page"])],
+        ClusterPolicy {
+            routes,
+            ..policy(2_000)
+        },
+    )
+    .await;
+    // The tunnel member joins for requests of type ws.
+    let member = tunnel_member().await;
+    let _: headroom_shared::records::ServerRecord = crate::common::admin(
+        &site.stack.client,
+        headroom_shared::subjects::admin::POOL_REGISTER,
+        &headroom_shared::wire::RegisterServer {
+            v: headroom_shared::SCHEMA_VERSION,
+            id: crate::common::sid("ws1"),
+            address: member.ip().to_string(),
+            port: member.port(),
+            request_types: vec!["ws".to_owned()],
+        },
+        headroom_shared::codec::Codec::MsgPack,
+    )
+    .await
+    .expect("registered");
+    let grow = ReconfigRequest::new(
+        cid("web"),
+        ReconfigAction::Allocate {
+            count: 1,
+            request_type: Some("ws".to_owned()),
+        },
+        "test",
+    );
+    headroom_shared::bus::request_reconfig(&site.stack.js, &grow)
+        .await
+        .expect("grow");
+    wait_outcome(&site.stack.js, &grow.id).await;
+    site.wait_in_step().await;
+
+    // A WebSocket through the front-end, open across the drain.
+    let mut client = tokio::net::TcpStream::connect(site.addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /ws/chat HTTP/1.1\r\nHost: web\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .expect("upgrade asked");
+    let mut answer = vec![0u8; 256];
+    let n = client.read(&mut answer).await.expect("the switch");
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    client.write_all(b"ping").await.expect("through the tunnel");
+    let mut echo = [0u8; 4];
+    client.read_exact(&mut echo).await.expect("echoed");
+    assert_eq!(&echo, b"ping");
+
+    let victim = crate::common::sid("ws1");
+    release(&site, &victim).await;
+    let event = released(&site, &victim).await;
+    assert!(
+        event.detail.contains("forced at its drain deadline")
+            && event
+                .detail
+                .contains("fe-1 1 in flight (1 WebSocket tunnel)"),
+        "{event:?}"
+    );
+    site.shutdown.cancel();
+}

@@ -119,15 +119,18 @@ impl DrainEvidence {
                 .all(|f| f.in_flight == 0 && f.tunnels == 0 && f.quiet)
     }
 
-    /// For the audit log.
-    pub fn describe(&self) -> String {
+    /// For the audit log; `has_agent`: whether the server has an agent
+    /// whose word counts.
+    pub fn describe(&self, has_agent: bool) -> String {
         let mut parts: Vec<String> = self
             .frontends
             .iter()
             .map(|f| {
                 let mut said = format!("{} {} in flight", f.frontend, f.in_flight);
-                if f.tunnels > 0 {
-                    said.push_str(&format!(" ({} WebSocket tunnels)", f.tunnels));
+                match f.tunnels {
+                    0 => {}
+                    1 => said.push_str(" (1 WebSocket tunnel)"),
+                    n => said.push_str(&format!(" ({n} WebSocket tunnels)")),
                 }
                 said
             })
@@ -138,12 +141,12 @@ impl DrainEvidence {
         if parts.is_empty() {
             parts.push("no front-end live".to_owned());
         }
-        let agent = if self.agent_drained {
-            "its agent saw nothing in flight"
-        } else {
-            "its agent had not said it was idle"
+        let agent = match (has_agent, self.agent_drained) {
+            (_, true) => "; its agent saw nothing in flight",
+            (true, false) => "; its agent had not said it was idle",
+            (false, false) => "",
         };
-        format!("{}; {agent}", parts.join(", "))
+        format!("{}{agent}", parts.join(", "))
     }
 }
 
@@ -520,7 +523,8 @@ async fn finish_proven_drains(allocator: &Allocator) {
         view.drains_due(view.now(), has_agent)
     };
     for (cluster, server, evidence) in due {
-        let why = format!("drained: {}", evidence.describe());
+        let has_agent = allocator.pool.get(&server).is_some_and(|r| r.value.agent);
+        let why = format!("drained: {}", evidence.describe(has_agent));
         if let Err(err) = allocator.finish_drain(&cluster, &server, &why).await {
             warn!(%err, %cluster, %server, "could not finish a proven drain");
         }
@@ -871,10 +875,10 @@ mod tests {
         assert!(c.drains_due(3_000, without).is_empty());
         let evidence = c.drain_evidence(&cluster(), &s2, 3_000);
         assert_eq!(evidence.routing, ["fe-2"]);
+        let said = evidence.describe(false);
         assert!(
-            evidence.describe().contains("fe-1 2 in flight"),
-            "{}",
-            evidence.describe()
+            said.contains("fe-1 2 in flight") && !said.contains("agent"),
+            "{said}"
         );
         // Both have it as draining; fe-1's last two requests finish at 3.5 s.
         c.heard(&open("fe-2", 9, "s2", 0, 4), 3_200);
@@ -895,7 +899,7 @@ mod tests {
         assert_eq!(due.len(), 1, "{due:?}");
         assert!(due[0]
             .2
-            .describe()
+            .describe(true)
             .contains("its agent saw nothing in flight"));
         // Gone back to active (a new join): the old word does not count.
         c.record(

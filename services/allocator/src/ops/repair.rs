@@ -82,9 +82,10 @@ impl Allocator {
                     let view = self.data_plane();
                     view.drain_evidence(cluster, server, view.now())
                 };
+                let has_agent = self.pool.get(server).is_some_and(|r| r.value.agent);
                 let why = format!(
                     "forced at its drain deadline; open then: {}",
-                    evidence.describe()
+                    evidence.describe(has_agent)
                 );
                 return self.finish_drain(cluster, server, &why).await;
             }
