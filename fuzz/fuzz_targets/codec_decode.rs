@@ -8,7 +8,7 @@ use headroom_shared::ledger::{RequestConfirmed, RequestRecord, RequestStarted};
 use headroom_shared::records::{ClusterRecord, MonitorHeartbeat, ServerRecord, ShardLease};
 use headroom_shared::wire::{
     AssignmentNotice, AuditEvent, ClusterList, DeregisterServer, DrainMember, DrainQueued, Empty,
-    FrontendApplied, GetCluster, MembershipChange, PerformanceReport, PutCluster, ReconfigRequest,
+    FrontendApplied, FrontendDemand, GetCluster, MembershipChange, PerformanceReport, PutCluster, ReconfigRequest,
     RegisterServer, ServerList, ServerStatus,
 };
 use libfuzzer_sys::fuzz_target;
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let codec = Codec::ALL[usize::from(pick % 3)];
-    match (pick / 3) % 23 {
+    match (pick / 3) % 24 {
         0 => round_trip::<PerformanceReport>(codec, body),
         1 => round_trip::<ReconfigRequest>(codec, body),
         2 => round_trip::<MembershipChange>(codec, body),
@@ -53,6 +53,7 @@ fuzz_target!(|data: &[u8]| {
         19 => round_trip::<RequestRecord>(codec, body),
         20 => round_trip::<FrontendApplied>(codec, body),
         21 => round_trip::<RequestStarted>(codec, body),
-        _ => round_trip::<RequestConfirmed>(codec, body),
+        22 => round_trip::<RequestConfirmed>(codec, body),
+        _ => round_trip::<FrontendDemand>(codec, body),
     }
 });

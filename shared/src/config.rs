@@ -369,6 +369,13 @@ pub struct FrontendConfig {
     /// How often to report what it observes.
     #[serde(with = "humantime_serde")]
     pub report_interval: Duration,
+    /// Requests held at most while the cluster has no member; past it, a
+    /// 503 with `Retry-After`.
+    pub hold_max: usize,
+    /// How long a held request waits for a member before a 503 with
+    /// `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub hold_timeout: Duration,
     /// How often the cluster record is read from KV and compared with the
     /// routing in use: how late, at worst, a change is applied whose
     /// membership message was lost (one KV read per front-end each time).
@@ -400,6 +407,8 @@ impl Default for FrontendConfig {
             eject_after: 3,
             eject_for: Duration::from_secs(5),
             report_interval: Duration::from_secs(1),
+            hold_max: 1_000,
+            hold_timeout: Duration::from_secs(15),
             resync_interval: Duration::from_secs(10),
         }
     }

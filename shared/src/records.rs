@@ -249,6 +249,9 @@ pub struct ScalingPolicy {
     /// confirmation, and until then traffic has not followed the change.
     /// Past it, the cooldown runs from the write, as without confirmation.
     pub confirm_wait_ms: u64,
+    /// With `min_size` 0: the last member goes once no front-end has seen
+    /// a request for this long. 0 (the default) keeps it.
+    pub idle_to_zero_ms: u64,
 }
 
 /// How a server's utilisation is computed from its report: a weighted mean
@@ -347,6 +350,7 @@ impl Default for ScalingPolicy {
             panic_ratio: 2.0,
             project_rise: true,
             confirm_wait_ms: 15_000,
+            idle_to_zero_ms: 0,
         }
     }
 }

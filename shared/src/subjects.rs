@@ -5,6 +5,7 @@
 //! | subject | carries | transport |
 //! | --- | --- | --- |
 //! | `headroom.metrics.<cluster>.<server>` | [`PerformanceReport`](crate::wire::PerformanceReport) | core NATS, high rate, loss tolerated; `<cluster>` is `_pool` for a free server |
+//! | `headroom.metrics.<cluster>._demand` | [`FrontendDemand`](crate::wire::FrontendDemand): requests held and seen by a front-end | core NATS |
 //! | `headroom.reconfig.<cluster>` | [`ReconfigRequest`](crate::wire::ReconfigRequest) | JetStream `HEADROOM_RECONFIG`, work queue, de-duplicated by `Nats-Msg-Id` |
 //! | `headroom.membership.<cluster>` | [`MembershipChange`](crate::wire::MembershipChange) | core NATS; the KV cluster record is the snapshot |
 //! | `headroom.assign.<server>` | [`AssignmentNotice`](crate::wire::AssignmentNotice) | core NATS |
@@ -24,6 +25,10 @@ use crate::ids::{ClusterId, ServerId};
 pub const ROOT: &str = "headroom";
 /// The cluster token for a server that sits in the free pool.
 pub const POOL_TOKEN: &str = "_pool";
+/// The server token of a front-end's demand for its cluster
+/// ([`FrontendDemand`](crate::wire::FrontendDemand)): no server id starts
+/// with `_`.
+pub const DEMAND_TOKEN: &str = "_demand";
 /// The cluster token for events that concern no cluster.
 pub const NO_CLUSTER_TOKEN: &str = "_none";
 
@@ -57,6 +62,10 @@ pub fn metrics(cluster: Option<&ClusterId>, server: &ServerId) -> String {
     format!("{ROOT}.metrics.{cluster}.{server}")
 }
 pub const METRICS_ALL: &str = "headroom.metrics.>";
+/// Where front-ends say what demand they see for `cluster`.
+pub fn demand(cluster: &ClusterId) -> String {
+    format!("{ROOT}.metrics.{cluster}.{DEMAND_TOKEN}")
+}
 /// Every member's reports of one cluster.
 pub fn metrics_of_cluster(cluster: &ClusterId) -> String {
     format!("{ROOT}.metrics.{cluster}.*")

@@ -308,6 +308,56 @@ pub struct FrontendApplied {
 }
 message!(FrontendApplied, "frontend_applied");
 
+/// A front-end's word on the demand it sees for its cluster, on
+/// `headroom.metrics.<cluster>._demand`: every report interval, and at
+/// once when it starts holding requests for a cluster with no member. The
+/// monitor scales a cluster up from zero on it, and lets the last member
+/// go only after no front-end has seen a request for a while.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FrontendDemand {
+    #[serde(default = "crate::codec::default_schema_version")]
+    pub v: u16,
+    pub cluster: ClusterId,
+    pub frontend: String,
+    /// Requests it holds now, waiting for a member.
+    pub held: u32,
+    /// Every request it was sent (cache hits too), per second, over its
+    /// last interval.
+    pub requests_per_s: f64,
+    pub interval_ms: u32,
+    pub at_ms: u64,
+}
+message!(FrontendDemand, "frontend_demand");
+
+impl FrontendDemand {
+    /// # Errors
+    /// A [`codes::INVALID`] error naming the first bad field.
+    pub fn validate(&self) -> Result<(), BusError> {
+        let invalid = |field: &str, why: String| {
+            Err(BusError::new(
+                codes::INVALID,
+                format!("demand from {}: {field} {why}", self.frontend),
+            ))
+        };
+        if self.frontend.is_empty() {
+            return invalid("frontend", "is missing".to_owned());
+        }
+        if self.interval_ms == 0 || self.interval_ms > MAX_REPORT_INTERVAL_MS {
+            return invalid(
+                "interval_ms",
+                format!("{} is out of range", self.interval_ms),
+            );
+        }
+        if !(self.requests_per_s.is_finite() && self.requests_per_s >= 0.0) {
+            return invalid(
+                "requests_per_s",
+                format!("{} is not a rate", self.requests_per_s),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One front-end's open work with a draining member. Draining members get
 /// no new requests; those already sent still count.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -711,6 +761,15 @@ mod tests {
             1,
             None,
         ));
+        round_trip(&FrontendDemand {
+            v: SCHEMA_VERSION,
+            cluster: cluster(),
+            frontend: "fe-1".into(),
+            held: 3,
+            requests_per_s: 12.5,
+            interval_ms: 1000,
+            at_ms: 12,
+        });
         round_trip(&FrontendApplied {
             v: SCHEMA_VERSION,
             cluster: cluster(),

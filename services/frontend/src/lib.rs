@@ -9,6 +9,7 @@
 //!   passive health.
 //! - [`cache`]: the response cache and HTTP's rules on what may be kept.
 //! - [`proxy`]: one request, end to end.
+//! - [`hold`]: requests held while the cluster has no member.
 //! - [`http1`]: HTTP/1.1 on the wire for both sides: head parsing, body
 //!   framing, the chunked coding, head writing. Where request smuggling is
 //!   decided.
@@ -24,6 +25,7 @@
 
 pub mod cache;
 pub mod forward;
+pub mod hold;
 pub mod http1;
 pub mod membership;
 pub mod metrics;
@@ -42,7 +44,9 @@ use headroom_shared::bus;
 use headroom_shared::config::Config;
 use headroom_shared::ops::Ops;
 use headroom_shared::time::now_ms;
-use headroom_shared::wire::{DrainingMember, FrontendApplied, PerformanceReport, ReportSource};
+use headroom_shared::wire::{
+    DrainingMember, FrontendApplied, FrontendDemand, PerformanceReport, ReportSource,
+};
 use headroom_shared::{subjects, ClusterId, IdError, ServerId, SCHEMA_VERSION};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::TcpListener;
@@ -449,6 +453,8 @@ async fn report_loop(
     let mut applied = proxy.applied();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Every request it was sent, per second, over the last interval.
+    let mut rate = 0.0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -456,6 +462,11 @@ async fn report_loop(
             Ok(()) = applied.changed() => {
                 applied.borrow_and_update();
                 say_applied(&client, &cluster, &instance, &proxy, interval_ms).await;
+                continue;
+            }
+            () = proxy.hold.demand.notified() => {
+                // The first held request makes the demand known at once.
+                say_demand(&client, &cluster, &instance, &proxy, rate, interval_ms).await;
                 continue;
             }
         }
@@ -506,12 +517,13 @@ async fn report_loop(
             c.errors.load(Ordering::Relaxed),
         );
         let (_, p50, p99) = c.latency.take();
+        let requests_per_s = requests.saturating_sub(own_last.0) as f64 / seconds;
         if let Ok(me) = ServerId::new(instance.clone()) {
             let report = PerformanceReport {
                 in_flight: Some(
                     u32::try_from(c.in_flight.load(Ordering::Relaxed)).unwrap_or(u32::MAX),
                 ),
-                requests_per_s: Some(requests.saturating_sub(own_last.0) as f64 / seconds),
+                requests_per_s: Some(requests_per_s),
                 errors_per_s: Some(errors.saturating_sub(own_last.1) as f64 / seconds),
                 latency_p50_ms: p50,
                 latency_p99_ms: p99,
@@ -525,6 +537,32 @@ async fn report_loop(
             .await;
         }
         own_last = (requests, errors);
+        rate = requests_per_s;
+        say_demand(&client, &cluster, &instance, &proxy, rate, interval_ms).await;
+    }
+}
+
+/// Says how many requests it holds for want of a member, and how many it
+/// is sent, on the cluster's demand subject.
+async fn say_demand(
+    client: &async_nats::Client,
+    cluster: &ClusterId,
+    instance: &str,
+    proxy: &Proxy,
+    requests_per_s: f64,
+    interval_ms: u32,
+) {
+    let said = FrontendDemand {
+        v: SCHEMA_VERSION,
+        cluster: cluster.clone(),
+        frontend: instance.to_owned(),
+        held: u32::try_from(proxy.hold.len()).unwrap_or(u32::MAX),
+        requests_per_s,
+        interval_ms,
+        at_ms: now_ms(),
+    };
+    if let Err(err) = bus::publish(client, subjects::demand(cluster), &said).await {
+        debug!(%err, "demand not sent");
     }
 }
 

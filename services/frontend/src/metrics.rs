@@ -32,6 +32,7 @@ fn expose(proxy: &Proxy, out: &mut Exposition) {
             Value::Gauge(v) => out.gauge(name, help, &[], v),
         }
     }
+    held(proxy, out);
     out.histogram(
         "headroom_frontend_request_seconds",
         "Time from a request's head to its response's head.",
@@ -63,6 +64,32 @@ fn requests(proxy: &Proxy, out: &mut Exposition) {
     for (result, count) in [("hit", &c.cache_hits), ("miss", &c.cache_misses)] {
         let n = count.load(Ordering::Relaxed);
         out.counter(CACHE, CACHE_HELP, &[("result", result)], n);
+    }
+}
+
+/// Requests held for want of a member: waiting now, and how each ended.
+fn held(proxy: &Proxy, out: &mut Exposition) {
+    let h = &proxy.hold;
+    out.gauge(
+        "headroom_frontend_held",
+        "Requests waiting for the cluster's first member.",
+        &[],
+        h.len() as f64,
+    );
+    const HELD: &str = "headroom_frontend_held_total";
+    const HELD_HELP: &str = "Requests held for want of a member, by outcome (held: every one; released: sent on to a member; full and timed_out: answered 503 with Retry-After).";
+    for (outcome, count) in [
+        ("held", &h.held),
+        ("released", &h.released),
+        ("full", &h.refused_full),
+        ("timed_out", &h.timed_out),
+    ] {
+        out.counter(
+            HELD,
+            HELD_HELP,
+            &[("outcome", outcome)],
+            count.load(Ordering::Relaxed),
+        );
     }
 }
 

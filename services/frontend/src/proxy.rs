@@ -26,6 +26,7 @@ use tokio::time::Sleep;
 
 use crate::cache::{self, Cache};
 use crate::forward::{self, recycle_head, request_head, Forwarded, Present, Then};
+use crate::hold::Hold;
 use crate::http1::headers;
 use crate::http1::{Asked, Lines};
 use crate::routing::{Backend, RouteId, Table};
@@ -88,6 +89,8 @@ pub struct Proxy {
     /// The generation of the table in use, for whoever waits on a change
     /// (tests, the reaction benchmark).
     applied: tokio::sync::watch::Sender<u64>,
+    /// Requests waiting for the cluster's first member.
+    pub hold: Hold,
     settings: FrontendConfig,
 }
 
@@ -100,15 +103,21 @@ impl Proxy {
             counters: Counters::default(),
             from_file: AtomicBool::new(false),
             applied: tokio::sync::watch::Sender::new(0),
+            hold: Hold::new(settings.hold_max),
             settings,
         }
     }
 
-    /// Swaps in a routing table, and tells whoever watches.
+    /// Swaps in a routing table, tells whoever watches, and, when it has
+    /// members, sends the held requests on to them.
     pub fn set_table(&self, table: Table) {
         let generation = table.generation;
-        self.table.store(Some(Arc::new(table)));
+        let table = Arc::new(table);
+        self.table.store(Some(table.clone()));
         self.applied.send_replace(generation);
+        if !table.backends.is_empty() {
+            self.hold.release(&table);
+        }
     }
 
     /// Follows the generation of the table in use.
@@ -194,6 +203,15 @@ impl Proxy {
             Ok(looked_up) => looked_up,
             Err(hit) => return self.answer_from_cache(&hit),
         };
+        // No member at all: wait for the first (scale from zero).
+        let admitted = if admitted.table.backends.is_empty() {
+            match self.held(admitted).await {
+                Ok(admitted) => admitted,
+                Err(response) => return response,
+            }
+        } else {
+            admitted
+        };
         let limit = usize::try_from(self.settings.max_body_bytes).unwrap_or(usize::MAX);
         let request_body = match admitted.length {
             Some(0) => RequestBody::None,
@@ -250,6 +268,44 @@ impl Proxy {
             upgrade,
             present,
         })
+    }
+
+    /// Holds a request while the cluster has no member, until a table
+    /// with members comes (then routed by it), the queue is full or the
+    /// wait runs out (a 503 with `Retry-After`, never a dropped
+    /// connection).
+    async fn held<'a>(
+        &self,
+        mut admitted: Admitted<'a>,
+    ) -> Result<Admitted<'a>, Response<ProxyBody>> {
+        let retry_after = self.settings.hold_timeout.as_secs().max(1);
+        let Ok(released) = self.hold.enter() else {
+            return Err(unavailable(
+                retry_after,
+                "no member yet, and too many requests wait for one",
+            ));
+        };
+        // A table stored before this request's place was taken was not
+        // handed to it: look once more.
+        let current = self.table.load_full().filter(|t| !t.backends.is_empty());
+        let table = match current {
+            Some(table) => table,
+            None => match tokio::time::timeout(self.settings.hold_timeout, released).await {
+                Ok(Ok(table)) => table,
+                _ => {
+                    self.hold.timed_out.fetch_add(1, Ordering::Relaxed);
+                    return Err(unavailable(retry_after, "no member became ready in time"));
+                }
+            },
+        };
+        let parts = admitted.parts;
+        let Some(route) = table.route(parts.method.as_str(), admitted.host, parts.uri.path())
+        else {
+            return Err(error(StatusCode::NOT_FOUND, "no route for this request"));
+        };
+        admitted.table = table;
+        admitted.route = route;
+        Ok(admitted)
     }
 
     /// The cache's fresh copy if it has one (`Err`, as the request is then
@@ -807,6 +863,15 @@ pub fn error(status: StatusCode, message: &str) -> Response<ProxyBody> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    response
+}
+
+/// A 503 that says when to come back.
+fn unavailable(retry_after_s: u64, message: &str) -> Response<ProxyBody> {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
     response
 }
 

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use headroom_shared::errors::{codes, BusError};
 use headroom_shared::records::{self, ClusterPolicy, ClusterRecord, MemberState, ScalingPolicy};
-use headroom_shared::wire::{PerformanceReport, ReconfigAction, ReportSource};
+use headroom_shared::wire::{FrontendDemand, PerformanceReport, ReconfigAction, ReportSource};
 use headroom_shared::{ClusterId, RequestId, ServerId};
 use serde::{Deserialize, Serialize};
 
@@ -345,6 +345,42 @@ struct ClusterState {
     history: History,
     last_up_ms: Option<u64>,
     last_down_ms: Option<u64>,
+    demand: Demand,
+}
+
+/// What the front-ends say of a cluster's demand as a whole: requests held
+/// for want of a member, and when any of them last saw a request.
+#[derive(Debug)]
+struct Demand {
+    /// Per front-end (its name, hashed): held requests, and until when
+    /// that word holds.
+    held: HashMap<u64, (u32, u64)>,
+    /// When a front-end last said it saw a request (held, sent to a member
+    /// or answered from its cache); until the first, when this monitor
+    /// started deciding for the cluster.
+    last_request_ms: u64,
+}
+
+impl Demand {
+    fn new(now_ms: u64) -> Self {
+        Self {
+            held: HashMap::new(),
+            last_request_ms: now_ms,
+        }
+    }
+
+    /// Requests held now, by the front-ends whose word is fresh.
+    fn held(&mut self, now_ms: u64) -> u32 {
+        self.held.retain(|_, (_, until)| now_ms <= *until);
+        self.held
+            .values()
+            .map(|(n, _)| *n)
+            .fold(0, u32::saturating_add)
+    }
+
+    fn saw_requests(&mut self, now_ms: u64) {
+        self.last_request_ms = self.last_request_ms.max(now_ms);
+    }
 }
 
 /// A cluster's samples, oldest first, as far back as its longest window.
@@ -555,10 +591,41 @@ impl Decider {
                         history: History::default(),
                         last_up_ms: None,
                         last_down_ms: None,
+                        demand: Demand::new(now_ms),
                     },
                 );
             }
         }
+    }
+
+    /// Takes a front-end's word on its cluster's demand, that arrived at
+    /// `now_ms`.
+    ///
+    /// # Errors
+    /// [`codes::UNKNOWN_CLUSTER`] for a cluster it has no record of.
+    pub fn demand(
+        &mut self,
+        now_ms: u64,
+        cluster: &ClusterId,
+        said: &FrontendDemand,
+    ) -> Result<(), Rejection> {
+        let Some(state) = self.clusters.get_mut(cluster) else {
+            return Err(Rejection(BusError::new(
+                codes::UNKNOWN_CLUSTER,
+                format!("no cluster {cluster}"),
+            )));
+        };
+        let key = headroom_shared::hash::fnv1a(said.frontend.as_bytes());
+        let fresh_for = u64::from(said.interval_ms) * STALE_INTERVALS;
+        state
+            .demand
+            .held
+            .insert(key, (said.held, now_ms + fresh_for));
+        if said.held > 0 || said.requests_per_s > 0.0 {
+            state.demand.saw_requests(now_ms);
+        }
+        self.last_report_ms = Some(now_ms);
+        Ok(())
     }
 
     /// Takes word that every live front-end follows `request`'s change
@@ -611,6 +678,8 @@ impl Decider {
             }
         };
         let reading = Reading::of(report, now_ms, silent_after);
+        let busy = report.requests_per_s.is_some_and(|r| r > 0.0)
+            || report.in_flight.is_some_and(|n| n > 0);
         match &report.source {
             ReportSource::Agent => {
                 tracked.agent = Some(reading);
@@ -632,6 +701,11 @@ impl Decider {
                     reading,
                     ejected,
                 };
+                if busy {
+                    if let Some(state) = self.clusters.get_mut(cluster) {
+                        state.demand.saw_requests(now_ms);
+                    }
+                }
                 if let Some(i) = slot {
                     tracked.frontends[i] = view;
                 } else if tracked.frontends.len() < MAX_FRONTENDS {
@@ -691,6 +765,7 @@ fn evaluate(
         history,
         last_up_ms,
         last_down_ms,
+        demand,
     } = state;
     let view = &*view;
     let s = &view.policy.scaling;
@@ -717,13 +792,16 @@ fn evaluate(
     };
     replace_silent(&cx, servers, heard.last_report_ms, decisions);
     replace_ejected(&cx, servers, decisions);
-    if let Some(up) = scale_up(&cx, history) {
+    let held = demand.held(now_ms);
+    if let Some(up) = scale_from_zero(&cx, held).or_else(|| scale_up(&cx, history)) {
         *last_up_ms = Some(now_ms);
         decisions.push(up);
         return;
     }
     reweight(&cx, servers, decisions);
-    if let Some(down) = release(&cx, history, servers) {
+    let idle_ms = now_ms.saturating_sub(demand.last_request_ms);
+    let down = release(&cx, history, servers).or_else(|| release_idle_last(&cx, held, idle_ms));
+    if let Some(down) = down {
         *last_down_ms = Some(now_ms);
         decisions.push(down);
     }
@@ -1055,6 +1133,70 @@ fn scale_up(cx: &Context<'_>, history: &History) -> Option<Decision> {
     ))
 }
 
+/// Step 4, from zero: a cluster with no member (none active, none joining)
+/// whose front-ends hold requests for one. No sustain window: every held
+/// request is a client waiting. Sized by the held requests, at the
+/// policy's in-flight capacity and target, bounded by `max_step` and
+/// `max_size`; not again within `cooldown_up_ms` of the last ask.
+fn scale_from_zero(cx: &Context<'_>, held: u32) -> Option<Decision> {
+    let s = cx.scaling();
+    let max_size = cx.view.policy.max_size;
+    if held == 0
+        || cx.measured.size() > 0
+        || max_size == 0
+        || cx.cooling(cx.last_up, s.cooldown_up_ms)
+    {
+        return None;
+    }
+    let per_member = (s.measures.in_flight_capacity * s.target).max(1.0);
+    let desired = ceil_u32(f64::from(held) / per_member).max(1);
+    let count = desired.min(s.max_step.max(1)).min(max_size);
+    Some(cx.decision(
+        ReconfigAction::Allocate {
+            count,
+            request_type: None,
+        },
+        format!(
+            "no member, and the front-ends hold {held} requests: {count} member(s) at {per_member:.0} requests each"
+        ),
+        Evidence {
+            desired: Some(desired),
+            ..cx.evidence.clone()
+        },
+    ))
+}
+
+/// Back to zero: with `min_size` 0 and `idle_to_zero_ms` set, the last
+/// member goes once no front-end has seen a request (held, forwarded, or
+/// answered from its cache) for that long, and none is held.
+fn release_idle_last(cx: &Context<'_>, held: u32, idle_ms: u64) -> Option<Decision> {
+    let s = cx.scaling();
+    let window = s.idle_to_zero_ms;
+    let cooling =
+        cx.cooling(cx.last_down, s.cooldown_down_ms) || cx.cooling(cx.last_up, s.cooldown_down_ms);
+    if window == 0
+        || cx.view.policy.min_size > 0
+        || cx.measured.active() != 1
+        || cx.measured.joining > 0
+        || held > 0
+        || idle_ms < window
+        || cooling
+    {
+        return None;
+    }
+    let last = cx.measured.members.first()?;
+    Some(cx.decision(
+        ReconfigAction::Release {
+            server: last.server.clone(),
+        },
+        format!("no front-end has seen a request for {idle_ms} ms (idle_to_zero_ms {window}): down to zero"),
+        Evidence {
+            server_in_flight: last.in_flight,
+            ..cx.evidence.clone()
+        },
+    ))
+}
+
 /// Step 5, reweight: one member hot while the cluster is not; restore it
 /// once it would stay under target at full weight. Not within the scale-up
 /// cooldown after a member came: the front-ends ramp a new member's share
@@ -1381,6 +1523,98 @@ mod tests {
         decider.set_cluster(at, unnamed);
         let next = hot(&mut decider, &members, at + 1_000, at + 30_000);
         assert_eq!(next.first(), Some(&(at + 10_000)), "{next:?}");
+    }
+
+    fn demand(frontend: &str, held: u32, rate: f64) -> FrontendDemand {
+        FrontendDemand {
+            v: 1,
+            cluster: ClusterId::new("web").expect("id"),
+            frontend: frontend.to_owned(),
+            held,
+            requests_per_s: rate,
+            interval_ms: 1_000,
+            at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn held_requests_bring_a_cluster_up_from_zero_at_once_sized_by_them() {
+        let web = ClusterId::new("web").expect("id");
+        let mut empty = view(&[]);
+        empty.policy.min_size = 0;
+        let mut decider = Decider::new();
+        decider.set_cluster(0, empty);
+        assert!(
+            decider.tick(1_000).is_empty(),
+            "nothing held, nothing asked"
+        );
+        decider
+            .demand(1_500, &web, &demand("fe-1", 60, 0.0))
+            .expect("taken");
+        decider
+            .demand(1_500, &web, &demand("fe-2", 40, 0.0))
+            .expect("taken");
+        let decisions = decider.tick(2_000);
+        // 100 held at 64 in flight x 0.6 target each: 3 members, at once.
+        assert!(
+            matches!(&decisions[..], [d] if d.action == ReconfigAction::Allocate { count: 3, request_type: None }),
+            "{decisions:?}"
+        );
+        decider
+            .demand(2_500, &web, &demand("fe-1", 60, 0.0))
+            .expect("taken");
+        assert!(
+            decider.tick(3_000).is_empty(),
+            "asked once, not every second"
+        );
+        // Word that is not fresh holds nothing.
+        let mut decider = Decider::new();
+        let mut empty = view(&[]);
+        empty.policy.min_size = 0;
+        decider.set_cluster(0, empty);
+        decider
+            .demand(0, &web, &demand("fe-1", 60, 0.0))
+            .expect("taken");
+        assert!(
+            decider.tick(3_001).is_empty(),
+            "stale after three intervals"
+        );
+    }
+
+    #[test]
+    fn the_last_member_goes_only_after_the_idle_window_with_min_size_zero() {
+        let web = ClusterId::new("web").expect("id");
+        let run = |min_size: u32, idle_to_zero_ms: u64| {
+            let mut one = view(&["s1"]);
+            one.policy.min_size = min_size;
+            one.policy.scaling.idle_to_zero_ms = idle_to_zero_ms;
+            let mut decider = Decider::new();
+            decider.set_cluster(0, one);
+            let mut released = None;
+            for t in (1_000..=40_000).step_by(1_000) {
+                let r = PerformanceReport {
+                    at_ms: t,
+                    ..report("s1", 0.05, ReportSource::Agent)
+                };
+                decider.observe(t, &web, &r).expect("agent");
+                // Requests until 10 s, then none.
+                let rate = if t <= 10_000 { 5.0 } else { 0.0 };
+                decider
+                    .demand(t, &web, &demand("fe-1", 0, rate))
+                    .expect("demand");
+                let down = decider
+                    .tick(t)
+                    .into_iter()
+                    .any(|d| matches!(d.action, ReconfigAction::Release { .. }));
+                if down && released.is_none() {
+                    released = Some(t);
+                }
+            }
+            released
+        };
+        assert_eq!(run(0, 20_000), Some(30_000), "20 s after the last request");
+        assert_eq!(run(0, 0), None, "off by default");
+        assert_eq!(run(1, 20_000), None, "min_size keeps it");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use headroom_shared::codec::Codec;
 use headroom_shared::errors::{codes, BusError};
 use headroom_shared::ops::{CounterVec, Exposition};
 use headroom_shared::subjects;
-use headroom_shared::wire::PerformanceReport;
+use headroom_shared::wire::{FrontendDemand, PerformanceReport};
 use headroom_shared::ClusterId;
 use serde::{Deserialize, Serialize};
 
@@ -311,6 +311,9 @@ fn take(
         return Ok(Taken::Skipped);
     }
     let codec = Codec::of(headers).map_err(|e| reject(e.code(), e.to_string()))?;
+    if server_token == subjects::DEMAND_TOKEN {
+        return take_demand(decider, now_ms, subject, cluster_token, codec, payload);
+    }
     let report: PerformanceReport = codec
         .decode(payload)
         .map_err(|e| reject(e.code(), e.to_string()))?;
@@ -337,6 +340,29 @@ fn take(
             Ok(Taken::Report)
         }
     }
+}
+
+/// A front-end's word on its cluster's demand (`<cluster>._demand`).
+fn take_demand(
+    decider: &mut Decider,
+    now_ms: u64,
+    subject: &str,
+    cluster_token: Option<&str>,
+    codec: Codec,
+    payload: &[u8],
+) -> Result<Taken, Rejection> {
+    let said: FrontendDemand = codec
+        .decode(payload)
+        .map_err(|e| reject(e.code(), e.to_string()))?;
+    said.validate().map_err(Rejection)?;
+    if Some(said.cluster.as_str()) != cluster_token {
+        return Err(reject(
+            codes::SUBJECT_MISMATCH,
+            format!("demand for cluster {} on {subject}", said.cluster),
+        ));
+    }
+    decider.demand(now_ms, &said.cluster, &said)?;
+    Ok(Taken::Report)
 }
 
 #[cfg(test)]
