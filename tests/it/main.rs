@@ -22,3 +22,4 @@ mod monitor;
 mod ops;
 mod security;
 mod smuggling;
+mod zero;
