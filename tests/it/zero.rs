@@ -114,8 +114,17 @@ async fn a_cold_burst_is_held_until_the_first_member_and_an_idle_cluster_goes_ba
     put_cluster(&stack.client, "web", zero_policy())
         .await
         .expect("cluster");
-    // A second cluster with no server to give it: it stays at zero.
-    put_cluster(&stack.client, "api", zero_policy())
+    // A second cluster with no server to give it (none serves its
+    // request type): it stays at zero.
+    let api = ClusterPolicy {
+        routes: vec![crate::frontend::route(
+            "api",
+            "/",
+            headroom_shared::records::Balance::LeastRequests,
+        )],
+        ..zero_policy()
+    };
+    put_cluster(&stack.client, "api", api)
         .await
         .expect("cluster");
     let mut monitor_config = stack.nats.config();

@@ -527,6 +527,9 @@ struct Now<'a> {
 #[derive(Debug, Default)]
 pub struct Decider {
     clusters: BTreeMap<ClusterId, ClusterState>,
+    /// Decisions made between evaluations: a cluster at zero is asked for
+    /// a member as soon as a front-end says it holds requests.
+    urgent: Vec<Decision>,
     servers: HashMap<ServerId, Tracked>,
     /// When each recent change was confirmed by every live front-end (the
     /// allocator's clock), whichever cluster it is of: a confirmation may
@@ -625,7 +628,17 @@ impl Decider {
             state.demand.saw_requests(now_ms);
         }
         self.last_report_ms = Some(now_ms);
+        if said.held > 0 {
+            if let Some(up) = from_zero_at_once(state, now_ms) {
+                self.urgent.push(up);
+            }
+        }
         Ok(())
+    }
+
+    /// The decisions made since the last call, between evaluations.
+    pub fn take_urgent(&mut self) -> Vec<Decision> {
+        std::mem::take(&mut self.urgent)
     }
 
     /// Takes word that every live front-end follows `request`'s change
@@ -1166,6 +1179,43 @@ fn scale_from_zero(cx: &Context<'_>, held: u32) -> Option<Decision> {
     ))
 }
 
+/// [`scale_from_zero`] as a front-end's word arrives, not at the next
+/// evaluation: at zero, every held request is a client waiting, and the
+/// evaluation interval would be most of its wait.
+fn from_zero_at_once(state: &mut ClusterState, now_ms: u64) -> Option<Decision> {
+    let held = state.demand.held(now_ms);
+    let view = &state.view;
+    let staying = view
+        .members
+        .iter()
+        .filter(|m| m.state != MemberState::Draining)
+        .count();
+    if staying > 0 {
+        return None;
+    }
+    let cx = Context {
+        now_ms,
+        view,
+        measured: Measured {
+            members: Vec::new(),
+            joining: 0,
+            silent: Vec::new(),
+            ejected: Vec::new(),
+        },
+        load: Load {
+            mean: None,
+            total: 0.0,
+            known: 0,
+        },
+        evidence: Evidence::default(),
+        last_up: state.last_up_ms,
+        last_down: state.last_down_ms,
+    };
+    let up = scale_from_zero(&cx, held)?;
+    state.last_up_ms = Some(now_ms);
+    Some(up)
+}
+
 /// Back to zero: with `min_size` 0 and `idle_to_zero_ms` set, the last
 /// member goes once no front-end has seen a request (held, forwarded, or
 /// answered from its cache) for that long, and none is held.
@@ -1549,32 +1599,41 @@ mod tests {
             "nothing held, nothing asked"
         );
         decider
-            .demand(1_500, &web, &demand("fe-1", 60, 0.0))
+            .demand(1_500, &web, &demand("fe-2", 0, 3.0))
             .expect("taken");
+        assert!(decider.take_urgent().is_empty(), "seen, but nothing held");
+        // The first word of held requests is acted on at once, sized by
+        // them: 100 at 64 in flight x 0.6 target each is 3 members.
         decider
-            .demand(1_500, &web, &demand("fe-2", 40, 0.0))
+            .demand(1_500, &web, &demand("fe-1", 100, 0.0))
             .expect("taken");
-        let decisions = decider.tick(2_000);
-        // 100 held at 64 in flight x 0.6 target each: 3 members, at once.
+        let decisions = decider.take_urgent();
         assert!(
-            matches!(&decisions[..], [d] if d.action == ReconfigAction::Allocate { count: 3, request_type: None }),
+            matches!(&decisions[..], [d] if d.action == ReconfigAction::Allocate { count: 3, request_type: None } && d.at_ms == 1_500),
             "{decisions:?}"
+        );
+        decider
+            .demand(1_600, &web, &demand("fe-2", 40, 0.0))
+            .expect("taken");
+        assert!(decider.take_urgent().is_empty(), "asked once");
+        assert!(
+            decider.tick(2_000).is_empty(),
+            "not again at the evaluation"
         );
         decider
             .demand(2_500, &web, &demand("fe-1", 60, 0.0))
             .expect("taken");
-        assert!(
-            decider.tick(3_000).is_empty(),
-            "asked once, not every second"
-        );
-        // Word that is not fresh holds nothing.
+        assert!(decider.tick(3_000).is_empty(), "not every second");
+        // Word that is not fresh holds nothing at an evaluation.
         let mut decider = Decider::new();
         let mut empty = view(&[]);
         empty.policy.min_size = 0;
+        empty.policy.scaling.cooldown_up_ms = 0;
         decider.set_cluster(0, empty);
         decider
             .demand(0, &web, &demand("fe-1", 60, 0.0))
             .expect("taken");
+        assert_eq!(decider.take_urgent().len(), 1);
         assert!(
             decider.tick(3_001).is_empty(),
             "stale after three intervals"

@@ -508,6 +508,7 @@ async fn decide_loop(
                 ) {
                     debug!(subject = %message.subject, %rejection, "report rejected");
                 }
+                deciding.urgent(&decisions);
             }
         }
     }
@@ -526,7 +527,20 @@ struct Deciding {
 
 impl Deciding {
     fn evaluate(&mut self, at_ms: u64, decisions: &mpsc::Sender<Decision>) {
-        for decision in self.decider.tick(at_ms) {
+        let made = self.decider.tick(at_ms);
+        self.send(made, decisions);
+        self.gauges();
+    }
+
+    /// Sends what the decider decided between evaluations (a cluster at
+    /// zero that front-ends hold requests for).
+    fn urgent(&mut self, decisions: &mpsc::Sender<Decision>) {
+        let made = self.decider.take_urgent();
+        self.send(made, decisions);
+    }
+
+    fn send(&mut self, made: Vec<Decision>, decisions: &mpsc::Sender<Decision>) {
+        for decision in made {
             self.counters.decisions.fetch_add(1, Ordering::Relaxed);
             self.counters.decided.0.inc(&[decision.action.name()]);
             if decisions.try_send(decision).is_err() {
@@ -534,7 +548,6 @@ impl Deciding {
                 warn!("decision queue full; a decision was dropped");
             }
         }
-        self.gauges();
     }
 
     async fn update(&mut self, now_ms: u64, update: ClusterUpdate) -> Result<(), MonitorError> {

@@ -293,6 +293,14 @@ impl Replayer<'_> {
             headers.as_ref(),
             &body,
         );
+        // Decided as the input came, as live (a cluster at zero).
+        for decision in self.decider.take_urgent() {
+            write_decision(log, &decision)?;
+            self.summary.decisions += 1;
+            self.counters
+                .decisions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 
