@@ -4,9 +4,13 @@
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
+use headroom_shared::codec::Codec;
 use headroom_shared::records::ServerState;
 use headroom_shared::time::now_ms;
-use headroom_shared::wire::{PerformanceReport, ReportSource, ServerStatus, ServerStatusKind};
+use headroom_shared::wire::{
+    DrainMember, DrainQueued, EventKind, PerformanceReport, ReportSource, ServerStatus,
+    ServerStatusKind,
+};
 use headroom_shared::{bus, subjects, ServerId, SCHEMA_VERSION};
 use headroom_tests::eventually;
 
@@ -153,7 +157,82 @@ async fn the_stack_scales_survives_crashes_and_keeps_agents_in_their_place() {
     );
     assert!(wrote.is_err(), "an agent's KV write is refused");
     speaks_for_itself_only(&stack, &js, agent).await;
+
+    // 5. From zero: with min_size 0 and every member drained, a burst is
+    // held by the front-ends, not dropped, until the first member is
+    // active; the monitor's ask is confirmed by both front-ends.
+    from_zero(&stack, &js).await;
     eprintln!("single-node stack tests took {:?}", began.elapsed());
+}
+
+async fn from_zero(stack: &Stack, js: &jetstream::Context) {
+    let operator = stack.operator().await;
+    let before = record(js).await.expect("web");
+    let mut policy = before.policy.clone();
+    policy.min_size = 0;
+    common::put_cluster(&operator, "web", policy)
+        .await
+        .unwrap_or_else(|(code, message)| panic!("policy of web: {code}: {message}"));
+    for server in active(&before) {
+        let _: DrainQueued = common::admin(
+            &operator,
+            subjects::admin::MEMBER_DRAIN,
+            &DrainMember {
+                v: SCHEMA_VERSION,
+                cluster: before.id.clone(),
+                server,
+            },
+            Codec::MsgPack,
+        )
+        .await
+        .unwrap_or_else(|(code, message)| panic!("drain: {code}: {message}"));
+    }
+    let empty = eventually(Duration::from_secs(60), || async {
+        record(js).await.filter(|r| r.members.is_empty())
+    })
+    .await;
+    assert!(
+        empty.is_some(),
+        "every member drained
+{}",
+        stack.logs("allocator")
+    );
+    let cold = now_ms();
+    let burst = load(stack, 0, "hold:50:2s").await.expect("load");
+    assert_eq!(burst.errors(), 0, "held, not dropped: {burst:?}");
+    let events = common::audit_log(js).await;
+    let asked = events
+        .iter()
+        .find(|e| {
+            e.kind == EventKind::Decided && e.at_ms >= cold && e.detail.contains("front-ends hold")
+        })
+        .and_then(|e| e.request.clone())
+        .unwrap_or_else(|| {
+            panic!(
+                "the monitor asked from zero
+{}",
+                stack.logs("monitor")
+            )
+        });
+    let confirmed = eventually(Duration::from_secs(30), || async {
+        common::audit_log(js)
+            .await
+            .into_iter()
+            .find(|e| e.kind == EventKind::Confirmed && e.request.as_ref() == Some(&asked))
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "{asked} confirmed
+{}",
+            stack.logs("allocator")
+        )
+    });
+    assert!(
+        confirmed.detail.contains("frontend-1") && confirmed.detail.contains("frontend-2"),
+        "by both front-ends: {confirmed:?}"
+    );
+    eprintln!("from zero: {burst:?}; {}", confirmed.detail);
 }
 
 /// `agent` (backend-1's) reports backend-2 idle and failed, on backend-2's
