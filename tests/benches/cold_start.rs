@@ -23,7 +23,7 @@ use headroom_shared::codec::{self, Codec};
 use headroom_shared::config::BackendConfig;
 use headroom_shared::kv::CLUSTERS_BUCKET;
 use headroom_shared::ops::Ops;
-use headroom_shared::records::{ClusterPolicy, ClusterRecord, Measures, ServerRecord};
+use headroom_shared::records::{ClusterRecord, ServerRecord};
 use headroom_shared::time::now_ms;
 use headroom_shared::wire::{AuditEvent, EventKind, FrontendDemand, PutCluster, RegisterServer};
 use headroom_shared::{bus, subjects, ClusterId, ServerId, SCHEMA_VERSION};
@@ -34,26 +34,6 @@ use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn policy() -> ClusterPolicy {
-    let mut policy = ClusterPolicy {
-        min_size: 0,
-        max_size: 1,
-        drain_timeout_ms: 1_000,
-        ..ClusterPolicy::default()
-    };
-    let s = &mut policy.scaling;
-    s.measures = Measures {
-        cpu: 0.0,
-        in_flight: 1.0,
-        ..Measures::default()
-    };
-    s.silent_after_ms = 600_000;
-    s.idle_to_zero_ms = 1_000;
-    s.cooldown_up_ms = 500;
-    s.cooldown_down_ms = 500;
-    policy
-}
 
 /// When each thing was first heard, in the system's milliseconds.
 #[derive(Default)]
@@ -164,7 +144,7 @@ async fn cold_starts(trials: usize) {
         &PutCluster {
             v: SCHEMA_VERSION,
             id: cluster.clone(),
-            policy: policy(),
+            policy: headroom_tests::zero_policy(1, 1_000),
         },
     )
     .await

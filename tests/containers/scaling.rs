@@ -232,7 +232,10 @@ async fn from_zero(stack: &Stack, js: &jetstream::Context) {
         confirmed.detail.contains("frontend-1") && confirmed.detail.contains("frontend-2"),
         "by both front-ends: {confirmed:?}"
     );
-    eprintln!("from zero: {burst:?}; {}", confirmed.detail);
+    eprintln!(
+        "from zero: {} of {} answered, {:?}; {}",
+        burst.ok, burst.sent, burst.latency_ms, confirmed.detail
+    );
 }
 
 /// `agent` (backend-1's) reports backend-2 idle and failed, on backend-2's

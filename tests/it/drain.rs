@@ -31,11 +31,17 @@ fn policy(drain_timeout_ms: u64) -> ClusterPolicy {
 /// A site with both backends as members.
 async fn two_members(drain_timeout_ms: u64) -> Site {
     let site = Site::start(&[("b1", &[]), ("b2", &[])], policy(drain_timeout_ms)).await;
+    grow(&site, None).await;
+    site
+}
+
+/// One more member (of `request_type`), and the front-end routing to it.
+async fn grow(site: &Site, request_type: Option<String>) {
     let grow = ReconfigRequest::new(
         cid("web"),
         ReconfigAction::Allocate {
             count: 1,
-            request_type: None,
+            request_type,
         },
         "test",
     );
@@ -44,7 +50,6 @@ async fn two_members(drain_timeout_ms: u64) -> Site {
         .expect("grow");
     wait_outcome(&site.stack.js, &grow.id).await;
     site.wait_in_step().await;
-    site
 }
 
 /// Sends `n` requests of `cost_ms` each at once; each task gives its
@@ -268,19 +273,7 @@ async fn a_drain_forced_on_its_deadline_names_the_tunnels_it_cut() {
     )
     .await
     .expect("registered");
-    let grow = ReconfigRequest::new(
-        cid("web"),
-        ReconfigAction::Allocate {
-            count: 1,
-            request_type: Some("ws".to_owned()),
-        },
-        "test",
-    );
-    headroom_shared::bus::request_reconfig(&site.stack.js, &grow)
-        .await
-        .expect("grow");
-    wait_outcome(&site.stack.js, &grow.id).await;
-    site.wait_in_step().await;
+    grow(&site, Some("ws".to_owned())).await;
 
     // A WebSocket through the front-end, open across the drain.
     let mut client = tokio::net::TcpStream::connect(site.addr)

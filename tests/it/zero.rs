@@ -13,7 +13,7 @@ use bytes::Bytes;
 use headroom_frontend::{Frontend, Proxy};
 use headroom_shared::config::Config;
 use headroom_shared::ops::Ops;
-use headroom_shared::records::{ClusterPolicy, Measures};
+use headroom_shared::records::ClusterPolicy;
 use headroom_tests::eventually;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -28,26 +28,7 @@ use crate::frontend::{backend, register};
 type Http = Client<HttpConnector, Empty<Bytes>>;
 
 fn zero_policy() -> ClusterPolicy {
-    let mut policy = ClusterPolicy {
-        min_size: 0,
-        max_size: 2,
-        drain_timeout_ms: 2_000,
-        ..ClusterPolicy::default()
-    };
-    let s = &mut policy.scaling;
-    // No agents here: the front-ends' in-flight counts are the load, and
-    // silence is not held against a member within the test.
-    s.measures = Measures {
-        cpu: 0.0,
-        in_flight: 1.0,
-        ..Measures::default()
-    };
-    s.silent_after_ms = 120_000;
-    s.release_sustain_ms = 2_000;
-    s.cooldown_down_ms = 1_000;
-    s.cooldown_up_ms = 2_000;
-    s.idle_to_zero_ms = 3_000;
-    policy
+    headroom_tests::zero_policy(2, 3_000)
 }
 
 async fn frontend(

@@ -81,3 +81,29 @@ pub fn rss() -> u64 {
         })
         .map_or(0, |pages| pages * 4096)
 }
+
+/// A policy for scaling from zero and back without agents: `min_size` 0,
+/// the front-ends' in-flight counts as the load (no CPU reports), silence
+/// not held against a member within a test, short cooldowns, and the last
+/// member going after `idle_to_zero_ms` of no request.
+pub fn zero_policy(max_size: u32, idle_to_zero_ms: u64) -> headroom_shared::records::ClusterPolicy {
+    use headroom_shared::records::{ClusterPolicy, Measures};
+    let mut policy = ClusterPolicy {
+        min_size: 0,
+        max_size,
+        drain_timeout_ms: 2_000,
+        ..ClusterPolicy::default()
+    };
+    let s = &mut policy.scaling;
+    s.measures = Measures {
+        cpu: 0.0,
+        in_flight: 1.0,
+        ..Measures::default()
+    };
+    s.silent_after_ms = 600_000;
+    s.release_sustain_ms = 2_000;
+    s.cooldown_down_ms = 1_000;
+    s.cooldown_up_ms = 1_000;
+    s.idle_to_zero_ms = idle_to_zero_ms;
+    policy
+}
