@@ -27,7 +27,7 @@ use headroom_shared::records::{ClusterRecord, ServerRecord};
 use headroom_shared::time::now_ms;
 use headroom_shared::wire::{AuditEvent, EventKind, FrontendDemand, PutCluster, RegisterServer};
 use headroom_shared::{bus, subjects, ClusterId, ServerId, SCHEMA_VERSION};
-use headroom_tests::{env_usize, eventually, percentiles, NatsServer};
+use headroom_tests::{env_usize, eventually, print_row, NatsServer};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -86,11 +86,6 @@ async fn members(js: &async_nats::jetstream::Context) -> Option<usize> {
     let entry = bucket.get("cold").await.ok()??;
     let record: ClusterRecord = Codec::MsgPack.decode(&entry).ok()?;
     Some(record.members.len())
-}
-
-fn row(name: &str, samples: &mut [f64]) {
-    let (p50, p99, max) = percentiles(samples);
-    println!("  {name:<40} p50 {p50:>8.1} ms  p99 {p99:>8.1} ms  max {max:>8.1} ms");
 }
 
 async fn cold_starts(trials: usize) {
@@ -249,9 +244,9 @@ async fn cold_starts(trials: usize) {
         "routes to it -> answered",
     ];
     for (name, samples) in names.iter().zip(stages.iter_mut()) {
-        row(name, samples);
+        print_row(name, samples);
     }
-    row("request -> answered", &mut total);
+    print_row("request -> answered", &mut total);
     stop.cancel();
 }
 

@@ -44,15 +44,10 @@ use headroom_shared::wire::{
     AuditEvent, EventKind, PutCluster, ReconfigAction, ReconfigRequest, RegisterServer,
 };
 use headroom_shared::{subjects, ClusterId, SCHEMA_VERSION};
-use headroom_tests::{cpu_seconds, env_usize, eventually, percentiles, NatsServer};
+use headroom_tests::{cpu_seconds, env_usize, eventually, print_row, NatsServer};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn row(name: &str, samples: &mut [f64]) {
-    let (p50, p99, max) = percentiles(samples);
-    println!("  {name:<44} p50 {p50:>8.1} ms  p99 {p99:>8.1} ms  max {max:>8.1} ms");
-}
 
 /// One front-end's routing: the same follower and table the front-end
 /// runs, with a log of when each generation was swapped in.
@@ -269,12 +264,12 @@ async fn decision_to_frontends(frontends: usize, trials: usize) {
     println!(
         "decision -> every front-end applied, {frontends} front-end(s), {trials} allocations:"
     );
-    row("decision -> allocation in KV", &mut to_kv);
-    row(
+    print_row("decision -> allocation in KV", &mut to_kv);
+    print_row(
         "allocation in KV -> every front-end applied",
         &mut kv_to_all,
     );
-    row("decision -> every front-end applied", &mut to_all);
+    print_row("decision -> every front-end applied", &mut to_all);
     let per_allocation_ms = |before: f64, now: f64| (now - before) * 1000.0 / trials as f64;
     println!(
         "  CPU per allocation: this process (allocator, bench, {frontends} front-ends) {:.1} ms, nats-server {:.1} ms",
@@ -353,13 +348,13 @@ async fn decision_to_confirmed(frontends: usize, trials: usize) {
     println!(
         "decision -> confirmed by every front-end, {frontends} real front-end(s), {trials} allocations:"
     );
-    row("decision -> every front-end applied", &mut to_applied);
-    row(
+    print_row("decision -> every front-end applied", &mut to_applied);
+    print_row(
         "last applied -> confirmation seen",
         &mut applied_to_confirmed,
     );
-    row("decision -> confirmation seen", &mut to_confirmed);
-    row("decision -> confirmed (allocator's stamps)", &mut stamped);
+    print_row("decision -> confirmation seen", &mut to_confirmed);
+    print_row("decision -> confirmed (allocator's stamps)", &mut stamped);
     bench.stop.cancel();
 }
 
@@ -529,11 +524,11 @@ async fn crossing_to_first_request(crossings: usize) {
     if total.is_empty() {
         return;
     }
-    row("detection (crossing -> decision)", &mut detection);
-    row("decision -> allocation", &mut to_allocation);
-    row("allocation -> front-end applied", &mut to_applied);
-    row("front-end applied -> first request served", &mut to_served);
-    row("crossing -> first request served", &mut total);
+    print_row("detection (crossing -> decision)", &mut detection);
+    print_row("decision -> allocation", &mut to_allocation);
+    print_row("allocation -> front-end applied", &mut to_applied);
+    print_row("front-end applied -> first request served", &mut to_served);
+    print_row("crossing -> first request served", &mut total);
     system.stop().await;
 }
 

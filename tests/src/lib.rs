@@ -30,7 +30,16 @@ pub fn percentiles(samples: &mut [f64]) -> (f64, f64, f64) {
     (at(0.50), at(0.99), at(1.0))
 }
 
-/// Resident memory of this process, in bytes.
+/// Prints one line of a benchmark's table: `name`, then the p50, p99 and
+/// maximum of `samples` (milliseconds).
+///
+/// # Panics
+/// When `samples` is empty.
+pub fn print_row(name: &str, samples: &mut [f64]) {
+    let (p50, p99, max) = percentiles(samples);
+    println!("  {name:<44} p50 {p50:>8.1} ms  p99 {p99:>8.1} ms  max {max:>8.1} ms");
+}
+
 /// A counter or gauge of a service's `/metrics` (its [`Ops`]), summed over
 /// the series whose labels start with `labels` (`""` for all of them).
 ///
@@ -71,6 +80,7 @@ pub fn cpu_seconds(pid: Option<u32>) -> f64 {
     ticks as f64 / 100.0
 }
 
+/// Resident memory of this process, in bytes.
 pub fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
