@@ -182,12 +182,21 @@ pub async fn status(
             .applied
             .iter()
             .filter(|((cluster, _), _)| cluster == c.id.as_str());
+        // Read once, and only for a cluster with a front-end behind.
+        let mut written: Option<Vec<(u64, u64)>> = None;
         for ((_, frontend), generation) in fronts {
             let lag = c.generation.saturating_sub(*generation);
             let state = if lag == 0 {
                 "applied (lag 0)".to_owned()
             } else {
-                let since = past(&clusters_bucket, key, *generation).await?;
+                let written = match &mut written {
+                    Some(written) => written,
+                    None => written.insert(generations_written(&clusters_bucket, key).await?),
+                };
+                let since = written
+                    .iter()
+                    .find(|(g, _)| g > generation)
+                    .map_or_else(now_ms, |(_, at)| *at);
                 let behind_ms = now_ms().saturating_sub(since);
                 let word = if Duration::from_millis(behind_ms) > deadline {
                     "lagging"
@@ -250,27 +259,25 @@ pub async fn status(
     Ok(())
 }
 
-/// When the cluster's record first went past `generation` (its kept
-/// history's oldest, when that is already past it): a front-end at
-/// `generation` has been behind since then.
-async fn past(
+/// Each generation of the cluster's record in its kept history (the
+/// bucket keeps 32 revisions), oldest first, and when it was written: a
+/// front-end at generation g has been behind since the first one past g
+/// (at least since the oldest kept).
+async fn generations_written(
     clusters: &jetstream::kv::Store,
     key: &str,
-    generation: u64,
-) -> Result<u64, CliError> {
+) -> Result<Vec<(u64, u64)>, CliError> {
     let what = || nats(format!("history of {CLUSTERS_BUCKET}/{key}"));
     let mut history = clusters.history(key).await.map_err(|e| what()(e.into()))?;
+    let mut written = Vec::new();
     while let Some(entry) = history.next().await {
         let entry = entry.map_err(|e| what()(e.into()))?;
-        let Ok(record) = Codec::MsgPack.decode::<ClusterRecord>(&entry.value) else {
-            continue;
-        };
-        if record.generation > generation {
+        if let Ok(record) = Codec::MsgPack.decode::<ClusterRecord>(&entry.value) {
             let ms = entry.created.unix_timestamp_nanos() / 1_000_000;
-            return Ok(u64::try_from(ms).unwrap_or(0));
+            written.push((record.generation, u64::try_from(ms).unwrap_or(0)));
         }
     }
-    Ok(now_ms())
+    Ok(written)
 }
 
 /// The cluster's changes of the last ten minutes that traffic can follow
