@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use headroom_shared::codec::{self, Codec};
-use headroom_shared::errors::codes;
+use headroom_shared::codec::Codec;
 use headroom_shared::ledger::{FrontendGeneration, RequestConfirmed};
 use headroom_shared::records::{ClusterRecord, MemberState};
 use headroom_shared::subjects;
@@ -178,12 +177,14 @@ pub struct Confirmer {
 }
 
 impl Confirmer {
-    pub fn new(now: u64, listen_first: Duration, deadline: Duration) -> Self {
+    /// Listening from its clock's start ([`Confirmer::now`] 0), until
+    /// [`Confirmer::start`] says otherwise.
+    pub fn new(listen_first: Duration, deadline: Duration) -> Self {
         Self {
             frontends: HashMap::new(),
             pending: BTreeMap::new(),
             done: HashMap::new(),
-            started_at: now,
+            started_at: 0,
             listen_first_ms: millis(listen_first),
             deadline_ms: millis(deadline),
             draining: HashMap::new(),
@@ -490,7 +491,12 @@ pub async fn serve(
     loop {
         let verdicts = tokio::select! {
             () = stop.cancelled() => return Ok("confirmations"),
-            Some(message) = applied.next() => match read_applied(&allocator, &message) {
+            Some(message) = applied.next() => match crate::read_own::<FrontendApplied>(
+                &allocator,
+                "applied",
+                &message,
+                |said| subjects::frontend_applied(&said.cluster, &said.frontend),
+            ) {
                 Some(said) => with(&mut |c, now| {
                     c.heard(&said, now);
                     c.due_for(&said.cluster, now)
@@ -529,25 +535,6 @@ async fn finish_proven_drains(allocator: &Allocator) {
             warn!(%err, %cluster, %server, "could not finish a proven drain");
         }
     }
-}
-
-/// A front-end's word, if well formed and on its own subject.
-fn read_applied(allocator: &Allocator, message: &async_nats::Message) -> Option<FrontendApplied> {
-    let refused = |reason| allocator.metrics.refused.inc(&["applied", reason]);
-    let said: FrontendApplied = match codec::decode(message.headers.as_ref(), &message.payload) {
-        Ok(said) => said,
-        Err(err) => {
-            warn!(%err, subject = %message.subject, "ignoring a malformed applied generation");
-            refused(codes::MALFORMED);
-            return None;
-        }
-    };
-    if message.subject.as_str() != subjects::frontend_applied(&said.cluster, &said.frontend) {
-        warn!(subject = %message.subject, frontend = %said.frontend, "applied generation on another front-end's subject; ignored");
-        refused(codes::SUBJECT_MISMATCH);
-        return None;
-    }
-    Some(said)
 }
 
 /// Takes a cluster's record, or its deletion; the cluster, when it still
@@ -729,7 +716,7 @@ mod tests {
     const WALL: u64 = 1_000_000;
 
     fn confirmer() -> Confirmer {
-        Confirmer::new(0, Duration::from_secs(3), Duration::from_secs(5))
+        Confirmer::new(Duration::from_secs(3), Duration::from_secs(5))
     }
 
     fn confirmed(verdicts: &[Verdict]) -> Vec<&str> {

@@ -291,26 +291,44 @@ async fn status_loop(
                 None => return Ok("status"),
             },
         };
-        let refused = |reason| allocator.metrics.refused.inc(&["status", reason]);
-        let status: ServerStatus = match codec::decode(message.headers.as_ref(), &message.payload) {
-            Ok(status) => status,
-            Err(err) => {
-                warn!(%err, subject = %message.subject, "ignoring a malformed server status");
-                refused(codes::MALFORMED);
-                continue;
-            }
-        };
         // A server speaks for itself only: its agent's user may publish on
         // its own subject, so a body naming another server is forged.
-        if message.subject.as_str() != subjects::status(&status.server) {
-            warn!(subject = %message.subject, server = %status.server, "server status on another server's subject; ignored");
-            refused(codes::SUBJECT_MISMATCH);
+        let Some(status) = read_own::<ServerStatus>(&allocator, "status", &message, |s| {
+            subjects::status(&s.server)
+        }) else {
             continue;
-        }
+        };
         if let Err(err) = on_status(&allocator, &status).await {
             warn!(%err, server = %status.server, "could not act on a server status");
         }
     }
+}
+
+/// A message from a server or front-end about itself: decoded, and on the
+/// subject `own` says it must come on (its user may publish there and
+/// nowhere else, so a body naming another is forged). Refused ones are
+/// logged and counted under `what`.
+pub(crate) fn read_own<T: headroom_shared::codec::Message>(
+    allocator: &Allocator,
+    what: &'static str,
+    message: &async_nats::Message,
+    own: impl Fn(&T) -> String,
+) -> Option<T> {
+    let refused = |reason| allocator.metrics.refused.inc(&[what, reason]);
+    let said: T = match codec::decode(message.headers.as_ref(), &message.payload) {
+        Ok(said) => said,
+        Err(err) => {
+            warn!(%err, subject = %message.subject, kind = T::KIND, "ignoring a malformed message");
+            refused(codes::MALFORMED);
+            return None;
+        }
+    };
+    if message.subject.as_str() != own(&said) {
+        warn!(subject = %message.subject, kind = T::KIND, "a message on another's subject; ignored");
+        refused(codes::SUBJECT_MISMATCH);
+        return None;
+    }
+    Some(said)
 }
 
 async fn on_status(allocator: &Allocator, status: &ServerStatus) -> Result<(), ops::OpError> {

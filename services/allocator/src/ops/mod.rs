@@ -284,8 +284,8 @@ impl Allocator {
             client,
             instance,
             metrics: Arc::default(),
+            // Timed by its serve loop as it starts (`confirm::serve`).
             data_plane: std::sync::Mutex::new(crate::confirm::Confirmer::new(
-                0,
                 Duration::ZERO,
                 Duration::MAX,
             )),
