@@ -182,6 +182,13 @@ impl Rejection {
     }
 }
 
+fn unknown_cluster(cluster: &ClusterId) -> Rejection {
+    Rejection(BusError::new(
+        codes::UNKNOWN_CLUSTER,
+        format!("no cluster {cluster}"),
+    ))
+}
+
 /// One source's latest numbers. f32 is plenty for a utilisation and halves
 /// the state per server.
 #[derive(Debug, Clone, Copy, Default)]
@@ -612,12 +619,10 @@ impl Decider {
         cluster: &ClusterId,
         said: &FrontendDemand,
     ) -> Result<(), Rejection> {
-        let Some(state) = self.clusters.get_mut(cluster) else {
-            return Err(Rejection(BusError::new(
-                codes::UNKNOWN_CLUSTER,
-                format!("no cluster {cluster}"),
-            )));
-        };
+        let state = self
+            .clusters
+            .get_mut(cluster)
+            .ok_or_else(|| unknown_cluster(cluster))?;
         let key = headroom_shared::hash::fnv1a(said.frontend.as_bytes());
         let fresh_for = u64::from(said.interval_ms) * STALE_INTERVALS;
         state
@@ -674,12 +679,10 @@ impl Decider {
         cluster: &ClusterId,
         report: &PerformanceReport,
     ) -> Result<(), Rejection> {
-        let Some(state) = self.clusters.get(cluster) else {
-            return Err(Rejection(BusError::new(
-                codes::UNKNOWN_CLUSTER,
-                format!("no cluster {cluster}"),
-            )));
-        };
+        let state = self
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| unknown_cluster(cluster))?;
         let silent_after = state.view.policy.scaling.silent_after_ms;
         let tracked = match self.servers.get_mut(&report.server) {
             Some(t) if &t.cluster == cluster => t,
