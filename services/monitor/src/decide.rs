@@ -37,6 +37,14 @@ const HOT_RATIO: f64 = 1.5;
 /// Consecutive evaluations a panic (`panic_ratio`) must hold: one reading
 /// is not enough.
 const PANIC_SAMPLES: usize = 2;
+/// A cluster is spare when the others would carry the release window's
+/// peak load at no more than this share of the target without one member:
+/// any member may then go, not only one that sat under the lower level.
+/// With even load balancing no member is ever alone under `lower`, so
+/// that rule on its own keeps a cluster at a third of its target; the 10 %
+/// margin (the HPA's tolerance) keeps a release from landing the others
+/// at the target, where noise would ask for the member back.
+const SPARE_SHARE: f64 = 0.9;
 /// How long a change's confirmation is kept: longer than any cooldown it
 /// could start.
 const CONFIRMATIONS_KEPT_MS: u64 = 10 * 60 * 1000;
@@ -1339,9 +1347,11 @@ fn restored(cx: &Context<'_>, m: &Now<'_>, t: &Tracked, u: f64) -> Option<(f64, 
     ))
 }
 
-/// Step 6, release: a member under the lower level for the longer window,
-/// when the others would stay under target without it. Only on complete
-/// data: a missing reading is unknown, never zero.
+/// Step 6, release: when the others would carry the release window's peak
+/// under target without it, a member under the lower level for that
+/// window; or, when the cluster is spare (the others would stay under
+/// [`SPARE_SHARE`] of target), whichever member has least in flight. Only
+/// on complete data: a missing reading is unknown, never zero.
 fn release(
     cx: &Context<'_>,
     history: &History,
@@ -1366,30 +1376,17 @@ fn release(
     if projected >= s.target {
         return None;
     }
+    let spare = projected <= SPARE_SHARE * s.target;
+    let m = release_candidate(cx, servers, spare)?;
     let below_since = |m: &Now<'_>| servers.get(m.server).and_then(|t| t.below_lower_since);
-    let m = cx
-        .measured
-        .members
-        .iter()
-        .filter(|m| {
-            below_since(m).is_some_and(|at| now_ms.saturating_sub(at) >= s.release_sustain_ms)
-        })
-        // Least work in flight goes first; unknown in-flight counts last.
-        .min_by(|a, b| {
-            let key = |m: &Now<'_>| (m.in_flight.is_none(), m.in_flight.unwrap_or(0));
-            key(a)
-                .cmp(&key(b))
-                .then(
-                    a.utilisation
-                        .unwrap_or(f64::MAX)
-                        .total_cmp(&b.utilisation.unwrap_or(f64::MAX)),
-                )
-                .then(a.server.cmp(b.server))
-        })?;
-    Some(cx.decision(
-        ReconfigAction::Release {
-            server: m.server.clone(),
-        },
+    let why = if spare {
+        format!(
+            "the cluster is spare: the other {} carry the peak of the last {} ms at {projected:.2}, at most {SPARE_SHARE} of target {}",
+            active - 1,
+            s.release_sustain_ms,
+            s.target
+        )
+    } else {
         format!(
             "under {} for {} ms; the other {} stay at {:.2} below target {} without it",
             s.lower,
@@ -1397,7 +1394,13 @@ fn release(
             active - 1,
             projected,
             s.target
-        ),
+        )
+    };
+    Some(cx.decision(
+        ReconfigAction::Release {
+            server: m.server.clone(),
+        },
+        why,
         Evidence {
             window: history.window_values(now_ms, s.release_sustain_ms),
             total_load: Some(round(peak)),
@@ -1408,6 +1411,38 @@ fn release(
             ..cx.evidence.clone()
         },
     ))
+}
+
+/// Which member a release takes: the one with least work in flight (an
+/// unknown count last) among those under the lower level for the release
+/// window, or among all when the cluster is spare.
+fn release_candidate<'a>(
+    cx: &'a Context<'_>,
+    servers: &HashMap<ServerId, Tracked>,
+    spare: bool,
+) -> Option<&'a Now<'a>> {
+    let (s, now_ms) = (cx.scaling(), cx.now_ms);
+    let under_lower = |m: &Now<'_>| {
+        servers
+            .get(m.server)
+            .and_then(|t| t.below_lower_since)
+            .is_some_and(|at| now_ms.saturating_sub(at) >= s.release_sustain_ms)
+    };
+    cx.measured
+        .members
+        .iter()
+        .filter(|m| spare || under_lower(m))
+        .min_by(|a, b| {
+            let key = |m: &Now<'_>| (m.in_flight.is_none(), m.in_flight.unwrap_or(0));
+            key(a)
+                .cmp(&key(b))
+                .then(
+                    a.utilisation
+                        .unwrap_or(f64::MAX)
+                        .total_cmp(&b.utilisation.unwrap_or(f64::MAX)),
+                )
+                .then(a.server.cmp(b.server))
+        })
 }
 
 fn round(x: f64) -> f64 {
@@ -1850,6 +1885,56 @@ mod tests {
             }
         }
         assert_eq!(first, Some(2_000), "after the sustain window");
+    }
+
+    /// Every member at `cpu` every second for `seconds`; the releases.
+    fn even(decider: &mut Decider, members: &[&str], cpu: f64, seconds: u64) -> Vec<Decision> {
+        let web = ClusterId::new("web").expect("id");
+        let mut releases = Vec::new();
+        for t in (0..seconds * 1_000).step_by(1_000) {
+            for server in members {
+                let r = PerformanceReport {
+                    at_ms: t,
+                    ..report(server, cpu, ReportSource::Agent)
+                };
+                decider.observe(t, &web, &r).expect("agent");
+            }
+            releases.extend(
+                decider
+                    .tick(t)
+                    .into_iter()
+                    .filter(|d| matches!(d.action, ReconfigAction::Release { .. })),
+            );
+        }
+        releases
+    }
+
+    #[test]
+    fn an_evenly_loaded_cluster_that_is_spare_gives_one_member_back() {
+        let members = ["s1", "s2", "s3", "s4"];
+        let window = ScalingPolicy::default().release_sustain_ms;
+        // 0.40 each, none under the lower level (0.30): without one, the
+        // other three carry 1.6 at 0.533, under 0.9 of the target (0.54).
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&members));
+        let releases = even(&mut decider, &members, 0.40, 40);
+        assert_eq!(releases.len(), 1, "{releases:?}");
+        assert!(
+            releases[0].at_ms >= window,
+            "not before the release window: {}",
+            releases[0].at_ms
+        );
+        assert!(
+            releases[0].reason.contains("spare"),
+            "{}",
+            releases[0].reason
+        );
+        assert_eq!(releases[0].evidence.projected, Some(0.5333));
+        // 0.42 each: the others would be at 0.56, within 10 % of the
+        // target: a release there would bring noise back over it.
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&members));
+        assert!(even(&mut decider, &members, 0.42, 60).is_empty());
     }
 
     #[test]
