@@ -824,10 +824,13 @@ fn evaluate(
     }
     reweight(&cx, servers, decisions);
     let idle_ms = now_ms.saturating_sub(demand.last_request_ms);
-    let down = release(&cx, history, servers).or_else(|| release_idle_last(&cx, held, idle_ms));
-    if let Some(down) = down {
+    let mut down = release(&cx, history, servers);
+    if down.is_empty() {
+        down.extend(release_idle_last(&cx, held, idle_ms));
+    }
+    if !down.is_empty() {
         *last_down_ms = Some(now_ms);
-        decisions.push(down);
+        decisions.extend(down);
     }
 }
 
@@ -1350,13 +1353,14 @@ fn restored(cx: &Context<'_>, m: &Now<'_>, t: &Tracked, u: f64) -> Option<(f64, 
 /// Step 6, release: when the others would carry the release window's peak
 /// under target without it, a member under the lower level for that
 /// window; or, when the cluster is spare (the others would stay under
-/// [`SPARE_SHARE`] of target), whichever member has least in flight. Only
-/// on complete data: a missing reading is unknown, never zero.
+/// [`SPARE_SHARE`] of target), as many members as it can spare
+/// ([`spare_count`]), least in flight first. Only on complete data: a
+/// missing reading is unknown, never zero.
 fn release(
     cx: &Context<'_>,
     history: &History,
     servers: &HashMap<ServerId, Tracked>,
-) -> Option<Decision> {
+) -> Vec<Decision> {
     let (s, now_ms, active) = (cx.scaling(), cx.now_ms, cx.measured.active());
     let cooling_down =
         cx.cooling(cx.last_down, s.cooldown_down_ms) || cx.cooling(cx.last_up, s.cooldown_down_ms);
@@ -1366,61 +1370,79 @@ fn release(
         || active < 2
         || !history.held(now_ms, s.release_sustain_ms, |x| x.complete)
     {
-        return None;
+        return Vec::new();
     }
     let peak = history
         .window(now_ms, s.release_sustain_ms)
         .map(|w| w.map(|x| f64::from(x.total)).fold(0.0, f64::max))
         .unwrap_or(cx.load.total);
-    let projected = peak / f64::from(active - 1);
-    if projected >= s.target {
-        return None;
+    if peak / f64::from(active - 1) >= s.target {
+        return Vec::new();
     }
-    let spare = projected <= SPARE_SHARE * s.target;
-    let m = release_candidate(cx, servers, spare)?;
-    let below_since = |m: &Now<'_>| servers.get(m.server).and_then(|t| t.below_lower_since);
+    let spare = peak / f64::from(active - 1) <= SPARE_SHARE * s.target;
+    let count = if spare { spare_count(cx, peak) } else { 1 };
+    let going = release_candidates(cx, servers, spare, count);
+    let stay = active - u32::try_from(going.len()).unwrap_or(active);
+    let projected = peak / f64::from(stay.max(1));
     let why = if spare {
         format!(
-            "the cluster is spare: the other {} carry the peak of the last {} ms at {projected:.2}, at most {SPARE_SHARE} of target {}",
-            active - 1,
+            "the cluster is spare: {} of {active} go, and the other {stay} carry the peak of the last {} ms at {projected:.2}, at most {SPARE_SHARE} of target {}",
+            going.len(),
             s.release_sustain_ms,
             s.target
         )
     } else {
         format!(
-            "under {} for {} ms; the other {} stay at {:.2} below target {} without it",
-            s.lower,
-            s.release_sustain_ms,
-            active - 1,
-            projected,
-            s.target
+            "under {} for {} ms; the other {stay} stay at {projected:.2} below target {} without it",
+            s.lower, s.release_sustain_ms, s.target
         )
     };
-    Some(cx.decision(
-        ReconfigAction::Release {
-            server: m.server.clone(),
-        },
-        why,
-        Evidence {
-            window: history.window_values(now_ms, s.release_sustain_ms),
-            total_load: Some(round(peak)),
-            server_utilisation: m.utilisation.map(round),
-            server_in_flight: m.in_flight,
-            held_since_ms: below_since(m),
-            projected: Some(round(projected)),
-            ..cx.evidence.clone()
-        },
-    ))
+    let below_since = |m: &Now<'_>| servers.get(m.server).and_then(|t| t.below_lower_since);
+    going
+        .into_iter()
+        .map(|m| {
+            cx.decision(
+                ReconfigAction::Release {
+                    server: m.server.clone(),
+                },
+                why.clone(),
+                Evidence {
+                    window: history.window_values(now_ms, s.release_sustain_ms),
+                    total_load: Some(round(peak)),
+                    server_utilisation: m.utilisation.map(round),
+                    server_in_flight: m.in_flight,
+                    held_since_ms: below_since(m),
+                    projected: Some(round(projected)),
+                    ..cx.evidence.clone()
+                },
+            )
+        })
+        .collect()
 }
 
-/// Which member a release takes: the one with least work in flight (an
-/// unknown count last) among those under the lower level for the release
-/// window, or among all when the cluster is spare.
-fn release_candidate<'a>(
+/// How many members a spare cluster gives back at once: as many as leave
+/// the others at [`SPARE_SHARE`] of target or less at the window's peak,
+/// but at most half of them (Knative's default scale-down rate of 2), and
+/// never below `min_size`. One at a time, a cluster grown for a spike
+/// kept most of that size a cooldown per member after the spike ended.
+fn spare_count(cx: &Context<'_>, peak: f64) -> usize {
+    let active = cx.measured.active();
+    let keep = ceil_u32(peak / (SPARE_SHARE * cx.scaling().target)).max(1);
+    let by_load = active.saturating_sub(keep);
+    let by_rate = active / 2;
+    let by_min = cx.measured.size().saturating_sub(cx.view.policy.min_size);
+    usize::try_from(by_load.min(by_rate).min(by_min).max(1)).unwrap_or(1)
+}
+
+/// Which members a release takes: the `count` with least work in flight
+/// (an unknown count last) among those under the lower level for the
+/// release window, or among all when the cluster is spare.
+fn release_candidates<'a>(
     cx: &'a Context<'_>,
     servers: &HashMap<ServerId, Tracked>,
     spare: bool,
-) -> Option<&'a Now<'a>> {
+    count: usize,
+) -> Vec<&'a Now<'a>> {
     let (s, now_ms) = (cx.scaling(), cx.now_ms);
     let under_lower = |m: &Now<'_>| {
         servers
@@ -1428,21 +1450,25 @@ fn release_candidate<'a>(
             .and_then(|t| t.below_lower_since)
             .is_some_and(|at| now_ms.saturating_sub(at) >= s.release_sustain_ms)
     };
-    cx.measured
+    let mut candidates: Vec<&Now<'_>> = cx
+        .measured
         .members
         .iter()
         .filter(|m| spare || under_lower(m))
-        .min_by(|a, b| {
-            let key = |m: &Now<'_>| (m.in_flight.is_none(), m.in_flight.unwrap_or(0));
-            key(a)
-                .cmp(&key(b))
-                .then(
-                    a.utilisation
-                        .unwrap_or(f64::MAX)
-                        .total_cmp(&b.utilisation.unwrap_or(f64::MAX)),
-                )
-                .then(a.server.cmp(b.server))
-        })
+        .collect();
+    candidates.sort_by(|a, b| {
+        let key = |m: &Now<'_>| (m.in_flight.is_none(), m.in_flight.unwrap_or(0));
+        key(a)
+            .cmp(&key(b))
+            .then(
+                a.utilisation
+                    .unwrap_or(f64::MAX)
+                    .total_cmp(&b.utilisation.unwrap_or(f64::MAX)),
+            )
+            .then(a.server.cmp(b.server))
+    });
+    candidates.truncate(count);
+    candidates
 }
 
 fn round(x: f64) -> f64 {
@@ -1935,6 +1961,31 @@ mod tests {
         let mut decider = Decider::new();
         decider.set_cluster(0, view(&members));
         assert!(even(&mut decider, &members, 0.42, 60).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_grown_for_a_spike_gives_back_what_it_can_spare_at_once_up_to_half() {
+        let members: Vec<String> = (1..=12).map(|i| format!("s{i:02}")).collect();
+        let members: Vec<&str> = members.iter().map(String::as_str).collect();
+        // 12 at 0.22 each: 2.64 servers of load, which 5 carry at 0.53
+        // (4 would be at 0.66): 7 could go, but at most half do, 6.
+        let mut decider = Decider::new();
+        decider.set_cluster(0, view(&members));
+        let releases = even(&mut decider, &members, 0.22, 40);
+        assert_eq!(releases.len(), 6, "{releases:?}");
+        assert!(releases.iter().all(|r| r.at_ms == releases[0].at_ms));
+        assert_eq!(releases[0].evidence.projected, Some(0.44));
+        assert!(
+            releases[0].reason.contains("6 of 12 go"),
+            "{}",
+            releases[0].reason
+        );
+        // Never below the minimum: with min_size 10, two go.
+        let mut decider = Decider::new();
+        let mut cluster = view(&members);
+        cluster.policy.min_size = 10;
+        decider.set_cluster(0, cluster);
+        assert_eq!(even(&mut decider, &members, 0.22, 40).len(), 2);
     }
 
     #[test]
