@@ -22,6 +22,8 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use crate::compressed;
+
 /// The HPA's knobs, with its time constants already divided by the
 /// speed-up.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,14 +37,18 @@ pub struct HpaParams {
 }
 
 impl HpaParams {
-    /// Kubernetes' defaults (15 s, 10 %, 300 s) divided by `speedup`.
-    pub fn defaults(target: f64, min: u32, max: u32, speedup: f64) -> Self {
-        let speedup = speedup.max(1e-9);
+    /// Kubernetes' defaults (15 s, 10 %, 300 s), [`compressed`] as
+    /// Headroom's are: the sync period to no less than one report (a real
+    /// HPA's 15 s is one fresh reading from metrics-server), the
+    /// stabilisation window to no less than four, the floor of Headroom's
+    /// release window. Divided by the speed-up alone, the 300 s window is
+    /// 0.42 s at x720, less than one report: no stabilisation at all.
+    pub fn defaults(target: f64, min: u32, max: u32, speedup: f64, interval: Duration) -> Self {
         Self {
-            sync_period: Duration::from_secs(15).div_f64(speedup),
+            sync_period: compressed(Duration::from_secs(15), speedup, interval, 1),
             tolerance: 0.1,
             target,
-            stabilisation: Duration::from_secs(300).div_f64(speedup),
+            stabilisation: compressed(Duration::from_secs(300), speedup, interval, 4),
             min,
             max,
         }
@@ -168,6 +174,22 @@ mod tests {
             missing,
             unready,
         }
+    }
+
+    #[test]
+    fn its_time_constants_are_compressed_as_headroom_s_are() {
+        let reports = Duration::from_millis(500);
+        // x10: 15 s and 300 s divided, both past the floors.
+        let p = HpaParams::defaults(0.6, 1, 20, 10.0, reports);
+        assert_eq!(p.sync_period, Duration::from_millis(1_500));
+        assert_eq!(p.stabilisation, Duration::from_secs(30));
+        // x720: 21 ms and 417 ms divided; one report and four at least,
+        // the floors of Headroom's evaluation and release window.
+        let p = HpaParams::defaults(0.6, 1, 20, 720.0, reports);
+        assert_eq!(p.sync_period, reports);
+        assert_eq!(p.stabilisation, Duration::from_secs(2));
+        let headroom = crate::policy(20, 720.0, reports, 1000.0).scaling;
+        assert_eq!(headroom.release_sustain_ms, 2_000);
     }
 
     #[test]

@@ -202,6 +202,42 @@ pub fn slo(model: &Model, timeline: &Timeline) -> Slo {
     out
 }
 
+/// The violating minutes to expect of a cluster never short of capacity,
+/// from the service time's own tail: a minute of `n` requests fails when
+/// more of them than its p99 allows (n - ceil(0.99 n), nearest rank) are
+/// slower than the SLO, and each is, on an idle server, with chance
+/// `slow_chance`. What no provisioning can do better than.
+pub fn slo_floor(requests_per_minute: &[u64], slow_chance: f64) -> f64 {
+    let p = slow_chance.clamp(0.0, 1.0);
+    requests_per_minute
+        .iter()
+        .filter(|n| **n > 0)
+        .map(|&n| {
+            let allowed = n - (0.99 * n as f64).ceil() as u64;
+            1.0 - binomial_at_most(n, p, allowed)
+        })
+        .sum()
+}
+
+/// P(X <= k) for X ~ Binomial(n, p), summing the terms from 0 up.
+fn binomial_at_most(n: u64, p: f64, k: u64) -> f64 {
+    if p <= 0.0 {
+        return 1.0;
+    }
+    if p >= 1.0 {
+        return if k >= n { 1.0 } else { 0.0 };
+    }
+    // The first term is (1 - p)^n; each next one is the last times
+    // (n - i) / (i + 1) * p / (1 - p).
+    let mut term = (n as f64 * (1.0 - p).ln()).exp();
+    let mut sum = term;
+    for i in 0..k.min(n) {
+        term *= (n - i) as f64 / (i + 1) as f64 * p / (1.0 - p);
+        sum += term;
+    }
+    sum.min(1.0)
+}
+
 pub fn cost(timeline: &Timeline, oracle: &[u32]) -> Cost {
     let server_seconds: f64 = timeline
         .seconds
@@ -428,6 +464,21 @@ mod tests {
         assert_eq!(r.rises, 1);
         assert_eq!(r.seconds, vec![8.5]);
         assert_eq!((r.subsided, r.unanswered), (0, 0));
+    }
+
+    #[test]
+    fn the_floor_of_an_idle_cluster_is_the_chance_of_too_many_slow_requests() {
+        // 20 requests: the p99 is the slowest, so one slow one fails the
+        // minute: 1 - 0.99^20. 200 requests: the p99 (the 198th) allows
+        // two: 1 - P(X <= 2) with X ~ B(200, 0.01).
+        let one = 1.0 - 0.99f64.powi(20);
+        let q = 0.99f64;
+        let at_most_two =
+            q.powi(200) + 200.0 * 0.01 * q.powi(199) + 19_900.0 * 0.0001 * q.powi(198);
+        let floor = slo_floor(&[20, 0, 200], 0.01);
+        assert!((floor - (one + 1.0 - at_most_two)).abs() < 1e-12, "{floor}");
+        assert_eq!(slo_floor(&[20, 200], 0.0), 0.0);
+        assert!((slo_floor(&[5], 1.0) - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -13,8 +13,9 @@ use crate::{RunResult, Settings, Strategy};
 /// The conditions every figure depends on, in one line.
 pub fn conditions(settings: &Settings) -> String {
     let s = &settings.policy.scaling;
+    let (floor, slow) = settings.slo_floor();
     format!(
-        "{}: {} s of trace at x{} speed-up ({:.0} s of wall clock), rates x{}; {} servers of {} slots at {} ms ({:?}), {:.0} requests/s each flat out; target {}, upper {}, lower {}; Headroom: sustain {} ms, release after {} ms, cooldowns {}/{} ms, panic ratio {}, projection {}; reports every {} ms; SLO p99 {} ms and 0.1 % errors per trace minute",
+        "{}: {} s of trace at x{} speed-up ({:.0} s of wall clock), rates x{}; {} servers of {} slots at {} ms ({:?}), {:.0} requests/s each flat out; target {}, upper {}, lower {}; Headroom: sustain {} ms, release after {} ms, cooldowns {}/{} ms, panic ratio {}, projection {}; reports every {} ms; SLO p99 {} ms and 0.1 % errors per trace minute; {:.4} % of requests over it on an idle server, so {:.2} violating minutes even without a shortage",
         settings.name,
         settings.trace.len(),
         settings.speedup,
@@ -36,6 +37,8 @@ pub fn conditions(settings: &Settings) -> String {
         if s.project_rise { "on" } else { "off" },
         settings.interval.as_millis(),
         settings.latency_slo_ms,
+        100.0 * slow,
+        floor,
     )
 }
 

@@ -359,6 +359,7 @@ async fn drive_hpa(
         policy.min_size,
         max,
         settings.speedup,
+        settings.interval,
     );
     let mut hpa = Hpa::new(params);
     let mut ticker = tokio::time::interval(params.sync_period);
