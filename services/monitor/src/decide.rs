@@ -1376,10 +1376,11 @@ fn release(
         .window(now_ms, s.release_sustain_ms)
         .map(|w| w.map(|x| f64::from(x.total)).fold(0.0, f64::max))
         .unwrap_or(cx.load.total);
-    if peak / f64::from(active - 1) >= s.target {
+    let without_one = peak / f64::from(active - 1);
+    if without_one >= s.target {
         return Vec::new();
     }
-    let spare = peak / f64::from(active - 1) <= SPARE_SHARE * s.target;
+    let spare = without_one <= SPARE_SHARE * s.target;
     let count = if spare { spare_count(cx, peak) } else { 1 };
     let going = release_candidates(cx, servers, spare, count);
     let stay = active - u32::try_from(going.len()).unwrap_or(active);
