@@ -65,9 +65,11 @@ async fn a_trace_plays_end_to_end_and_its_figures_match_what_was_sent() {
         reaction.seconds.first().is_some_and(|s| *s < 10.0),
         "a new member served within 10 s of the rise: {reaction:?}"
     );
-    let json = report::json(&settings, std::slice::from_ref(&result));
+    let floor = settings.slo_floor();
+    let json = report::json(&settings, &floor, std::slice::from_ref(&result));
     assert_eq!(json["runs"][0]["strategy"], "headroom");
     assert_eq!(json["runs"][0]["load"]["sent"], result.load.sent);
+    assert_eq!(json["slo_floor"]["minutes"], floor.minutes);
     let svg = report::svg(&settings, &result);
     assert!(svg.contains(r#"id="p99-latency""#) && svg.contains(r#"id="slo""#));
 }

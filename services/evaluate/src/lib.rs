@@ -123,6 +123,15 @@ pub fn policy(backends: usize, speedup: f64, interval: Duration, slo_ms: f64) ->
 /// floor out for any objective.
 pub const SLO_MS: f64 = 1000.0;
 
+/// The SLO's floor on a trace: what no provisioning can do better than.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Floor {
+    /// Requests slower than the SLO on an idle server.
+    pub slow_share: f64,
+    /// Violating minutes to expect of a cluster never short of capacity.
+    pub minutes: f64,
+}
+
 /// One evaluation: the trace, how it is played, the servers and the
 /// policy.
 #[derive(Debug, Clone)]
@@ -216,18 +225,21 @@ impl Settings {
         slow as f64 / f64::from(DRAWS)
     }
 
-    /// The violating minutes a cluster never short of capacity would
-    /// have on this trace, from the service time alone
-    /// ([`outcome::slo_floor`]), and the share of slow requests behind it.
-    pub fn slo_floor(&self) -> (f64, f64) {
+    /// What a cluster never short of capacity would miss of the SLO on
+    /// this trace, from the service time alone ([`outcome::slo_floor`]).
+    /// A million draws: worked out once per trace, by the caller.
+    pub fn slo_floor(&self) -> Floor {
         let step_s = 1.0 / self.speedup.max(1e-9);
         let per_minute: Vec<u64> = self
             .rates()
             .chunks(60)
             .map(|m| (m.iter().sum::<f64>() * step_s).round() as u64)
             .collect();
-        let p = self.slow_chance();
-        (outcome::slo_floor(&per_minute, p), p)
+        let slow_share = self.slow_chance();
+        Floor {
+            slow_share,
+            minutes: outcome::slo_floor(&per_minute, slow_share),
+        }
     }
 
     /// The static sizes: for the peak and for the mean of the load as the

@@ -145,7 +145,8 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             .policy
             .validate()
             .map_err(|e| anyhow::anyhow!("the policy: {e}"))?;
-        println!("── {}", report::conditions(&settings));
+        let floor = settings.slo_floor();
+        println!("── {}", report::conditions(&settings, &floor));
         let mut results = Vec::new();
         for strategy in &strategies {
             println!("playing with {} ...", strategy.name());
@@ -155,7 +156,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 .with_context(|| format!("writing {}", svg.display()))?;
             results.push(result);
         }
-        let table = report::table(&settings, &results);
+        let table = report::table(&settings, &floor, &results);
         println!("\n{table}");
         for (what, met) in report::verdict(&results) {
             println!("{} {what}", if met { "met:    " } else { "MISSED: " });
@@ -165,7 +166,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         let json = args.out.join(format!("{name}.json"));
         std::fs::write(
             &json,
-            serde_json::to_string_pretty(&report::json(&settings, &results))?,
+            serde_json::to_string_pretty(&report::json(&settings, &floor, &results))?,
         )
         .with_context(|| format!("writing {}", json.display()))?;
         tables.push_str(&table);

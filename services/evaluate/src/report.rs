@@ -8,12 +8,11 @@ use headroom_demo::plot::{self, Levels, Sample};
 use serde_json::json;
 
 use crate::outcome::Timeline;
-use crate::{RunResult, Settings, Strategy};
+use crate::{Floor, RunResult, Settings, Strategy};
 
 /// The conditions every figure depends on, in one line.
-pub fn conditions(settings: &Settings) -> String {
+pub fn conditions(settings: &Settings, floor: &Floor) -> String {
     let s = &settings.policy.scaling;
-    let (floor, slow) = settings.slo_floor();
     format!(
         "{}: {} s of trace at x{} speed-up ({:.0} s of wall clock), rates x{}; {} servers of {} slots at {} ms ({:?}), {:.0} requests/s each flat out; target {}, upper {}, lower {}; Headroom: sustain {} ms, release after {} ms, cooldowns {}/{} ms, panic ratio {}, projection {}; reports every {} ms; SLO p99 {} ms and 0.1 % errors per trace minute; {:.4} % of requests over it on an idle server, so {:.2} violating minutes even without a shortage",
         settings.name,
@@ -37,8 +36,8 @@ pub fn conditions(settings: &Settings) -> String {
         if s.project_rise { "on" } else { "off" },
         settings.interval.as_millis(),
         settings.latency_slo_ms,
-        100.0 * slow,
-        floor,
+        100.0 * floor.slow_share,
+        floor.minutes,
     )
 }
 
@@ -59,10 +58,10 @@ fn reaction_text(r: &RunResult) -> String {
 
 /// The table, Markdown, one row per run; the ratio columns compare with
 /// Headroom's run when there is one.
-pub fn table(settings: &Settings, results: &[RunResult]) -> String {
+pub fn table(settings: &Settings, floor: &Floor, results: &[RunResult]) -> String {
     let headroom = results.iter().find(|r| r.strategy == Strategy::Headroom);
     let mut out = String::new();
-    let _ = writeln!(out, "{}\n", conditions(settings));
+    let _ = writeln!(out, "{}\n", conditions(settings, floor));
     let _ = writeln!(
         out,
         "| strategy | SLO met (minutes) | violating minutes | requests over SLO | errors | server-s | x oracle | cost / Headroom's | adaptations | under / over accuracy | under / over time | instability | reaction |"
@@ -226,7 +225,7 @@ fn details(result: &RunResult, per: usize) -> serde_json::Value {
 
 /// Everything, for a program to read: the conditions, every outcome and
 /// load summary, and each run's series.
-pub fn json(settings: &Settings, results: &[RunResult]) -> serde_json::Value {
+pub fn json(settings: &Settings, floor: &Floor, results: &[RunResult]) -> serde_json::Value {
     let runs: Vec<_> = results
         .iter()
         .map(|r| {
@@ -260,7 +259,8 @@ pub fn json(settings: &Settings, results: &[RunResult]) -> serde_json::Value {
         "speedup": settings.speedup,
         "backends": settings.backends,
         "model": settings.model(),
-        "conditions": conditions(settings),
+        "conditions": conditions(settings, floor),
+        "slo_floor": floor,
         "verdict": verdict(results).into_iter().map(|(what, met)| json!({"what": what, "met": met})).collect::<Vec<_>>(),
         "runs": runs,
     })

@@ -1399,6 +1399,7 @@ fn release(
         )
     };
     let below_since = |m: &Now<'_>| servers.get(m.server).and_then(|t| t.below_lower_since);
+    let window = history.window_values(now_ms, s.release_sustain_ms);
     going
         .into_iter()
         .map(|m| {
@@ -1408,7 +1409,7 @@ fn release(
                 },
                 why.clone(),
                 Evidence {
-                    window: history.window_values(now_ms, s.release_sustain_ms),
+                    window: window.clone(),
                     total_load: Some(round(peak)),
                     server_utilisation: m.utilisation.map(round),
                     server_in_flight: m.in_flight,
@@ -1569,32 +1570,42 @@ mod tests {
         assert_eq!(t.current(3_100).in_flight, None, "all stale");
     }
 
-    /// Runs a hot cluster from `from` to `to` (agents at CPU 0.9 every
-    /// second); the times it asked for servers.
-    fn hot(decider: &mut Decider, members: &[&str], from: u64, to: u64) -> Vec<u64> {
+    /// Every member's agent at `cpu` every second from `from` to `to`;
+    /// every decision made.
+    fn steady(
+        decider: &mut Decider,
+        members: &[&str],
+        cpu: f64,
+        from: u64,
+        to: u64,
+    ) -> Vec<Decision> {
         let web = ClusterId::new("web").expect("id");
-        let mut ups = Vec::new();
+        let mut decisions = Vec::new();
         for t in (from..=to).step_by(1_000) {
             for server in members {
                 let r = PerformanceReport {
                     at_ms: t,
-                    ..report(server, 0.9, ReportSource::Agent)
+                    ..report(server, cpu, ReportSource::Agent)
                 };
                 decider.observe(t, &web, &r).expect("agent");
             }
-            let decisions = decider.tick(t);
-            if decisions
-                .iter()
-                .any(|d| matches!(d.action, ReconfigAction::Allocate { .. }))
-            {
-                ups.push(t);
-            }
+            decisions.extend(decider.tick(t));
         }
+        decisions
+    }
+
+    /// Runs a hot cluster from `from` to `to` (agents at CPU 0.9 every
+    /// second); the times it asked for servers.
+    fn hot(decider: &mut Decider, members: &[&str], from: u64, to: u64) -> Vec<u64> {
+        let mut ups: Vec<u64> = steady(decider, members, 0.9, from, to)
+            .into_iter()
+            .filter(|d| matches!(d.action, ReconfigAction::Allocate { .. }))
+            .map(|d| d.at_ms)
+            .collect();
+        ups.dedup();
         ups
     }
 
-    /// A cluster that scaled up at `at`: its new member s3 active since
-    /// then, by request `up-1`.
     fn grown(at: u64) -> ClusterView {
         let mut grown = view(&["s1", "s2", "s3"]);
         grown.members[2].since_ms = at;
@@ -1916,24 +1927,10 @@ mod tests {
 
     /// Every member at `cpu` every second for `seconds`; the releases.
     fn even(decider: &mut Decider, members: &[&str], cpu: f64, seconds: u64) -> Vec<Decision> {
-        let web = ClusterId::new("web").expect("id");
-        let mut releases = Vec::new();
-        for t in (0..seconds * 1_000).step_by(1_000) {
-            for server in members {
-                let r = PerformanceReport {
-                    at_ms: t,
-                    ..report(server, cpu, ReportSource::Agent)
-                };
-                decider.observe(t, &web, &r).expect("agent");
-            }
-            releases.extend(
-                decider
-                    .tick(t)
-                    .into_iter()
-                    .filter(|d| matches!(d.action, ReconfigAction::Release { .. })),
-            );
-        }
-        releases
+        steady(decider, members, cpu, 0, (seconds - 1) * 1_000)
+            .into_iter()
+            .filter(|d| matches!(d.action, ReconfigAction::Release { .. }))
+            .collect()
     }
 
     #[test]
