@@ -118,7 +118,7 @@ pub fn policy(backends: usize, speedup: f64, interval: Duration, slo_ms: f64) ->
 /// slowest request or close to it) a cluster never short of capacity
 /// fails 4 to 6 minutes of each NASA excerpt at 500 ms: what the 500 ms
 /// runs measured of the static cluster for the peak. Over 1 s it is
-/// fewer than one request in 500,000, so a violating minute is queueing,
+/// about one request in 500,000, so a violating minute is queueing,
 /// which is what provisioning controls. [`Settings::slo_floor`] works the
 /// floor out for any objective.
 pub const SLO_MS: f64 = 1000.0;
